@@ -1,0 +1,233 @@
+"""The Python API every front door (CLI, Space, mirroring jobs, model_free_ptq) wraps.
+
+`convert` runs the data flow once: open source → catalog → recipe → plan → (check target) →
+pipeline → small files → one commit. Any failure aborts the sink, so the destination is left as
+it was.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from .card import Provenance, model_card
+from .catalog import CONFIG_NAME, INDEX_NAME, build_catalog
+from .errors import StreamerError
+from .plan import Plan, make_plan
+from .pipeline import RunStats, Runner, default_memory_budget
+from .progress import Progress
+from .schemes import make_recipe
+from .sink import LocalSink, Sink, dumps_json
+from .source import Source, is_hub_spec, open_source, split_revision
+
+log = logging.getLogger("streamer")
+
+
+@dataclass
+class Result:
+    plan: Plan
+    stats: RunStats | None = None
+    url: str | None = None  # local path, commit URL or PR URL
+    dry_run: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        out = {
+            "source": self.plan.source,
+            "scheme": self.plan.recipe.name,
+            "bytes_in": self.plan.bytes_in,
+            "bytes_out": self.plan.bytes_out,
+            "shards": [j.shard for j in self.plan.jobs],
+            "quantized": self.plan.n_quantized,
+            "dry_run": self.dry_run,
+            "url": self.url,
+        }
+        if self.stats is not None:
+            out.update(
+                seconds=round(self.stats.seconds, 3),
+                stage_seconds=self.stats.stage_seconds,
+                bytes_read=self.stats.bytes_read,
+                bytes_written=self.stats.bytes_written,
+                peak_buffered_bytes=self.stats.peak_budget,
+            )
+        out.update(self.extra)
+        return out
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise StreamerError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise StreamerError(
+                f"--device {device}: only {torch.cuda.device_count()} GPU(s) are visible"
+            )
+    elif dev.type != "cpu":
+        raise StreamerError(f"--device {device}: use cpu, cuda or cuda:N")
+    return dev
+
+
+def open_sink(dst: str, *, token=None, overwrite=False, private=False, create_pr=False, revision=None, source=None) -> Sink:
+    if is_hub_spec(dst):
+        from .hub import HubSink
+
+        repo_id, rev = split_revision(dst)
+        return HubSink(
+            repo_id,
+            token=token,
+            revision=revision or rev,
+            private=private,
+            create_pr=create_pr,
+            overwrite=overwrite,
+        )
+    return LocalSink(dst, overwrite=overwrite)
+
+
+def prepare(
+    src: str | Source,
+    *,
+    scheme=None,
+    scheme_file=None,
+    ignore=(),
+    token: str | None = None,
+    dequant_dtype: str | None = None,
+    force: bool = False,
+) -> tuple[Source, Plan]:
+    """Open the source and build the complete plan (reads headers only)."""
+    recipe = make_recipe(scheme, scheme_file=scheme_file, ignore=list(ignore))
+    source = src if isinstance(src, Source) else open_source(src, token=token)
+    try:
+        catalog = build_catalog(source)
+        dequant = None
+        try:
+            from .dequant import detect_dequantizer
+        except ImportError:  # dequantization of quantized sources is optional
+            detect_dequantizer = None
+        if detect_dequantizer is not None:
+            dequant = detect_dequantizer(catalog, recipe, dtype=dequant_dtype, force=force)
+        plan = make_plan(catalog, recipe, source=source.label, dequant=dequant)
+    except BaseException:
+        source.close()
+        raise
+    return source, plan
+
+
+def convert(
+    src: str | Source,
+    dst: str | Sink | None,
+    *,
+    scheme=None,
+    scheme_file=None,
+    ignore=(),
+    device: str | None = "auto",
+    dry_run: bool = False,
+    max_memory: int | None = None,
+    workers: int = 4,
+    token: str | None = None,
+    overwrite: bool = False,
+    private: bool = False,
+    create_pr: bool = False,
+    revision: str | None = None,
+    dequant_dtype: str | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+    cancel: threading.Event | None = None,
+) -> Result:
+    dev = resolve_device(device)
+    progress = progress or Progress()
+    source, plan = prepare(
+        src, scheme=scheme, scheme_file=scheme_file, ignore=ignore, token=token,
+        dequant_dtype=dequant_dtype, force=force,
+    )  # fmt: skip
+    with source:
+        sink = None
+        if dst is not None:
+            sink = dst if isinstance(dst, Sink) else open_sink(
+                dst, token=token, overwrite=overwrite, private=private,
+                create_pr=create_pr, revision=revision,
+            )  # fmt: skip
+            if getattr(sink, "repo_id", None) and sink.repo_id == getattr(source, "repo_id", None):
+                raise StreamerError("the target repo is the source repo: choose another target")
+            sink.check()
+        if dry_run:
+            return Result(plan=plan, dry_run=True)
+        if sink is None:
+            raise StreamerError("no destination given")
+        try:
+            progress.message(
+                f"converting {plan.source} -> {sink.label}: {len(plan.jobs)} shard(s), "
+                f"{plan.n_quantized} weights with {plan.recipe.name} on {dev}"
+            )
+            runner = Runner(
+                plan, source, sink, device=dev,
+                max_memory=max_memory or default_memory_budget(),
+                fetch_workers=workers, progress=progress, cancel=cancel,
+            )  # fmt: skip
+            stats = runner.run()
+            _write_small_files(plan, source, sink, target=sink.label)
+            message = f"Quantize {plan.source} with {plan.recipe.name} (streamer)"
+            url = sink.commit(message, _commit_description(plan, source))
+            progress.message(f"done: {url}")
+            return Result(plan=plan, stats=stats, url=url)
+        except BaseException:
+            sink.abort()
+            raise
+        finally:
+            sink.close()
+
+
+def _commit_description(plan: Plan, source: Source) -> str:
+    commit = f"@{source.commit}" if source.commit else ""
+    return f"Source: {plan.source}{commit}\nScheme: {plan.recipe.name}\nIgnore: {plan.recipe.ignore}"
+
+
+def provenance(plan: Plan, source: Source) -> Provenance:
+    dq = plan.dequantizer
+    return Provenance(
+        source=source.repo_id or source.label,
+        source_commit=source.commit,
+        scheme=plan.recipe.name,
+        ignore=tuple(plan.recipe.ignore),
+        dequant_dtype=getattr(dq, "dtype_name", None),
+    )
+
+
+def _write_small_files(plan: Plan, source: Source, sink: Sink, *, target: str) -> None:
+    catalog = plan.catalog
+    for path in catalog.copy_files:
+        if path == CONFIG_NAME:
+            continue
+        sink.put_file(path, bytes(source.read_file(path)))
+    config = dict(catalog.config or {})
+    config["quantization_config"] = plan.recipe.quantization_config()
+    sink.put_file(CONFIG_NAME, dumps_json(config))
+    weight_map = plan.weight_map
+    if INDEX_NAME in catalog.file_sizes or len(plan.jobs) != 1:
+        index = {
+            "metadata": {**catalog.index_metadata, "total_size": plan.bytes_out},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
+        sink.put_file(INDEX_NAME, dumps_json(index))
+    card = model_card(plan, provenance(plan, source), target=_target_name(target, sink))
+    sink.put_file("README.md", card.encode())
+
+
+def _target_name(label: str, sink: Sink) -> str:
+    return getattr(sink, "repo_id", None) or label
+
+
+# The name users know from the README; `convert` is the engine's verb.
+def quantize(src, dst, *, scheme=None, ignore=(), device="auto", **kwargs) -> Result:
+    """Quantize the checkpoint at SRC (folder or Hub repo id) into DST (folder or repo id)."""
+    return convert(src, dst, scheme=scheme, ignore=ignore, device=device, **kwargs)
+
+
+def summary_json(result: Result) -> str:
+    return json.dumps(result.summary(), indent=2)

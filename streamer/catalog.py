@@ -1,0 +1,284 @@
+"""The catalog: every tensor of the checkpoint (file, dtype, shape, byte range), from headers only.
+
+safetensors headers are untrusted input: a Hub repo can hold anything. Each check below turns a
+malformed file into an InputError that names the file and the tensor, before any tensor byte is
+read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import posixpath
+import struct
+from dataclasses import dataclass, field
+
+from .errors import InputError
+from .source import Source, Span
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+# Bytes per element of every dtype the safetensors format defines. Sub-byte dtypes (F4, F6) are
+# not listed: no Hugging Face checkpoint stores them as tensors, and a plan cannot size them.
+DTYPE_SIZES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+    "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+}  # fmt: skip
+
+# safetensors itself refuses headers over 100 MB; a larger length field is corruption or an attack.
+MAX_HEADER_BYTES = 100_000_000
+# The first read of a file asks for this much, so most headers arrive in one request.
+HEADER_PROBE_BYTES = 256 * 1024
+
+WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".pkl")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as stored in a source file; `span` is absolute within the file."""
+
+    name: str
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    span: Span
+
+    @property
+    def nbytes(self) -> int:
+        return self.span.size
+
+
+@dataclass
+class Catalog:
+    tensors: dict[str, TensorInfo]  # name -> info, in shard order then offset order
+    shards: list[str]  # weight files the index references, in index order
+    copy_files: list[str]  # small files copied to the output as they are
+    notices: list[str] = field(default_factory=list)  # skipped files and why, for the plan
+    config: dict | None = None
+    index_metadata: dict = field(default_factory=dict)
+    file_sizes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def source_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def parse_header(path: str, raw: bytes, file_size: int) -> tuple[int, list[TensorInfo], dict]:
+    """Parse the header of a safetensors file from its first bytes.
+
+    Returns (data_start, tensors, metadata). Raises InputError for every malformation.
+    `raw` must hold at least 8 bytes; if it does not hold the whole header, the caller reads
+    more (see `header_length`).
+    """
+    n = header_length(path, raw, file_size)
+    if len(raw) < 8 + n:
+        raise InputError(f"{path}: header is truncated (need {8 + n} bytes, have {len(raw)})")
+    try:
+        text = bytes(raw[8 : 8 + n]).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: header is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    try:
+        header = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: header is not valid JSON ({e.msg} at char {e.pos})") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: header must be a JSON object, found {type(header).__name__}")
+
+    data_start = 8 + n
+    data_len = file_size - data_start
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise InputError(f"{path}: __metadata__ must be an object")
+
+    tensors = []
+    for name, entry in header.items():
+        tensors.append(_parse_entry(path, name, entry, data_start, data_len))
+
+    tensors.sort(key=lambda t: t.span.start)
+    for prev, cur in zip(tensors, tensors[1:]):
+        if cur.span.start < prev.span.end:
+            raise InputError(
+                f"{path}: tensors {prev.name!r} and {cur.name!r} overlap "
+                f"(bytes {prev.span.start}-{prev.span.end} and {cur.span.start}-{cur.span.end})"
+            )
+    return data_start, tensors, metadata
+
+
+def header_length(path: str, raw: bytes, file_size: int) -> int:
+    if file_size < 8 or len(raw) < 8:
+        raise InputError(f"{path}: file is {file_size} bytes, too short to hold a safetensors header")
+    (n,) = struct.unpack("<Q", bytes(raw[:8]))
+    if n > MAX_HEADER_BYTES:
+        raise InputError(
+            f"{path}: header length field says {n} bytes, over the {MAX_HEADER_BYTES} byte limit "
+            "(the file is corrupt or not a safetensors file)"
+        )
+    if 8 + n > file_size:
+        raise InputError(
+            f"{path}: header length field ({n} bytes) runs past the end of the {file_size}-byte "
+            "file (truncated download?)"
+        )
+    return n
+
+
+def _parse_entry(path: str, name: str, entry, data_start: int, data_len: int) -> TensorInfo:
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(entry, dict):
+        raise InputError(f"{where}: header entry must be an object")
+    dtype = entry.get("dtype")
+    shape = entry.get("shape")
+    offsets = entry.get("data_offsets")
+    if dtype not in DTYPE_SIZES:
+        raise InputError(
+            f"{where}: unknown dtype {dtype!r} (known: {', '.join(sorted(DTYPE_SIZES))})"
+        )
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise InputError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) for o in offsets)
+    ):
+        raise InputError(f"{where}: data_offsets must be [begin, end], got {offsets!r}")
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_len:
+        raise InputError(
+            f"{where}: data_offsets [{begin}, {end}] fall outside the file's {data_len} data bytes"
+        )
+    expected = math.prod(shape) * DTYPE_SIZES[dtype]
+    if end - begin != expected:
+        raise InputError(
+            f"{where}: shape {shape} of {dtype} needs {expected} bytes but data_offsets "
+            f"span {end - begin}"
+        )
+    return TensorInfo(name, path, dtype, tuple(shape), Span(data_start + begin, data_start + end))
+
+
+def read_header(source: Source, path: str, size: int) -> tuple[list[TensorInfo], dict]:
+    raw = source.read(path, Span(0, min(size, HEADER_PROBE_BYTES)))
+    n = header_length(path, raw, size)
+    if len(raw) < 8 + n:
+        raw = bytes(raw) + bytes(source.read(path, Span(len(raw), 8 + n)))
+    _, tensors, metadata = parse_header(path, raw, size)
+    return tensors, metadata
+
+
+def _is_weight_file(path: str) -> bool:
+    return path.endswith(WEIGHT_SUFFIXES)
+
+
+def _safe_relpath(path: str) -> bool:
+    """A path from an index or a repo listing that stays inside the output folder."""
+    if not path or path.startswith(("/", "\\")) or "\\" in path or "\x00" in path:
+        return False
+    norm = posixpath.normpath(path)
+    return not (norm.startswith("../") or norm == ".." or norm.startswith("/"))
+
+
+def build_catalog(source: Source, *, header_reader=read_header) -> Catalog:
+    """Read the index (or find the single file), then every referenced header."""
+    files = source.files()
+    for path in files:
+        if not _safe_relpath(path):
+            raise InputError(f"source lists a file name that would escape the output folder: {path!r}")
+
+    notices: list[str] = []
+    index_metadata: dict = {}
+    if INDEX_NAME in files:
+        index = _load_json(source, INDEX_NAME, "the safetensors index")
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise InputError(f"{INDEX_NAME} has no weight_map object; re-save the checkpoint")
+        index_metadata = index.get("metadata") or {}
+        shards = sorted(set(weight_map.values()), key=str)
+        for shard in shards:
+            if not isinstance(shard, str) or not _safe_relpath(shard):
+                raise InputError(f"{INDEX_NAME} names a file that would escape the folder: {shard!r}")
+        missing = [s for s in shards if s not in files]
+        if missing:
+            raise InputError(
+                f"{INDEX_NAME} references {len(missing)} file(s) that the source does not have: "
+                + ", ".join(missing[:5])
+            )
+    else:
+        weight_map = None
+        top = [f for f in files if f.endswith(".safetensors") and "/" not in f]
+        if SINGLE_NAME in files:
+            shards = [SINGLE_NAME]
+        elif len(top) == 1:
+            shards = top
+        elif not top:
+            raise InputError(
+                "no safetensors weights found (looked for model.safetensors.index.json and "
+                "*.safetensors); only safetensors checkpoints can be streamed"
+            )
+        else:
+            raise InputError(
+                f"several safetensors files ({', '.join(sorted(top)[:4])}) but no {INDEX_NAME}: "
+                "add the index so streamer knows which files form the model"
+            )
+
+    tensors: dict[str, TensorInfo] = {}
+    for shard in shards:
+        infos, _ = header_reader(source, shard, files[shard])
+        for info in infos:
+            if weight_map is not None and weight_map.get(info.name) != shard:
+                if info.name in weight_map:
+                    raise InputError(
+                        f"tensor {info.name!r} is stored in both {shard} and "
+                        f"{weight_map[info.name]} (name clash); the index names "
+                        f"{weight_map[info.name]}: remove the duplicate"
+                    )
+                notices.append(f"{shard}: tensor {info.name} is not in the index; skipped")
+                continue
+            if info.name in tensors:
+                raise InputError(
+                    f"tensor {info.name!r} is stored in both {tensors[info.name].file} and {shard}"
+                )
+            tensors[info.name] = info
+    if weight_map is not None:
+        absent = [n for n, f in weight_map.items() if n not in tensors]
+        if absent:
+            raise InputError(
+                f"{INDEX_NAME} lists {len(absent)} tensor(s) that their file does not hold, "
+                f"e.g. {absent[0]!r} in {weight_map[absent[0]]}"
+            )
+
+    copy_files = []
+    shard_set = set(shards)
+    for path in files:
+        if path in shard_set or path == INDEX_NAME:
+            continue
+        if path.endswith(".safetensors"):
+            notices.append(f"{path}: not referenced by the index; skipped (not converted, not copied)")
+        elif path.endswith(".safetensors.index.json"):
+            notices.append(f"{path}: another index; skipped")
+        elif _is_weight_file(path):
+            notices.append(f"{path}: {path.rsplit('.', 1)[-1]} weights are not converted; skipped")
+        elif path in (".gitattributes", "README.md"):
+            continue  # the output gets its own model card and attributes
+        else:
+            copy_files.append(path)
+
+    config = _load_json(source, CONFIG_NAME, CONFIG_NAME) if CONFIG_NAME in files else None
+    return Catalog(
+        tensors=tensors,
+        shards=shards,
+        copy_files=copy_files,
+        notices=notices,
+        config=config,
+        index_metadata=index_metadata,
+        file_sizes=dict(files),
+    )
+
+
+def _load_json(source: Source, path: str, what: str):
+    raw = source.read_file(path)
+    try:
+        return json.loads(bytes(raw).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path} ({what}) is not valid JSON: {e}") from None

@@ -1,0 +1,131 @@
+"""Command line: `python -m streamer SRC DST --scheme NAME`, plus the `mirror` and `demo` commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+
+from . import __version__
+from .errors import StreamerError
+
+SUBCOMMANDS = ("mirror", "demo")
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?i?b?)?\s*", text.lower())
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (try 8GB, 512MiB)")
+    num = float(m.group(1))
+    unit = (m.group(2) or "b").rstrip("b") or ""
+    base = 1024 if unit.endswith("i") else 1000
+    power = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}[unit.rstrip("i")]
+    return int(num * base**power)
+
+
+def convert_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m streamer",
+        description="Quantize a Hugging Face checkpoint (local folder or Hub repo) into a "
+        "compressed-tensors checkpoint that vLLM loads, streaming only the bytes each job needs. "
+        "Other commands: `mirror JOBS.toml`, `demo`.",
+    )
+    p.add_argument("src", help="source: a local folder, or a Hub repo id org/name[@revision]")
+    p.add_argument("dst", nargs="?", help="destination: a local folder, or a Hub repo id org/name")
+    p.add_argument("--scheme", help="compressed-tensors preset, e.g. FP8_DYNAMIC, FP8_BLOCK, NVFP4A16, W4A16")
+    p.add_argument("--scheme-file", help="a compressed-tensors scheme or quantization config as JSON/YAML")
+    p.add_argument(
+        "--ignore", action="append", default=[], metavar="NAME|re:PATTERN",
+        help="module to leave unquantized (repeatable): an exact module name, or re:PATTERN (re.match)",
+    )  # fmt: skip
+    p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda or cuda:N")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and stop; nothing is read or written")
+    p.add_argument("--max-memory", type=parse_size, help="byte budget for buffered data (default: half the free RAM)")
+    p.add_argument("--workers", type=int, default=4, help="pieces fetched concurrently (default 4)")
+    p.add_argument("--token", help="Hugging Face token (default: HF_TOKEN, then the huggingface_hub login)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
+    p.add_argument("--private", action="store_true", help="create the target repo as private")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request on the target instead of committing")
+    p.add_argument("--revision", help="target branch on the Hub (default main)")
+    p.add_argument("--dequant-dtype", choices=["bfloat16", "float16", "float32"], help="dtype a quantized source is expanded to")
+    p.add_argument("--force", action="store_true", help="convert even if the source already has the requested scheme")
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary at the end")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or log lines")
+    p.add_argument("--verbose", "-v", action="store_true", help="debug logging, tracebacks on errors")
+    p.add_argument("--version", action="version", version=f"streamer {__version__}")
+    return p
+
+
+def _setup_logging(quiet: bool, verbose: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("streamer").setLevel(level)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        cmd, rest = argv[0], argv[1:]
+        if cmd == "mirror":
+            from .mirror import main as mirror_main
+
+            return mirror_main(rest)
+        if cmd == "demo":
+            from .demo import main as demo_main
+
+            return demo_main(rest)
+    args = convert_parser().parse_args(argv)
+    _setup_logging(args.quiet or args.json, args.verbose)
+    return run_convert(args)
+
+
+def run_convert(args) -> int:
+    from .api import convert
+    from .plan import render
+    from .progress import Progress, TqdmListener
+
+    if args.dst is None and not args.dry_run:
+        print("error: give a destination (folder or repo id), or --dry-run", file=sys.stderr)
+        return 2
+    progress = Progress()
+    bars = None
+    if not (args.quiet or args.json or args.dry_run) and sys.stderr.isatty():
+        bars = TqdmListener()
+        progress.listeners.append(bars)
+    try:
+        result = convert(
+            args.src, args.dst,
+            scheme=args.scheme, scheme_file=args.scheme_file, ignore=args.ignore,
+            device=args.device, dry_run=args.dry_run, max_memory=args.max_memory,
+            workers=args.workers, token=args.token or None, overwrite=args.overwrite,
+            private=args.private, create_pr=args.create_pr, revision=args.revision,
+            dequant_dtype=args.dequant_dtype, force=args.force, progress=progress,
+        )  # fmt: skip
+    except StreamerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: nothing was published", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug or an unexpected environment problem; still no traceback by default
+        if args.verbose:
+            raise
+        print(f"error: {type(e).__name__}: {e} (run with --verbose for details)", file=sys.stderr)
+        return 1
+    finally:
+        if bars is not None:
+            bars.close()
+    if args.dry_run:
+        print(render(result.plan))
+    if args.json:
+        print(json.dumps(result.summary(), indent=2))
+    elif not args.dry_run and not args.quiet:
+        print(result.url)
+    return 0
+
+
+if __name__ == "__main__":
+    os._exit(main())

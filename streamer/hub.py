@@ -1,0 +1,424 @@
+"""The Hub at both ends: HubSource reads with HTTP range requests, HubSink publishes in one commit.
+
+Every Hub call goes through huggingface_hub (HfApi for the API, its shared HTTP session for range
+reads), so endpoints, auth headers and proxies behave exactly as the rest of the ecosystem.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import random
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from huggingface_hub import CommitOperationAdd, HfApi
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import build_hf_headers, get_session
+
+from .card import read_provenance
+from .errors import HubError, InputError, TargetError
+from .sink import ShardWriter, Sink, check_relpath
+from .source import Source, Span
+
+log = logging.getLogger("streamer")
+
+CHUNK_BYTES = 16 * 1024 * 1024  # a large span is fetched as parallel requests of this size
+CONNECTIONS = 8  # parallel range requests per source
+RETRIES = 8
+RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+
+
+def _endpoint(endpoint: str | None) -> str:
+    return (endpoint or hf_constants.ENDPOINT).rstrip("/")
+
+
+def explain(e: Exception, repo_id: str, *, what: str = "repo") -> HubError:
+    """Turn a huggingface_hub error into a sentence a user can act on. Never includes a token."""
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    if isinstance(e, GatedRepoError):
+        return HubError(
+            f"{repo_id} is a gated model and this account has not been granted access: accept its "
+            f"terms at https://huggingface.co/{repo_id}, then run again with that account's token"
+        )
+    if isinstance(e, RevisionNotFoundError):
+        return HubError(f"revision not found in {repo_id}: check the branch, tag or commit after '@'")
+    if isinstance(e, RepositoryNotFoundError):
+        return HubError(
+            f"{what} {repo_id} not found, or it is private and the token does not give access "
+            "(pass --token or set HF_TOKEN)"
+        )
+    if status == 401:
+        return HubError("the Hugging Face token was rejected (invalid or expired): check --token / HF_TOKEN")
+    if status == 403:
+        return HubError(f"the token has no write access to {repo_id}: use a write token, or a namespace you own")
+    server = getattr(e, "server_message", "") or ""
+    detail = f": {server}" if server else ""
+    return HubError(f"Hub request for {repo_id} failed ({status or type(e).__name__}){detail}")
+
+
+# --- source ------------------------------------------------------------------------------------
+
+
+class RangeError(HubError):
+    """The server did not honour a range request exactly; never fall back to a full download."""
+
+
+class HubSource(Source):
+    """A Hub repo pinned to one commit, read with range requests only."""
+
+    def __init__(
+        self,
+        repo_id: str,
+        *,
+        revision: str | None = None,
+        token: str | None = None,
+        endpoint: str | None = None,
+        connections: int = CONNECTIONS,
+        chunk_bytes: int = CHUNK_BYTES,
+    ):
+        self.repo_id = repo_id
+        self.endpoint = _endpoint(endpoint)
+        self.api = HfApi(endpoint=self.endpoint, token=token)
+        self._token = token
+        self.chunk_bytes = chunk_bytes
+        try:
+            info = self.api.model_info(repo_id, revision=revision, files_metadata=True)
+        except HfHubHTTPError as e:
+            raise explain(e, repo_id, what="source repo") from None
+        # Every file is read at this sha, so a push to the source mid-run cannot mix versions.
+        self.commit = info.sha
+        self.label = repo_id if revision is None else f"{repo_id}@{revision}"
+        self._files = {s.rfilename: (s.size or 0) for s in (info.siblings or [])}
+        self._urls: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(connections, thread_name_prefix="streamer-range")
+        self.requests = 0  # range requests sent, for tests and --json
+        self.bytes_fetched = 0
+
+    def files(self) -> dict[str, int]:
+        return self._files
+
+    def _resolve(self, path: str) -> tuple[str, dict]:
+        """The URL to send ranges to: the redirect target, resolved once per file."""
+        base = f"{self.endpoint}/{self.repo_id}/resolve/{self.commit}/{path}"
+        headers = build_hf_headers(token=self._token)
+        with self._lock:
+            url = self._urls.get(path)
+        if url is None:
+            r = self._send("HEAD", base, headers, path=path)
+            url = base
+            if r.status_code in (301, 302, 303, 307, 308) and r.headers.get("location"):
+                loc = r.headers["location"]
+                url = loc if loc.startswith("http") else self.endpoint + loc
+            with self._lock:
+                self._urls[path] = url
+        # A redirect goes to a signed CDN URL: it must not receive the token.
+        same_host = url.startswith(self.endpoint)
+        return url, (headers if same_host else {})
+
+    def _send(self, method: str, url: str, headers: dict, *, path: str):
+        attempt = 0
+        while True:
+            try:
+                r = get_session().request(method, url, headers=headers, follow_redirects=False)
+            except Exception as e:  # connection reset, timeout …: retry
+                attempt = self._backoff(attempt, f"{path}: {type(e).__name__}", None)
+                continue
+            if r.status_code in RETRY_STATUS:
+                attempt = self._backoff(attempt, f"{path}: HTTP {r.status_code}", r.headers.get("retry-after"))
+                continue
+            if r.status_code >= 400:
+                self._raise(r, path)
+            return r
+
+    def _raise(self, response, path: str):
+        from huggingface_hub.utils import hf_raise_for_status
+
+        try:
+            hf_raise_for_status(response)
+        except HfHubHTTPError as e:
+            if response.status_code == 404 and response.headers.get("x-error-code") == "EntryNotFound":
+                raise InputError(f"{path} is listed in {self.repo_id} but cannot be downloaded") from None
+            raise explain(e, self.repo_id, what="source repo") from None
+        raise HubError(f"unexpected HTTP {response.status_code} reading {path} from {self.repo_id}")
+
+    def _backoff(self, attempt: int, why: str, retry_after: str | None) -> int:
+        attempt += 1
+        if attempt > RETRIES:
+            raise HubError(f"giving up after {RETRIES} retries reading from {self.repo_id} ({why})")
+        delay = min(0.25 * 2 ** (attempt - 1), 8.0) * (0.5 + random.random())
+        if retry_after:
+            delay = max(delay, _parse_retry_after(retry_after))
+        log.debug("retry %d in %.1fs: %s", attempt, delay, why)
+        time.sleep(delay)
+        return attempt
+
+    def _fetch(self, path: str, span: Span, out: memoryview) -> None:
+        """One range request, resumed where it broke off on a dropped connection."""
+        got = 0
+        attempt = 0
+        while got < span.size:
+            url, headers = self._resolve(path)
+            want = Span(span.start + got, span.end)
+            h = {**headers, "Range": f"bytes={want.start}-{want.end - 1}", "Accept-Encoding": "identity"}
+            try:
+                with get_session().stream("GET", url, headers=h, follow_redirects=False) as r:
+                    if r.status_code in RETRY_STATUS:
+                        attempt = self._backoff(attempt, f"{path}: HTTP {r.status_code}", r.headers.get("retry-after"))
+                        continue
+                    if r.status_code == 403 and url != f"{self.endpoint}/{self.repo_id}/resolve/{self.commit}/{path}":
+                        with self._lock:  # a signed URL expired: resolve again
+                            self._urls.pop(path, None)
+                        attempt = self._backoff(attempt, f"{path}: signed URL expired", None)
+                        continue
+                    if r.status_code >= 400:
+                        r.read()
+                        self._raise(r, path)
+                    self._check_range(r, path, want)
+                    with self._lock:
+                        self.requests += 1
+                    for block in r.iter_bytes(1 << 20):
+                        n = min(len(block), span.size - got)
+                        out[got : got + n] = block[:n]
+                        got += n
+                        with self._lock:
+                            self.bytes_fetched += n
+                    if got < span.size:
+                        raise ConnectionError("body ended early")
+            except (HubError, InputError):
+                raise
+            except Exception as e:  # dropped mid-body: keep what arrived, ask for the rest
+                attempt = self._backoff(attempt, f"{path}: {type(e).__name__} after {got} bytes", None)
+
+    def _check_range(self, r, path: str, want: Span) -> None:
+        if r.status_code != 206:
+            raise RangeError(
+                f"{path}: the server answered HTTP {r.status_code} to a range request instead of "
+                "206; refusing to download whole files"
+            )
+        expected = f"bytes {want.start}-{want.end - 1}/"
+        content_range = r.headers.get("content-range", "")
+        length = r.headers.get("content-length")
+        if not content_range.startswith(expected) or (length is not None and int(length) != want.size):
+            raise RangeError(
+                f"{path}: asked for bytes {want.start}-{want.end - 1}, server sent "
+                f"{content_range or 'no Content-Range'} ({length} bytes)"
+            )
+
+    def read_into(self, path: str, span: Span, out: memoryview) -> None:
+        self.read_spans_into(path, [span], [out])
+
+    def read_spans_into(self, path: str, spans: list[Span], outs: list[memoryview]) -> None:
+        if path not in self._files:
+            raise InputError(f"{path} is not in {self.repo_id}@{self.commit}")
+        tasks = []
+        for span, out in zip(spans, outs):
+            out = out.cast("B") if out.format != "B" else out
+            for start in range(span.start, span.end, self.chunk_bytes):
+                end = min(start + self.chunk_bytes, span.end)
+                part = out[start - span.start : end - span.start]
+                tasks.append(self._pool.submit(self._fetch, path, Span(start, end), part))
+        errors = [t.exception() for t in tasks]
+        for err in errors:
+            if err is not None:
+                raise err
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _parse_retry_after(value: str) -> float:
+    try:
+        return min(float(value), 60.0)
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value)
+        return max(0.0, min(parsed.timestamp() - time.time(), 60.0)) if parsed else 1.0
+
+
+# --- sink --------------------------------------------------------------------------------------
+
+
+class _BufferedShard(ShardWriter):
+    """A shard assembled in memory, uploaded (LFS or Xet) as soon as it is complete."""
+
+    def __init__(self, sink: "HubSink", name: str, size: int):
+        super().__init__(name, size)
+        self.sink = sink
+        self.buf = bytearray(size)
+
+    def write_at(self, offset: int, data) -> None:
+        view = memoryview(data).cast("B")
+        self.buf[offset : offset + len(view)] = view
+
+    def close(self) -> Future:
+        data, self.buf = bytes(self.buf), None  # huggingface_hub wants bytes (Xet needs them)
+        return self.sink._upload_pool.submit(self.sink._preupload, self.name, data)
+
+    def discard(self) -> None:
+        self.buf = None
+
+
+@dataclass
+class _Staged:
+    op: CommitOperationAdd
+
+
+class HubSink(Sink):
+    """Shards are uploaded as content while the run goes on; the branch moves once, at commit."""
+
+    buffers_shards = True
+
+    def __init__(
+        self,
+        repo_id: str,
+        *,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool = False,
+        create_pr: bool = False,
+        overwrite: bool = False,
+        endpoint: str | None = None,
+        upload_workers: int = 2,
+    ):
+        self.repo_id = repo_id
+        self.endpoint = _endpoint(endpoint)
+        self.api = HfApi(endpoint=self.endpoint, token=token)
+        self.revision = revision or "main"
+        self.private = private
+        self.create_pr = create_pr
+        self.overwrite = overwrite
+        self.label = repo_id
+        self.url = f"{self.endpoint}/{repo_id}"
+        self._ops: dict[str, CommitOperationAdd] = {}
+        self._deletes: list[str] = []
+        self._lock = threading.Lock()
+        self._upload_pool = ThreadPoolExecutor(upload_workers, thread_name_prefix="streamer-upload")
+        self._parent: str | None = None
+        self.bytes_uploaded = 0
+
+    def check(self) -> None:
+        try:
+            self.api.whoami()
+        except HfHubHTTPError as e:
+            raise explain(e, self.repo_id, what="target repo") from None
+        except Exception as e:  # no token at all
+            raise HubError(f"writing to the Hub needs a token: pass --token or set HF_TOKEN ({type(e).__name__})") from None
+        existing = self._existing_files()
+        if existing is None:
+            try:
+                self.api.create_repo(self.repo_id, private=self.private, exist_ok=True)
+            except HfHubHTTPError as e:
+                raise explain(e, self.repo_id, what="target repo") from None
+            existing = self._existing_files() or {}
+        if self.revision != "main" and self._parent is None:
+            try:
+                self.api.create_branch(self.repo_id, branch=self.revision, exist_ok=True)
+            except HfHubHTTPError as e:
+                raise explain(e, self.repo_id, what="target repo") from None
+            existing = self._existing_files() or {}
+        model_files = [f for f in existing if f not in (".gitattributes",)]
+        if model_files and not self.overwrite and not self.create_pr:
+            if not self._written_by_streamer(existing):
+                raise TargetError(
+                    f"target {self.repo_id} already holds files that streamer did not write "
+                    f"({', '.join(sorted(model_files)[:3])}…); choose another repo or pass --overwrite"
+                )
+        # Files of an earlier conversion that this one does not produce are deleted in the same
+        # commit, so the target never mixes two conversions.
+        self._existing = existing
+
+    def _existing_files(self) -> dict[str, int] | None:
+        try:
+            info = self.api.model_info(self.repo_id, revision=self.revision, files_metadata=False)
+        except RevisionNotFoundError:
+            return {} if self._repo_exists() else None
+        except RepositoryNotFoundError:
+            return None
+        except HfHubHTTPError as e:
+            raise explain(e, self.repo_id, what="target repo") from None
+        self._parent = info.sha
+        return {s.rfilename: s.size or 0 for s in (info.siblings or [])}
+
+    def _repo_exists(self) -> bool:
+        try:
+            self.api.model_info(self.repo_id)
+            return True
+        except HfHubHTTPError:
+            return False
+
+    def _written_by_streamer(self, existing: dict) -> bool:
+        if "README.md" not in existing:
+            return False
+        text = self.read_text("README.md")
+        return text is not None and read_provenance(text) is not None
+
+    def read_text(self, path: str) -> str | None:
+        """A small file of the target at the branch head, straight into memory (no HF cache)."""
+        url = f"{self.endpoint}/{self.repo_id}/resolve/{self.revision}/{path}"
+        try:
+            r = get_session().get(url, headers=build_hf_headers(token=self.api.token), follow_redirects=True)
+        except Exception:
+            return None
+        return r.text if r.status_code == 200 else None
+
+    def open_shard(self, name: str, size: int) -> ShardWriter:
+        check_relpath(name)
+        return _BufferedShard(self, name, size)
+
+    def _preupload(self, name: str, data: bytes) -> str:
+        op = CommitOperationAdd(path_in_repo=name, path_or_fileobj=data)
+        del data
+        try:
+            # Upload the content now (Xet when hf_xet is installed, else LFS); the commit later
+            # only references it. Content the server already has is skipped: that is the resume.
+            self.api.preupload_lfs_files(self.repo_id, [op], revision=self.revision, free_memory=True)
+        except HfHubHTTPError as e:
+            raise explain(e, self.repo_id, what="target repo") from None
+        with self._lock:
+            self._ops[name] = op
+            self.bytes_uploaded += op.upload_info.size
+        log.debug("uploaded %s", name)
+        return name
+
+    def put_file(self, path: str, data: bytes) -> None:
+        check_relpath(path)
+        with self._lock:
+            self._ops[path] = CommitOperationAdd(path_in_repo=path, path_or_fileobj=bytes(data))
+
+    def commit(self, message: str, description: str = "") -> str:
+        from huggingface_hub import CommitOperationDelete
+
+        ops = list(self._ops.values())
+        produced = set(self._ops)
+        stale = [f for f in getattr(self, "_existing", {}) if f not in produced and f != ".gitattributes"]
+        ops += [CommitOperationDelete(path_in_repo=f) for f in stale]
+        try:
+            info = self.api.create_commit(
+                self.repo_id,
+                operations=ops,
+                commit_message=message,
+                commit_description=description,
+                revision=self.revision,
+                create_pr=self.create_pr,
+                parent_commit=None if self.create_pr else self._parent,
+            )
+        except HfHubHTTPError as e:
+            if getattr(e.response, "status_code", None) == 412:
+                raise TargetError(
+                    f"{self.repo_id}@{self.revision} changed while converting; run again"
+                ) from None
+            raise explain(e, self.repo_id, what="target repo") from None
+        self.url = info.pr_url or info.commit_url
+        return self.url
+
+    def close(self) -> None:
+        self._upload_pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,388 @@
+"""Run a plan: fetch → quantize → serialize → sink, with different pieces in flight at once.
+
+Memory is bounded by one byte budget. Each job (output shard) is cut into pieces small enough to
+fit; a piece never splits a fused set. Fetching runs in a thread pool (I/O releases the GIL);
+quantization runs on one thread (torch uses every core, or the GPU); the sink uploads in its own
+threads. The only work a user waits for is the slowest of the three.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from .catalog import TensorInfo
+from .errors import StreamerError
+from .plan import ST_DTYPES, TORCH_DTYPES, Job, OutTensor, Plan, human_bytes
+from .progress import Progress
+from .quantize import global_scale, quantize_weight
+from .sink import ShardWriter, Sink
+from .source import Source, Span
+
+log = logging.getLogger("streamer")
+
+# Neighbouring tensors closer than this are fetched in one request: fewer round trips, and the
+# few wasted bytes cost less than a request.
+MERGE_GAP = 256 * 1024
+# Quantization keeps float temporaries of about this multiple of a weight's size alive.
+WORK_FACTOR = 3
+
+
+class Budget:
+    """A byte semaphore: acquire before allocating, release when the bytes are gone."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self.peak = 0
+        self._cv = threading.Condition()
+
+    def try_acquire(self, n: int) -> bool:
+        with self._cv:
+            if self.used + n > self.limit and self.used > 0:
+                return False
+            self._take(n)
+            return True
+
+    def acquire(self, n: int) -> None:
+        with self._cv:
+            # A request larger than the whole budget waits for an empty budget, then runs alone.
+            while self.used + n > self.limit and self.used > 0:
+                self._cv.wait()
+            self._take(n)
+
+    def _take(self, n: int) -> None:
+        self.used += n
+        self.peak = max(self.peak, self.used)
+
+    def release(self, n: int) -> None:
+        with self._cv:
+            self.used -= n
+            self._cv.notify_all()
+
+
+@dataclass
+class Piece:
+    job: Job
+    inputs: list[TensorInfo]
+    outputs: list[OutTensor]
+    quantize: list  # QuantOp
+    passthrough: list[str]
+    first: bool = False  # first piece of its job: opens the shard writer
+    last: bool = False  # last piece of its job: closes the shard writer
+
+    @property
+    def bytes_in(self) -> int:
+        return sum(t.nbytes for t in self.inputs)
+
+    @property
+    def cost(self) -> int:
+        work = sum(t.nbytes for t in self.inputs if t.name in {q.tensor for q in self.quantize})
+        return self.bytes_in + sum(o.nbytes for o in self.outputs) + WORK_FACTOR * work
+
+
+@dataclass
+class RunStats:
+    bytes_read: int = 0
+    bytes_written: int = 0
+    shards: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    stage_seconds: dict = field(default_factory=dict)
+    peak_budget: int = 0
+
+
+def shard_header(job: Job) -> tuple[bytes, dict[str, int]]:
+    """The safetensors header of a job's output, and each tensor's absolute file offset."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offsets: dict[str, int] = {}
+    pos = 0
+    for o in job.outputs:
+        header[o.name] = {"dtype": o.dtype, "shape": list(o.shape), "data_offsets": [pos, pos + o.nbytes]}
+        offsets[o.name] = pos
+        pos += o.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    start = 8 + len(raw)
+    prefix = len(raw).to_bytes(8, "little") + raw
+    return prefix, {k: start + v for k, v in offsets.items()}
+
+
+def split_job(job: Job, plan: Plan, limit: int) -> list[Piece]:
+    """Cut a job into pieces of at most LIMIT bytes of working memory, fused sets kept whole."""
+    inputs_of: dict[str, list[TensorInfo]] = {}
+    for t in job.inputs:
+        inputs_of.setdefault(t.name, []).append(t)
+    outputs_of: dict[str, list[OutTensor]] = {}
+    for o in job.outputs:
+        outputs_of.setdefault(o.origin, []).append(o)
+    if plan.dequantizer is not None:
+        # a dequantized weight is read from several stored tensors (packed data, scales …)
+        inputs_of = {name: plan_inputs for name, plan_inputs in _dequant_inputs(job, plan).items()}
+
+    ops = {q.tensor: q for q in job.quantize}
+    units: list[list[str]] = []
+    seen: set[str] = set()
+    fused_members = {fs.id: fs.members for fs in plan.fused_sets}
+    for name in [*ops, *job.passthrough]:
+        if name in seen:
+            continue
+        op = ops.get(name)
+        unit = list(fused_members[op.fused]) if op is not None and op.fused is not None else [name]
+        seen.update(unit)
+        units.append(unit)
+    units.sort(key=lambda u: min((t.file, t.span.start) for n in u for t in inputs_of[n]))
+
+    pieces: list[Piece] = []
+    current: Piece | None = None
+    for unit in units:
+        piece = Piece(
+            job,
+            [t for n in unit for t in inputs_of[n]],
+            [o for n in unit for o in outputs_of[n]],
+            [ops[n] for n in unit if n in ops],
+            [n for n in unit if n not in ops],
+        )
+        if current is not None and current.cost + piece.cost <= limit:
+            current.inputs += piece.inputs
+            current.outputs += piece.outputs
+            current.quantize += piece.quantize
+            current.passthrough += piece.passthrough
+        else:
+            current = piece
+            pieces.append(current)
+    if not pieces:
+        pieces.append(Piece(job, [], [], [], []))
+    pieces[0].first = True
+    pieces[-1].last = True
+    return pieces
+
+
+def _dequant_inputs(job: Job, plan: Plan) -> dict[str, list[TensorInfo]]:
+    by_name = {t.name: t for t in job.inputs}
+    dq = plan.dequantizer
+    return {
+        name: [by_name[i.name] for i in dq.inputs_for(name)]
+        for name in [*(q.tensor for q in job.quantize), *job.passthrough]
+    }
+
+
+def _merge(inputs: list[TensorInfo]) -> list[tuple[str, Span, list[TensorInfo]]]:
+    """Group a piece's reads into few large requests per file."""
+    groups: list[tuple[str, Span, list[TensorInfo]]] = []
+    for t in sorted(inputs, key=lambda t: (t.file, t.span.start)):
+        if groups:
+            file, span, members = groups[-1]
+            if file == t.file and t.span.start - span.end <= MERGE_GAP and t.span.start >= span.start:
+                groups[-1] = (file, Span(span.start, max(span.end, t.span.end)), members + [t])
+                continue
+        groups.append((t.file, t.span, [t]))
+    return groups
+
+
+class Runner:
+    def __init__(
+        self,
+        plan: Plan,
+        source: Source,
+        sink: Sink,
+        *,
+        device: torch.device,
+        max_memory: int,
+        fetch_workers: int = 4,
+        progress: Progress | None = None,
+        cancel: threading.Event | None = None,
+    ):
+        self.plan = plan
+        self.source = source
+        self.sink = sink
+        self.device = device
+        self.budget = Budget(max_memory)
+        self.fetch_workers = fetch_workers
+        self.progress = progress or Progress()
+        self.cancel = cancel or threading.Event()
+        self.pin = device.type == "cuda"
+        self.stats = RunStats()
+
+    # -- stages ----------------------------------------------------------------------------
+
+    def _fetch(self, piece: Piece) -> dict[str, torch.Tensor]:
+        """Read a piece's inputs; returns name -> uint8 tensor view of its bytes."""
+        views: dict[str, torch.Tensor] = {}
+        by_file: dict[str, list[tuple[Span, list[TensorInfo]]]] = {}
+        for file, span, members in _merge(piece.inputs):
+            by_file.setdefault(file, []).append((span, members))
+        for file, groups in by_file.items():
+            bufs = [torch.empty(span.size, dtype=torch.uint8, pin_memory=self.pin) for span, _ in groups]
+            self.source.read_spans_into(file, [s for s, _ in groups], [memoryview(b.numpy()) for b in bufs])
+            for (span, members), buf in zip(groups, bufs):
+                for t in members:
+                    views[_key(t)] = buf[t.span.start - span.start : t.span.end - span.start]
+            self.progress.advance("read", sum(s.size for s, _ in groups))
+            self.stats.bytes_read += sum(s.size for s, _ in groups)
+        return views
+
+    def _quantize(self, piece: Piece, raw: dict[str, torch.Tensor], writer: ShardWriter, offsets) -> None:
+        dq = self.plan.dequantizer
+        by_out = {o.name: o for o in piece.outputs}
+
+        def put(out: OutTensor, data: torch.Tensor) -> None:
+            writer.write_at(offsets[out.name], _as_bytes(data))
+
+        for name in piece.passthrough:
+            out = next(o for o in piece.outputs if o.origin == name)
+            if dq is not None and dq.transforms(name):
+                put(out, dq.dense(name, raw, self.device).cpu())
+            else:
+                info = next(t for t in piece.inputs if t.name == name)
+                put(out, raw[_key(info)])
+
+        def dense(name: str) -> torch.Tensor:
+            if dq is not None:
+                return dq.dense(name, raw, self.device)
+            info = next(t for t in piece.inputs if t.name == name)
+            t = raw[_key(info)].view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
+            return t.to(self.device, non_blocking=True)
+
+        weights = {q.tensor: dense(q.tensor) for q in piece.quantize}
+        scales: dict[int, torch.Tensor] = {}
+        for fs in self.plan.fused_sets:
+            if fs.members[0] in weights:
+                scheme = self.plan.recipe.groups[next(q.group for q in piece.quantize if q.tensor == fs.members[0])]
+                scales[fs.id] = global_scale([weights[m] for m in fs.members], scheme)
+        for q in piece.quantize:
+            scheme = self.plan.recipe.groups[q.group]
+            result = quantize_weight(weights[q.tensor], scheme, scales.get(q.fused) if q.fused is not None else None)
+            base = q.tensor[: -len("weight")]
+            for suffix, tensor in result.items():
+                out = by_out[base + suffix]
+                tensor = tensor.cpu()
+                if ST_DTYPES[tensor.dtype] != out.dtype or tuple(tensor.shape) != out.shape:
+                    raise RuntimeError(
+                        f"internal error: {out.name} came out {tensor.dtype}{list(tensor.shape)}, "
+                        f"planned {out.dtype}{list(out.shape)}"
+                    )
+                put(out, tensor)
+            del weights[q.tensor]
+        self.progress.advance("quantize", piece.bytes_in)
+
+    # -- driver ----------------------------------------------------------------------------
+
+    def run(self) -> RunStats:
+        t0 = time.monotonic()
+        limit = max(self.budget.limit // 3, 1)
+        pieces = [p for job in self.plan.jobs for p in split_job(job, self.plan, limit)]
+        for p in pieces:
+            if p.cost > self.budget.limit and len(p.quantize) + len(p.passthrough) == 1:
+                name = (p.quantize[0].tensor if p.quantize else p.passthrough[0])
+                raise StreamerError(
+                    f"tensor {name} needs {human_bytes(p.cost)} of working memory, more than "
+                    f"--max-memory {human_bytes(self.budget.limit)}: raise --max-memory"
+                )
+        self.progress.set_total("read", sum(sum(s.size for _, s, _ in _merge(p.inputs)) for p in pieces))
+        self.progress.set_total("quantize", sum(p.bytes_in for p in pieces))
+        self.progress.set_total("upload", self.plan.bytes_out)
+
+        pool = ThreadPoolExecutor(self.fetch_workers, thread_name_prefix="streamer-fetch")
+        pending: deque[tuple[Piece, Future]] = deque()
+        writers: dict[str, tuple[ShardWriter, dict[str, int]]] = {}
+        closing: list[Future] = []
+        queue = deque(pieces)
+        depth = self.fetch_workers + 1
+
+        def admit(block: bool) -> bool:
+            piece = queue[0]
+            need = piece.cost + (self._writer_cost(piece.job) if piece.first else 0)
+            if block:
+                self.budget.acquire(need)
+            elif not self.budget.try_acquire(need):
+                return False
+            queue.popleft()
+            if piece.first:
+                writers[piece.job.shard] = self._open(piece.job)
+            pending.append((piece, pool.submit(self._fetch, piece)))
+            return True
+
+        try:
+            while queue or pending:
+                if self.cancel.is_set():
+                    raise KeyboardInterrupt("cancelled")
+                while queue and len(pending) < depth and admit(block=not pending):
+                    pass
+                piece, fut = pending.popleft()
+                raw = fut.result()
+                writer, offsets = writers[piece.job.shard]
+                self._quantize(piece, raw, writer, offsets)
+                del raw
+                self.budget.release(piece.cost)
+                if piece.last:
+                    closing.append(self._close(piece.job, writer))
+                    del writers[piece.job.shard]
+            for f in closing:
+                f.result()
+        except BaseException:
+            for _, fut in pending:
+                fut.cancel()
+            for writer, _ in writers.values():
+                writer.discard()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        self.stats.seconds = time.monotonic() - t0
+        self.stats.stage_seconds = self.progress.stage_seconds()
+        self.stats.peak_budget = self.budget.peak
+        self.stats.shards = [j.shard for j in self.plan.jobs]
+        return self.stats
+
+    def _writer_cost(self, job: Job) -> int:
+        # A Hub sink holds a whole output shard until it is uploaded; a file sink holds nothing.
+        return job.bytes_out + 4096 if getattr(self.sink, "buffers_shards", False) else 0
+
+    def _open(self, job: Job) -> tuple[ShardWriter, dict[str, int]]:
+        header, offsets = shard_header(job)
+        size = len(header) + job.bytes_out
+        writer = self.sink.open_shard(job.shard, size)
+        writer.write_at(0, header)
+        return writer, offsets
+
+    def _close(self, job: Job, writer: ShardWriter) -> Future:
+        fut = writer.close()
+        cost = self._writer_cost(job)
+        n = job.bytes_out
+
+        def done(f: Future) -> None:
+            self.budget.release(cost)
+            if f.exception() is None:
+                self.progress.advance("upload", n)
+                self.stats.bytes_written += n
+                self.progress.message(f"wrote {job.shard} ({human_bytes(n)})")
+
+        fut.add_done_callback(done)
+        return fut
+
+
+def _key(t: TensorInfo) -> tuple:
+    return (t.file, t.span.start, t.span.end)
+
+
+def _as_bytes(t: torch.Tensor) -> memoryview:
+    t = t.contiguous().reshape(-1)
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.view(torch.uint8).numpy())
+
+
+def default_memory_budget() -> int:
+    """Half the memory available now, at least 1 GB: room for the OS, Python and torch."""
+    try:
+        pages = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        pages = 8 * 1024**3
+    return max(pages // 2, 1 << 30)

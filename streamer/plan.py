@@ -1,0 +1,449 @@
+"""The plan: for every output shard, which tensors to read, quantize, pass through and write.
+
+Built from the catalog and the recipe alone, before any tensor byte is read, so that every error
+a user can hit is raised here with the tensor names in the message. The plan also fixes the exact
+name, dtype and shape of every output tensor, so output headers are known up front.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+from .catalog import DTYPE_SIZES, Catalog, TensorInfo
+from .errors import PlanError
+from .quantize import ShapeError, needs_global_scale, output_layout
+from .schemes import Recipe
+from .source import Span
+
+TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F8_E8M0": torch.float8_e8m0fnu,
+}  # fmt: skip
+ST_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
+FLOAT_DTYPES = {"F32", "F16", "BF16"}
+
+# Sibling modules that vLLM fuses into one kernel when it loads the model, so that schemes with a
+# global scale (NVFP4) must give them one shared scale. Order matters: the first member present
+# is the set's primary, and the whole set is written to the primary's output shard (as the
+# reference does for q/k/v and gate/up).
+FUSED_FAMILIES: tuple[tuple[str, ...], ...] = (
+    ("q_proj", "k_proj", "v_proj"),
+    ("gate_proj", "up_proj"),
+    ("w1", "w3"),
+    ("q_a_proj", "kv_a_proj_with_mqa"),
+    ("wq_a", "wkv_a_with_mqa"),
+)
+_FAMILY_OF = {leaf: fam for fam in FUSED_FAMILIES for leaf in fam}
+
+# 3-D fused expert tensors that are split into one 2-D Linear weight per expert, as the reference
+# does; vLLM loads the per-expert names.
+_EXPERT_SPLITS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+
+
+@dataclass(frozen=True)
+class QuantOp:
+    tensor: str  # input tensor name, "<module>.weight"
+    module: str
+    group: str  # config group name in the recipe
+    fused: int | None = None  # FusedSet.id when the op shares a global scale
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    name: str
+    dtype: str  # safetensors dtype name
+    shape: tuple[int, ...]
+    origin: str  # the input tensor it is made from
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
+
+
+@dataclass(frozen=True)
+class FusedSet:
+    id: int
+    family: str  # e.g. "q_proj+k_proj+v_proj"
+    parent: str  # module path the members share
+    members: tuple[str, ...]  # input tensor names, in family order
+    shard: str  # output shard all members are written to
+
+
+@dataclass
+class Job:
+    """Everything one output shard needs; the pipeline runs jobs independently."""
+
+    shard: str
+    inputs: list[TensorInfo]  # what to read, wherever the source stored it
+    quantize: list[QuantOp]
+    passthrough: list[str]
+    outputs: list[OutTensor]  # in file order
+    fused: list[int] = field(default_factory=list)
+
+    @property
+    def bytes_in(self) -> int:
+        return sum(t.nbytes for t in self.inputs)
+
+    @property
+    def bytes_out(self) -> int:
+        return sum(o.nbytes for o in self.outputs)
+
+
+@dataclass
+class Plan:
+    source: str
+    recipe: Recipe
+    catalog: Catalog
+    jobs: list[Job]
+    fused_sets: list[FusedSet]
+    kept_weights: list[tuple[str, str]]  # (.weight tensor left unquantized, why) worth listing
+    warnings: list[str]
+    dequantizer: object | None = None  # dequant.Dequantizer when the source is already quantized
+
+    @property
+    def dequant(self) -> str | None:
+        """How the quantized source is expanded on the fly, for the plan and the model card."""
+        return self.dequantizer.describe() if self.dequantizer is not None else None
+
+    @property
+    def bytes_in(self) -> int:
+        return sum(j.bytes_in for j in self.jobs)
+
+    @property
+    def bytes_out(self) -> int:
+        return sum(j.bytes_out for j in self.jobs)
+
+    @property
+    def weight_map(self) -> dict[str, str]:
+        return {o.name: j.shard for j in self.jobs for o in j.outputs}
+
+    @property
+    def n_quantized(self) -> int:
+        return sum(len(j.quantize) for j in self.jobs)
+
+
+def _split_experts(info: TensorInfo) -> list[TensorInfo] | None:
+    """Per-expert 2-D views of a 3-D fused expert tensor, as byte sub-ranges: no copy needed."""
+    leaf = info.name.rsplit(".", 1)[-1]
+    base = info.name
+    if leaf == "weight":
+        base = info.name[: -len(".weight")]
+        leaf = base.rsplit(".", 1)[-1]
+    if leaf not in _EXPERT_SPLITS or len(info.shape) != 3:
+        return None
+    parts = _EXPERT_SPLITS[leaf]
+    experts, rows, cols = info.shape
+    if rows % len(parts):
+        raise PlanError([f"{info.name}: shape {list(info.shape)} cannot be split into {parts}"])
+    part_rows = rows // len(parts)
+    isz = DTYPE_SIZES[info.dtype]
+    prefix = base[: -len(leaf)]
+    views = []
+    for e in range(experts):
+        for k, part in enumerate(parts):
+            start = info.span.start + ((e * rows + k * part_rows) * cols) * isz
+            views.append(
+                TensorInfo(
+                    name=f"{prefix}{e}.{part}.weight",
+                    file=info.file,
+                    dtype=info.dtype,
+                    shape=(part_rows, cols),
+                    span=Span(start, start + part_rows * cols * isz),
+                )
+            )
+    return views
+
+
+def expand_inputs(catalog: Catalog) -> tuple[list[TensorInfo], list[str]]:
+    """Catalog tensors with 3-D fused experts replaced by per-expert views."""
+    out, notes = [], []
+    for info in catalog.tensors.values():
+        views = _split_experts(info)
+        if views is None:
+            out.append(info)
+        else:
+            out.extend(views)
+            notes.append(f"{info.name}: 3-D fused experts split into {len(views)} per-expert weights")
+    return out, notes
+
+
+def make_plan(catalog: Catalog, recipe: Recipe, *, source: str = "", dequant=None) -> Plan:
+    problems: list[str] = []
+    warnings: list[str] = list(catalog.notices)
+    kept: list[tuple[str, str]] = []
+
+    inputs, split_notes = expand_inputs(catalog)
+    warnings.extend(split_notes)
+    by_name: dict[str, TensorInfo] = {}
+    for info in inputs:
+        if info.name in by_name:
+            problems.append(f"{info.name}: name clash between {by_name[info.name].file} and {info.file}")
+        by_name[info.name] = info
+
+    if dequant is not None:
+        # A quantized source: the dequantizer says which tensors become dense weights and which
+        # (scales, packed data) are consumed; see streamer/dequant.py.
+        by_name, consumed = dequant.plan_inputs(by_name)
+    else:
+        consumed = set()
+
+    # 1. decide what happens to every tensor
+    ops: dict[str, QuantOp] = {}
+    layouts: dict[str, dict] = {}
+    for name, info in by_name.items():
+        if name in consumed:
+            continue
+        module, _, param = name.rpartition(".")
+        if param != "weight" or module.endswith("norm"):
+            continue
+        matched = recipe.match(module)
+        if matched is None:
+            continue
+        group, scheme = matched
+        if len(info.shape) != 2:
+            kept.append((name, f"{len(info.shape)}-D, not a Linear weight"))
+            continue
+        src_dtype = dequant.dense_dtype(name) if dequant is not None else info.dtype
+        if src_dtype not in FLOAT_DTYPES:
+            problems.append(
+                f"{name}: dtype {src_dtype} is not a float weight (already quantized?); "
+                "ignore it with --ignore or convert a dense source"
+            )
+            continue
+        try:
+            layouts[name] = output_layout(info.shape, TORCH_DTYPES[src_dtype], scheme)
+        except ShapeError as e:
+            problems.append(f"{name}: {e}")
+            continue
+        ops[name] = QuantOp(tensor=name, module=module, group=group)
+
+    # 2. fused sets share a global scale and an output shard
+    fused_sets = _fused_sets(ops, recipe, by_name, dequant, warnings)
+    for fs in fused_sets:
+        for member in fs.members:
+            ops[member] = QuantOp(**{**ops[member].__dict__, "fused": fs.id})
+    shard_of = {name: (dequant.shard_of(name) if dequant else info.file) for name, info in by_name.items()}
+    for fs in fused_sets:
+        for member in fs.members:
+            shard_of[member] = fs.shard
+
+    # 3. output tensors, and clashes between them
+    outputs_of: dict[str, list[OutTensor]] = {}
+    produced: dict[str, str] = {}
+    for name, info in by_name.items():
+        if name in consumed:
+            continue
+        if name in ops:
+            base = name[: -len("weight")]
+            outs = [
+                OutTensor(base + suffix, ST_DTYPES[dt], tuple(shape), name)
+                for suffix, (dt, shape) in layouts[name].items()
+            ]
+        else:
+            dtype = dequant.dense_dtype(name) if dequant is not None else info.dtype
+            outs = [OutTensor(name, dtype, info.shape, name)]
+        for o in outs:
+            if o.name in produced:
+                problems.append(
+                    f"{o.name}: written twice (from {produced[o.name]} and {name}); the source "
+                    "already has a tensor with a quantized name: is it already quantized?"
+                )
+            produced[o.name] = name
+        outputs_of[name] = outs
+
+    if problems:
+        raise PlanError(problems)
+    if not ops:
+        warnings.append("no tensor matches the scheme: the output would be a copy of the source")
+
+    # 4. one job per output shard, in source shard order
+    jobs: dict[str, Job] = {s: Job(s, [], [], [], []) for s in catalog.shards}
+    for name, info in by_name.items():
+        if name in consumed:
+            continue
+        job = jobs[shard_of[name]]
+        job.inputs.extend(dequant.inputs_for(name) if dequant else [info])
+        if name in ops:
+            job.quantize.append(ops[name])
+        else:
+            job.passthrough.append(name)
+        job.outputs.extend(outputs_of[name])
+    for fs in fused_sets:
+        jobs[fs.shard].fused.append(fs.id)
+    for job in jobs.values():
+        # Widest dtypes first, as safetensors itself orders them, so every tensor is aligned.
+        job.outputs.sort(key=lambda o: (-DTYPE_SIZES[o.dtype], o.name))
+        job.inputs = list({(t.file, t.span.start, t.name): t for t in job.inputs}.values())
+        job.inputs.sort(key=lambda t: (t.file, t.span.start))
+    empty = [s for s, j in jobs.items() if not j.outputs]
+    for s in empty:
+        warnings.append(f"{s}: every tensor moved to its fused partners' shard; no output file")
+        del jobs[s]
+
+    return Plan(
+        source=source,
+        recipe=recipe,
+        catalog=catalog,
+        jobs=list(jobs.values()),
+        fused_sets=fused_sets,
+        kept_weights=kept,
+        warnings=warnings,
+        dequantizer=dequant,
+    )
+
+
+def _fused_sets(ops, recipe: Recipe, by_name, dequant, warnings: list[str]) -> list[FusedSet]:
+    """Group quantized weights that vLLM fuses, for schemes with a global scale."""
+    families: dict[tuple[str, tuple[str, ...], str], dict[str, str]] = defaultdict(dict)
+    for name, op in ops.items():
+        scheme = recipe.groups[op.group]
+        if not needs_global_scale(scheme):
+            continue
+        parent, _, leaf = op.module.rpartition(".")
+        fam = _FAMILY_OF.get(leaf)
+        if fam is not None:
+            families[(parent, fam, op.group)][leaf] = name
+
+    sets: list[FusedSet] = []
+    for (parent, fam, _group), members in sorted(families.items(), key=lambda kv: _natural(kv[0][0])):
+        present = tuple(members[leaf] for leaf in fam if leaf in members)
+        absent = [leaf for leaf in fam if leaf not in members]
+        if absent:
+            why = []
+            for leaf in absent:
+                t = f"{parent}.{leaf}.weight"
+                why.append(f"{leaf} ({'not quantized with this group' if t in by_name else 'not in the checkpoint'})")
+            warnings.append(
+                f"{parent}: fused partners {', '.join(why)}; the global scale is shared by "
+                f"{', '.join(leaf for leaf in fam if leaf in members)} only. vLLM fuses these "
+                "modules and needs them quantized alike"
+            )
+        if len(present) < 2:
+            continue
+        primary = present[0]
+        shard = dequant.shard_of(primary) if dequant else by_name[primary].file
+        sets.append(FusedSet(len(sets), "+".join(l for l in fam if l in members), parent, present, shard))
+    return sets
+
+
+def _natural(s: str):
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", s)]
+
+
+# --- rendering -------------------------------------------------------------------------------
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+def collapse_names(names: list[str]) -> list[str]:
+    """`model.layers.{0..31}.mlp.up_proj.weight` instead of 32 lines."""
+    groups: dict[str, list[tuple[int, ...]]] = defaultdict(list)
+    for n in names:
+        nums = tuple(int(x) for x in re.findall(r"(?<=\.)\d+(?=\.|$)", n))
+        pattern = re.sub(r"(?<=\.)\d+(?=\.|$)", "{}", n)
+        groups[pattern].append(nums)
+    out = []
+    for pattern, nums in groups.items():
+        if not nums[0]:
+            out.append(pattern)
+            continue
+        slots = []
+        for i in range(len(nums[0])):
+            vals = sorted({t[i] for t in nums})
+            slots.append(_ranges(vals))
+        out.append(pattern.format(*slots) + (f"  ({len(nums)})" if len(nums) > 1 else ""))
+    return sorted(out, key=_natural)
+
+
+def _ranges(vals: list[int]) -> str:
+    if len(vals) == 1:
+        return str(vals[0])
+    if vals == list(range(vals[0], vals[-1] + 1)):
+        return f"{{{vals[0]}..{vals[-1]}}}"
+    return "{" + ",".join(map(str, vals)) + "}"
+
+
+def render(plan: Plan) -> str:
+    lines = [
+        f"plan: {plan.source or '(source)'} with {plan.recipe.name}",
+        f"  {len(plan.jobs)} output shard(s), {plan.n_quantized} weights quantized, "
+        f"{human_bytes(plan.bytes_in)} read -> {human_bytes(plan.bytes_out)} written",
+    ]
+    if plan.dequant:
+        lines.append(f"  dequantize: {plan.dequant}")
+    if plan.recipe.ignore:
+        lines.append(f"  ignore: {', '.join(plan.recipe.ignore)}")
+    for job in plan.jobs:
+        lines.append("")
+        lines.append(
+            f"{job.shard}: {human_bytes(job.bytes_in)} in -> {human_bytes(job.bytes_out)} out, "
+            f"{len(job.quantize)} quantized, {len(job.passthrough)} passed through"
+        )
+        if job.quantize:
+            lines.append("  quantize:")
+            lines += [f"    {n}" for n in collapse_names([q.tensor for q in job.quantize])]
+        if job.passthrough:
+            lines.append("  pass through:")
+            lines += [f"    {n}" for n in collapse_names(job.passthrough)]
+        foreign = sorted({t.file for t in job.inputs} - {job.shard})
+        if foreign:
+            lines.append(f"  also reads from: {', '.join(foreign)}")
+    if plan.fused_sets:
+        lines.append("")
+        lines.append(f"fused sets sharing a global scale ({len(plan.fused_sets)}):")
+        by_family: dict[str, list[str]] = defaultdict(list)
+        for fs in plan.fused_sets:
+            by_family[fs.family].append(fs.parent)
+        for fam, parents in by_family.items():
+            for p in collapse_names(parents):
+                lines.append(f"  {fam} under {p}")
+    if plan.kept_weights:
+        lines.append("")
+        lines.append("weights kept as they are:")
+        for name, why in plan.kept_weights:
+            lines.append(f"  {name}: {why}")
+    if plan.warnings:
+        lines.append("")
+        lines.append("warnings:")
+        lines += [f"  {w}" for w in plan.warnings]
+    return "\n".join(lines)
+
+
+def plan_summary(plan: Plan) -> dict:
+    """Plain data for the UI and --json."""
+    return {
+        "source": plan.source,
+        "scheme": plan.recipe.name,
+        "ignore": plan.recipe.ignore,
+        "bytes_in": plan.bytes_in,
+        "bytes_out": plan.bytes_out,
+        "quantized": plan.n_quantized,
+        "dequant": plan.dequant,
+        "shards": [
+            {
+                "shard": j.shard,
+                "bytes_in": j.bytes_in,
+                "bytes_out": j.bytes_out,
+                "quantized": [q.tensor for q in j.quantize],
+                "passthrough": j.passthrough,
+            }
+            for j in plan.jobs
+        ],
+        "fused_sets": [{"family": f.family, "parent": f.parent, "members": list(f.members)} for f in plan.fused_sets],
+        "kept": [{"tensor": n, "why": w} for n, w in plan.kept_weights],
+        "warnings": plan.warnings,
+    }

@@ -1,0 +1,745 @@
+"""The quantization math: one 2-D Linear weight in, the compressed-tensors tensors out.
+
+Small pure functions, vectorized torch, device-agnostic (everything stays on the weight's device).
+The output is byte-identical to what llm-compressor's ``model_free_ptq`` writes (an ``nn.Linear``
+per weight, ``initialize_module_for_quantization``, a memoryless min-max observer,
+``calculate_qparams`` and ``compress_module``), without building modules or observers:
+
+* the statistics (per tensor / channel / group / block absolute max, or min and max for
+  asymmetric schemes) are one chunked reduction over the weight;
+* the scale / zero-point math on those small tensors is compressed-tensors' own
+  ``calculate_qparams`` / ``generate_gparam``, so every dtype and rounding subtlety is the
+  library's by construction (the scale is computed in the weight's dtype, then stored in it);
+* the elementwise part runs over row chunks (cache-sized on CPU) with the reference's eager
+  semantics: ``w / scale`` is computed in the promoted dtype of weight and scale (the weight's
+  dtype for every scheme except TENSOR_GROUP, where the fp32 global scale makes it fp32), then
+  clamped and rounded (``torch.round``: half to even; FP8: the dtype cast, nearest-even);
+* FP4 / FP6 values are encoded with a 65536-entry table indexed by the 16-bit pattern of the
+  scaled value (bf16 or fp16; an fp32 value is first narrowed to bf16 with round-to-odd, which
+  keeps the later nearest-even rounding exact), then packed two nibbles per byte (FP4) or four
+  6-bit codes per three bytes (FP6); integers are packed densely into int32 words.
+
+Public API: :func:`compression_format`, :func:`output_layout`, :func:`needs_global_scale`,
+:func:`global_scale`, :func:`quantize_weight`, :func:`dequantize_weight`, :class:`ShapeError`.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from compressed_tensors.config import CompressionFormat
+from compressed_tensors.quantization import (
+    QuantizationArgs,
+    QuantizationScheme,
+    QuantizationStrategy,
+    QuantizationType,
+)
+from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
+
+__all__ = [
+    "ShapeError",
+    "compression_format",
+    "output_layout",
+    "needs_global_scale",
+    "global_scale",
+    "quantize_weight",
+    "dequantize_weight",
+]
+
+
+class ShapeError(ValueError):
+    """A weight's shape cannot be quantized with a scheme (raised before any byte is read)."""
+
+
+# formats this module writes, by compressed-tensors' CompressionFormat value
+_NAIVE = CompressionFormat.naive_quantized.value  # "naive-quantized"
+_INT = CompressionFormat.int_quantized.value  # "int-quantized"
+_FLOAT = CompressionFormat.float_quantized.value  # "float-quantized"
+_PACK = CompressionFormat.pack_quantized.value  # "pack-quantized"
+_NVFP4 = CompressionFormat.nvfp4_pack_quantized.value  # "nvfp4-pack-quantized"
+_MXFP4 = CompressionFormat.mxfp4_pack_quantized.value  # "mxfp4-pack-quantized"
+_MXFP8 = CompressionFormat.mxfp8_quantized.value  # "mxfp8-quantized"
+_MXFP6 = getattr(CompressionFormat, "mxfp6_pack_quantized", None)
+_MXFP6 = _MXFP6.value if _MXFP6 is not None else "mxfp6-pack-quantized"
+
+_UNPACKED_FORMATS = (_NAIVE, _INT, _FLOAT, _MXFP8)  # "weight" in the quantized dtype
+_FP4_FORMATS = (_NVFP4, _MXFP4)
+_SUPPORTED_FORMATS = (*_UNPACKED_FORMATS, _PACK, *_FP4_FORMATS, _MXFP6)
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_MINMAX_OBSERVERS = (None, "minmax", "static_minmax", "memoryless_minmax")
+
+# elements per row chunk of the elementwise pass on CPU: small enough to stay in cache, large
+# enough that per-op overhead does not matter; accelerators take the whole tensor at once
+_CPU_CHUNK = 1 << 19
+_GPU_CHUNK = 1 << 28
+
+
+# ----------------------------------------------------------------------------------------------
+# scheme → spec
+# ----------------------------------------------------------------------------------------------
+
+
+def compression_format(scheme: QuantizationScheme) -> str:
+    """The CompressionFormat value compress_module uses for an nn.Linear with this scheme."""
+    if scheme.format is not None:
+        return CompressionFormat(scheme.format).value
+    from compressed_tensors.compressors.format import infer_module_format
+
+    return CompressionFormat(infer_module_format(torch.nn.Linear, scheme)).value
+
+
+@dataclass(frozen=True)
+class _Spec:
+    fmt: str
+    args: QuantizationArgs
+    strategy: str
+    num_bits: int
+    is_float: bool
+    symmetric: bool
+    group_size: int | None
+    block: tuple[int, int] | None
+    tensor_group: bool
+
+    @property
+    def uses_global_scale_in_quantize(self) -> bool:
+        # NVFP4/MXFP4 compressors pass the global scale to quantize; the others ignore it
+        return self.tensor_group and self.fmt in _FP4_FORMATS
+
+
+def _spec(scheme: QuantizationScheme) -> _Spec:
+    args = scheme.weights
+    if args is None:
+        raise ValueError("scheme has no weight quantization (scheme.weights is None)")
+    if args.dynamic is not False:
+        raise ValueError(f"dynamic weight quantization (dynamic={args.dynamic!r}) writes no scales")
+    if args.observer not in _MINMAX_OBSERVERS:
+        raise ValueError(
+            f"weight observer {args.observer!r} is not supported: only the min-max observer is "
+            "data-free and deterministic (leave `observer` unset)"
+        )
+    fmt = compression_format(scheme)
+    if fmt not in _SUPPORTED_FORMATS:
+        raise ValueError(f"compression format {fmt!r} is not supported (expected one of {_SUPPORTED_FORMATS})")
+    strategy = QuantizationStrategy(args.strategy).value
+    if strategy in (QuantizationStrategy.TOKEN.value, QuantizationStrategy.ATTN_HEAD.value):
+        raise ValueError(f"strategy {strategy!r} cannot be applied to weights")
+    is_float = QuantizationType(args.type) == QuantizationType.FLOAT
+    bits = int(args.num_bits)
+    if is_float and bits not in (4, 6, 8):
+        raise ValueError(f"float quantization with num_bits={bits} is not supported (4, 6 or 8)")
+    if is_float and bits in (4, 6) and not args.symmetric:
+        raise ValueError(f"asymmetric FP{bits} quantization is not supported by compressed-tensors")
+    if not is_float and not 1 <= bits <= 8:
+        raise ValueError(f"integer quantization with num_bits={bits} is not supported (1..8)")
+    if fmt == _PACK and is_float:
+        raise ValueError("pack-quantized format holds integer weights only")
+    if fmt in _FP4_FORMATS and not (is_float and bits == 4):
+        raise ValueError(f"{fmt} holds FP4 weights only")
+    if fmt == _MXFP6 and not (is_float and bits == 6):
+        raise ValueError(f"{fmt} holds FP6 weights only")
+    if fmt in _UNPACKED_FORMATS and is_float and bits != 8:
+        raise ValueError(f"{fmt} cannot hold FP{bits} weights (use a packed format)")
+    if fmt == _MXFP8 and not (is_float and bits == 8):
+        raise ValueError(f"{fmt} holds FP8 weights only")
+    block = tuple(int(v) for v in args.block_structure) if args.block_structure is not None else None
+    if strategy == QuantizationStrategy.BLOCK.value and (block is None or len(block) != 2):
+        raise ValueError("block strategy needs a block_structure [rows, cols]")
+    gs = int(args.group_size) if args.group_size is not None else None
+    if strategy in (QuantizationStrategy.GROUP.value, QuantizationStrategy.TENSOR_GROUP.value):
+        if gs is None or gs <= 0:
+            raise ValueError(f"{strategy} strategy needs a positive group_size")
+    return _Spec(
+        fmt=fmt,
+        args=args,
+        strategy=strategy,
+        num_bits=bits,
+        is_float=is_float,
+        symmetric=bool(args.symmetric),
+        group_size=gs,
+        block=block,
+        tensor_group=strategy == QuantizationStrategy.TENSOR_GROUP.value,
+    )
+
+
+def needs_global_scale(scheme: QuantizationScheme) -> bool:
+    """TENSOR_GROUP strategy (NVFP4 style): a fp32 global scale shared by fused weights."""
+    w = scheme.weights
+    return w is not None and QuantizationStrategy(w.strategy) == QuantizationStrategy.TENSOR_GROUP
+
+
+def _scheme_label(spec: _Spec) -> str:
+    if spec.strategy in ("group", "tensor_group"):
+        return f"{spec.strategy} quantization with group_size {spec.group_size}"
+    if spec.strategy == "block":
+        return f"block quantization with block_structure {list(spec.block)}"
+    return f"{spec.strategy} quantization"
+
+
+def _scale_shape(spec: _Spec, shape: tuple[int, ...]) -> tuple[int, ...]:
+    if len(shape) != 2:
+        raise ShapeError(
+            f"weight of shape {list(shape)} is not 2-D; only Linear weights (out, in) can be "
+            "quantized: ignore this module with --ignore"
+        )
+    rows, cols = shape
+    if rows <= 0 or cols <= 0:
+        raise ShapeError(f"weight of shape {list(shape)} is empty: ignore this module with --ignore")
+    s = spec.strategy
+    if s == "tensor":
+        return (1,)
+    if s == "channel":
+        return (rows, 1)
+    if s in ("group", "tensor_group"):
+        gs = spec.group_size
+        if cols % gs:
+            raise ShapeError(
+                f"weight of shape {list(shape)}: in_features {cols} is not divisible by "
+                f"group_size {gs} ({_scheme_label(spec)}); ignore this module with --ignore "
+                f"or use a scheme whose group size divides {cols}"
+            )
+        return (rows, cols // gs)
+    if s == "block":
+        bh, bw = spec.block
+        return (-(-rows // bh), -(-cols // bw))
+    raise ValueError(f"unsupported strategy {s!r}")
+
+
+def _param_dtype(dtype: torch.dtype) -> torch.dtype:
+    # initialize_qparams: scales are stored in the weight's dtype when it is a float dtype
+    return dtype if dtype in _FLOAT_DTYPES else torch.float16
+
+
+def output_layout(
+    shape: Sequence[int], dtype: torch.dtype, scheme: QuantizationScheme
+) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """suffix -> (dtype, shape) of what :func:`quantize_weight` returns, computing nothing.
+
+    Raises :class:`ShapeError` when a weight of this shape cannot be quantized by the scheme.
+    """
+    spec = _spec(scheme)
+    shape = tuple(int(v) for v in shape)
+    sshape = _scale_shape(spec, shape)
+    rows, cols = shape
+    pdt = _param_dtype(dtype)
+    args = spec.args
+    out: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    if spec.fmt in _UNPACKED_FORMATS:
+        out["weight"] = (args.pytorch_dtype(), shape)
+    elif spec.fmt == _PACK:
+        out["weight_packed"] = (torch.int32, (rows, -(-cols * spec.num_bits // 32)))
+    elif spec.fmt in _FP4_FORMATS:
+        if cols % 2:
+            raise ShapeError(
+                f"weight of shape {list(shape)}: in_features {cols} must be even to pack FP4 "
+                "values two per byte; ignore this module with --ignore"
+            )
+        out["weight_packed"] = (torch.uint8, (rows, cols // 2))
+    elif spec.fmt == _MXFP6:
+        if cols % 4:
+            raise ShapeError(
+                f"weight of shape {list(shape)}: in_features {cols} must be a multiple of 4 to "
+                "pack FP6 values; ignore this module with --ignore"
+            )
+        out["weight_packed"] = (torch.uint8, (rows, cols * 3 // 4))
+
+    if spec.fmt == _NVFP4:
+        out["weight_scale"] = (args.scale_dtype or torch.float8_e4m3fn, sshape)
+    elif spec.fmt in (_MXFP4, _MXFP6, _MXFP8):
+        out["weight_scale"] = (args.scale_dtype or torch.uint8, sshape)
+    else:
+        out["weight_scale"] = (pdt, sshape)
+
+    if not spec.symmetric:
+        if spec.fmt == _PACK and spec.strategy in ("group", "channel"):
+            out["weight_zero_point"] = (torch.int32, (-(-rows * spec.num_bits // 32), sshape[1]))
+        else:
+            out["weight_zero_point"] = (args.zp_dtype, sshape)
+    if spec.tensor_group:
+        out["weight_global_scale"] = (torch.float32, (1,))
+    if spec.fmt == _PACK:
+        out["weight_shape"] = (torch.int64, (2,))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# statistics
+# ----------------------------------------------------------------------------------------------
+
+_INT_VIEW = {
+    torch.float16: (torch.int16, 0x7FFF),
+    torch.bfloat16: (torch.int16, 0x7FFF),
+    torch.float32: (torch.int32, 0x7FFFFFFF),
+    torch.float64: (torch.int64, 0x7FFFFFFFFFFFFFFF),
+}
+
+
+def _chunk_rows(rows: int, cols: int, device: torch.device, align: int = 1) -> int:
+    target = _GPU_CHUNK if device.type != "cpu" else _CPU_CHUNK
+    n = max(1, target // max(cols, 1))
+    n = max(align, n // align * align)
+    return min(n, -(-rows // align) * align)
+
+
+def _row_chunks(rows: int, step: int) -> Iterator[tuple[int, int]]:
+    for r0 in range(0, rows, step):
+        yield r0, min(rows, r0 + step)
+
+
+def _abs_max(w: torch.Tensor, spec: _Spec) -> torch.Tensor:
+    """Per tensor / channel / group / block max |w|, in w's dtype, shaped like the scale.
+
+    Equals the observer's max(|min(min_vals, 0)|, |max(max_vals, 0)|) exactly: |x| of a float
+    is its bit pattern without the sign bit, and non-negative floats order like those integers.
+    """
+    rows, cols = w.shape
+    ity, mask = _INT_VIEW[w.dtype]
+    wi = w.view(ity)
+    s = spec.strategy
+    if s == "tensor":
+        return torch.amax(wi & mask).reshape(1).view(w.dtype)
+    if s == "channel":
+        return torch.amax(wi & mask, dim=1, keepdim=True).view(w.dtype)
+    if s in ("group", "tensor_group"):
+        gs = spec.group_size
+        ng = cols // gs
+        out = torch.empty((rows, ng), dtype=ity, device=w.device)
+        step = _chunk_rows(rows, cols, w.device)
+        buf = None
+        for r0, r1 in _row_chunks(rows, step):
+            src = wi[r0:r1]
+            if buf is None or buf.shape[0] != r1 - r0:
+                buf = torch.empty_like(src)
+            torch.bitwise_and(src, mask, out=buf)
+            torch.amax(buf.view(r1 - r0, ng, gs), dim=-1, out=out[r0:r1])
+        return out.view(w.dtype)
+    if s == "block":
+        bh, bw = spec.block
+        nbr, nbc = -(-rows // bh), -(-cols // bw)
+        a = wi & mask
+        # max over the rows of each block row, then over the columns of each block column
+        full = rows // bh
+        parts = []
+        if full:
+            parts.append(torch.amax(a[: full * bh].view(full, bh, cols), dim=1))
+        if rows % bh:
+            parts.append(torch.amax(a[full * bh :], dim=0, keepdim=True))
+        r = torch.cat(parts) if len(parts) > 1 else parts[0]  # (nbr, cols)
+        fullc = cols // bw
+        parts = []
+        if fullc:
+            parts.append(torch.amax(r[:, : fullc * bw].reshape(nbr, fullc, bw), dim=-1))
+        if cols % bw:
+            parts.append(torch.amax(r[:, fullc * bw :], dim=1, keepdim=True))
+        out = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        return out.contiguous().view(w.dtype).reshape(nbr, nbc)
+    raise ValueError(f"unsupported strategy {s!r}")
+
+
+def _min_max(w: torch.Tensor, spec: _Spec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per tensor / channel / group / block (min, max) as the observer computes them."""
+    rows, cols = w.shape
+    s = spec.strategy
+    if s == "tensor":
+        return w.amin().reshape(1), w.amax().reshape(1)
+    if s == "channel":
+        return w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
+    if s in ("group", "tensor_group"):
+        g = w.view(rows, cols // spec.group_size, spec.group_size)
+        return g.amin(dim=-1), g.amax(dim=-1)
+    if s == "block":
+        bh, bw = spec.block
+        pr, pc = (-rows) % bh, (-cols) % bw
+        # zero padding as the observer does (it cannot change min(·, 0) / max(·, 0))
+        p = torch.nn.functional.pad(w, (0, pc, 0, pr)) if pr or pc else w
+        nbr, nbc = p.shape[0] // bh, p.shape[1] // bw
+        b = p.reshape(nbr, bh, nbc, bw)
+        return b.amin(dim=(1, 3)), b.amax(dim=(1, 3))
+    raise ValueError(f"unsupported strategy {s!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# global scale and qparams
+# ----------------------------------------------------------------------------------------------
+
+
+def _tensor_abs_max(w: torch.Tensor) -> torch.Tensor:
+    ity, mask = _INT_VIEW[w.dtype]
+    return torch.amax(w.contiguous().view(ity) & mask).view(w.dtype)
+
+
+def global_scale(weights: Sequence[torch.Tensor], scheme: QuantizationScheme) -> torch.Tensor:
+    """The fp32 (1,) global scale shared by a fused set (q/k/v, gate/up, ...).
+
+    As the reference's observer: the max |w| over every member (in the weights' dtype, promoted
+    like torch.max when members differ), then compressed-tensors' generate_gparam
+    (448 · 6 / amax in that dtype, zero → 1.0), stored as float32.
+    """
+    if not weights:
+        raise ValueError("global_scale needs at least one weight")
+    amax = None
+    for w in weights:
+        if w.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"cannot quantize a {w.dtype} weight (expected a float dtype)")
+        m = _tensor_abs_max(w)
+        amax = m if amax is None else torch.maximum(amax, m.to(amax.device))
+    amax = amax.reshape(1)
+    return generate_gparam(-amax, amax)
+
+
+def _qparams(
+    spec: _Spec, w: torch.Tensor, gscale: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight_scale, weight_zero_point or None) as the module parameters hold them."""
+    if spec.symmetric:
+        amax = _abs_max(w, spec)
+        mins, maxs = -amax, amax
+    else:
+        mins, maxs = _min_max(w, spec)
+    scale, zp = calculate_qparams(mins, maxs, spec.args, global_scale=gscale)
+    # update_offload_parameter copies into parameters created in the weight's dtype (scale)
+    # and in zp_dtype (zero point)
+    scale = scale.to(_param_dtype(w.dtype))
+    if spec.symmetric:
+        return scale, None
+    return scale, zp.to(spec.args.zp_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# FP4 / FP6 code tables
+# ----------------------------------------------------------------------------------------------
+
+_LUTS: dict[tuple[str, torch.dtype, str], torch.Tensor] = {}
+
+
+def _fp4_nibbles(v: torch.Tensor) -> torch.Tensor:
+    """compressed-tensors' cast_to_fp4 + pack_fp4_to_uint8 nibble for each value (exact).
+
+    Clamp to ±6, round to nearest even on {0, .5, 1, 1.5, 2, 3, 4, 6}; the sign bit (bit 3) is set
+    when the value is < 0 (so -0.0 gives +0, a tiny negative gives -0).
+    """
+    a = v.abs()
+    code = (
+        (a > 0.25).to(torch.uint8)
+        + (a >= 0.75)
+        + (a > 1.25)
+        + (a >= 1.75)
+        + (a > 2.5)
+        + (a >= 3.5)
+        + (a > 5.0)
+    ).to(torch.uint8)
+    return code | ((v < 0).to(torch.uint8) << 3)
+
+
+# E2M3 magnitudes in code order (compressed-tensors' kE2M3ToFloat)
+_E2M3 = [m / 8 for m in range(8)] + [(1 + m / 8) * 2**e for e in range(3) for m in range(8)]
+
+
+def _fp6_codes(v: torch.Tensor) -> torch.Tensor:
+    """compressed-tensors' clamp(±7.5) + cast_to_fp6 + pack code for each value (exact).
+
+    Nearest even on the E2M3 grid; the sign bit (bit 5) is the sign bit of the value, so -0.0
+    and tiny negatives give 0x20.
+    """
+    x = v.float().clamp(-7.5, 7.5)
+    a = x.abs()
+    exp = (((a.view(torch.int32) >> 23) & 0xFF) - 127).clamp(min=0)
+    step = torch.exp2(exp - 3.0)
+    r = torch.round(a / step).mul_(step).clamp_(max=7.5)
+    table = torch.tensor(_E2M3, dtype=torch.float32, device=v.device)
+    code = torch.searchsorted(table, r).to(torch.uint8)
+    return code | (torch.signbit(x).to(torch.uint8) << 5)
+
+
+def _lut(kind: str, key_dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    k = (kind, key_dtype, str(device))
+    t = _LUTS.get(k)
+    if t is None:
+        vals = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(key_dtype).float()
+        t = (_fp4_nibbles(vals) if kind == "fp4" else _fp6_codes(vals)).to(device)
+        _LUTS[k] = t
+    return t
+
+
+def _key16(v: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
+    """A non-negative int32 16-bit key of each value and the dtype those 16 bits encode.
+
+    bf16 / fp16 values are their own bit pattern; fp32 values are narrowed to bf16 with
+    round-to-odd (truncate, then set the last bit if anything nonzero was dropped). bf16 keeps
+    8 bits of precision and FP4/FP6 need at most 4, so nearest-even rounding of the narrowed
+    value lands where rounding of the fp32 value does (the classic round-to-odd argument), the
+    sign survives, and a nonzero value never becomes zero.
+    """
+    if v.dtype in (torch.bfloat16, torch.float16):
+        return v.view(torch.int16).to(torch.int32).bitwise_and_(0xFFFF), v.dtype
+    if v.dtype != torch.float32:
+        v = v.float()  # float64: only reached by the generic path below
+    u = v.view(torch.int32)
+    sticky = torch.bitwise_and(u, 0xFFFF).clamp_(max=1)
+    key = torch.bitwise_right_shift(u, 16).bitwise_or_(sticky).bitwise_and_(0xFFFF)
+    return key, torch.bfloat16
+
+
+def _encode(v: torch.Tensor, kind: str) -> torch.Tensor:
+    """FP4 nibble / FP6 code (uint8) of each value of v (any shape), same shape."""
+    if v.dtype == torch.float64:
+        return _fp4_nibbles(v) if kind == "fp4" else _fp6_codes(v)
+    key, kdt = _key16(v.contiguous())
+    return torch.index_select(_lut(kind, kdt, v.device), 0, key.view(-1)).view(v.shape)
+
+
+def _pack_nibbles(n: torch.Tensor) -> torch.Tensor:
+    """(rows, 2k) uint8 values < 16 -> (rows, k) bytes, even column in the low nibble."""
+    rows, cols = n.shape
+    if sys.byteorder == "little":
+        w = n.contiguous().view(torch.int16)
+        return torch.bitwise_or(w, torch.bitwise_right_shift(w, 4)).to(torch.uint8).view(rows, cols // 2)
+    p = n.view(rows, cols // 2, 2)
+    return p[..., 0] | (p[..., 1] << 4)
+
+
+def _pack_fp6(c: torch.Tensor) -> torch.Tensor:
+    """(rows, 4k) 6-bit codes -> (rows, 3k) bytes, four codes little-endian in three bytes."""
+    rows, cols = c.shape
+    c = c.view(rows, cols // 4, 4).to(torch.int32)
+    word = c[..., 0] | (c[..., 1] << 6) | (c[..., 2] << 12) | (c[..., 3] << 18)
+    packed = torch.stack([word, word >> 8, word >> 16], dim=-1) & 0xFF
+    return packed.to(torch.uint8).reshape(rows, cols * 3 // 4)
+
+
+# ----------------------------------------------------------------------------------------------
+# integer packing (compressed-tensors' pack_to_int32 layout: element i at bit i·bits, dense)
+# ----------------------------------------------------------------------------------------------
+
+
+def _pack_int32(u: torch.Tensor, bits: int) -> torch.Tensor:
+    """(rows, cols) uint8 offset values (q + 2^(bits-1)) -> (rows, ceil(cols·bits/32)) int32."""
+    rows, cols = u.shape
+    words = -(-cols * bits // 32)
+    if sys.byteorder != "little":  # pragma: no cover - the library's packer is layout-agnostic
+        from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+        return pack_to_int32((u.to(torch.int32) - (1 << (bits - 1))).to(torch.int8), bits)
+    if bits in (8, 4, 2, 1):
+        per = 8 // bits  # values per byte
+        pad = (-cols) % (4 * per)
+        if pad:
+            u = torch.nn.functional.pad(u, (0, pad))
+        if bits == 8:
+            b = u.contiguous()
+        elif bits == 4:
+            b = _pack_nibbles(u)
+        else:
+            g = u.view(rows, -1, per).to(torch.int32)
+            acc = g[..., 0].clone()
+            for j in range(1, per):
+                acc |= g[..., j] << (bits * j)
+            b = acc.to(torch.uint8)
+        return b.contiguous().view(torch.int32)[:, :words]
+    # 3, 5, 6, 7 bits: eight values fill `bits` bytes exactly
+    pad = (-cols) % 32
+    if pad:
+        u = torch.nn.functional.pad(u, (0, pad))
+    g = u.view(rows, -1, 8).to(torch.int64)
+    acc = g[..., 0].clone()
+    for j in range(1, 8):
+        acc |= g[..., j] << (bits * j)
+    b = acc.view(torch.uint8).view(rows, -1, 8)[..., :bits]
+    return b.reshape(rows, -1).view(torch.int32)[:, :words]
+
+
+# ----------------------------------------------------------------------------------------------
+# quantize
+# ----------------------------------------------------------------------------------------------
+
+
+class _Chunk:
+    """One row slice of the weight with its scale / zero point broadcast to it."""
+
+    __slots__ = ("r0", "r1", "x", "s", "z")
+
+    def __init__(self, r0, r1, x, s, z):
+        self.r0, self.r1, self.x, self.s, self.z = r0, r1, x, s, z
+
+
+def _chunks(w: torch.Tensor, spec: _Spec, scale: torch.Tensor, zp: torch.Tensor | None) -> Iterator[_Chunk]:
+    """Row chunks of w viewed so that ``x / s`` broadcasts like compressed-tensors' quantize."""
+    rows, cols = w.shape
+    s = spec.strategy
+    if s == "block":
+        bh, bw = spec.block
+        # scale (nbr, nbc) -> (nbr, cols): each block's scale repeated over its columns
+        sc = scale.repeat_interleave(bw, dim=1)[:, :cols]
+        zc = zp.repeat_interleave(bw, dim=1)[:, :cols] if zp is not None else None
+        step = _chunk_rows(rows, cols, w.device, align=bh)
+        for r0, r1 in _row_chunks(rows, step):
+            b0 = r0 // bh
+            n_full = (r1 - r0) // bh
+            if n_full:
+                e = r0 + n_full * bh
+                yield _Chunk(
+                    r0, e,
+                    w[r0:e].view(n_full, bh, cols),
+                    sc[b0 : b0 + n_full].unsqueeze(1),
+                    zc[b0 : b0 + n_full].unsqueeze(1) if zc is not None else None,
+                )
+                r0, b0 = e, b0 + n_full
+            if r0 < r1:  # partial last block row
+                yield _Chunk(
+                    r0, r1, w[r0:r1], sc[b0 : b0 + 1], zc[b0 : b0 + 1] if zc is not None else None
+                )
+        return
+    step = _chunk_rows(rows, cols, w.device)
+    for r0, r1 in _row_chunks(rows, step):
+        x = w[r0:r1]
+        if s in ("group", "tensor_group"):
+            gs = spec.group_size
+            x = x.view(r1 - r0, cols // gs, gs)
+            yield _Chunk(r0, r1, x, scale[r0:r1].unsqueeze(-1), zp[r0:r1].unsqueeze(-1) if zp is not None else None)
+        elif s == "channel":
+            yield _Chunk(r0, r1, x, scale[r0:r1], zp[r0:r1] if zp is not None else None)
+        else:  # tensor
+            yield _Chunk(r0, r1, x, scale, zp)
+
+
+def _scaled(c: _Chunk, spec: _Spec, gscale: torch.Tensor | None) -> torch.Tensor:
+    """clamp(x / scale (+ zp)) in the promoted dtype, as compressed-tensors' eager _quantize."""
+    s = c.s
+    if gscale is not None:
+        s = s / gscale
+    v = c.x / s
+    if c.z is not None:
+        v += c.z.to(c.x.dtype)
+    return v
+
+
+def _q_range(spec: _Spec) -> tuple[float, float]:
+    if spec.is_float:
+        return {8: (-448.0, 448.0), 6: (-7.5, 7.5), 4: (-6.0, 6.0)}[spec.num_bits]
+    half = 2.0 ** spec.num_bits / 2
+    return -half, half - 1
+
+
+def quantize_weight(
+    weight: torch.Tensor, scheme: QuantizationScheme, global_scale: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Quantize and compress one 2-D Linear weight -> suffix -> tensor (on weight's device).
+
+    Suffixes replace ``weight`` in ``<module>.weight``; see :func:`output_layout`. For
+    TENSOR_GROUP schemes pass the fused set's :func:`global_scale` (None: this weight alone).
+    """
+    spec = _spec(scheme)
+    if weight.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"cannot quantize a {weight.dtype} weight (expected a float dtype)")
+    layout = output_layout(tuple(weight.shape), weight.dtype, scheme)
+    w = weight.detach()
+    if not w.is_contiguous():
+        w = w.contiguous()
+    dev = w.device
+    rows, cols = w.shape
+
+    gscale = None
+    if spec.tensor_group:
+        if global_scale is None:
+            gscale = _global_scale_one(w)
+        else:
+            gscale = global_scale.detach().to(device=dev, dtype=torch.float32).reshape(1)
+    scale, zp = _qparams(spec, w, gscale)
+    q_gscale = gscale if spec.uses_global_scale_in_quantize else None
+
+    out: dict[str, torch.Tensor] = {}
+    qmin, qmax = _q_range(spec)
+    if spec.fmt in _UNPACKED_FORMATS:
+        q = torch.empty((rows, cols), dtype=spec.args.pytorch_dtype(), device=dev)
+        for c in _chunks(w, spec, scale, zp):
+            v = _scaled(c, spec, q_gscale).clamp_(qmin, qmax)
+            if not spec.is_float:
+                v = v.round_()
+            q[c.r0 : c.r1].view(v.shape).copy_(v)
+        out["weight"] = q
+    elif spec.fmt == _PACK:
+        bits = spec.num_bits
+        off = float(1 << (bits - 1))
+        words = -(-cols * bits // 32)
+        q = torch.empty((rows, words), dtype=torch.int32, device=dev)
+        for c in _chunks(w, spec, scale, zp):
+            v = _scaled(c, spec, q_gscale).clamp_(qmin, qmax).round_().add_(off)
+            u = v.to(torch.uint8).view(c.r1 - c.r0, cols)
+            q[c.r0 : c.r1] = _pack_int32(u, bits)
+        out["weight_packed"] = q
+    elif spec.fmt in _FP4_FORMATS:
+        q = torch.empty((rows, cols // 2), dtype=torch.uint8, device=dev)
+        for c in _chunks(w, spec, scale, zp):
+            v = _scaled(c, spec, q_gscale)  # clamping to ±6 is part of the code table
+            q[c.r0 : c.r1] = _pack_nibbles(_encode(v, "fp4").view(c.r1 - c.r0, cols))
+        out["weight_packed"] = q
+    else:  # MXFP6
+        q = torch.empty((rows, cols * 3 // 4), dtype=torch.uint8, device=dev)
+        for c in _chunks(w, spec, scale, zp):
+            v = _scaled(c, spec, q_gscale)  # clamping to ±7.5 is part of the code table
+            q[c.r0 : c.r1] = _pack_fp6(_encode(v, "fp6").view(c.r1 - c.r0, cols))
+        out["weight_packed"] = q
+
+    args = spec.args
+    if spec.fmt == _NVFP4:
+        out["weight_scale"] = scale.to(args.scale_dtype or torch.float8_e4m3fn)
+    elif spec.fmt in (_MXFP4, _MXFP6, _MXFP8):
+        # compress_mx_scale: the E8M0 exponent, 127 + floor(log2(scale))
+        exp = 127 + torch.floor(torch.log2(scale)).to(torch.int32)
+        out["weight_scale"] = exp.to(args.scale_dtype or torch.uint8)
+    else:
+        out["weight_scale"] = scale
+    if zp is not None:
+        if spec.fmt == _PACK and spec.strategy in ("group", "channel"):
+            from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+            out["weight_zero_point"] = pack_to_int32(zp, spec.num_bits, packed_dim=0).contiguous()
+        else:
+            out["weight_zero_point"] = zp
+    if spec.tensor_group:
+        out["weight_global_scale"] = gscale
+    if spec.fmt == _PACK:
+        out["weight_shape"] = torch.tensor([rows, cols], dtype=torch.int64, device=dev)
+
+    for k, (dt, shp) in layout.items():  # cheap self-check against the promised layout
+        t = out[k]
+        if t.dtype != dt or tuple(t.shape) != shp:
+            raise AssertionError(f"internal error: {k} is {t.dtype}{list(t.shape)}, expected {dt}{list(shp)}")
+    return {k: (t if t.is_contiguous() else t.contiguous()) for k, t in out.items()}
+
+
+def _global_scale_one(w: torch.Tensor) -> torch.Tensor:
+    amax = _tensor_abs_max(w).reshape(1)
+    return generate_gparam(-amax, amax)
+
+
+# ----------------------------------------------------------------------------------------------
+# dequantize
+# ----------------------------------------------------------------------------------------------
+
+
+def dequantize_weight(
+    tensors: dict[str, torch.Tensor], scheme: QuantizationScheme, dtype: torch.dtype
+) -> torch.Tensor:
+    """The dense weight of a compressed-tensors module (suffix -> tensor), in ``dtype``.
+
+    Uses compressed-tensors' own decompressor for the scheme's format.
+    """
+    from compressed_tensors.compressors import BaseCompressor
+
+    fmt = compression_format(scheme)
+    state = dict(tensors)
+    if fmt == CompressionFormat.dense.value:
+        return state["weight"].to(dtype)
+    compressor = BaseCompressor.get_value_from_registry(fmt)
+    if fmt in (_NAIVE, _INT, _FLOAT) and state["weight_scale"].dtype not in _FLOAT_DTYPES:
+        state["weight_scale"] = state["weight_scale"].to(dtype)
+    if fmt == _PACK and "weight_shape" in state:
+        state["weight_shape"] = state["weight_shape"].cpu()
+    with torch.no_grad():
+        out = compressor.decompress(state, scheme)
+    return out["weight"].to(dtype)
