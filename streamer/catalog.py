@@ -11,6 +11,7 @@ import json
 import math
 import posixpath
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .errors import InputError
@@ -31,8 +32,9 @@ DTYPE_SIZES = {
 
 # safetensors itself refuses headers over 100 MB; a larger length field is corruption or an attack.
 MAX_HEADER_BYTES = 100_000_000
-# The first read of a file asks for this much, so most headers arrive in one request.
-HEADER_PROBE_BYTES = 256 * 1024
+# Headers are read in two exact requests (length, then JSON) so no tensor byte is fetched twice;
+# many files are read in parallel so the extra round trip costs nothing on a large repo.
+HEADER_READERS = 8
 
 WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".pkl")
 
@@ -61,6 +63,7 @@ class Catalog:
     config: dict | None = None
     index_metadata: dict = field(default_factory=dict)
     file_sizes: dict[str, int] = field(default_factory=dict)
+    header_bytes: int = 0  # bytes of safetensors headers read to build the catalog
 
     @property
     def source_bytes(self) -> int:
@@ -158,13 +161,12 @@ def _parse_entry(path: str, name: str, entry, data_start: int, data_len: int) ->
     return TensorInfo(name, path, dtype, tuple(shape), Span(data_start + begin, data_start + end))
 
 
-def read_header(source: Source, path: str, size: int) -> tuple[list[TensorInfo], dict]:
-    raw = source.read(path, Span(0, min(size, HEADER_PROBE_BYTES)))
+def read_header(source: Source, path: str, size: int) -> tuple[int, list[TensorInfo], dict]:
+    """(data_start, tensors, metadata) of one file, reading exactly its header bytes."""
+    raw = source.read(path, Span(0, min(size, 8)))
     n = header_length(path, raw, size)
-    if len(raw) < 8 + n:
-        raw = bytes(raw) + bytes(source.read(path, Span(len(raw), 8 + n)))
-    _, tensors, metadata = parse_header(path, raw, size)
-    return tensors, metadata
+    raw = bytes(raw) + bytes(source.read(path, Span(8, 8 + n)))
+    return parse_header(path, raw, size)
 
 
 def _is_weight_file(path: str) -> bool:
@@ -223,8 +225,11 @@ def build_catalog(source: Source, *, header_reader=read_header) -> Catalog:
             )
 
     tensors: dict[str, TensorInfo] = {}
-    for shard in shards:
-        infos, _ = header_reader(source, shard, files[shard])
+    with ThreadPoolExecutor(HEADER_READERS, thread_name_prefix="streamer-header") as pool:
+        headers = list(pool.map(lambda s: header_reader(source, s, files[s]), shards))
+    header_bytes = 0
+    for shard, (data_start, infos, _) in zip(shards, headers):
+        header_bytes += data_start
         for info in infos:
             if weight_map is not None and weight_map.get(info.name) != shard:
                 if info.name in weight_map:
@@ -273,6 +278,7 @@ def build_catalog(source: Source, *, header_reader=read_header) -> Catalog:
         config=config,
         index_metadata=index_metadata,
         file_sizes=dict(files),
+        header_bytes=header_bytes,
     )
 
 

@@ -30,8 +30,9 @@ from .source import Source, Span
 log = logging.getLogger("streamer")
 
 # Neighbouring tensors closer than this are fetched in one request: fewer round trips, and the
-# few wasted bytes cost less than a request.
-MERGE_GAP = 256 * 1024
+# few wasted bytes cost less than a request. Gaps only occur where a tensor moved to another job
+# (a fused partner), so keep it small: those bytes would be read twice.
+MERGE_GAP = 4096
 # Quantization keeps float temporaries of about this multiple of a weight's size alive.
 WORK_FACTOR = 3
 

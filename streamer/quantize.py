@@ -132,8 +132,10 @@ def _spec(scheme: QuantizationScheme) -> _Spec:
     bits = int(args.num_bits)
     if is_float and bits not in (4, 6, 8):
         raise ValueError(f"float quantization with num_bits={bits} is not supported (4, 6 or 8)")
-    if is_float and bits in (4, 6) and not args.symmetric:
-        raise ValueError(f"asymmetric FP{bits} quantization is not supported by compressed-tensors")
+    if is_float and not args.symmetric:
+        # compressed-tensors refuses FP4/FP6; for FP8 it writes an fp8 zero point that vLLM cannot
+        # load and NaN for every all-zero channel/group
+        raise ValueError(f"asymmetric FP{bits} quantization is not supported (use symmetric=True)")
     if not is_float and not 1 <= bits <= 8:
         raise ValueError(f"integer quantization with num_bits={bits} is not supported (1..8)")
     if fmt == _PACK and is_float:

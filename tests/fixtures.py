@@ -175,7 +175,7 @@ def _reference_partners(names: Iterable[str]) -> set[str]:
     return deps
 
 
-def _layout_ok(arch: str, wmap: dict[str, str]) -> bool:
+def _layout_ok(arch: str, wmap: dict[str, str], reference_compatible: bool = True) -> bool:
     """Does this weight map have the straddles the fixture promises (see build_checkpoint)?"""
     files = set(wmap.values())
     if len(files) < 2:
@@ -199,6 +199,8 @@ def _layout_ok(arch: str, wmap: dict[str, str]) -> bool:
             ok = ok and any_straddle(lambda k, ms: k == "gate_up" and ".experts." in ms[0])
         else:
             ok = ok and any_straddle(lambda k, ms: k == "gate_up")
+    if not ok or not reference_compatible:
+        return ok
     # every file holds at least one tensor that is not a reference partner
     partners = _reference_partners(wmap)
     by_file: dict[str, list[str]] = {}
@@ -312,11 +314,36 @@ def _clear_weights(dst: Path) -> None:
         idx.unlink()
 
 
-def _candidate_sizes(model) -> list[int]:
-    total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    # from ~total/2 down: the first that gives the promised layout wins (fewest shards)
-    sizes = sorted({int(total / k) for k in [2 + 0.5 * i for i in range(0, 80)]}, reverse=True)
-    return [s for s in sizes if s >= 4096]
+def _candidate_sizes(total: int) -> list[int]:
+    """Shard sizes to try, largest (fewest shards) first: a 3 % geometric grid."""
+    sizes, s = [], float(total)
+    while s >= 4096:
+        sizes.append(int(s))
+        s *= 0.97
+    return sizes
+
+
+def _simulated_layouts(model):
+    """Yield (size, weight map) for candidate sizes, computed the way save_pretrained shards
+    (its reverted state dict + huggingface_hub's splitter) without writing anything.  Yields
+    nothing when transformers' internals moved (the caller then saves and checks instead)."""
+    try:
+        from huggingface_hub import split_torch_state_dict_into_shards
+        from transformers.modeling_utils import (
+            remove_tied_weights_from_state_dict,
+            revert_weight_conversion,
+        )
+
+        sd = remove_tied_weights_from_state_dict(model.state_dict(), model)
+        sd = revert_weight_conversion(model, sd)
+    except Exception:  # pragma: no cover - depends on transformers internals
+        return
+    total = sum(t.numel() * t.element_size() for t in sd.values())
+    for size in _candidate_sizes(total):
+        split = split_torch_state_dict_into_shards(
+            sd, filename_pattern="model{suffix}.safetensors", max_shard_size=size)
+        if split.is_sharded:
+            yield size, dict(split.tensor_to_filename)
 
 
 def build_checkpoint(
@@ -341,8 +368,13 @@ def build_checkpoint(
           - some dense/shared ``gate_proj``/``up_proj`` pair straddles (llama, tied, odd,
             deepseek_v3), some expert's ``gate_proj``/``up_proj`` pair straddles (qwen3_moe,
             deepseek_v3), some expert's ``w1``/``w3`` pair straddles (mixtral),
-          - every file holds at least one tensor that is not an llm-compressor fused *partner*
-            (so the reference ``model_free_ptq`` can run microscale schemes on it).
+          - if any candidate size allows it (all default fixtures), every file holds at least
+            one tensor that is not an llm-compressor fused *partner* (k_proj, v_proj,
+            mlp.up_proj, w3), so the reference ``model_free_ptq`` has a job for every shard.
+            NB: the reference still cannot run NVFP4/MXFP4 on the sharded mixtral (it raises
+            "Matched a re:.*w1\\.weight$ twice before completing set"): use single_file=True.
+        The largest size (fewest shards) on a 3 % grid that gives this is used; the layout is
+        computed the way save_pretrained shards, then checked again from the written index.
       * an int or a string like ``"200KB"``: passed to ``save_pretrained`` as is, nothing checked.
       * ``None`` (or ``single_file=True``): one ``model.safetensors``, no index.
     """
@@ -364,16 +396,34 @@ def _save(model, arch: str, dst: Path, max_shard_size, single_file: bool) -> Non
         assert (dst / "model.safetensors").exists()
         assert not (dst / "model.safetensors.index.json").exists()
     elif max_shard_size == "default-small":
-        for size in _candidate_sizes(model):
-            _clear_weights(dst)
-            model.save_pretrained(dst, max_shard_size=size)
-            if (dst / "model.safetensors.index.json").exists() and _layout_ok(arch, weight_map(dst)):
+        # prefer a layout the reference can also process; else (e.g. mixtral with 8 experts)
+        # one that only straddles
+        layouts = list(_simulated_layouts(model))
+        chosen = None
+        for ref_ok in (True, False):
+            for size, wmap in layouts:
+                if _layout_ok(arch, wmap, reference_compatible=ref_ok):
+                    chosen = size
+                    break
+            if chosen is not None:
                 break
+        if chosen is None:  # no simulation possible: save and check
+            total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+            for size in _candidate_sizes(total):
+                _clear_weights(dst)
+                model.save_pretrained(dst, max_shard_size=size)
+                if (dst / "model.safetensors.index.json").exists() and \
+                        _layout_ok(arch, weight_map(dst), reference_compatible=False):
+                    chosen = size
+                    break
         else:
-            raise AssertionError(f"{arch}: no shard size gives straddling fused sets")
+            model.save_pretrained(dst, max_shard_size=chosen)
+        if chosen is None:
+            raise AssertionError(f"{arch}: no shard size makes the fused sets straddle shards")
         wmap = weight_map(dst)
         assert len(set(wmap.values())) >= 2
-        assert _layout_ok(arch, wmap), f"{arch}: fused sets do not straddle shards as promised"
+        assert _layout_ok(arch, wmap, reference_compatible=False), \
+            f"{arch}: fused sets do not straddle shards as promised"
     else:
         model.save_pretrained(dst, max_shard_size=max_shard_size)
 

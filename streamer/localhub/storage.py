@@ -250,13 +250,15 @@ class BlobStore:
         return self.dir / sha256[:2] / sha256[2:4] / sha256
 
     def size(self, sha256: str) -> int | None:
+        if not is_sha256(sha256):  # never build a path from an unchecked string
+            return None
         try:
             return self.path(sha256).stat().st_size
-        except (FileNotFoundError, ValueError):
+        except FileNotFoundError:
             return None
 
     def has(self, sha256: str, size: int | None = None) -> bool:
-        actual = self.size(sha256) if is_sha256(sha256) else None
+        actual = self.size(sha256)
         return actual is not None and (size is None or actual == size)
 
     def temp_path(self, suffix: str = "") -> Path:

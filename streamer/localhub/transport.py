@@ -28,7 +28,7 @@ IO_CHUNK = 1024 * 1024
 SENDFILE_CHUNK = 8 * 1024 * 1024
 # An unread request body larger than this is not drained after an error: closing the
 # connection is cheaper than reading gigabytes we are going to throw away.
-MAX_DRAIN = 4 * 1024 * 1024
+MAX_DRAIN = 64 * 1024 * 1024
 
 
 @dataclass
