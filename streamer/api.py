@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 
@@ -74,7 +75,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def open_sink(dst: str, *, token=None, overwrite=False, private=False, create_pr=False, revision=None, source=None) -> Sink:
+def open_sink(dst, *, token=None, overwrite=False, private=False, create_pr=False, revision=None) -> Sink:
+    dst = os.fspath(dst)
     if is_hub_spec(dst):
         from .hub import HubSink
 

@@ -98,6 +98,7 @@ class RunStats:
     seconds: float = 0.0
     stage_seconds: dict = field(default_factory=dict)
     peak_budget: int = 0
+    pieces: int = 0
 
 
 def shard_header(job: Job) -> tuple[bytes, dict[str, int]]:
@@ -280,6 +281,7 @@ class Runner:
         t0 = time.monotonic()
         limit = max(self.budget.limit // 3, 1)
         pieces = [p for job in self.plan.jobs for p in split_job(job, self.plan, limit)]
+        self.stats.pieces = len(pieces)
         for p in pieces:
             if p.cost > self.budget.limit and len(p.quantize) + len(p.passthrough) == 1:
                 name = (p.quantize[0].tensor if p.quantize else p.passthrough[0])

@@ -42,6 +42,7 @@ FUSED_FAMILIES: tuple[tuple[str, ...], ...] = (
     ("wq_a", "wkv_a_with_mqa"),
 )
 _FAMILY_OF = {leaf: fam for fam in FUSED_FAMILIES for leaf in fam}
+_ROUTER = re.compile(r"(^|\.)(mlp|block_sparse_moe|feed_forward)\.(gate|router)$")
 
 # 3-D fused expert tensors that are split into one 2-D Linear weight per expert, as the reference
 # does; vLLM loads the per-expert names.
@@ -224,6 +225,13 @@ def make_plan(catalog: Catalog, recipe: Recipe, *, source: str = "", dequant=Non
             problems.append(f"{name}: {e}")
             continue
         ops[name] = QuantOp(tensor=name, module=module, group=group)
+
+    routers = sorted(m for m in (op.module for op in ops.values()) if _ROUTER.search(m))
+    if routers:
+        warnings.append(
+            f"{collapse_names(routers)[0]} looks like an MoE router (mlp.gate); vLLM keeps routers "
+            "unquantized: add --ignore 're:.*mlp\\.gate$'"
+        )
 
     # 2. fused sets share a global scale and an output shard
     fused_sets = _fused_sets(ops, recipe, by_name, dequant, warnings)

@@ -144,8 +144,9 @@ def split_revision(spec: str) -> tuple[str, str | None]:
     return spec, None
 
 
-def open_source(spec: str, *, token: str | None = None, **hub_options) -> Source:
+def open_source(spec: str | os.PathLike, *, token: str | None = None, **hub_options) -> Source:
     """A local folder if SPEC exists on disk, else a Hub repo id `org/name[@revision]`."""
+    spec = os.fspath(spec)
     if not is_hub_spec(spec):
         return LocalSource(os.path.expanduser(spec))
     from .hub import HubSource  # imported lazily: local runs need no HTTP machinery

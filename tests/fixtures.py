@@ -373,8 +373,8 @@ def build_checkpoint(
             mlp.up_proj, w3), so the reference ``model_free_ptq`` has a job for every shard.
             NB: the reference still cannot run NVFP4/MXFP4 on the sharded mixtral (it raises
             "Matched a re:.*w1\\.weight$ twice before completing set"): use single_file=True.
-        The largest size (fewest shards) on a 3 % grid that gives this is used; the layout is
-        computed the way save_pretrained shards, then checked again from the written index.
+        The largest size on a 3 % grid that gives this with >= 5 files (else >= 2) is used; the
+        layout is computed the way save_pretrained shards, then checked from the written index.
       * an int or a string like ``"200KB"``: passed to ``save_pretrained`` as is, nothing checked.
       * ``None`` (or ``single_file=True``): one ``model.safetensors``, no index.
     """
@@ -400,9 +400,10 @@ def _save(model, arch: str, dst: Path, max_shard_size, single_file: bool) -> Non
         # one that only straddles
         layouts = list(_simulated_layouts(model))
         chosen = None
-        for ref_ok in (True, False):
+        for ref_ok, min_files in ((True, 5), (True, 2), (False, 5), (False, 2)):
             for size, wmap in layouts:
-                if _layout_ok(arch, wmap, reference_compatible=ref_ok):
+                if len(set(wmap.values())) >= min_files and \
+                        _layout_ok(arch, wmap, reference_compatible=ref_ok):
                     chosen = size
                     break
             if chosen is not None:

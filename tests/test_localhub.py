@@ -5,9 +5,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -34,6 +31,9 @@ from streamer.localhub import LocalHub
 
 MiB = 1024 * 1024
 ALICE, BOB = "hf_alice_token", "hf_bob_token"
+
+# huggingface_hub itself passes file objects as `data=` to httpx for LFS PUTs.
+pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
 
 
 @pytest.fixture(autouse=True)
@@ -494,26 +494,20 @@ def test_persistence_and_validate_yaml(hub, tmp_path, seeded):
 
 
 def test_cli(tmp_path):
+    """The command line's switches, driven in-process (a subprocess would pay `import streamer`)."""
+    from streamer.localhub.__main__ import build_hub, build_parser
+
     seed = make_folder(tmp_path / "seed", {"config.json": b'{"a": 1}'})
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamer.localhub", "--root", str(tmp_path / "root"), "--port", "0",
-         "--user", f"carol:{ALICE}:team", "--seed", f"team/m={seed}", "--throttle-down", "100"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    try:
-        url = None
-        deadline = time.monotonic() + 30
-        while url is None and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            if " on http://" in line:
-                url = line.strip().rsplit(" ", 1)[-1]
-        assert url, "server did not start"
-        api = HfApi(endpoint=url, token=ALICE)
+    args = build_parser().parse_args([
+        "--root", str(tmp_path / "root"), "--port", "0", "--user", f"carol:{ALICE}:team",
+        "--seed", f"team/m={seed}", "--throttle-down", "100", "--fault-every", "2", "--fault-kinds", "503",
+    ])
+    with build_hub(args) as hub:
+        api = HfApi(endpoint=hub.url, token=ALICE)
         assert api.whoami()["name"] == "carol"
         assert [s.rfilename for s in api.model_info("team/m").siblings] == ["config.json"]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-    assert proc.returncode == 0
+        assert hub.state.throttle.down.rate == 100e6
+        statuses = [raw(hub, "GET", "/team/m/resolve/main/config.json")[0] for _ in range(2)]
+        assert statuses == [200, 503]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--root", str(tmp_path), "--user", "no-token"])

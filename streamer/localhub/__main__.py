@@ -67,9 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+def build_hub(args: argparse.Namespace) -> LocalHub:
+    """A configured, not yet started hub (separate from main() so tests can drive it in-process)."""
     hub = LocalHub(args.root, port=args.port, host=args.host, redirect_lfs=args.redirect_lfs)
     if args.multipart_chunk_size:
         hub.multipart_chunk_size = args.multipart_chunk_size
@@ -91,6 +90,13 @@ def main(argv: list[str] | None = None) -> int:
             only_paths=args.fault_paths or None,
             methods=[m.strip() for m in args.fault_methods.split(",") if m.strip()] or None,
         )
+    return hub
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    hub = build_hub(args)
     # SIGTERM should stop as cleanly as Ctrl-C does.
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)

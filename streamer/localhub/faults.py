@@ -50,8 +50,8 @@ class FaultInjector:
     def plan(self) -> FaultPlan | None:
         return self._plan
 
-    def draw(self, method: str, path: str) -> str | None:
-        """Count this request if it matches and return the fault kind it gets, if any."""
+    def draw(self, method: str, path: str) -> tuple[str, FaultPlan] | None:
+        """Count this request if it matches; return the fault it gets (with its plan), if any."""
         with self._lock:
             plan = self._plan
             if plan is None:
@@ -65,4 +65,4 @@ class FaultInjector:
                 return None
             kind = plan.kinds[self._injected % len(plan.kinds)]
             self._injected += 1
-            return kind
+            return kind, plan

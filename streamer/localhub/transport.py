@@ -33,7 +33,12 @@ MAX_DRAIN = 64 * 1024 * 1024
 
 @dataclass
 class RequestRecord:
-    """One request as the server saw it (read `LocalHub.request_log`)."""
+    """One request as the server saw it (read `LocalHub.request_log`, in arrival order).
+
+    Records are logged when a request arrives and filled in as it is served; status and
+    byte counts are final by the time the client has the whole response, `duration` only
+    once the server thread is done with it. `status` stays 0 when no answer was sent.
+    """
 
     method: str
     path: str  # URL path, still percent-encoded as sent
@@ -138,7 +143,7 @@ class TransportHandler(BaseHTTPRequestHandler):
 
     state: "HubState"
     record: RequestRecord
-    body: BodyReader
+    body: BodyReader | None
     fault: str | None
 
     # ------------------------------------------------------------------ connection
@@ -172,15 +177,24 @@ class TransportHandler(BaseHTTPRequestHandler):
         # Tokens stay out of the log: it is meant to be printed in test failures.
         headers = {k: v for k, v in self.headers.items() if k.lower() != "authorization"}
         self.record = RequestRecord(self.command, url.path, url.query, time.time(), headers=headers)
+        # Logged on arrival and updated in place, with byte counts bumped *before* each send:
+        # a client that has its whole response finds a record that already says so.
+        self.state.log(self.record)
         started = time.monotonic()
-        self.body = BodyReader(self)
-        self.fault = self.state.faults.draw(self.command, url.path)
+        drawn = self.state.faults.draw(self.command, url.path)
+        self.fault, plan = drawn if drawn else (None, None)
         self.record.fault = self.fault
+        self.body = None
         try:
-            if self.fault == "slow":
-                time.sleep(self.state.faults.plan.slow_seconds if self.state.faults.plan else 0)
-            if self.fault in ("429", "500", "502", "503", "504"):
-                self._injected_error(int(self.fault))
+            try:
+                self.body = BodyReader(self)
+            except ValueError:
+                self.close_connection = True  # cannot tell where this request's body ends
+                raise errors.bad_request("Invalid Content-Length") from None
+            if plan is not None and self.fault == "slow":
+                time.sleep(plan.slow_seconds)
+            if plan is not None and self.fault in ("429", "500", "502", "503", "504"):
+                self._injected_error(int(self.fault), plan.retry_after)
             else:
                 self.route(url.path, url.query)
         except errors.HubError as exc:
@@ -197,19 +211,18 @@ class TransportHandler(BaseHTTPRequestHandler):
                 self.close_connection = True
         finally:
             self.record.duration = time.monotonic() - started
-            self.state.log(self.record)
 
-    def _injected_error(self, status: int) -> None:
-        headers = {"Retry-After": str(self.state.faults.plan.retry_after)} if status == 429 else {}
+    def _injected_error(self, status: int, retry_after: int) -> None:
+        headers = {"Retry-After": str(retry_after)} if status == 429 else {}
         message = "Too Many Requests (injected)" if status == 429 else f"Injected server error {status}"
         raise errors.HubError(status, message, None, headers)
 
     # ------------------------------------------------------------------ responses
     def _finish_body_before_answer(self) -> None:
         """Consume what is left of the request body, or give up the connection if that is a lot."""
-        pending = self.body.pending
-        if self.body.done:
+        if self.body is None or self.body.done:
             return
+        pending = self.body.pending
         if pending is not None and pending <= MAX_DRAIN:
             try:
                 self.body.drain()
@@ -246,9 +259,8 @@ class TransportHandler(BaseHTTPRequestHandler):
             n = min(limit - sent, bucket.chunk_size if bucket else limit)
             if bucket is not None:
                 bucket.consume(n)
-            self.wfile.write(view[sent : sent + n])
+            self._counted_write(view[sent : sent + n])
             sent += n
-            self.record.bytes_out += n
         if limit < len(body):
             raise DroppedConnection
 
@@ -268,7 +280,13 @@ class TransportHandler(BaseHTTPRequestHandler):
             while sent < limit:
                 bucket = self.state.throttle.down  # re-read: the limit may change mid-transfer
                 if bucket is None:
-                    n = self.connection.sendfile(fh, offset + sent, min(SENDFILE_CHUNK, limit - sent))
+                    want = min(SENDFILE_CHUNK, limit - sent)
+                    self.record.bytes_out += want
+                    n = 0
+                    try:
+                        n = self.connection.sendfile(fh, offset + sent, want)
+                    finally:
+                        self.record.bytes_out -= want - n
                 else:
                     if buffer is None or len(buffer) != bucket.chunk_size:
                         buffer = bytearray(bucket.chunk_size)
@@ -276,13 +294,20 @@ class TransportHandler(BaseHTTPRequestHandler):
                     n = fh.readinto(memoryview(buffer)[: min(len(buffer), limit - sent)])
                     if n:
                         bucket.consume(n)
-                        self.wfile.write(memoryview(buffer)[:n])
+                        self._counted_write(memoryview(buffer)[:n])
                 if not n:
                     raise ConnectionError(f"short read or write on {path}")
                 sent += n
-                self.record.bytes_out += n
             if limit < length:
                 raise DroppedConnection
+
+    def _counted_write(self, data: memoryview) -> None:
+        self.record.bytes_out += len(data)
+        try:
+            self.wfile.write(data)
+        except OSError:
+            self.record.bytes_out -= len(data)
+            raise
 
     def _send_error(self, exc: errors.HubError) -> None:
         headers = dict(exc.headers)

@@ -1,0 +1,299 @@
+"""The webhook trigger for mirroring jobs: `python -m streamer mirror jobs.toml --serve`.
+
+A dependency-free `http.server` listener that speaks the Hugging Face Hub's webhook protocol
+(payload version 3, the format `huggingface_hub.WebhookPayload` models):
+
+- `POST /webhook` (or `/`): the Hub's request. `X-Webhook-Secret` must equal the configured
+  secret: missing -> 401, wrong -> 403 (as huggingface_hub's WebhooksServer answers). A
+  `repo.content` (or `repo` create/update) event on a model repo that some job uses as its source
+  queues those jobs, answered at once with 202 `{"queued": [...]}`; anything else gets 200
+  `{"queued": [], "ignored": "why"}`. When `updatedRefs` is present, only jobs that follow one of
+  the updated branches/tags start (a job pinned to a commit sha never does).
+- `GET /health`: 200 `{"ok": true}` (no secret; for load balancers).
+- `GET /jobs` (secret required): each job's state (idle/queued/running) and last result.
+
+Queued jobs run on `parallel` worker threads through the same MirrorRunner as a one-off run, so
+each one still starts with the cheap skip check: a webhook for a commit that is already mirrored
+(or a duplicate delivery) costs two small requests. A job triggered while it runs is run once
+more after it finishes (several triggers coalesce into one).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import signal
+import sys
+import threading
+from collections import deque
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+from .mirror import _SHA, Job, JobResult, MirrorRunner
+
+log = logging.getLogger("streamer.mirror")
+
+MAX_BODY = 1 << 20  # Hub payloads are a few kB
+WEBHOOK_PATHS = ("/webhook", "/")
+TRIGGER_SCOPES = ("repo.content", "repo")
+
+
+def match_payload(jobs: list[Job], payload: dict) -> tuple[list[Job], str]:
+    """The jobs a Hub webhook payload should start, and a sentence saying why (or why none)."""
+    event = payload.get("event")
+    repo = payload.get("repo")
+    if not isinstance(event, dict) or not isinstance(repo, dict):
+        return [], "not a Hub webhook payload (no event/repo objects)"
+    scope, action = str(event.get("scope", "")), str(event.get("action", ""))
+    name, rtype = repo.get("name"), repo.get("type")
+    if scope not in TRIGGER_SCOPES:
+        return [], f"event scope {scope!r} does not change a source"
+    if action not in ("update", "create"):
+        return [], f"event {scope}/{action} ignored" + (
+            f" (repo moved: update the jobs file)" if action == "move" else ""
+        )
+    if rtype != "model" or not isinstance(name, str):
+        return [], f"{rtype} repo {name}: jobs mirror model repos"
+    matching = [j for j in jobs if j.source.lower() == name.lower()]
+    if not matching:
+        return [], f"no job has {name} as its source"
+    followed = [j for j in matching if not _SHA.match(j.source_revision or "")]
+    if not followed:
+        return [], f"jobs on {name} are pinned to a commit"
+    refs = payload.get("updatedRefs")
+    if isinstance(refs, list) and refs:
+        updated = {r.get("ref") for r in refs if isinstance(r, dict)}
+
+        def follows(job: Job) -> bool:
+            rev = job.source_revision or "main"
+            return bool({rev, f"refs/heads/{rev}", f"refs/tags/{rev}"} & updated)
+
+        selected = [j for j in followed if follows(j)]
+        if not selected:
+            return [], f"{name}: updated {', '.join(sorted(map(str, updated)))}, which no job follows"
+    else:
+        selected = followed
+    head = repo.get("headSha") or repo.get("head_sha")
+    at = f" at {head[:7]}" if isinstance(head, str) and head else ""
+    return selected, f"{name} updated{at}"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "streamer-mirror"
+    protocol_version = "HTTP/1.1"
+    listener: "WebhookListener"  # set on the subclass made per listener
+
+    def log_message(self, fmt, *args):  # route the access log to logging, at debug level
+        log.debug("webhook %s - %s", self.address_string(), fmt % args)
+
+    def _send(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _authorized(self) -> bool:
+        given = self.headers.get("X-Webhook-Secret")
+        if given is None:
+            self._send(401, {"error": "x-webhook-secret header not set."})
+            return False
+        if not hmac.compare_digest(given.encode(), self.listener.secret.encode()):
+            self._send(403, {"error": "Invalid webhook secret."})
+            return False
+        return True
+
+    def do_GET(self):
+        path = urlsplit(self.path).path
+        if path == "/health":
+            return self._send(200, {"ok": True})
+        if path == "/jobs":
+            if self._authorized():
+                self._send(200, self.listener.status())
+            return
+        self._send(404, {"error": f"no such endpoint; POST webhooks to {WEBHOOK_PATHS[0]}"})
+
+    def do_POST(self):
+        path = urlsplit(self.path).path
+        length = self.headers.get("Content-Length")
+        if path not in WEBHOOK_PATHS:
+            self.close_connection = True
+            return self._send(404, {"error": f"no such endpoint; POST webhooks to {WEBHOOK_PATHS[0]}"})
+        if not self._authorized():
+            self.close_connection = True  # the body was not read
+            return
+        if length is None or not length.isdigit():
+            self.close_connection = True
+            return self._send(411, {"error": "Content-Length required"})
+        if int(length) > MAX_BODY:
+            self.close_connection = True
+            return self._send(413, {"error": "payload too large"})
+        body = self.rfile.read(int(length))
+        try:
+            payload = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return self._send(400, {"error": "body is not JSON"})
+        if not isinstance(payload, dict):
+            return self._send(400, {"error": "body is not a JSON object"})
+        jobs, why = match_payload(self.listener.jobs, payload)
+        if not jobs:
+            log.info("webhook ignored: %s", why)
+            return self._send(200, {"queued": [], "ignored": why})
+        names = self.listener.submit([j.name for j in jobs], why)
+        self._send(202, {"queued": names, "reason": why})
+
+
+class WebhookListener:
+    """Serve the webhook endpoint and run triggered jobs in the background.
+
+    >>> listener = WebhookListener(jobs, MirrorRunner(token=...), secret="…", port=0).start()
+    >>> listener.url, listener.wait_idle(timeout=60), listener.results
+    """
+
+    def __init__(
+        self,
+        jobs: list[Job],
+        runner: MirrorRunner,
+        *,
+        secret: str,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        json_lines: bool = False,
+    ):
+        if not secret:
+            raise ValueError("a webhook secret is required")
+        self.jobs = list(jobs)
+        self.by_name = {j.name: j for j in self.jobs}
+        self.runner = runner
+        self.secret = secret
+        self.host = host
+        self.port = port
+        self.json_lines = json_lines
+        self.results: dict[str, JobResult] = {}  # last result per job
+        self.history: deque[JobResult] = deque(maxlen=200)
+        self._state: dict[str, str] = {}  # name -> queued | running | running+queued
+        self._queue: deque[str] = deque()
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._workers: list[threading.Thread] = []
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> "WebhookListener":
+        handler = type("Handler", (_Handler,), {"listener": self})
+        self._server = ThreadingHTTPServer((self.host, self.port), handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name="streamer-webhook", daemon=True)
+        self._thread.start()
+        for i in range(self.runner.parallel):
+            t = threading.Thread(target=self._work, name=f"streamer-mirror-{i}", daemon=True)
+            t.start()
+            self._workers.append(t)
+        return self
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"http://{host}:{self.port}{WEBHOOK_PATHS[0]}"
+
+    def stop(self, *, cancel: bool = True, timeout: float = 30.0) -> None:
+        """Stop listening; cancel running conversions (nothing half-done is published)."""
+        with self._cv:
+            self._stopping = True
+            self._queue.clear()
+            self._cv.notify_all()
+        if cancel:
+            self.runner.cancel.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        for t in self._workers:
+            t.join(timeout)
+
+    def serve_forever(self, *, catch_up: bool = False) -> int:
+        """Start, optionally queue every job once, and block until SIGINT/SIGTERM."""
+        self.start()
+        print(f"streamer mirror: listening on {self.url} for {len(self.jobs)} job(s): "
+              f"{', '.join(self.by_name)}", file=sys.stderr, flush=True)
+        stop = threading.Event()
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            if catch_up:
+                self.submit(list(self.by_name), "catch-up at startup")
+            while not stop.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+            print("streamer mirror: stopping (running conversions are cancelled)", file=sys.stderr, flush=True)
+            self.stop()
+        return 0
+
+    # -- the queue ----------------------------------------------------------------------------
+
+    def submit(self, names: list[str], why: str = "") -> list[str]:
+        """Queue jobs by name; a job already queued is not queued twice, a running one reruns once."""
+        with self._cv:
+            for name in names:
+                if name not in self.by_name:
+                    raise KeyError(name)
+                state = self._state.get(name)
+                if state is None:
+                    self._state[name] = "queued"
+                    self._queue.append(name)
+                elif state == "running":
+                    self._state[name] = "running+queued"
+            self._cv.notify_all()
+        log.info("queued %s: %s", ", ".join(names), why)
+        return list(names)
+
+    def _work(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._stopping:
+                    self._cv.wait()
+                if self._stopping:
+                    return
+                name = self._queue.popleft()
+                self._state[name] = "running"
+            result = self.runner.run_one(self.by_name[name])
+            if self.json_lines:
+                print(json.dumps(result.to_dict()), flush=True)
+            with self._cv:
+                self.results[name] = result
+                self.history.append(result)
+                if self._state.get(name) == "running+queued" and not self._stopping:
+                    self._state[name] = "queued"
+                    self._queue.append(name)
+                else:
+                    self._state.pop(name, None)
+                self._cv.notify_all()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until no job is queued or running; False on timeout."""
+        with self._cv:
+            return self._cv.wait_for(lambda: not self._state, timeout)
+
+    def status(self) -> dict:
+        with self._cv:
+            return {
+                "jobs": {
+                    name: {
+                        "state": self._state.get(name, "idle"),
+                        "last": self.results[name].to_dict() if name in self.results else None,
+                    }
+                    for name in self.by_name
+                },
+                "history": [r.to_dict() for r in self.history],
+            }
