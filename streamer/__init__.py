@@ -3,15 +3,18 @@ compressed-tensors checkpoint, reading only the bytes each job needs."""
 
 __version__ = "0.1.0"
 
-from .api import convert, quantize  # noqa: E402
-
 __all__ = ["__version__", "convert", "quantize", "model_free_ptq"]
 
 
 def __getattr__(name):
-    # model_free_ptq pulls in the drop-in wrapper only when asked for.
+    # The engine pulls in torch and compressed-tensors; import it only when it is used, so that
+    # `streamer.localhub` and `--help` start fast.
+    if name in ("convert", "quantize"):
+        from . import api
+
+        return getattr(api, name)
     if name == "model_free_ptq":
         from .compat import model_free_ptq
 
         return model_free_ptq
-    raise AttributeError(name)
+    raise AttributeError(f"module 'streamer' has no attribute {name!r}")

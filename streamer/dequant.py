@@ -27,7 +27,6 @@ bfloat16 when it declares none or a non-float one), or to ``--dequant-dtype``.
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 
@@ -44,12 +43,16 @@ _TORCH = {
     "F8_E8M0": torch.float8_e8m0fnu,
 }  # fmt: skip
 _FP8_STORED = ("F8_E4M3", "F8_E5M2")
+_FLOAT_STORED = ("F64", "F32", "F16", "BF16")
 SUPPORTED = "fp8 with weight_block_size (DeepSeek-V3 style) and compressed-tensors"
 # Quantization parameters of attention (kv cache) quantization: meaningless once the target
 # recipe (data-free, no kv cache scheme) replaces the config; dropped like the reference does.
 _KV_PARAMS = ("k_scale", "v_scale", "q_scale")
 # Row chunk of the FP8 block expansion on CPU (elements): keeps fp32 temporaries cache-sized.
 _CPU_CHUNK = 1 << 20
+# A dequantized weight holds its dense copy plus the quantizer's temporaries (about three times
+# the dense size, like pipeline.WORK_FACTOR), none of which its stored bytes show.
+DENSE_WORK_FACTOR = 4
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,18 +174,15 @@ class Dequantizer:
         self.entries, self.consumed = self._find(by_name, problems)
         if problems:
             raise PlanError(problems)
+        # each dense weight takes the place of its main stored tensor (weight / weight_packed)
+        at_main = {e.main.name: e for e in self.entries.values()}
         out: dict[str, TensorInfo] = {}
         for name, info in by_name.items():
-            if name in self.consumed and name not in self.entries:
-                continue
-            e = self.entries.get(name)
-            if e is None:
+            e = at_main.get(name)
+            if e is not None:
+                out[e.name] = TensorInfo(e.name, e.main.file, self.st_dtype, e.shape, e.main.span)
+            elif name not in self.consumed and name not in self.entries:
                 out[name] = info
-            else:
-                out[name] = TensorInfo(name, e.main.file, self.st_dtype, e.shape, e.main.span)
-        for name, e in self.entries.items():  # dense names with no stored tensor of that name
-            if name not in out:
-                out[name] = TensorInfo(name, e.main.file, self.st_dtype, e.shape, e.main.span)
         return out, self.consumed - set(self.entries)
 
     def _find(self, by_name, problems) -> tuple[dict[str, _Entry], set[str]]:
@@ -201,6 +201,15 @@ class Dequantizer:
 
     def transforms(self, name: str) -> bool:
         return name in self.entries
+
+    def work_bytes(self, name: str) -> int:
+        """Working memory NAME needs beyond its stored bytes, for the pipeline's byte budget:
+        the dense weight and the float temporaries of expanding and quantizing it (as the
+        pipeline's WORK_FACTOR does for a dense source); 0 for tensors read as they are."""
+        e = self.entries.get(name)
+        if e is None:
+            return 0
+        return DENSE_WORK_FACTOR * math.prod(e.shape) * self.dtype.itemsize
 
     # -- run time ------------------------------------------------------------------------------
 
@@ -255,7 +264,9 @@ class FP8BlockDequantizer(Dequantizer):
             or len(block) != 2
             or not all(isinstance(b, int) and b > 0 for b in block)
         ):
-            raise SchemeError(f"config.json: quantization_config.weight_block_size must be [rows, cols], got {block!r}")
+            raise SchemeError(
+                f"config.json: quantization_config.weight_block_size must be [rows, cols], got {block!r}"
+            )
         self.block = (int(block[0]), int(block[1]))
         self.fmt = str(qc.get("fmt") or "e4m3")
         self.activation_scheme = str(qc.get("activation_scheme") or "dynamic")
@@ -285,7 +296,8 @@ class FP8BlockDequantizer(Dequantizer):
                     elif info.dtype not in ("F32", "BF16", "F16"):
                         problems.append(f"{name}: dtype {info.dtype} is not a float scale")
                     else:
-                        entries[w.name] = _Entry(w.name, module, w, {"weight": w, "weight_scale_inv": info}, (rows, cols))
+                        parts = {"weight": w, "weight_scale_inv": info}
+                        entries[w.name] = _Entry(w.name, module, w, parts, (rows, cols))
                 consumed.add(name)
         for name, info in by_name.items():
             module, _, leaf = name.rpartition(".")
@@ -328,7 +340,9 @@ class FP8BlockDequantizer(Dequantizer):
         )
         acts = None
         if self.activation_scheme == "dynamic":
-            acts = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="group", group_size=128, dynamic=True)
+            acts = QuantizationArgs(
+                num_bits=8, type="float", symmetric=True, strategy="group", group_size=128, dynamic=True
+            )
         return QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts)
 
     def same_scheme_as(self, recipe) -> str | None:
@@ -371,15 +385,9 @@ class CompressedTensorsDequantizer(Dequantizer):
         try:
             self.config = QuantizationConfig.model_validate(data)
         except Exception as e:  # pydantic's message names the bad field
-            raise SchemeError(f"config.json: quantization_config is not a valid compressed-tensors config: {e}") from None
-        if str(self.config.quantization_status) not in ("compressed", "QuantizationStatus.COMPRESSED") and getattr(
-            self.config.quantization_status, "value", self.config.quantization_status
-        ) != "compressed":
             raise SchemeError(
-                f"the source's quantization_config has quantization_status "
-                f"{getattr(self.config.quantization_status, 'value', self.config.quantization_status)!r}; "
-                "only compressed checkpoints (as saved for vLLM) can be read"
-            )
+                f"config.json: quantization_config is not a valid compressed-tensors config: {e}"
+            ) from None
         self.ignore = list(self.config.ignore or [])
         self.groups: dict[str, object] = {}
         self.params: dict[str, tuple[str, ...]] = {}  # group -> stored weight params, primary first
@@ -389,6 +397,8 @@ class CompressedTensorsDequantizer(Dequantizer):
                 continue  # activation-only groups (attention, kv cache) hold no weights
             scheme = scheme.model_copy(deep=True)
             fmt = scheme.format or top or infer_module_format(torch.nn.Linear, scheme)
+            if fmt == CompressionFormat.dense.value:
+                continue  # weights stored dense (only activations / kv cache were quantized)
             try:
                 fmt = CompressionFormat(fmt).value
                 compressor = BaseCompressor.get_value_from_registry(fmt)
@@ -401,20 +411,19 @@ class CompressedTensorsDequantizer(Dequantizer):
             scheme.format = fmt
             self.groups[gname] = scheme
             self.params[gname] = tuple(p for p in names if p.startswith("weight"))
-        if not self.groups:
-            raise SchemeError("the source's quantization_config has no group that quantizes weights")
 
     def _group_for(self, module: str, present: set[str]) -> str | None:
         from compressed_tensors.utils.match import match_name
 
         if module.endswith("norm") or any(match_name(module, ign) for ign in self.ignore):
             return None
-        named = [g for g, s in self.groups.items() if any(
-            (t.startswith("re:") or "." in t) and match_name(module, t) for t in s.targets)]
+        if not self.groups:
+            return None
+        named = [g for g, s in self.groups.items() if any(match_name(module, t) for t in s.targets)]
         # class targets ("Linear", …) cannot be checked from tensor names: any module whose
         # stored parameters fit the group's format is taken to be one
         classes = [g for g, s in self.groups.items() if not s.targets or any(
-            not t.startswith("re:") and "." not in t for t in s.targets)]
+            not t.startswith("re:") for t in s.targets)]
         for g in named + classes:
             if self.params[g][0] in present:
                 return g
@@ -438,6 +447,21 @@ class CompressedTensorsDequantizer(Dequantizer):
             scheme = self.groups[g]
             if names[0] == "weight" and "weight_scale" not in leaves:
                 continue  # a targeted module the source left dense (no scale): passes through
+            if names[0] == "weight" and by_name[f"{module}.weight"].dtype in _FLOAT_STORED:
+                problems.append(
+                    f"{module}.weight: stored as {by_name[module + '.weight'].dtype} next to its "
+                    f"weight_scale: the checkpoint is not compressed ({scheme.format}), so "
+                    "streamer cannot tell what the scale applies to"
+                )
+                continue
+            if names[0] != "weight" and "weight" in leaves:
+                problems.append(f"{module}: both {module}.weight and {module}.{names[0]} are stored")
+                continue
+            if "weight_g_idx" in leaves:
+                problems.append(
+                    f"{module}.weight_g_idx: activation-ordered (g_idx) weights are not supported"
+                )
+                continue
             missing = [p for p in names if p not in leaves and p != "weight_zero_point"]
             if not scheme.weights.symmetric and "weight_zero_point" not in leaves:
                 missing.append("weight_zero_point")
@@ -458,9 +482,11 @@ class CompressedTensorsDequantizer(Dequantizer):
             module, _, leaf = name.rpartition(".")
             if name in consumed or f"{module}.weight" in entries:
                 continue
-            if leaf in _KV_PARAMS:
-                consumed.add(name)
-            elif leaf in qparams and leaf != "weight_shape" or leaf == "weight_packed":
+            if leaf in _KV_PARAMS or (
+                leaf in ("output_scale", "output_zero_point") and self.config.kv_cache_scheme is not None
+            ):
+                consumed.add(name)  # kv cache scales: the new recipe has no kv cache scheme
+            elif leaf in qparams:
                 problems.append(
                     f"{name}: a quantization parameter of {module}, which no config group of the "
                     "source's quantization_config targets (or which it ignores)"
@@ -477,7 +503,7 @@ class CompressedTensorsDequantizer(Dequantizer):
         for e in self.entries.values():
             used[id(e.scheme)] = e.scheme
         schemes = list(used.values()) or list(self.groups.values())
-        label = "; ".join(f"{s.format} {_args_label(s.weights)}" for s in schemes)
+        label = "; ".join(f"{s.format} {_args_label(s.weights)}" for s in schemes) or "(weights stored dense)"
         return f"compressed-tensors {label}, {len(self.entries)} weights -> {self.dtype_name}"
 
     def same_scheme_as(self, recipe) -> str | None:
@@ -575,7 +601,3 @@ __all__ = [
     "detect_dequantizer",
     "source_dtype_name",
 ]
-
-
-def _natural(s: str):  # pragma: no cover - kept for symmetry with plan._natural
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", s)]

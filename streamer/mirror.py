@@ -181,6 +181,7 @@ def parse_jobs(data: dict, *, origin: str = "jobs file") -> list[Job]:
     if not isinstance(defaults, dict):
         problems.append("[defaults] must be a table")
         defaults = {}
+    defaults = dict(defaults)
     for key, value in list(defaults.items()):
         if key in ("name", "source", "target"):
             problems.append(f"[defaults]: {key!r} belongs in each [[job]], not in [defaults]")
@@ -215,31 +216,34 @@ def parse_jobs(data: dict, *, origin: str = "jobs file") -> list[Job]:
             if key not in JOB_KEYS:
                 problems.append(f"{label}: {_unknown(key, JOB_KEYS)}")
         merged = {**defaults, **{k: v for k, v in entry.items() if k in JOB_KEYS}}
-        for key, value in merged.items():
+        for key, value in list(merged.items()):
             if (why := _type_problem(key, value)) is not None:
                 problems.append(f"{label}: {why}")
-        missing = [k for k in REQUIRED if k not in merged]
+                merged.pop(key)
+        missing = [k for k in REQUIRED if k not in merged and k not in entry]
         if missing:
             where = " (scheme may also come from [defaults])" if "scheme" in missing else ""
             problems.append(f"{label}: missing {', '.join(missing)}{where}")
-        if len(problems) > before:
-            continue
 
-        name = merged["name"]
-        if not _NAME.match(name):
-            problems.append(f"{label}: name {name!r} may only use letters, digits, '.', '_' and '-'")
-        elif name in names:
-            problems.append(f"{label}: duplicate name {name!r} (also job #{names[name]})")
-        else:
-            names[name] = i
-        source, source_rev, why = _split_repo(merged["source"], "source")
-        if why:
-            problems.append(f"{label}: {why}")
-        target, target_rev, why = _split_repo(merged["target"], "target")
-        if why:
-            problems.append(f"{label}: {why}")
-        elif target_rev and (target_rev.startswith("refs/") or _SHA.match(target_rev)):
-            problems.append(f"{label}: target {merged['target']!r}: after '@' give a branch name")
+        name = merged.get("name")
+        if name is not None:
+            if not _NAME.match(name):
+                problems.append(f"{label}: name {name!r} may only use letters, digits, '.', '_' and '-'")
+            elif name in names:
+                problems.append(f"{label}: duplicate name {name!r} (also job #{names[name]})")
+            else:
+                names[name] = i
+        source = source_rev = target = target_rev = None
+        if "source" in merged:
+            source, source_rev, why = _split_repo(merged["source"], "source")
+            if why:
+                problems.append(f"{label}: {why}")
+        if "target" in merged:
+            target, target_rev, why = _split_repo(merged["target"], "target")
+            if why:
+                problems.append(f"{label}: {why}")
+            elif target_rev and (target_rev.startswith("refs/") or _SHA.match(target_rev)):
+                problems.append(f"{label}: target {merged['target']!r}: after '@' give a branch name")
         if source and target and source.lower() == target.lower():
             problems.append(f"{label}: source and target are the same repo ({source})")
         if target:
@@ -250,16 +254,17 @@ def parse_jobs(data: dict, *, origin: str = "jobs file") -> list[Job]:
                     "two jobs must not publish to the same branch"
                 )
             else:
-                targets[slot] = name
+                targets[slot] = name or f"#{i}"
         dq = merged.get("dequant_dtype")
         if dq is not None and dq not in DEQUANT_DTYPES:
             problems.append(f"{label}: dequant_dtype {dq!r}: use one of {', '.join(DEQUANT_DTYPES)}")
-        try:
-            recipe = make_recipe(merged["scheme"], ignore=list(merged.get("ignore", [])))
-        except StreamerError as e:
-            problems.append(f"{label}: {e}")
-            continue
-        if len(problems) > before:
+        recipe = None
+        if "scheme" in merged:
+            try:
+                recipe = make_recipe(merged["scheme"], ignore=list(merged.get("ignore", [])))
+            except StreamerError as e:
+                problems.append(f"{label}: {e}")
+        if len(problems) > before or recipe is None:
             continue
         jobs.append(Job(
             name=name, source=source, target=target, scheme=recipe.name,
@@ -489,7 +494,8 @@ class MirrorRunner:
         res = JobResult(job.name, "failed", job.source_spec, job.target_spec, job.scheme)
         try:
             self._run(job, res)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C, or another job's cancel: stop everything cleanly
+            self.cancel.set()
             res.status, res.error = "failed", "interrupted: nothing was published"
         except TargetError as e:
             res.status, res.error = "failed", str(e)
@@ -564,24 +570,21 @@ class MirrorRunner:
                 on_result(r)
 
         if self.parallel == 1 or len(jobs) <= 1:
-            for job in jobs:
-                try:
-                    done(self.run_one(job))
-                except KeyboardInterrupt:
-                    self.cancel.set()
-                    raise
+            for job in jobs:  # after a Ctrl-C, the remaining jobs report "interrupted" at once
+                done(self.run_one(job))
             return [results[j.name] for j in jobs]
         pool = ThreadPoolExecutor(self.parallel, thread_name_prefix="streamer-mirror")
-        futures = {pool.submit(self.run_one, j): j for j in jobs}
         try:
-            pending = set(futures)
+            pending = {pool.submit(self.run_one, j) for j in jobs}
             while pending:
-                finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                try:
+                    finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                except KeyboardInterrupt:
+                    log.warning("interrupted: cancelling the running conversions")
+                    self.cancel.set()
+                    continue
                 for f in finished:
                     done(f.result())
-        except KeyboardInterrupt:
-            self.cancel.set()
-            raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
         return [results[j.name] for j in jobs]
@@ -672,9 +675,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="environment variable holding the webhook secret (default: WEBHOOK_SECRET)")
     w.add_argument("--catch-up", action="store_true",
                    help="with --serve: run every job once at startup (up-to-date jobs are skipped cheaply)")
-    w.add_argument("--webhook-payload", nargs="?", const="env:WEBHOOK_PAYLOAD", metavar="FILE|env:VAR",
-                   help="run only the jobs a webhook payload triggers, then exit (default env:WEBHOOK_PAYLOAD, "
-                   "which the Hub sets in a Job started by a webhook)")
+    w.add_argument("--webhook-payload", action="store_true",
+                   help="run only the jobs that the webhook payload in $WEBHOOK_PAYLOAD triggers, then exit "
+                   "(the Hub sets it in a Job started by a webhook)")
+    w.add_argument("--payload-file", metavar="FILE",
+                   help="like --webhook-payload, with the payload read from FILE ('-' for stdin)")
     return p
 
 
@@ -688,17 +693,16 @@ def _secret(args) -> str | None:
     return value or None
 
 
-def _load_payload(spec: str) -> dict:
-    if spec.startswith("env:"):
-        var = spec[4:]
-        text = os.environ.get(var)
+def _load_payload(spec: str | None) -> dict:
+    if spec is None:
+        text = os.environ.get("WEBHOOK_PAYLOAD")
         if not text:
-            raise StreamerError(f"--webhook-payload: environment variable {var} is not set")
+            raise StreamerError("--webhook-payload: the environment variable WEBHOOK_PAYLOAD is not set")
     else:
         try:
             text = sys.stdin.read() if spec == "-" else Path(spec).read_text()
         except OSError as e:
-            raise StreamerError(f"--webhook-payload {spec}: {e.strerror or e}") from None
+            raise StreamerError(f"--payload-file {spec}: {e.strerror or e}") from None
     try:
         payload = json.loads(text)
     except json.JSONDecodeError as e:
@@ -716,6 +720,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:  # per-job lines come from streamer.mirror; the engine's chatter stays quiet
         logging.getLogger("streamer").setLevel(logging.WARNING if not (args.quiet or args.json) else logging.ERROR)
         logging.getLogger("streamer.mirror").setLevel(logging.WARNING if (args.quiet or args.json) else logging.INFO)
+        for noisy in ("httpx", "httpx2", "httpcore"):  # one INFO line per HTTP request otherwise
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         jobs = select_jobs(load_jobs(args.jobs_file), args.only)
         if args.workers < 1:
@@ -725,8 +731,8 @@ def main(argv: list[str] | None = None) -> int:
             max_memory=args.max_memory, device=args.device, workers=args.workers,
         )  # fmt: skip
         if args.serve:
-            if args.webhook_payload:
-                raise StreamerError("--serve and --webhook-payload do not go together")
+            if args.webhook_payload or args.payload_file:
+                raise StreamerError("--serve does not take --webhook-payload / --payload-file")
             secret = _secret(args)
             if not secret:
                 raise StreamerError(
@@ -738,10 +744,10 @@ def main(argv: list[str] | None = None) -> int:
             listener = WebhookListener(jobs, runner, secret=secret, host=args.host, port=args.port,
                                        json_lines=args.json)
             return listener.serve_forever(catch_up=args.catch_up)
-        if args.webhook_payload:
+        if args.webhook_payload or args.payload_file:
             from .webhook import match_payload
 
-            jobs, why = match_payload(jobs, _load_payload(args.webhook_payload))
+            jobs, why = match_payload(jobs, _load_payload(args.payload_file))
             log.info("webhook payload: %s%s", why, f" -> {', '.join(j.name for j in jobs)}" if jobs else "")
         results = runner.run(jobs)
     except StreamerError as e:
@@ -754,4 +760,6 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary(results), indent=2))
     else:
         print(render_table(results))
+    if runner.cancel.is_set():
+        return 130
     return 0 if all(r.ok for r in results) else 1

@@ -79,6 +79,7 @@ class Piece:
     passthrough: list[str]
     first: bool = False  # first piece of its job: opens the shard writer
     last: bool = False  # last piece of its job: closes the shard writer
+    extra: int = 0  # working bytes the inputs do not show: dense weights of a quantized source
 
     @property
     def bytes_in(self) -> int:
@@ -87,7 +88,7 @@ class Piece:
     @property
     def cost(self) -> int:
         work = sum(t.nbytes for t in self.inputs if t.name in {q.tensor for q in self.quantize})
-        return self.bytes_in + sum(o.nbytes for o in self.outputs) + WORK_FACTOR * work
+        return self.bytes_in + sum(o.nbytes for o in self.outputs) + WORK_FACTOR * work + self.extra
 
 
 @dataclass
@@ -152,11 +153,14 @@ def split_job(job: Job, plan: Plan, limit: int) -> list[Piece]:
             [ops[n] for n in unit if n in ops],
             [n for n in unit if n not in ops],
         )
+        if plan.dequantizer is not None:
+            piece.extra = sum(plan.dequantizer.work_bytes(n) for n in unit)
         if current is not None and current.cost + piece.cost <= limit:
             current.inputs += piece.inputs
             current.outputs += piece.outputs
             current.quantize += piece.quantize
             current.passthrough += piece.passthrough
+            current.extra += piece.extra
         else:
             current = piece
             pieces.append(current)

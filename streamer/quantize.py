@@ -467,8 +467,8 @@ def _lut(kind: str, key_dtype: torch.dtype, device: torch.device) -> torch.Tenso
     return t
 
 
-def _key16(v: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
-    """A non-negative int32 16-bit key of each value and the dtype those 16 bits encode.
+def _key16(v: torch.Tensor, scratch: "_Scratch | None" = None) -> tuple[torch.Tensor, torch.dtype]:
+    """A non-negative int32 16-bit key of each value (flat) and the dtype those 16 bits encode.
 
     bf16 / fp16 values are their own bit pattern; fp32 values are narrowed to bf16 with
     round-to-odd (truncate, then set the last bit if anything nonzero was dropped). bf16 keeps
@@ -476,22 +476,29 @@ def _key16(v: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
     value lands where rounding of the fp32 value does (the classic round-to-odd argument), the
     sign survives, and a nonzero value never becomes zero.
     """
+    scratch = scratch or _Scratch()
+    n = v.numel()
+    key = scratch.get("key", torch.int32, (n,), v.device)
     if v.dtype in (torch.bfloat16, torch.float16):
-        return v.view(torch.int16).to(torch.int32).bitwise_and_(0xFFFF), v.dtype
+        key.copy_(v.reshape(-1).view(torch.int16))
+        return key.bitwise_and_(0xFFFF), v.dtype
     if v.dtype != torch.float32:
-        v = v.float()  # float64: only reached by the generic path below
-    u = v.view(torch.int32)
-    sticky = torch.bitwise_and(u, 0xFFFF).clamp_(max=1)
-    key = torch.bitwise_right_shift(u, 16).bitwise_or_(sticky).bitwise_and_(0xFFFF)
-    return key, torch.bfloat16
+        v = v.float()  # float64: only reached through the generic path
+    u = v.reshape(-1).view(torch.int32)
+    sticky = scratch.get("sticky", torch.int32, (n,), v.device)
+    torch.bitwise_and(u, 0xFFFF, out=sticky).clamp_(max=1)
+    torch.bitwise_right_shift(u, 16, out=key)
+    return key.bitwise_or_(sticky).bitwise_and_(0xFFFF), torch.bfloat16
 
 
-def _encode(v: torch.Tensor, kind: str) -> torch.Tensor:
-    """FP4 nibble / FP6 code (uint8) of each value of v (any shape), same shape."""
+def _encode(v: torch.Tensor, kind: str, scratch: "_Scratch | None" = None) -> torch.Tensor:
+    """FP4 nibble / FP6 code (uint8) of each value of v (any shape), flat."""
     if v.dtype == torch.float64:
-        return _fp4_nibbles(v) if kind == "fp4" else _fp6_codes(v)
-    key, kdt = _key16(v.contiguous())
-    return torch.index_select(_lut(kind, kdt, v.device), 0, key.view(-1)).view(v.shape)
+        return (_fp4_nibbles(v) if kind == "fp4" else _fp6_codes(v)).reshape(-1)
+    scratch = scratch or _Scratch()
+    key, kdt = _key16(v.contiguous(), scratch)
+    codes = scratch.get("codes", torch.uint8, (key.numel(),), v.device)
+    return torch.index_select(_lut(kind, kdt, v.device), 0, key, out=codes)
 
 
 def _pack_nibbles(n: torch.Tensor) -> torch.Tensor:
@@ -608,12 +615,30 @@ def _chunks(w: torch.Tensor, spec: _Spec, scale: torch.Tensor, zp: torch.Tensor 
             yield _Chunk(r0, r1, x, scale, zp)
 
 
-def _scaled(c: _Chunk, spec: _Spec, gscale: torch.Tensor | None) -> torch.Tensor:
-    """clamp(x / scale (+ zp)) in the promoted dtype, as compressed-tensors' eager _quantize."""
+class _Scratch:
+    """Reusable per-call buffers (one weight's chunks all fit the first chunk's size)."""
+
+    def __init__(self):
+        self.bufs: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def get(self, name: str, dtype: torch.dtype, shape, device) -> torch.Tensor:
+        n = math.prod(shape)
+        b = self.bufs.get((name, dtype))
+        if b is None or b.numel() < n or b.device != device:
+            b = torch.empty(n, dtype=dtype, device=device)
+            self.bufs[(name, dtype)] = b
+        return b[:n].view(shape)
+
+
+def _scaled(c: _Chunk, gscale: torch.Tensor | None, scratch: _Scratch) -> torch.Tensor:
+    """x / scale (+ zp) in the promoted dtype, as compressed-tensors' eager _quantize."""
     s = c.s
     if gscale is not None:
         s = s / gscale
-    v = c.x / s
+    dt = torch.promote_types(c.x.dtype, s.dtype)
+    shape = torch.broadcast_shapes(c.x.shape, s.shape)
+    v = scratch.get("v", dt, shape, c.x.device)
+    torch.div(c.x, s, out=v)
     if c.z is not None:
         v += c.z.to(c.x.dtype)
     return v
@@ -624,6 +649,22 @@ def _q_range(spec: _Spec) -> tuple[float, float]:
         return {8: (-448.0, 448.0), 6: (-7.5, 7.5), 4: (-6.0, 6.0)}[spec.num_bits]
     half = 2.0 ** spec.num_bits / 2
     return -half, half - 1
+
+
+def _fp8_clamp_is_noop(w: torch.Tensor, spec: _Spec, scale: torch.Tensor, zp) -> bool:
+    """True when clamping x / scale to ±448 cannot change the FP8 cast.
+
+    The cast rounds to nearest even and maps |v| >= 464 to NaN; values in (448, 464] round to
+    448 either way. With |x| <= amax per scale group, |x / scale| <= amax / scale, so a bound of
+    460 on amax / scale (checked on the small scale tensor, in fp32) leaves a margin for the
+    quotient's rounding to the weight dtype. Fails (clamp kept) for fp16 subnormal scales,
+    NaN / inf, zero points, or a scale not derived from the weight's own groups.
+    """
+    if zp is not None or spec.num_bits != 8 or spec.tensor_group:
+        return False
+    amax = _abs_max(w, spec).float()
+    ratio = amax / scale.float()
+    return bool((ratio <= 460.0).all())
 
 
 def quantize_weight(
@@ -655,35 +696,40 @@ def quantize_weight(
 
     out: dict[str, torch.Tensor] = {}
     qmin, qmax = _q_range(spec)
+    scratch = _Scratch()
     if spec.fmt in _UNPACKED_FORMATS:
         q = torch.empty((rows, cols), dtype=spec.args.pytorch_dtype(), device=dev)
+        clamp = not (spec.is_float and _fp8_clamp_is_noop(w, spec, scale, zp))
         for c in _chunks(w, spec, scale, zp):
-            v = _scaled(c, spec, q_gscale).clamp_(qmin, qmax)
+            v = _scaled(c, q_gscale, scratch)
+            if clamp:
+                v.clamp_(qmin, qmax)
             if not spec.is_float:
-                v = v.round_()
+                v.round_()
             q[c.r0 : c.r1].view(v.shape).copy_(v)
         out["weight"] = q
     elif spec.fmt == _PACK:
         bits = spec.num_bits
         off = float(1 << (bits - 1))
-        words = -(-cols * bits // 32)
-        q = torch.empty((rows, words), dtype=torch.int32, device=dev)
+        q = torch.empty((rows, -(-cols * bits // 32)), dtype=torch.int32, device=dev)
         for c in _chunks(w, spec, scale, zp):
-            v = _scaled(c, spec, q_gscale).clamp_(qmin, qmax).round_().add_(off)
-            u = v.to(torch.uint8).view(c.r1 - c.r0, cols)
+            v = _scaled(c, q_gscale, scratch).clamp_(qmin, qmax).round_().add_(off)
+            u = scratch.get("u", torch.uint8, (c.r1 - c.r0, cols), dev)
+            u.view(v.shape).copy_(v)
             q[c.r0 : c.r1] = _pack_int32(u, bits)
         out["weight_packed"] = q
     elif spec.fmt in _FP4_FORMATS:
         q = torch.empty((rows, cols // 2), dtype=torch.uint8, device=dev)
         for c in _chunks(w, spec, scale, zp):
-            v = _scaled(c, spec, q_gscale)  # clamping to ±6 is part of the code table
-            q[c.r0 : c.r1] = _pack_nibbles(_encode(v, "fp4").view(c.r1 - c.r0, cols))
+            v = _scaled(c, q_gscale, scratch)  # clamping to ±6 is part of the code table
+            codes = _encode(v, "fp4", scratch).view(c.r1 - c.r0, cols)
+            q[c.r0 : c.r1] = _pack_nibbles(codes)
         out["weight_packed"] = q
     else:  # MXFP6
         q = torch.empty((rows, cols * 3 // 4), dtype=torch.uint8, device=dev)
         for c in _chunks(w, spec, scale, zp):
-            v = _scaled(c, spec, q_gscale)  # clamping to ±7.5 is part of the code table
-            q[c.r0 : c.r1] = _pack_fp6(_encode(v, "fp6").view(c.r1 - c.r0, cols))
+            v = _scaled(c, q_gscale, scratch)  # clamping to ±7.5 is part of the code table
+            q[c.r0 : c.r1] = _pack_fp6(_encode(v, "fp6", scratch).view(c.r1 - c.r0, cols))
         out["weight_packed"] = q
 
     args = spec.args

@@ -51,7 +51,7 @@ def match_payload(jobs: list[Job], payload: dict) -> tuple[list[Job], str]:
         return [], f"event scope {scope!r} does not change a source"
     if action not in ("update", "create"):
         return [], f"event {scope}/{action} ignored" + (
-            f" (repo moved: update the jobs file)" if action == "move" else ""
+            " (repo moved: update the jobs file)" if action == "move" else ""
         )
     if rtype != "model" or not isinstance(name, str):
         return [], f"{rtype} repo {name}: jobs mirror model repos"

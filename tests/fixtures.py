@@ -15,9 +15,18 @@ Public API
 ``PROMPT_IDS``                   fixed token ids to feed ``load_logits``
 ``read_header(path)``            (header dict, data offset) of one safetensors file, raw
 ``weight_map(path)``             tensor name -> file name of a checkpoint folder
-``fused_sets(names)``            the fused sets (q/k/v, gate/up, ...) among tensor names
+``write_header(path, header)``   rewrite a safetensors header, keeping the data section
+``fused_sets(names)``            the fused sets vLLM fuses (q/k/v, MLA q_a/kv_a, gate/up of dense,
+                                 shared and routed experts, Mixtral w1/w3) among tensor names
+``straddling_sets(wmap)``        those whose members live in more than one file
 ``CORRUPTIONS`` / ``corrupt_checkpoint(kind, src, dst)``   malformed checkpoints
-``target_shard(src)``            the shard file that header-level corruptions damage
+``target_shard(src)``            the shard file that header-level corruptions damage (the one
+                                 holding ``CORRUPTION_TARGET`` = layer 0 q_proj)
+
+Tensor layout written by transformers 5.23 ``save_pretrained``: always the classic per-module
+2-D names -- MoE experts are saved per expert (``mlp.experts.N.{gate,up,down}_proj.weight``,
+Mixtral ``block_sparse_moe.experts.N.w{1,2,3}.weight``), never the fused 3-D
+``experts.gate_up_proj`` that the in-memory model uses (save_pretrained reverts the conversion).
 """
 
 from __future__ import annotations
@@ -153,7 +162,8 @@ def straddling_sets(wmap: dict[str, str]) -> list[tuple[str, list[str]]]:
 # Partners in llm-compressor 0.14's DEFAULT_FUSED_MAPPINGS (microscale schemes): a shard that
 # holds *only* such partners has no job there and model_free_ptq raises
 # "Could not find inverse_weight_map for shard ...".  The default layout avoids that so the
-# reference can run on every fixture; build your own layout to test that case.
+# reference can run on the fixtures; build_checkpoint("llama", dst, max_shard_size="160KB")
+# gives shards holding only k_proj+v_proj or only up_proj, to test that case.
 _REF_PRIMARIES = [
     (r"^(?P<prefix>.+?)\.(?P<attn>attn|attention|self_attn|self_attention)\.q_proj\.weight$",
      ["{prefix}.{attn}.k_proj.weight", "{prefix}.{attn}.v_proj.weight"]),
@@ -538,7 +548,9 @@ def load_logits(path: Path, prompt_ids: list[int] | torch.Tensor = PROMPT_IDS,
 
     Plain checkpoints: ``AutoModelForCausalLM.from_pretrained``.  compressed-tensors checkpoints:
       * ``via="transformers"``: transformers' compressed-tensors integration, decompressing on
-        load (``CompressedTensorsConfig(dequantize=True)``, formerly ``run_compressed=False``; the compressed kernels need a GPU).
+        load (``CompressedTensorsConfig(dequantize=True)``, formerly ``run_compressed=False``).
+        A plain ``from_pretrained`` (compressed run) is wrong on CPU in 5.23: silently garbage
+        logits for FP8/INT8/W4A16/W8A16, errors for NVFP4/MXFP4/MXFP8/W4A16_ASYM.
         Works on CPU for every dense-model scheme; for MoE experts transformers 5.23 is broken on
         NVFP4 (ignores ``weight_global_scale`` -> garbage, no error) and FP8_BLOCK (raises).
       * ``via="dequantize"``: ``dequantize_checkpoint`` (compressed-tensors' compressors) into a
@@ -663,7 +675,8 @@ def corrupt_checkpoint(kind: str, src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     index = dst / "model.safetensors.index.json"
     sharded = index.exists()
-    if kind in ("missing_shard", "duplicate_tensor_across_shards", "index_not_json") and not sharded:
+    needs_index = ("missing_shard", "duplicate_tensor_across_shards", "index_not_json")
+    if kind in needs_index and not sharded:
         raise ValueError(f"{kind} needs a sharded checkpoint (with an index)")
 
     fname = target_shard(src)

@@ -357,11 +357,13 @@ def compare_checkpoints(a: Path, b: Path, *, qconfig_keys: Iterable[str] = QCONF
                 va, vb = qa.get(k), qb.get(k)
                 if ignore_ignore_order and k == "ignore" and va and vb:
                     va, vb = sorted(va), sorted(vb)
-                _json_diffs(va, vb, f"quantization_config.{k}", out)
+                _json_diffs(va, vb, f"quantization_config.{k}", qdiffs := [])
+                out.extend(qdiffs)
         if compare_other_config:
             rest_a = {k: v for k, v in ca.items() if k != "quantization_config"}
             rest_b = {k: v for k, v in cb.items() if k != "quantization_config"}
-            _json_diffs(rest_a, rest_b, "config", out)
+            _json_diffs(rest_a, rest_b, "config", cdiffs := [])
+            out.extend(cdiffs)
     return out
 
 

@@ -393,16 +393,20 @@ def test_reference_nvfp4_layout_and_fusion(ref_results):
     assert r.ok, r.traceback
     h = _headers(r.dst)
     q = "model.layers.0.self_attn.q_proj"
-    assert (h[q + ".weight_packed"]["dtype"], h[q + ".weight_packed"]["shape"]) == ("U8", [256, 128])
-    assert (h[q + ".weight_scale"]["dtype"], h[q + ".weight_scale"]["shape"]) == ("F8_E4M3", [256, 16])
-    assert (h[q + ".weight_global_scale"]["dtype"],
-            h[q + ".weight_global_scale"]["shape"]) == ("F32", [1])
+    def dt_shape(name):
+        return h[name]["dtype"], h[name]["shape"]
+
+    assert dt_shape(q + ".weight_packed") == ("U8", [256, 128])
+    assert dt_shape(q + ".weight_scale") == ("F8_E4M3", [256, 16])
+    assert dt_shape(q + ".weight_global_scale") == ("F32", [1])
     # fused partners are moved into the primary's shard
-    assert h[q + ".weight_packed"]["file"] == h["model.layers.0.self_attn.v_proj.weight_packed"]["file"]
+    v = "model.layers.0.self_attn.v_proj"
+    assert h[q + ".weight_packed"]["file"] == h[v + ".weight_packed"]["file"]
     gs = _global_scales(r.dst)
     for layer in (0, 1):
         p = f"model.layers.{layer}"
-        assert gs[f"{p}.self_attn.q_proj"] == gs[f"{p}.self_attn.k_proj"] == gs[f"{p}.self_attn.v_proj"]
+        attn = [gs[f"{p}.self_attn.{x}_proj"] for x in "qkv"]
+        assert attn[0] == attn[1] == attn[2]
         assert gs[f"{p}.mlp.gate_proj"] == gs[f"{p}.mlp.up_proj"]
     assert torch.isfinite(load_logits(r.dst)).all()
 

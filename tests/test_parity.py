@@ -32,9 +32,10 @@ def reference_outputs(llama_ckpt, reference_runs):
 def _config_groups(folder):
     raw = json.loads((folder / "config.json").read_text())["quantization_config"]
     raw = {k: v for k, v in raw.items() if k not in ("version", "quant_method", "transform_config")}
-    # Parse with the library, so fields one version writes and another infers compare equal.
+    # Parse with the library, so fields one version writes and another infers (zp_dtype) compare
+    # equal: repr shows every field, inferred ones included.
     cfg = QuantizationConfig.model_validate(raw)
-    return cfg.format, sorted(cfg.ignore or []), {k: g.model_dump() for k, g in cfg.config_groups.items()}
+    return cfg.format, sorted(cfg.ignore or []), {k: repr(g) for k, g in cfg.config_groups.items()}
 
 
 @pytest.mark.reference

@@ -1,0 +1,825 @@
+"""streamer as a Hugging Face Space: quantize a Hub model and publish it, for the signed-in user.
+
+Run it on a workstation (the token comes from HF_TOKEN or `hf auth login`):
+
+    python app.py                                   # against huggingface.co
+    HF_ENDPOINT=http://127.0.0.1:8765 HF_TOKEN=hf_alice python app.py   # against a localhub
+
+HF_ENDPOINT is read by huggingface_hub when it is imported, so it must be set in the environment
+before this module is imported (the commands above do). On a Space (`hf_oauth: true` in
+space/README.md) every user signs in with Hugging Face and conversions run with that user's own
+token; the Space's own secrets are never used on a user's behalf.
+
+Endpoints (for gradio_client): /whoami, /suggest, /plan, /convert, /cancel.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import os
+import queue
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from urllib.parse import quote
+
+import gradio as gr
+import pandas as pd
+from huggingface_hub import HfApi, get_token
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.utils import build_hf_headers, disable_progress_bars, get_session, hf_raise_for_status
+
+from streamer.api import convert
+from streamer.catalog import build_catalog
+from streamer.errors import HubError, PlanError, StreamerError
+from streamer.hub import HubSource, explain
+from streamer.pipeline import default_memory_budget
+from streamer.plan import collapse_names, expand_inputs, human_bytes, plan_summary
+from streamer.progress import STAGES, Progress, ProgressEvent
+from streamer.schemes import accepted_presets
+from streamer.suggest import (
+    format_ignore,
+    parse_ignore,
+    scheme_blurb,
+    suggest_ignore,
+    suggest_repo_name,
+)
+
+log = logging.getLogger("streamer.app")
+
+# On a Space, gradio runs the real OAuth flow; elsewhere there is no sign-in and the token of
+# the machine (HF_TOKEN / the login cache) is used, which is what a workstation or localhub wants.
+ON_SPACES = bool(os.environ.get("SPACE_ID"))
+# A Space that deliberately converts with its own token for everyone (a private Space) says so.
+ALLOW_SERVER_TOKEN = os.environ.get("STREAMER_ALLOW_SERVER_TOKEN") == "1"
+# gradio's stand-in token when OAuth is mocked off Spaces: worthless, never sent anywhere.
+_MOCK_TOKEN = "mock-oauth-token-for-local-dev"
+
+MAX_CONVERSIONS = max(1, int(os.environ.get("STREAMER_MAX_CONVERSIONS", "2")))  # at once, all users
+DEFAULT_SCHEME = os.environ.get("STREAMER_DEFAULT_SCHEME", "FP8_DYNAMIC")
+CONFIG_MAX_BYTES = 4 << 20  # config.json is a few kB; anything bigger is not a config
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9_.][\w.-]{0,95}$")
+_NAME = re.compile(r"^[A-Za-z0-9_][\w.-]{0,95}$")
+
+
+def endpoint() -> str:
+    """The Hub this app talks to: HF_ENDPOINT, as huggingface_hub read it at import."""
+    return hf_constants.ENDPOINT.rstrip("/")
+
+
+# --------------------------------------------------------------------------------------------
+# errors a user can act on
+# --------------------------------------------------------------------------------------------
+
+
+class UserError(Exception):
+    """A sentence for the user, raised by the app itself (bad input, not signed in …)."""
+
+
+def for_web(message: str) -> str:
+    """Engine messages speak CLI ("--ignore", "HF_TOKEN"); say it in the form's words."""
+    sign_in = "sign in with Hugging Face" if ON_SPACES else "set HF_TOKEN or run `hf auth login` where the app runs"
+    swaps = [
+        ("(pass --token or set HF_TOKEN)", f"({sign_in})"),
+        ("pass --token or set HF_TOKEN", sign_in),
+        ("check --token / HF_TOKEN", sign_in),
+        ("(check --token / HF_TOKEN)", f"({sign_in})"),
+        ("ignore this module with --ignore", "add this module to the ignore list"),
+        ("ignore it with --ignore", "add it to the ignore list"),
+        ("add --ignore", "add to the ignore list"),
+        ("with --ignore", "with the ignore list"),
+        ("choose another repo or pass --overwrite", "choose another repo name, or open the conversion as a pull request"),
+        (" (or --scheme-file for a custom one)", ""),
+        ("run again with that account's token", "try again"),
+    ]
+    for old, new in swaps:
+        message = message.replace(old, new)
+    if endpoint() != "https://huggingface.co":
+        message = message.replace("https://huggingface.co/", endpoint() + "/")
+    return message
+
+
+def sentence(e: BaseException) -> str:
+    """What to tell the user about E. Unexpected errors get a generic sentence (logged here)."""
+    if isinstance(e, PlanError):
+        return for_web(plan_problems(e.problems))
+    if isinstance(e, (StreamerError, UserError)):
+        return for_web(str(e))
+    if isinstance(e, HfHubHTTPError):
+        return for_web(str(explain(e, "the Hub", what="repo")))
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    log.error("unexpected %s at %s", type(e).__name__, stamp, exc_info=(type(e), e, e.__traceback__))
+    return (
+        f"Something went wrong on our side ({type(e).__name__}); nothing was published. "
+        f"Try again, and if it happens again report it with this time: {stamp}."
+    )
+
+
+def plan_problems(problems: list[str], limit: int = 8) -> str:
+    """PlanError's problems grouped by reason: one line per reason, with the tensors it hits."""
+    groups: dict[str, list[str]] = {}
+    for p in problems:
+        name, sep, why = p.partition(": ")
+        if not sep or " " in name:
+            name, why = "", p
+        why = re.sub(r"^weight of shape \[[\d, ]*\]: ", "", why)
+        groups.setdefault(why, []).append(name)
+    lines = []
+    for why, names in list(groups.items())[:limit]:
+        names = [n for n in names if n]
+        if names:
+            shown = collapse_names(names)
+            where = ", ".join(shown[:6]) + (f", … ({len(shown) - 6} more)" if len(shown) > 6 else "")
+            lines.append(f"- {where}: {why}")
+        else:
+            lines.append(f"- {why}")
+    if len(groups) > limit:
+        lines.append(f"- … and {len(groups) - limit} more problems")
+    return "This model cannot be converted with these settings:\n" + "\n".join(lines)
+
+
+def fail(e: BaseException) -> gr.Error:
+    return gr.Error(sentence(e), duration=15, title="Cannot do that", print_exception=False)
+
+
+def error_box(message: str) -> str:
+    lines = html.escape(message).split("\n")
+    return f'<div class="streamer-error" role="alert">{"<br>".join(lines)}</div>'
+
+
+# --------------------------------------------------------------------------------------------
+# who is asking
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_token(oauth_token: gr.OAuthToken | None) -> str | None:
+    """The user's token: the OAuth one, else (off Spaces) HF_TOKEN / the login cache."""
+    token = getattr(oauth_token, "token", None)
+    if token and token != _MOCK_TOKEN:
+        return token
+    if ON_SPACES and not ALLOW_SERVER_TOKEN:
+        return None  # never the Space's own token on behalf of an anonymous visitor
+    return get_token()
+
+
+def require_token(oauth_token: gr.OAuthToken | None) -> str:
+    token = resolve_token(oauth_token)
+    if not token:
+        if ON_SPACES:
+            raise UserError("Sign in with Hugging Face first (the button at the top of the page).")
+        raise UserError("No Hugging Face token here: set HF_TOKEN or run `hf auth login` where the app runs, then reload.")
+    return token
+
+
+@dataclass(frozen=True)
+class Account:
+    name: str
+    orgs: tuple[str, ...]
+
+    @property
+    def namespaces(self) -> list[str]:
+        return [self.name, *self.orgs]
+
+
+def whoami(token: str) -> Account:
+    try:
+        info = HfApi(endpoint=endpoint(), token=token).whoami()
+    except HfHubHTTPError as e:
+        if getattr(e.response, "status_code", None) == 401:
+            raise UserError(
+                "Your Hugging Face sign-in was rejected (expired or revoked): sign out and sign in again."
+                if ON_SPACES else "The Hugging Face token was rejected (invalid or expired): set a valid HF_TOKEN."
+            ) from None
+        raise explain(e, "your account") from None
+    orgs = tuple(o.get("name") for o in info.get("orgs") or [] if isinstance(o, dict) and o.get("name"))
+    return Account(str(info.get("name")), orgs)
+
+
+# --------------------------------------------------------------------------------------------
+# one conversion per user, cancellable
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Active:
+    target: str
+    cancel: threading.Event = field(default_factory=threading.Event)
+    started: float = field(default_factory=time.monotonic)
+
+
+_active: dict[str, Active] = {}
+_active_lock = threading.Lock()
+
+
+def _claim(user: str, target: str) -> Active:
+    with _active_lock:
+        running = _active.get(user)
+        if running is not None:
+            raise UserError(
+                f"You already have a conversion running (to {running.target}). Wait for it to finish "
+                "or cancel it before starting another one."
+            )
+        slot = _active[user] = Active(target)
+        return slot
+
+
+def _release(user: str, slot: Active) -> None:
+    with _active_lock:
+        if _active.get(user) is slot:
+            del _active[user]
+
+
+# --------------------------------------------------------------------------------------------
+# form values
+# --------------------------------------------------------------------------------------------
+
+
+def parse_source(source: str, revision: str | None) -> tuple[str, str | None]:
+    source = (source or "").strip().removeprefix(endpoint() + "/").removeprefix("https://huggingface.co/")
+    repo, _, inline_rev = source.partition("@")
+    revision = (revision or "").strip() or inline_rev.strip() or None
+    if not repo:
+        raise UserError("Enter the source model's repo id, like meta-llama/Llama-3.1-8B-Instruct.")
+    if not _REPO_ID.match(repo):
+        raise UserError(f"“{repo}” is not a Hub repo id: use the form owner/name, like meta-llama/Llama-3.1-8B-Instruct.")
+    if revision is not None and (len(revision) > 200 or any(c.isspace() for c in revision) or ".." in revision):
+        raise UserError(f"“{revision}” is not a valid revision: give a branch, tag or commit sha.")
+    return repo, revision
+
+
+def target_of(namespace: str, repo_name: str, account: Account, default_name: str) -> str:
+    namespace = (namespace or "").strip() or account.name
+    repo_name = (repo_name or "").strip() or default_name
+    if not _NAME.match(repo_name) or repo_name.endswith((".git", ".")) or "--" in repo_name:
+        raise UserError(
+            f"“{repo_name}” cannot be a repo name: use letters, digits, '-', '_' and '.', at most 96 characters."
+        )
+    if namespace not in account.namespaces:
+        raise UserError(
+            f"{account.name} cannot write to the namespace “{namespace}”: choose your own name "
+            f"or one of your organizations ({', '.join(account.namespaces)})."
+        )
+    return f"{namespace}/{repo_name}"
+
+
+def _spec(repo: str, revision: str | None) -> str:
+    # "hub://" makes it a Hub repo id whatever exists on this machine's disk: a visitor never
+    # gets to read the server's folders.
+    return f"hub://{repo}" + (f"@{revision}" if revision else "")
+
+
+def _scheme(scheme: str) -> str:
+    scheme = (scheme or "").strip().upper()
+    if scheme not in accepted_presets():
+        raise UserError(f"Unknown scheme “{scheme}”: pick one from the list ({', '.join(accepted_presets())}).")
+    return scheme
+
+
+# --------------------------------------------------------------------------------------------
+# suggestions: config.json (one small read), then the tensor headers
+# --------------------------------------------------------------------------------------------
+
+
+def fetch_config(repo: str, revision: str | None, token: str | None) -> dict | None:
+    """The source's config.json, in one small HTTP read; None when the repo has none."""
+    url = f"{endpoint()}/{repo}/resolve/{quote(revision or 'main', safe='')}/config.json"
+    headers = {**build_hf_headers(token=token), "Range": f"bytes=0-{CONFIG_MAX_BYTES - 1}"}
+    try:
+        r = get_session().get(url, headers=headers, follow_redirects=True)
+    except Exception as e:  # connection refused, DNS …
+        raise HubError(f"cannot reach the Hub at {endpoint()} ({type(e).__name__}); try again in a moment") from None
+    if r.status_code == 404 and r.headers.get("x-error-code") == "EntryNotFound":
+        return None
+    try:
+        hf_raise_for_status(r)
+    except HfHubHTTPError as e:
+        raise explain(e, repo, what="source repo") from None
+    try:
+        data = r.json()
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _weights(catalog) -> list[tuple[str, tuple[int, ...], str]]:
+    inputs, _ = expand_inputs(catalog)
+    return [(t.name[: -len(".weight")], t.shape, t.dtype) for t in inputs if t.name.endswith(".weight")]
+
+
+def _notes_md(arch: str, notes: list[str], extra: str = "") -> str:
+    lines = [f"Detected **{html.escape(arch)}**. Suggested ignore list (edit freely):"]
+    lines += [f"- {html.escape(n)}" for n in notes]
+    if extra:
+        lines.append(extra)
+    return "\n".join(lines)
+
+
+def suggest(source: str, revision: str, scheme: str, oauth_token: gr.OAuthToken | None = None):
+    """Prefill the ignore list and repo name for this source and scheme (yields twice)."""
+    if not (source or "").strip():
+        yield gr.update(), "", gr.update()
+        return
+    try:
+        repo, rev = parse_source(source, revision)
+        scheme = _scheme(scheme)
+        token = resolve_token(oauth_token)
+        config = fetch_config(repo, rev, token)
+    except Exception as e:
+        yield gr.update(), error_box(sentence(e)), gr.update()
+        return
+    from streamer.suggest import architecture
+
+    name = suggest_repo_name(repo, scheme)
+    quick = suggest_ignore(config)
+    yield format_ignore(quick.ignore), _notes_md(architecture(config), [], "_Reading tensor shapes…_"), name
+    try:
+        with HubSource(repo, revision=rev, token=token) as src:
+            catalog = build_catalog(src)
+        full = suggest_ignore(catalog.config or config, _weights(catalog), scheme)
+    except Exception as e:
+        yield format_ignore(quick.ignore), error_box(sentence(e)), name
+        return
+    yield format_ignore(full.ignore), _notes_md(architecture(catalog.config or config), full.notes), name
+
+
+def describe_scheme(scheme: str, source: str, revision: str) -> tuple[str, object]:
+    blurb = f"`{html.escape(scheme or '')}`: {html.escape(scheme_blurb(scheme))}"
+    try:
+        repo, _ = parse_source(source, revision)
+        name = suggest_repo_name(repo, scheme)
+    except UserError:
+        name = gr.update()
+    return blurb, name
+
+
+# --------------------------------------------------------------------------------------------
+# Plan: the dry run, as tables
+# --------------------------------------------------------------------------------------------
+
+SHARD_COLUMNS = ["Output shard", "Read", "Written", "Quantized", "Kept as is"]
+TENSOR_COLUMNS = ["Tensors", "Count", "Action", "Why"]
+FUSED_COLUMNS = ["Fused set (shares one global scale)", "Under", "Count"]
+WARNING_COLUMNS = ["Warnings"]
+
+
+def _why_kept(name: str, plan, ignore: list[str], kept: dict[str, str]) -> str:
+    if name in kept:
+        return kept[name]
+    module, _, param = name.rpartition(".")
+    if param != "weight":
+        return "not a weight (bias, buffer, scale)"
+    if module.endswith("norm"):
+        return "normalization layer"
+    from compressed_tensors.utils.match import match_name
+
+    for entry in ignore:
+        if match_name(module, entry):
+            return f"ignored ({entry})"
+    return "not targeted by the scheme"
+
+
+def plan_tables(plan) -> tuple[str, pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    summary = plan_summary(plan)
+    ignore = list(summary["ignore"])
+    kept = {k["tensor"]: k["why"] for k in summary["kept"]}
+    shards = pd.DataFrame(
+        [
+            [s["shard"], human_bytes(s["bytes_in"]), human_bytes(s["bytes_out"]), len(s["quantized"]), len(s["passthrough"])]
+            for s in summary["shards"]
+        ],
+        columns=SHARD_COLUMNS,
+    )
+    quantized = [q for s in summary["shards"] for q in s["quantized"]]
+    by_reason: dict[str, list[str]] = {}
+    for s in summary["shards"]:
+        for name in s["passthrough"]:
+            by_reason.setdefault(_why_kept(name, plan, ignore, kept), []).append(name)
+    rows = []
+    for pattern in collapse_names(quantized):
+        rows.append(_tensor_row(pattern, "quantize", summary["scheme"]))
+    for why, names in by_reason.items():
+        for pattern in collapse_names(names):
+            rows.append(_tensor_row(pattern, "keep", why))
+    tensors = pd.DataFrame(rows, columns=TENSOR_COLUMNS)
+    fused_rows = []
+    by_family: dict[str, list[str]] = {}
+    for f in summary["fused_sets"]:
+        by_family.setdefault(f["family"], []).append(f["parent"])
+    for fam, parents in by_family.items():
+        for p in collapse_names(parents):
+            pat, count = _split_count(p)
+            fused_rows.append([fam.replace("+", " + "), pat, count])
+    fused = pd.DataFrame(fused_rows, columns=FUSED_COLUMNS)
+    warnings = pd.DataFrame([[for_web(w)] for w in summary["warnings"]] or [["none"]], columns=WARNING_COLUMNS)
+    ratio = summary["bytes_in"] / summary["bytes_out"] if summary["bytes_out"] else 0
+    overview = (
+        f"**{html.escape(summary['source'])}** with **{summary['scheme']}**: "
+        f"{summary['quantized']} weights quantized, "
+        f"{sum(len(s['passthrough']) for s in summary['shards'])} tensors kept as they are, "
+        f"{len(summary['shards'])} output shard(s). "
+        f"**{human_bytes(summary['bytes_in'])} read → {human_bytes(summary['bytes_out'])} written**"
+        + (f" ({ratio:.1f}x smaller)" if ratio else "")
+        + (f". Fused sets sharing a global scale: {len(summary['fused_sets'])}" if summary["fused_sets"] else "")
+        + (f". Source is already quantized: {html.escape(summary['dequant'])}" if summary.get("dequant") else "")
+        + "."
+    )
+    return overview, shards, tensors, fused, warnings
+
+
+def _split_count(pattern: str) -> tuple[str, int]:
+    m = re.match(r"^(.*?)\s+\((\d+)\)$", pattern)
+    return (m.group(1), int(m.group(2))) if m else (pattern, 1)
+
+
+def _tensor_row(pattern: str, action: str, why: str) -> list:
+    pat, count = _split_count(pattern)
+    return [pat, count, action, why]
+
+
+def _empty_tables():
+    return (
+        pd.DataFrame([], columns=SHARD_COLUMNS),
+        pd.DataFrame([], columns=TENSOR_COLUMNS),
+        pd.DataFrame([], columns=FUSED_COLUMNS),
+        pd.DataFrame([], columns=WARNING_COLUMNS),
+    )
+
+
+def _target_note(api: HfApi, target: str, create_pr: bool, private: bool) -> str:
+    try:
+        api.model_info(target)
+    except HfHubHTTPError:
+        return f"Target **{html.escape(target)}** will be created ({'private' if private else 'public'})."
+    if create_pr:
+        return f"Target **{html.escape(target)}** exists: the conversion will be opened as a pull request."
+    return (
+        f"Target **{html.escape(target)}** exists: it must be empty or hold an earlier streamer conversion, "
+        "which one new commit replaces (or open the conversion as a pull request)."
+    )
+
+
+def plan(
+    source: str,
+    revision: str,
+    scheme: str,
+    ignore: str,
+    namespace: str,
+    repo_name: str,
+    private: bool,
+    create_pr: bool,
+    oauth_token: gr.OAuthToken | None = None,
+):
+    """Dry run: what would be quantized, kept and written. Reads tensor headers only."""
+    yield "Planning: reading the source's headers…", "", *_empty_tables()
+    try:
+        token = require_token(oauth_token)
+        account = whoami(token)
+        repo, rev = parse_source(source, revision)
+        scheme = _scheme(scheme)
+        target = target_of(namespace, repo_name, account, suggest_repo_name(repo, scheme))
+        if target == repo:
+            raise UserError("The target repo is the source repo: choose another name.")
+        result = convert(_spec(repo, rev), None, scheme=scheme, ignore=parse_ignore(ignore),
+                         token=token, dry_run=True, device="cpu")  # fmt: skip
+        overview, *tables = plan_tables(result.plan)
+        overview += "\n\n" + _target_note(HfApi(endpoint=endpoint(), token=token), target, create_pr, private)
+    except Exception as e:
+        message = sentence(e)
+        yield error_box(message), "", *_empty_tables()
+        raise gr.Error(message, duration=15, title="Cannot plan this conversion", print_exception=False) from None
+    yield "", overview, *tables
+
+
+# --------------------------------------------------------------------------------------------
+# Convert: a worker thread runs the engine, this generator turns its events into UI updates
+# --------------------------------------------------------------------------------------------
+
+STAGE_LABELS = {"read": "Read", "quantize": "Quantized", "upload": "Uploaded"}
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def progress_html(stages: dict[str, ProgressEvent], elapsed: float, state: str) -> str:
+    rows = []
+    for stage in STAGES:
+        ev = stages.get(stage) or ProgressEvent(stage)
+        frac = min(1.0, ev.done / ev.total) if ev.total else 0.0
+        nums = f"{human_bytes(ev.done)} / {human_bytes(ev.total)}" if ev.total else "waiting"
+        rate = f"{human_bytes(ev.rate)}/s" if ev.rate else "–"
+        eta = "done" if ev.total and ev.done >= ev.total else f"ETA {_duration(ev.eta)}"
+        rows.append(
+            f'<div class="sp-row" data-stage="{stage}"><span class="sp-label">{STAGE_LABELS[stage]}</span>'
+            f'<div class="sp-bar"><div class="sp-fill" style="width:{frac * 100:.1f}%"></div></div>'
+            f'<span class="sp-nums">{nums}</span><span class="sp-rate">{rate}</span>'
+            f'<span class="sp-eta">{eta}</span></div>'
+        )
+    return (
+        f'<div class="streamer-progress" data-state="{state}">'
+        f'<div class="sp-head">{html.escape(state)} · elapsed {_duration(elapsed)}</div>{"".join(rows)}</div>'
+    )
+
+
+def _result_md(result, target: str, create_pr: bool) -> str:
+    base = html.escape(f"{endpoint()}/{target}", quote=True)
+    url = html.escape(result.url or f"{endpoint()}/{target}", quote=True)
+    if create_pr and "/discussions/" in url:
+        num = url.rstrip("/").rsplit("/", 1)[-1]
+        card = f"{base}/blob/{quote(f'refs/pr/{num}', safe='')}/README.md"
+        where = f'<a href="{url}">pull request</a> on <a href="{base}">{html.escape(target)}</a>'
+    else:
+        card = f"{base}/blob/main/README.md"
+        where = f'<a href="{base}">{html.escape(target)}</a>'
+    stats = result.summary()
+    secs = stats.get("seconds")
+    return (
+        f'<div class="streamer-done"><b>Published</b> to {where} · <a href="{card}">model card</a> · '
+        f'<a href="{url}">commit</a></div>\n\n'
+        f"{human_bytes(stats.get('bytes_in', 0))} read → {human_bytes(stats.get('bytes_out', 0))} written, "
+        f"{stats.get('quantized', 0)} weights quantized with {stats.get('scheme')}"
+        + (f" in {_duration(secs)}" if secs is not None else "")
+        + "."
+    )
+
+
+def run_convert(
+    source: str,
+    revision: str,
+    scheme: str,
+    ignore: str,
+    namespace: str,
+    repo_name: str,
+    private: bool,
+    create_pr: bool,
+    oauth_token: gr.OAuthToken | None = None,
+):
+    """Quantize the source and publish it in one commit; streams progress and a log."""
+    log_lines: list[str] = []
+
+    def log_text() -> str:
+        return "\n".join(log_lines[-400:])
+
+    def say(text: str) -> None:
+        log_lines.append(f"{time.strftime('%H:%M:%S')}  {text}")
+
+    t0 = time.monotonic()
+    try:
+        token = require_token(oauth_token)
+        account = whoami(token)
+        repo, rev = parse_source(source, revision)
+        scheme = _scheme(scheme)
+        target = target_of(namespace, repo_name, account, suggest_repo_name(repo, scheme))
+        if target == repo:
+            raise UserError("The target repo is the source repo: choose another name.")
+        ignore_list = parse_ignore(ignore)
+        slot = _claim(account.name, target)
+    except Exception as e:
+        message = sentence(e)
+        yield error_box(message), progress_html({}, 0, "Idle"), "", ""
+        raise gr.Error(message, duration=15, title="Cannot start", print_exception=False) from None
+
+    events: queue.Queue = queue.Queue()
+    outcome: dict = {}
+
+    def worker() -> None:
+        try:
+            outcome["result"] = convert(
+                _spec(repo, rev), f"hub://{target}", scheme=scheme, ignore=ignore_list, token=token,
+                private=bool(private), create_pr=bool(create_pr), device="auto",
+                max_memory=max(default_memory_budget() // MAX_CONVERSIONS, 1 << 30),
+                progress=Progress(listeners=[events.put]), cancel=slot.cancel,
+            )  # fmt: skip
+        except KeyboardInterrupt:
+            outcome["cancelled"] = True
+        except BaseException as e:  # noqa: BLE001 - every failure becomes a sentence
+            outcome["error"] = e
+        finally:
+            _release(account.name, slot)
+            events.put(None)
+
+    say(f"{account.name}: {repo}{'@' + rev if rev else ''} → {target} with {scheme}")
+    say(f"ignore: {', '.join(ignore_list) or '(nothing)'}")
+    thread = threading.Thread(target=worker, name=f"convert-{account.name}", daemon=True)
+    stages: dict[str, ProgressEvent] = {}
+    finished = False
+    try:
+        thread.start()
+    except BaseException:
+        _release(account.name, slot)
+        raise
+    try:
+        yield "", progress_html(stages, 0, "Starting"), log_text(), ""
+        last = 0.0
+        while not finished:
+            try:
+                ev = events.get(timeout=0.25)
+            except queue.Empty:
+                ev = False
+            while ev is not False:
+                if ev is None:
+                    finished = True
+                elif ev.stage == "log":
+                    say(ev.message)
+                else:
+                    stages[ev.stage] = ev
+                try:
+                    ev = events.get_nowait()
+                except queue.Empty:
+                    ev = False
+            now = time.monotonic()
+            if finished or now - last >= 0.25:
+                last = now
+                state = "Cancelling" if slot.cancel.is_set() else "Converting"
+                yield "", progress_html(stages, now - t0, state), log_text(), ""
+        thread.join()
+    finally:
+        if not finished:  # the page went away mid-run: stop the conversion, commit nothing
+            slot.cancel.set()
+
+    elapsed = time.monotonic() - t0
+    if "result" in outcome:
+        result = outcome["result"]
+        yield "", progress_html(stages, elapsed, "Done"), log_text(), _result_md(result, target, bool(create_pr))
+        return
+    if outcome.get("cancelled"):
+        say("cancelled: nothing was committed")
+        yield "", progress_html(stages, elapsed, "Cancelled"), log_text(), (
+            f'<div class="streamer-cancelled"><b>Cancelled</b>: nothing was committed to {html.escape(target)}.</div>'
+        )
+        return
+    message = sentence(outcome.get("error") or RuntimeError("no result"))
+    say("failed: nothing was committed")
+    yield error_box(message), progress_html(stages, elapsed, "Failed"), log_text(), ""
+    raise gr.Error(message, duration=15, title="Conversion failed", print_exception=False)
+
+
+def cancel(oauth_token: gr.OAuthToken | None = None) -> str:
+    """Stop this user's running conversion; the target is left as it was."""
+    try:
+        account = whoami(require_token(oauth_token))
+    except Exception as e:
+        raise fail(e) from None
+    with _active_lock:
+        slot = _active.get(account.name)
+    if slot is None:
+        return "No conversion of yours is running."
+    slot.cancel.set()
+    return f"Cancelling the conversion to {slot.target}…"
+
+
+def on_load(oauth_token: gr.OAuthToken | None = None):
+    """Who is signed in, and where they may publish."""
+    token = resolve_token(oauth_token)
+    if not token:
+        msg = ("Sign in with Hugging Face to convert models: they are published under your account."
+               if ON_SPACES else "No Hugging Face token found: set HF_TOKEN or run `hf auth login`, then reload.")
+        return msg, gr.update(choices=[], value=None)
+    try:
+        account = whoami(token)
+    except Exception as e:
+        return error_box(sentence(e)), gr.update(choices=[], value=None)
+    how = "" if getattr(oauth_token, "token", None) not in (None, _MOCK_TOKEN) else " (token of this machine)"
+    where = "" if endpoint() == "https://huggingface.co" else f" on {endpoint()}"
+    orgs = f" · organizations: {', '.join(account.orgs)}" if account.orgs else ""
+    return (
+        f"Signed in as **{html.escape(account.name)}**{how}{html.escape(where)}{html.escape(orgs)}",
+        gr.update(choices=account.namespaces, value=account.namespaces[0]),
+    )
+
+
+def whoami_api(oauth_token: gr.OAuthToken | None = None) -> dict:
+    """{"name": ..., "namespaces": [...]} of the caller."""
+    try:
+        account = whoami(require_token(oauth_token))
+    except Exception as e:
+        raise fail(e) from None
+    return {"name": account.name, "namespaces": account.namespaces}
+
+
+# --------------------------------------------------------------------------------------------
+# the page
+# --------------------------------------------------------------------------------------------
+
+CSS = """
+.streamer-error { background: #fef2f2; border: 1px solid #fca5a5; color: #991b1b; border-radius: 8px;
+  padding: 10px 14px; white-space: normal; }
+.streamer-done { background: #f0fdf4; border: 1px solid #86efac; border-radius: 8px; padding: 10px 14px; }
+.streamer-cancelled { background: #fffbeb; border: 1px solid #fcd34d; border-radius: 8px; padding: 10px 14px; }
+.streamer-progress { font-variant-numeric: tabular-nums; }
+.streamer-progress .sp-head { font-weight: 600; margin-bottom: 6px; }
+.streamer-progress .sp-row { display: grid; grid-template-columns: 6.5em 1fr 12em 7em 7em; gap: 10px;
+  align-items: center; margin: 4px 0; }
+.streamer-progress .sp-bar { height: 12px; background: #e5e7eb; border-radius: 6px; overflow: hidden; }
+.streamer-progress .sp-fill { height: 100%; background: #f97316; transition: width .2s; }
+.streamer-progress .sp-nums, .streamer-progress .sp-rate, .streamer-progress .sp-eta { font-size: 0.9em; }
+"""
+
+INTRO = """# streamer: quantize a Hub model, publish it
+Reads the source with HTTP range requests (never downloads it whole), quantizes with a
+[compressed-tensors](https://github.com/neuralmagic/compressed-tensors) scheme that
+[vLLM](https://docs.vllm.ai) loads, and publishes the result to a new repo **in one commit**.
+Data-free schemes only: no calibration data needed."""
+
+
+def build_demo() -> gr.Blocks:
+    schemes = accepted_presets()
+    default_scheme = DEFAULT_SCHEME if DEFAULT_SCHEME in schemes else schemes[0]
+    with gr.Blocks(title="streamer: quantize a Hub model") as demo:
+        gr.Markdown(INTRO)
+        with gr.Row():
+            if ON_SPACES:
+                gr.LoginButton(scale=0, min_width=260)
+            account_md = gr.Markdown("Checking who you are…", elem_id="account")
+        with gr.Row():
+            source = gr.Textbox(label="Source model (repo id)", placeholder="meta-llama/Llama-3.1-8B-Instruct",
+                                elem_id="source", scale=3)  # fmt: skip
+            revision = gr.Textbox(label="Revision (optional)", placeholder="main", elem_id="revision", scale=1)
+        with gr.Row():
+            with gr.Column(scale=1):
+                scheme = gr.Dropdown(schemes, value=default_scheme, label="Scheme", elem_id="scheme")
+                scheme_md = gr.Markdown(describe_scheme(default_scheme, "", "")[0], elem_id="scheme-blurb")
+            with gr.Column(scale=1):
+                ignore = gr.Textbox(
+                    label="Ignore (kept unquantized): module names or re:PATTERN, one per line",
+                    value=format_ignore(suggest_ignore(None).ignore[:2]), lines=5, max_lines=12, elem_id="ignore",
+                )  # fmt: skip
+                notes_md = gr.Markdown("", elem_id="suggest-notes")
+        with gr.Row():
+            namespace = gr.Dropdown([], label="Target namespace", allow_custom_value=True, elem_id="namespace", scale=1)
+            repo_name = gr.Textbox(label="Target repo name", placeholder="Llama-3.1-8B-Instruct-FP8_DYNAMIC",
+                                   elem_id="repo-name", scale=2)  # fmt: skip
+            with gr.Column(scale=1, min_width=180):
+                private = gr.Checkbox(label="Private repo", value=False, elem_id="private")
+                create_pr = gr.Checkbox(label="Open as a pull request", value=False, elem_id="create-pr")
+        with gr.Row():
+            plan_btn = gr.Button("Plan (dry run)", variant="secondary", elem_id="plan-btn")
+            convert_btn = gr.Button("Convert and publish", variant="primary", elem_id="convert-btn")
+            cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-btn")
+        status = gr.HTML("", elem_id="status")
+        with gr.Tabs(selected="progress") as tabs:
+            with gr.Tab("Progress", id="progress", elem_id="progress-tab"):
+                progress = gr.HTML(progress_html({}, 0, "Idle"), elem_id="progress")
+                result_md = gr.HTML("", elem_id="result")
+                log_box = gr.Textbox(label="Log", lines=8, max_lines=16, interactive=False, autoscroll=True,
+                                     elem_id="log")  # fmt: skip
+            with gr.Tab("Plan", id="plan", elem_id="plan-tab"):
+                overview = gr.Markdown("Click **Plan** to see what will be quantized before anything heavy runs.",
+                                       elem_id="plan-overview")  # fmt: skip
+                shards_df = gr.Dataframe(headers=SHARD_COLUMNS, label="Output shards", interactive=False, elem_id="plan-shards")
+                tensors_df = gr.Dataframe(headers=TENSOR_COLUMNS, label="Tensors", interactive=False, wrap=True,
+                                          elem_id="plan-tensors")  # fmt: skip
+                fused_df = gr.Dataframe(headers=FUSED_COLUMNS, label="Fused sets", interactive=False, elem_id="plan-fused")
+                warnings_df = gr.Dataframe(headers=WARNING_COLUMNS, label="Warnings", interactive=False, wrap=True,
+                                           elem_id="plan-warnings")  # fmt: skip
+
+        form = [source, revision, scheme, ignore, namespace, repo_name, private, create_pr]
+        demo.load(on_load, None, [account_md, namespace], api_name="whoami_ui", api_visibility="private")
+        hidden_json = gr.JSON(visible=False)
+        gr.Button(visible=False).click(whoami_api, None, hidden_json, api_name="whoami")
+
+        suggest_args = dict(fn=suggest, inputs=[source, revision, scheme], outputs=[ignore, notes_md, repo_name],
+                            trigger_mode="always_last", concurrency_limit=8, concurrency_id="suggest",
+                            show_progress="hidden")  # fmt: skip
+        source.submit(**suggest_args, api_name="suggest")
+        source.blur(**suggest_args, api_visibility="private")
+        revision.blur(**suggest_args, api_visibility="private")
+        scheme.change(describe_scheme, [scheme, source, revision], [scheme_md, repo_name], queue=False,
+                      api_visibility="private").then(**suggest_args, api_visibility="private")  # fmt: skip
+
+        plan_btn.click(lambda: gr.Tabs(selected="plan"), None, tabs, queue=False, api_visibility="private")
+        plan_btn.click(plan, form, [status, overview, shards_df, tensors_df, fused_df, warnings_df], api_name="plan",
+                       concurrency_limit=4, concurrency_id="plan")  # fmt: skip
+        convert_btn.click(lambda: gr.Tabs(selected="progress"), None, tabs, queue=False, api_visibility="private")
+        convert_btn.click(run_convert, form, [status, progress, log_box, result_md], api_name="convert",
+                          concurrency_limit=MAX_CONVERSIONS, concurrency_id="convert",
+                          show_progress="minimal")  # fmt: skip
+        cancel_btn.click(cancel, None, status, api_name="cancel", concurrency_limit=None, queue=True)
+    return demo
+
+
+demo = build_demo()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for noisy in ("httpx", "httpx2"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    disable_progress_bars()  # huggingface_hub's tqdm bars belong to a terminal, not a server log
+    demo.queue(default_concurrency_limit=MAX_CONVERSIONS, max_size=int(os.environ.get("STREAMER_QUEUE_SIZE", "64")))
+    demo.launch(css=CSS, show_error=True, footer_links=["api", "gradio"])
+
+
+if __name__ == "__main__":
+    main()

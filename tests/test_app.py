@@ -1,0 +1,346 @@
+"""The Space (app.py) end to end against localhub: a real browser, and gradio_client.
+
+The app runs as a subprocess (`python app.py`), exactly as a Space or a workstation runs it, with
+HF_ENDPOINT pointing at a LocalHub served from this process and alice's token in HF_TOKEN.
+
+Browser: Debian's /usr/bin/chromium driven by Playwright (never `playwright install`); set up by
+.ci/setup_browser.sh. Under $CI a missing browser, Playwright or gradio fails the test; locally
+it skips. STREAMER_SCREENSHOT=1 also writes the mid-conversion screenshot to docs/screenshot.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from streamer.localhub import LocalHub
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+TOKEN = "hf_alice_secret_token_0123456789"
+SOURCE = "acme/tiny-llama"
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _missing(what: str):
+    """Fail under CI (the setup scripts must provide it), skip on a workstation."""
+    msg = f"{what} (run .ci/setup_browser.sh and pip install -e '.[app,test]')"
+    if _in_ci():
+        pytest.fail(f"missing under CI: {msg}")
+    pytest.skip(f"missing: {msg}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------------------------
+# fixtures: one hub and one app for the module
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory, checkpoint):
+    root = tmp_path_factory.mktemp("app-hub")
+    with LocalHub(root) as h:
+        h.add_user("alice", TOKEN, orgs=["acme"])
+        h.add_user("mallory", "hf_mallory_token", orgs=["evil"])
+        h.seed_repo(SOURCE, checkpoint("llama"))
+        h.seed_repo("acme/odd", checkpoint("odd"))
+        h.seed_repo("evil/gated-model", checkpoint("llama"), gated=True)
+        yield h
+
+
+@pytest.fixture(scope="module")
+def app_url(hub, tmp_path_factory):
+    try:
+        import gradio  # noqa: F401
+        import gradio_client  # noqa: F401
+    except ImportError:
+        _missing("gradio / gradio_client")
+    work = tmp_path_factory.mktemp("app")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("HF_", "HUGGINGFACE_", "OAUTH_", "SPACE_", "GRADIO_"))}  # fmt: skip
+    env.update(
+        HF_ENDPOINT=hub.url,
+        HF_TOKEN=TOKEN,
+        HF_HOME=str(work / "hf-home"),  # no login cache from this machine
+        HF_HUB_DISABLE_XET="1",  # localhub speaks LFS
+        HF_HUB_DISABLE_TELEMETRY="1",
+        GRADIO_SERVER_NAME="127.0.0.1",
+        GRADIO_SERVER_PORT=str(port),
+        GRADIO_ANALYTICS_ENABLED="False",
+        STREAMER_DEFAULT_SCHEME="FP8_DYNAMIC",
+        PYTHONUNBUFFERED="1",
+    )
+    log_path = work / "app.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "app.py")], cwd=work, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        import httpx
+
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"app.py exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"app.py did not start in 120 s:\n{log_path.read_text()[-4000:]}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    # The user's token never reaches the server's log.
+    assert TOKEN not in log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def client(app_url):
+    from gradio_client import Client
+
+    return Client(app_url, verbose=False)
+
+
+def _form(source=SOURCE, revision="", scheme="FP8_DYNAMIC", ignore="lm_head\nre:.*embed_tokens$",
+          namespace="alice", repo_name="", private=False, create_pr=False):  # fmt: skip
+    return [source, revision, scheme, ignore, namespace, repo_name, private, create_pr]
+
+
+def _app_error(client, *args, api_name):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError) as info:
+        client.predict(*args, api_name=api_name)
+    message = str(info.value)
+    assert "Traceback" not in message and TOKEN not in message
+    return message
+
+
+def _check_published(hub: LocalHub, repo_id: str, scheme: str) -> None:
+    files = hub.files(repo_id)
+    shards = [f for f in files if f.endswith(".safetensors")]
+    assert len(shards) == 6, files
+    assert {"config.json", "README.md", "model.safetensors.index.json", "tokenizer.json"} <= set(files)
+    config = json.loads(hub.read_file(repo_id, "config.json"))
+    qc = config["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors"
+    assert "lm_head" in qc["ignore"]
+    assert scheme in hub.read_file(repo_id, "README.md").decode()
+    commits = hub.commits(repo_id)
+    assert "Quantize" in commits[0].message and set(shards) <= set(commits[0].added)
+
+
+# --------------------------------------------------------------------------------------------
+# the browser
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _missing("the playwright Python package")
+    if not (os.path.exists(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
+        _missing(CHROMIUM)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def test_browser_plan_convert(browser, app_url, hub, tmp_path):
+    from playwright.sync_api import expect
+
+    target = "alice/tiny-llama-NVFP4A16"
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.set_default_timeout(30_000)
+    page.goto(app_url)
+    expect(page.locator("#account")).to_contain_text("alice")
+
+    # source -> suggestions (ignore list, repo name); scheme picker -> blurb and name
+    page.locator("#source textarea").fill(SOURCE)
+    page.locator("#source textarea").press("Enter")
+    scheme = page.locator("#scheme input")
+    scheme.click()
+    scheme.fill("NVFP4A16")
+    page.get_by_role("option", name="NVFP4A16", exact=True).click()
+    expect(page.locator("#scheme-blurb")).to_contain_text("Blackwell")
+    expect(page.locator("#repo-name textarea")).to_have_value("tiny-llama-NVFP4A16")
+    expect(page.locator("#suggest-notes")).to_contain_text("LlamaForCausalLM")
+    expect(page.locator("#ignore textarea")).to_have_value("lm_head\nre:.*embed_tokens$")
+
+    # Plan: tables, not a log
+    page.locator("#plan-btn").click()
+    expect(page.locator("#plan-overview")).to_contain_text("14 weights quantized")
+    shards = page.locator("#plan-shards")
+    expect(shards).to_contain_text("model-00001-of-00006.safetensors")
+    expect(shards).to_contain_text("model-00006-of-00006.safetensors")
+    expect(page.locator("#plan-tensors")).to_contain_text("model.layers.{0..1}.mlp.gate_proj.weight")
+    expect(page.locator("#plan-tensors")).to_contain_text("ignored (lm_head)")
+    expect(page.locator("#plan-fused")).to_contain_text("q_proj + k_proj + v_proj")
+    expect(page.locator("#plan-fused")).to_contain_text("gate_proj + up_proj")
+    assert not hub.repo_exists(target)  # a plan writes nothing
+
+    # Convert, slowly enough to see the progress
+    hub.set_throttle(down_bytes_per_s=1_000_000)
+    try:
+        page.locator("#convert-btn").click()
+        expect(page.locator('#progress [data-state="Converting"]')).to_be_visible()
+        expect(page.locator('#progress [data-stage="read"] .sp-nums')).not_to_have_text("waiting")
+        expect(page.locator("#log textarea")).to_have_value(_contains("converting acme/tiny-llama"))
+        shot = tmp_path / "screenshot.png"
+        page.screenshot(path=str(shot), full_page=True)
+        if os.environ.get("STREAMER_SCREENSHOT") == "1":
+            (REPO_ROOT / "docs").mkdir(exist_ok=True)
+            shutil.copy(shot, REPO_ROOT / "docs" / "screenshot.png")
+        assert shot.stat().st_size > 10_000
+    finally:
+        hub.set_throttle(None, None)
+
+    result = page.locator("#result")
+    expect(result).to_contain_text("Published", timeout=60_000)
+    link = result.locator("a").first
+    assert link.get_attribute("href") == f"{hub.url}/{target}"
+    card = result.get_by_text("model card")
+    assert card.get_attribute("href") == f"{hub.url}/{target}/blob/main/README.md"
+    expect(page.locator('#progress [data-state="Done"]')).to_be_visible()
+    assert TOKEN not in page.content()
+    page.close()
+    _check_published(hub, target, "NVFP4A16")
+
+
+def _contains(text: str):
+    import re
+
+    return re.compile(".*" + re.escape(text) + ".*", re.S)
+
+
+# --------------------------------------------------------------------------------------------
+# gradio_client: the same endpoints
+# --------------------------------------------------------------------------------------------
+
+
+def test_client_endpoints(client):
+    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert {"/plan", "/convert", "/cancel", "/suggest", "/whoami"} <= set(api)
+    assert client.predict(api_name="/whoami") == {"name": "alice", "namespaces": ["alice", "acme"]}
+
+
+def test_client_suggest(client):
+    ignore, notes, name = client.predict(SOURCE, "", "W4A16", api_name="/suggest")
+    assert ignore.splitlines() == ["lm_head", "re:.*embed_tokens$"]
+    assert "LlamaForCausalLM" in notes and name == "tiny-llama-W4A16"
+    ignore, notes, name = client.predict("acme/odd", "", "W4A16", api_name="/suggest")
+    assert "W4A16 cannot quantize any weight" in notes and name == "odd-W4A16"
+
+
+def test_client_plan_and_convert(client, hub):
+    status, overview, shards, tensors, fused, warnings = client.predict(*_form(), api_name="/plan")
+    assert status == ""
+    assert "14 weights quantized" in overview and "will be created" in overview
+    assert [row[0] for row in shards["data"]][:1] == ["model-00001-of-00006.safetensors"]
+    assert len(shards["data"]) == 6
+    assert any(row[2] == "quantize" for row in tensors["data"])
+    assert not any("q_proj" in str(cell) for row in fused["data"] for cell in row)  # FP8: no global scale
+    target = "acme/tiny-llama-FP8_DYNAMIC"
+    status, progress, log, result = client.predict(
+        *_form(namespace="acme", repo_name=""), api_name="/convert"
+    )
+    assert status == ""
+    assert 'data-state="Done"' in progress
+    assert f'href="{hub.url}/{target}"' in result and "model card" in result
+    assert "converting acme/tiny-llama" in log
+    _check_published(hub, target, "FP8_DYNAMIC")
+
+
+def test_client_bad_source(client):
+    msg = _app_error(client, *_form(source="acme/no-such-model"), api_name="/plan")
+    assert "acme/no-such-model not found" in msg
+    msg = _app_error(client, *_form(source="not a repo id"), api_name="/plan")
+    assert "is not a Hub repo id" in msg
+    msg = _app_error(client, *_form(source="../../etc"), api_name="/plan")
+    assert "is not a Hub repo id" in msg
+
+
+def test_client_gated_source(client, hub):
+    msg = _app_error(client, *_form(source="evil/gated-model"), api_name="/plan")
+    assert "gated" in msg and f"{hub.url}/evil/gated-model" in msg
+
+
+def test_client_shape_mismatch(client, hub):
+    msg = _app_error(client, *_form(source="acme/odd", scheme="W4A16", ignore="lm_head"), api_name="/plan")
+    assert "cannot be converted with these settings" in msg
+    assert "in_features 160 is not divisible by group_size 128" in msg
+    assert "ignore list" in msg and "--ignore" not in msg
+    msg = _app_error(client, *_form(source="acme/odd", scheme="W4A16", ignore="lm_head"), api_name="/convert")
+    assert "not divisible by group_size 128" in msg
+    assert not hub.repo_exists("alice/odd-W4A16")
+
+
+def test_client_no_write_access(client, hub):
+    msg = _app_error(client, *_form(namespace="evil"), api_name="/plan")
+    assert "cannot write to the namespace “evil”" in msg
+    msg = _app_error(client, *_form(namespace="evil"), api_name="/convert")
+    assert "cannot write" in msg
+    assert not hub.repo_exists("evil/tiny-llama-FP8_DYNAMIC")
+
+
+def test_client_cancel_leaves_target_untouched(app_url, client, hub):
+    from gradio_client import Client
+
+    target = "alice/cancel-me"
+    hub.create_repo(target, owner_token=TOKEN)
+    before = (hub.files(target), [c.sha for c in hub.commits(target)])
+    hub.set_throttle(down_bytes_per_s=400_000)
+    try:
+        job = client.submit(*_form(repo_name="cancel-me"), api_name="/convert")
+        deadline = time.monotonic() + 30
+        while not any('data-state="Converting"' in (out[1] or "") for out in job.outputs()):
+            assert time.monotonic() < deadline, job.status()
+            time.sleep(0.1)
+        # one conversion per user at a time
+        other = Client(app_url, verbose=False)
+        msg = _app_error(other, *_form(repo_name="second"), api_name="/convert")
+        assert "already have a conversion running" in msg
+        assert other.predict(api_name="/cancel").startswith("Cancelling the conversion to alice/cancel-me")
+        status, progress, log, result = job.result(timeout=60)
+    finally:
+        hub.set_throttle(None, None)
+    assert "Cancelled" in result and "nothing was committed" in result
+    assert 'data-state="Cancelled"' in progress
+    assert (hub.files(target), [c.sha for c in hub.commits(target)]) == before
+    assert not hub.repo_exists("alice/second")
+    # the slot is free again
+    assert client.predict(api_name="/cancel") == "No conversion of yours is running."

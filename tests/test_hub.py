@@ -1,0 +1,217 @@
+"""Hub to Hub through localhub: range reads only, one commit, faults, resume, clear errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+
+from fixtures import load_logits
+from streamer import cli
+from streamer.localhub import LocalHub
+
+ALICE = "hf_alice_token_0123456789"
+BOB = "hf_bob_token_0123456789"
+SOURCE = "acme/tiny-llama"
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch, llama_ckpt):
+    with LocalHub(tmp_path / "hub") as h:
+        h.add_user("alice", ALICE, orgs=["acme"])
+        h.add_user("bob", BOB)
+        h.seed_repo(SOURCE, llama_ckpt)
+        monkeypatch.setenv("HF_ENDPOINT", h.url)
+        monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+        monkeypatch.setenv("HF_TOKEN", ALICE)
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", h.url)
+        monkeypatch.setattr(
+            huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE", h.url + "/{repo_id}/resolve/{revision}/{filename}"
+        )
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True, raising=False)
+        yield h
+
+
+def run_cli(*args: str) -> int:
+    return cli.main([*args, "--device", "cpu", "-q"])
+
+
+def _streamer_commits(hub, repo):
+    return [c for c in hub.commits(repo) if "streamer" in c.message]
+
+
+def _safetensors_gets(log):
+    return [r for r in log if r.method == "GET" and (r.file or "").endswith(".safetensors")]
+
+
+def test_hub_to_hub_equals_local_to_local(hub, llama_ckpt, tmp_path):
+    local = tmp_path / "local"
+    assert run_cli(str(llama_ckpt), str(local), "--scheme", "NVFP4A16") == 0
+    hub.clear_log()
+    assert run_cli(SOURCE, "alice/tiny-llama-nvfp4", "--scheme", "NVFP4A16") == 0
+
+    files = hub.files("alice/tiny-llama-nvfp4")
+    for f in local.iterdir():
+        if f.name == "README.md":
+            continue  # the card names the source repo and its commit instead of a path
+        assert hub.read_file("alice/tiny-llama-nvfp4", f.name) == f.read_bytes(), f.name
+    assert set(files) - {".gitattributes"} == {f.name for f in local.iterdir()}
+
+    log = hub.request_log
+    gets = _safetensors_gets(log)
+    assert gets and all(r.range is not None and r.status == 206 for r in gets), "a full-file GET happened"
+    from streamer.api import prepare
+
+    _, plan = prepare(str(llama_ckpt), scheme="NVFP4A16")
+    needed = plan.catalog.header_bytes + plan.bytes_in
+    fetched = sum(r.bytes_out for r in gets)
+    assert fetched <= 1.01 * needed, (fetched, needed)
+    assert len(_streamer_commits(hub, "alice/tiny-llama-nvfp4")) == 1
+
+    card = hub.read_file("alice/tiny-llama-nvfp4", "README.md").decode()
+    source_sha = hub.commits(SOURCE)[0].sha
+    assert "base_model: acme/tiny-llama" in card and "base_model_relation: quantized" in card
+    assert source_sha in card and "vllm serve alice/tiny-llama-nvfp4" in card
+
+
+def test_target_loads_in_transformers(hub, llama_ckpt, tmp_path):
+    assert run_cli(SOURCE, "alice/tiny-llama-fp8", "--scheme", "FP8_DYNAMIC") == 0
+    folder = huggingface_hub.snapshot_download("alice/tiny-llama-fp8", cache_dir=tmp_path / "snap", endpoint=hub.url)
+    import torch
+
+    ref = load_logits(llama_ckpt)
+    got = load_logits(Path(folder))
+    cos = torch.nn.functional.cosine_similarity(ref.flatten().float(), got.flatten().float(), dim=0)
+    assert cos > 0.99
+
+
+def test_faults_are_retried_and_output_is_identical(hub, tmp_path):
+    assert run_cli(SOURCE, "alice/clean", "--scheme", "FP8_DYNAMIC") == 0
+    hub.set_faults(every=7, kinds=("drop", "500", "429", "slow"), retry_after=1, slow_seconds=0.2)
+    assert run_cli(SOURCE, "alice/faulty", "--scheme", "FP8_DYNAMIC") == 0
+    hub.set_faults(None)
+    assert any(r.fault for r in hub.request_log), "no fault was injected"
+    clean, faulty = hub.files("alice/clean"), hub.files("alice/faulty")
+    assert clean.keys() == faulty.keys()
+    for f in clean:
+        if f.endswith((".safetensors", ".json")):
+            assert hub.read_file("alice/clean", f) == hub.read_file("alice/faulty", f), f
+
+
+def test_sigkill_then_rerun_resumes(hub, tmp_path):
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": hub.url,
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_TOKEN": ALICE,
+        "PYTHONUNBUFFERED": "1",
+    }
+    cmd = [sys.executable, "-m", "streamer", SOURCE, "alice/resumed", "--scheme", "W8A16", "--device", "cpu", "-q"]
+    hub.set_throttle(up_bytes_per_s=150_000)
+    hub.clear_log()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        puts = [r for r in hub.request_log if r.method == "PUT" and r.status == 200]
+        if puts:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    hub.set_throttle(None, None)
+    first = hub.request_log
+    assert puts, "no shard was uploaded before the kill"
+    assert _streamer_commits(hub, "alice/resumed") == []  # the branch never held a partial model
+
+    uploaded_before = sum(r.bytes_in for r in first if r.method == "PUT" and r.status == 200)
+    hub.clear_log()
+    assert subprocess.run(cmd, env=env, capture_output=True, timeout=300).returncode == 0
+    rerun_bytes = sum(r.bytes_in for r in hub.request_log if r.method == "PUT")
+    shards = {f: s for f, s in hub.files("alice/resumed").items() if f.endswith(".safetensors")}
+    assert rerun_bytes <= sum(shards.values()) - uploaded_before + max(shards.values())
+    assert len(_streamer_commits(hub, "alice/resumed")) == 1
+
+    assert run_cli(SOURCE, "alice/clean", "--scheme", "W8A16") == 0
+    for f in shards:
+        assert hub.read_file("alice/clean", f) == hub.read_file("alice/resumed", f)
+
+
+def test_create_pr_and_branch(hub):
+    hub.create_repo("alice/target")
+    assert run_cli(SOURCE, "alice/target", "--scheme", "FP8_DYNAMIC", "--create-pr") == 0
+    assert "prs" in hub.refs("alice/target") and hub.refs("alice/target")["prs"]
+    assert _streamer_commits(hub, "alice/target") == []  # main untouched
+    assert run_cli(SOURCE, "alice/target", "--scheme", "FP8_DYNAMIC", "--revision", "fp8") == 0
+    assert "config.json" in hub.files("alice/target", revision="fp8")
+    assert "config.json" not in hub.files("alice/target")
+
+
+def test_source_revision_is_pinned(hub, llama_ckpt, tmp_path):
+    first = hub.commits(SOURCE)[0].sha
+    assert run_cli(f"{SOURCE}@{first}", "alice/pinned", "--scheme", "FP8_DYNAMIC") == 0
+    assert first in hub.read_file("alice/pinned", "README.md").decode()
+
+
+def test_existing_target_rules(hub, capsys):
+    hub.seed_repo("alice/notmine", Path(__file__).parent / "refscripts")
+    assert run_cli(SOURCE, "alice/notmine", "--scheme", "FP8_DYNAMIC") == 2
+    assert "did not write" in capsys.readouterr().err
+    assert run_cli(SOURCE, "alice/notmine", "--scheme", "FP8_DYNAMIC", "--overwrite") == 0
+    # a target streamer wrote can be refreshed without --overwrite, in one new commit
+    assert run_cli(SOURCE, "alice/notmine", "--scheme", "W8A16") == 0
+    files = hub.files("alice/notmine")
+    assert not any(f.endswith(".py") for f in files)  # stale files of the old content are gone
+    assert run_cli(SOURCE, SOURCE, "--scheme", "FP8_DYNAMIC") == 2
+    assert "source repo" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "case,args,token,expect",
+    [
+        ("missing repo", ["acme/nope"], ALICE, "not found"),
+        ("missing revision", [f"{SOURCE}@no-such-branch"], ALICE, "revision not found"),
+        ("private without token", ["acme/secret"], None, "not found, or it is private"),
+        ("gated not accepted", ["acme/gated"], BOB, "gated"),
+        ("invalid token", [SOURCE], "hf_invalid", "token was rejected"),
+        ("no write access", [SOURCE, "acme/bobs-copy"], BOB, "no write access"),
+    ],
+)
+def test_errors_are_sentences_and_write_nothing(hub, llama_ckpt, monkeypatch, capsys, case, args, token, expect):
+    hub.seed_repo("acme/secret", llama_ckpt, private=True)
+    hub.seed_repo("acme/gated", llama_ckpt, gated=True)
+    if token is None:
+        monkeypatch.delenv("HF_TOKEN")
+        monkeypatch.setenv("HF_TOKEN_PATH", "/nonexistent/token")
+    else:
+        monkeypatch.setenv("HF_TOKEN", token)
+    target = args[1] if len(args) > 1 else "alice/should-not-exist"
+    code = run_cli(args[0], target, "--scheme", "FP8_DYNAMIC")
+    err = capsys.readouterr().err
+    assert code != 0
+    assert expect in err, err
+    assert "Traceback" not in err
+    assert ALICE not in err and BOB not in err and "hf_invalid" not in err
+    if hub.repo_exists(target):
+        assert _streamer_commits(hub, target) == []
+
+
+def test_range_answered_with_200_is_refused(hub, monkeypatch):
+    from streamer.hub import HubSource, RangeError
+
+    src = HubSource(SOURCE, token=ALICE, endpoint=hub.url)
+
+    class FakeResponse:
+        status_code = 200
+        headers = {"content-length": "10"}
+
+    with pytest.raises(RangeError, match="refusing to download whole files"):
+        from streamer.source import Span
+
+        src._check_range(FakeResponse(), "model.safetensors", Span(0, 10))

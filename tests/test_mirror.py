@@ -1,0 +1,494 @@
+"""Mirroring jobs (`python -m streamer mirror`) against localhub and the real huggingface_hub client."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from huggingface_hub import constants
+
+from streamer.card import read_provenance
+from streamer.localhub import LocalHub
+from streamer.mirror import (
+    Job,
+    JobsFileError,
+    load_jobs,
+    main,
+    parse_jobs,
+    render_table,
+    JobResult,
+)
+from streamer.webhook import match_payload
+
+ALICE = "hf_alice_token"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch, llama_ckpt):
+    """A localhub with two source repos (org/llama-a, org/llama-b) and the client pointed at it."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf_home" / "token"))
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_PROGRESS_BARS", True)
+    with LocalHub(tmp_path / "hub") as hub:
+        hub.add_user("alice", ALICE, orgs=["acme", "org"])
+        hub.seed_repo("org/llama-a", llama_ckpt)
+        hub.seed_repo("org/llama-b", llama_ckpt)
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_TOKEN", ALICE)
+        yield hub
+
+
+def write_jobs(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+JOBS = """
+[defaults]
+scheme = "FP8_DYNAMIC"
+ignore = ["lm_head"]
+device = "cpu"
+
+[[job]]
+name = "a-fp8"
+source = "org/llama-a@main"
+target = "acme/llama-a-FP8"
+
+[[job]]
+name = "b-w8"
+source = "org/llama-b"
+target = "acme/llama-b-W8A16"
+scheme = "W8A16"
+ignore = ["lm_head", "re:.*embed_tokens$"]
+"""
+
+
+def run(capsys, *args) -> tuple[int, dict]:
+    capsys.readouterr()
+    rc = main([*map(str, args), "--json"])
+    out = capsys.readouterr().out
+    return rc, json.loads(out)
+
+
+def statuses(report: dict) -> dict[str, str]:
+    return {j["name"]: j["status"] for j in report["jobs"]}
+
+
+def tensor_reads(hub: LocalHub) -> list:
+    return [r for r in hub.request_log if r.file and r.file.endswith(".safetensors") and r.method == "GET"]
+
+
+def new_source_commit(hub: LocalHub, repo_id: str, ckpt: Path, tmp_path: Path) -> str:
+    """A commit to the source that changes one small file (the weights stay the same)."""
+    folder = tmp_path / f"changed-{repo_id.replace('/', '-')}"
+    shutil.copytree(ckpt, folder)
+    gen = json.loads((folder / "generation_config.json").read_text())
+    gen["temperature"] = 0.42
+    (folder / "generation_config.json").write_text(json.dumps(gen))
+    return hub.seed_repo(repo_id, folder, message="tweak generation config")
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def test_converts_then_skips_without_reading_tensors_then_converts_what_changed(hub, tmp_path, capsys, llama_ckpt):
+    jobs = write_jobs(tmp_path / "jobs.toml", JOBS)
+
+    # 1. everything is new: both jobs convert (two at once, one shared memory budget)
+    rc, report = run(capsys, jobs, "--parallel", "2", "--max-memory", "256MB")
+    assert rc == 0, report
+    assert statuses(report) == {"a-fp8": "converted", "b-w8": "converted"}
+    for job in report["jobs"]:
+        assert job["url"] and "/commit/" in job["url"]
+        assert job["bytes_read"] > 0 and job["bytes_written"] > 0
+    card = hub.read_file("acme/llama-a-FP8", "README.md").decode()
+    prov = read_provenance(card)
+    assert prov["source"] == "org/llama-a"
+    assert prov["source_commit"] == hub.refs("org/llama-a")["heads"]["main"]
+    assert prov["scheme"] == "FP8_DYNAMIC" and prov["ignore"] == ["lm_head"]
+    config = json.loads(hub.read_file("acme/llama-b-W8A16", "config.json"))
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    commits = {t: len(hub.commits(t)) for t in ("acme/llama-a-FP8", "acme/llama-b-W8A16")}
+
+    # 2. nothing changed: both skipped, not one tensor byte (not even a header) read
+    hub.clear_log()
+    rc, report = run(capsys, jobs)
+    assert rc == 0
+    assert statuses(report) == {"a-fp8": "skipped", "b-w8": "skipped"}
+    assert tensor_reads(hub) == []
+    assert not [r for r in hub.request_log if r.method == "POST" and "/commit/" in r.path]
+    assert {t: len(hub.commits(t)) for t in commits} == commits
+
+    # 3. a new commit on one source: only its job converts, as one new commit on the target
+    sha = new_source_commit(hub, "org/llama-a", llama_ckpt, tmp_path)
+    hub.clear_log()
+    rc, report = run(capsys, jobs)
+    assert rc == 0
+    assert statuses(report) == {"a-fp8": "converted", "b-w8": "skipped"}
+    assert "new source commit" in report["jobs"][0]["reason"]
+    assert len(hub.commits("acme/llama-a-FP8")) == commits["acme/llama-a-FP8"] + 1
+    assert len(hub.commits("acme/llama-b-W8A16")) == commits["acme/llama-b-W8A16"]
+    assert read_provenance(hub.read_file("acme/llama-a-FP8", "README.md").decode())["source_commit"] == sha
+    touched = {r.repo_id for r in tensor_reads(hub)}
+    assert touched == {"org/llama-a"}
+    assert json.loads(hub.read_file("acme/llama-a-FP8", "generation_config.json"))["temperature"] == 0.42
+
+    # 4. changed settings trigger a conversion too (and --only runs just that job)
+    write_jobs(jobs, JOBS.replace('"re:.*embed_tokens$"', '"re:.*embed_tokens$", "re:.*down_proj$"'))
+    rc, report = run(capsys, jobs, "--only", "b-w8")
+    assert rc == 0
+    assert statuses(report) == {"b-w8": "converted"}
+    assert "settings changed" in report["jobs"][0]["reason"]
+    rc, report = run(capsys, jobs)
+    assert statuses(report) == {"a-fp8": "skipped", "b-w8": "skipped"}
+
+
+def test_a_failing_job_does_not_stop_the_others(hub, tmp_path, capsys):
+    jobs = write_jobs(tmp_path / "jobs.toml", JOBS.replace("org/llama-b", "org/does-not-exist"))
+    rc, report = run(capsys, jobs)
+    assert rc == 1
+    assert report["ok"] is False
+    assert statuses(report) == {"a-fp8": "converted", "b-w8": "failed"}
+    failed = report["jobs"][1]
+    assert "org/does-not-exist" in failed["error"] and "not found" in failed["error"]
+    assert report["counts"] == {"converted": 1, "skipped": 0, "failed": 1, "planned": 0}
+    assert not hub.repo_exists("acme/llama-b-W8A16")
+
+    # the table (default output) says the same, and the exit code stays non-zero
+    capsys.readouterr()
+    assert main([str(jobs)]) == 1
+    table = capsys.readouterr().out
+    lines = table.splitlines()
+    assert lines[0].split()[:2] == ["job", "status"]
+    assert any(line.startswith("a-fp8") and " skipped " in line for line in lines)
+    assert any(line.startswith("b-w8") and " failed " in line and "error:" in line for line in lines)
+    assert lines[-1] == "2 job(s): 0 converted, 1 skipped, 1 failed"
+
+
+def test_dry_run_publishes_nothing(hub, tmp_path, capsys):
+    jobs = write_jobs(tmp_path / "jobs.toml", JOBS)
+    rc, report = run(capsys, jobs, "--dry-run", "--only", "a-fp8")
+    assert rc == 0
+    (job,) = report["jobs"]
+    assert job["status"] == "planned"
+    assert "would write" in job["reason"]
+    assert not hub.repo_exists("acme/llama-a-FP8")
+
+
+def test_pull_request_mode_is_idempotent(hub, tmp_path, capsys):
+    jobs = write_jobs(tmp_path / "jobs.toml", JOBS + "create_pr = true\n")  # applies to b-w8
+    rc, report = run(capsys, jobs, "--only", "b-w8")
+    assert rc == 0 and statuses(report) == {"b-w8": "converted"}
+    assert "/discussions/" in report["jobs"][0]["url"]
+    assert list(hub.refs("acme/llama-b-W8A16")["prs"]) == ["1"]
+    rc, report = run(capsys, jobs, "--only", "b-w8")
+    assert statuses(report) == {"b-w8": "skipped"}
+    assert "PR #1" in report["jobs"][0]["reason"]
+    assert list(hub.refs("acme/llama-b-W8A16")["prs"]) == ["1"]
+
+
+# --------------------------------------------------------------------------------------------
+# the jobs file
+# --------------------------------------------------------------------------------------------
+
+
+def test_jobs_file_validation_lists_every_problem(tmp_path):
+    bad = write_jobs(tmp_path / "bad.toml", """
+[defaults]
+sheme = "FP8_DYNAMIC"
+
+[[job]]
+name = "one"
+source = "org/a"
+target = "acme/a"
+scheme = "FP8_DYNAMIC"
+privat = true
+
+[[job]]
+name = "one"
+source = "org/b"
+target = "acme/b"
+scheme = "FP9"
+
+[[job]]
+name = "three"
+target = "acme/c"
+scheme = "W4A16"
+
+[[job]]
+name = "four"
+source = "not a repo"
+target = "org/a"
+scheme = "FP8_DYNAMIC"
+ignore = "lm_head"
+""")
+    with pytest.raises(JobsFileError) as err:
+        load_jobs(bad)
+    text = str(err.value)
+    assert "unknown key 'sheme' (did you mean 'scheme'?)" in text
+    assert "[[job]] #1 (one): unknown key 'privat' (did you mean 'private'?)" in text
+    assert "duplicate name 'one'" in text
+    assert "unknown scheme 'FP9'" in text and "FP8_DYNAMIC" in text
+    assert "[[job]] #3 (three): missing source" in text
+    assert "'not a repo' is not a Hub repo id" in text
+    assert "ignore must be a list" in text
+
+    assert main([str(bad)]) == 2
+    with pytest.raises(JobsFileError, match="not valid TOML"):
+        load_jobs(write_jobs(tmp_path / "broken.toml", "[[job]\nname = 1"))
+    with pytest.raises(JobsFileError, match="no jobs"):
+        parse_jobs({"defaults": {"scheme": "FP8_DYNAMIC"}})
+    with pytest.raises(JobsFileError, match="same repo"):
+        parse_jobs({"job": [{"name": "x", "source": "org/a", "target": "org/a", "scheme": "W4A16"}]})
+    with pytest.raises(JobsFileError, match="also written by job 'x'"):
+        parse_jobs({"job": [
+            {"name": "x", "source": "org/a", "target": "acme/t", "scheme": "W4A16"},
+            {"name": "y", "source": "org/b", "target": "acme/t", "scheme": "W4A16"},
+        ]})
+    with pytest.raises(JobsFileError, match="calibration"):
+        parse_jobs({"job": [{"name": "x", "source": "org/a", "target": "acme/t", "scheme": "FP8"}]})
+
+
+def test_jobs_file_format(tmp_path):
+    jobs = load_jobs(write_jobs(tmp_path / "jobs.toml", JOBS))
+    a, b = jobs
+    assert a == Job(name="a-fp8", source="org/llama-a", target="acme/llama-a-FP8", scheme="FP8_DYNAMIC",
+                    ignore=("lm_head",), source_revision="main", device="cpu")
+    assert b.scheme == "W8A16" and b.ignore == ("lm_head", "re:.*embed_tokens$") and not b.create_pr
+    example = REPO_ROOT / "examples" / "jobs.toml"
+    assert [j.name for j in load_jobs(example)]  # the documented example stays valid
+    assert main([str(tmp_path / "jobs.toml"), "--only", "nope"]) == 2
+
+
+def test_summary_table_shape():
+    rows = [
+        JobResult("a", "converted", "org/a", "acme/a", "FP8_DYNAMIC", source_commit="0123456789",
+                  url="http://hub/acme/a/commit/abc", bytes_read=2_000_000, bytes_written=1_000_000, seconds=1.25),
+        JobResult("bb", "skipped", "org/b", "acme/b", "W4A16", reason="up to date", source_commit="abcdef0123"),
+        JobResult("c", "failed", "org/c", "acme/c", "W4A16", error="source repo org/c not found\nmore"),
+    ]
+    table = render_table(rows).splitlines()
+    assert table[1].split() == ["a", "converted", "0123456", "2.00", "MB", "1.00", "MB", "1.2s",
+                                "http://hub/acme/a/commit/abc"]
+    assert table[2].split()[:3] == ["bb", "skipped", "abcdef0"]
+    assert table[3].endswith("error: source repo org/c not found more")
+    assert table[-1] == "3 job(s): 1 converted, 1 skipped, 1 failed"
+
+
+# --------------------------------------------------------------------------------------------
+# webhooks
+# --------------------------------------------------------------------------------------------
+
+
+def payload(repo: str, *, scope="repo.content", action="update", refs=("refs/heads/main",), head="f" * 40, rtype="model"):
+    """A webhook payload as the Hub sends it (version 3)."""
+    body = {
+        "event": {"action": action, "scope": scope},
+        "repo": {
+            "type": rtype, "name": repo, "id": "6512345", "private": False, "headSha": head,
+            "owner": {"id": "64ab"}, "url": {"web": f"https://huggingface.co/{repo}", "api": f"/api/models/{repo}"},
+        },
+        "webhook": {"id": "65aa", "version": 3},
+    }
+    if refs is not None:
+        body["updatedRefs"] = [{"ref": r, "oldSha": "e" * 40, "newSha": head} for r in refs]
+    return body
+
+
+def test_payload_matching(tmp_path):
+    jobs = parse_jobs({"job": [
+        {"name": "main", "source": "org/m", "target": "acme/m1", "scheme": "W4A16"},
+        {"name": "dev", "source": "org/m@dev", "target": "acme/m2", "scheme": "W4A16"},
+        {"name": "pinned", "source": f"org/m@{'a' * 40}", "target": "acme/m3", "scheme": "W4A16"},
+        {"name": "other", "source": "org/o", "target": "acme/o", "scheme": "W4A16"},
+    ]})
+
+    def names(p):
+        return [j.name for j in match_payload(jobs, p)[0]]
+
+    assert names(payload("org/m")) == ["main"]
+    assert names(payload("ORG/M", refs=["refs/heads/dev"])) == ["dev"]
+    assert names(payload("org/m", refs=None)) == ["main", "dev"]
+    assert names(payload("org/m", refs=["refs/heads/main", "refs/heads/dev"])) == ["main", "dev"]
+    assert names(payload("org/m", refs=["refs/heads/feature"])) == []
+    assert names(payload("org/m", scope="discussion")) == []
+    assert names(payload("org/m", scope="repo.config")) == []
+    assert names(payload("org/m", scope="repo", action="delete")) == []
+    assert names(payload("org/m", rtype="dataset")) == []
+    assert names(payload("org/unknown")) == []
+    assert names({"hello": "world"}) == []
+
+
+def _request(url: str, method: str, path: str, body: dict | None = None, secret: str | None = None):
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    headers = {"Content-Type": "application/json"}
+    if secret is not None:
+        headers["X-Webhook-Secret"] = secret
+    data = json.dumps(body).encode() if body is not None else None
+    conn.request(method, path, body=data, headers=headers)
+    r = conn.getresponse()
+    out = r.status, json.loads(r.read() or b"null")
+    conn.close()
+    return out
+
+
+def test_webhook_listener_end_to_end(hub, tmp_path, llama_ckpt):
+    """`mirror --serve` in its own process: secrets are checked, the right job runs, the target gets a commit."""
+    jobs = write_jobs(tmp_path / "jobs.toml", JOBS)
+    env = {**os.environ, "MIRROR_SECRET": "s3cret", "PYTHONPATH": str(REPO_ROOT)}
+    env.pop("HF_TOKEN")  # the token comes from the command line here
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamer", "mirror", str(jobs), "--serve", "--port", "0",
+         "--secret-env", "MIRROR_SECRET", "--token", ALICE],
+        env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=tmp_path,
+    )
+    lines: list[str] = []
+    started = threading.Event()
+
+    def drain():  # keep reading stderr so the child never blocks on a full pipe
+        for line in proc.stderr:
+            lines.append(line)
+            if "listening on " in line:
+                started.set()
+        started.set()
+
+    threading.Thread(target=drain, daemon=True).start()
+    try:
+        started.wait(90)
+        url = next((ln.split("listening on ")[1].split()[0] for ln in lines if "listening on " in ln), None)
+        assert url, f"the listener did not start: rc={proc.poll()}\n{''.join(lines)}"
+        assert url.endswith("/webhook")
+
+        assert _request(url, "GET", "/health") == (200, {"ok": True})
+        good = payload("org/llama-a", head=hub.refs("org/llama-a")["heads"]["main"])
+        assert _request(url, "POST", "/webhook", good)[0] == 401
+        assert _request(url, "POST", "/webhook", good, secret="wrong")[0] == 403
+        assert _request(url, "GET", "/jobs", secret="wrong")[0] == 403
+        status, body = _request(url, "POST", "/webhook", payload("org/unrelated"), secret="s3cret")
+        assert status == 200 and body["queued"] == [] and "no job" in body["ignored"]
+        assert not hub.repo_exists("acme/llama-a-FP8")
+
+        status, body = _request(url, "POST", "/webhook", good, secret="s3cret")
+        assert (status, body["queued"]) == (202, ["a-fp8"])
+
+        def last(name):
+            _, st = _request(url, "GET", "/jobs", secret="s3cret")
+            job = st["jobs"][name]
+            return job["last"] if job["state"] == "idle" else None
+
+        deadline = time.monotonic() + 60
+        while (result := last("a-fp8")) is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert result and result["status"] == "converted", result
+        before = len(hub.commits("acme/llama-a-FP8"))
+        assert before >= 2  # the repo's creation, then the conversion
+        assert not hub.repo_exists("acme/llama-b-W8A16")  # the other job did not run
+
+        # a push to the source: the next delivery converts again, into a new commit
+        sha = new_source_commit(hub, "org/llama-a", llama_ckpt, tmp_path)
+        status, body = _request(url, "POST", "/", payload("org/llama-a", head=sha), secret="s3cret")
+        assert (status, body["queued"]) == (202, ["a-fp8"])
+        deadline = time.monotonic() + 60
+        while len(hub.commits("acme/llama-a-FP8")) == before and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(hub.commits("acme/llama-a-FP8")) == before + 1
+        card = read_provenance(hub.read_file("acme/llama-a-FP8", "README.md").decode())
+        assert card["source_commit"] == sha
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, "".join(lines)
+
+
+def test_webhook_payload_mode(hub, tmp_path, capsys, monkeypatch):
+    """A Hub webhook can start a Hugging Face Job directly; it gets the payload in $WEBHOOK_PAYLOAD."""
+    jobs = write_jobs(tmp_path / "jobs.toml", JOBS)
+    monkeypatch.setenv("WEBHOOK_PAYLOAD", json.dumps(payload("org/llama-b")))
+    rc, report = run(capsys, jobs, "--webhook-payload")
+    assert rc == 0
+    assert statuses(report) == {"b-w8": "converted"}
+    monkeypatch.setenv("WEBHOOK_PAYLOAD", json.dumps(payload("org/llama-b", scope="discussion")))
+    rc, report = run(capsys, jobs, "--webhook-payload")
+    assert rc == 0 and report["jobs"] == []
+    (tmp_path / "payload.json").write_text(json.dumps(payload("org/llama-b")))
+    rc, report = run(capsys, jobs, "--payload-file", tmp_path / "payload.json")
+    assert rc == 0 and statuses(report) == {"b-w8": "skipped"}
+
+
+def test_serve_requires_a_secret(tmp_path, monkeypatch, capsys):
+    jobs = write_jobs(tmp_path / "jobs.toml", JOBS)
+    monkeypatch.delenv("WEBHOOK_SECRET", raising=False)
+    assert main([str(jobs), "--serve", "--port", "0"]) == 2
+    assert "needs a webhook secret" in capsys.readouterr().err
+    assert main([str(jobs), "--serve", "--secret-env", "NOT_SET_ANYWHERE"]) == 2
+
+
+def test_listener_queue_coalesces_triggers():
+    """Triggers for a queued job are merged; a trigger while it runs makes it run once more."""
+    from streamer.webhook import WebhookListener
+
+    gate = threading.Event()
+    calls: list[str] = []
+
+    class FakeRunner:
+        parallel = 1
+        cancel = threading.Event()
+
+        def run_one(self, job):
+            calls.append(job.name)
+            gate.wait(10)
+            return JobResult(job.name, "skipped", job.source, job.target, job.scheme, reason="up to date")
+
+    jobs = parse_jobs({"job": [
+        {"name": "x", "source": "org/x", "target": "acme/x", "scheme": "W4A16"},
+        {"name": "y", "source": "org/y", "target": "acme/y", "scheme": "W4A16"},
+    ]})
+    listener = WebhookListener(jobs, FakeRunner(), secret="s", port=0).start()
+    try:
+        listener.submit(["x"])
+        deadline = time.monotonic() + 10
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        listener.submit(["x"])  # x is running: one more run afterwards
+        listener.submit(["x", "y"])  # x is already due again; y is queued once
+        listener.submit(["y"])
+        assert listener.status()["jobs"]["x"]["state"] == "running+queued"
+        gate.set()
+        assert listener.wait_idle(10)
+        assert sorted(calls) == ["x", "x", "y"]
+        assert listener.results["y"].status == "skipped"
+    finally:
+        gate.set()
+        listener.stop()
+
+
+def test_foreign_target_is_not_overwritten(hub, tmp_path, capsys):
+    folder = tmp_path / "foreign"
+    folder.mkdir()
+    (folder / "README.md").write_text("# somebody else's model\n")
+    (folder / "model.safetensors").write_bytes(b"not ours")
+    hub.seed_repo("acme/llama-a-FP8", folder)
+    jobs = write_jobs(tmp_path / "jobs.toml", JOBS)
+    rc, report = run(capsys, jobs, "--only", "a-fp8")
+    assert rc == 1
+    assert "did not write" in report["jobs"][0]["error"] and "overwrite = true" in report["jobs"][0]["error"]
+    assert hub.files("acme/llama-a-FP8").keys() == {"README.md", "model.safetensors"}
