@@ -512,24 +512,40 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
-def progress_html(stages: dict[str, ProgressEvent], elapsed: float, state: str) -> str:
-    rows = []
+def progress_html(stages: dict[str, ProgressEvent], elapsed: float, state: str, moving: float | None = None) -> str:
+    """Three bars (read, quantized, uploaded) with bytes, rate and ETA.
+
+    Rates are averages over the MOVING seconds since the first byte moved: the stages run as a
+    pipeline behind the download, so per-burst rates would be meaningless.
+    """
+    rows, left = [], []
     for stage in STAGES:
         ev = stages.get(stage) or ProgressEvent(stage)
         frac = min(1.0, ev.done / ev.total) if ev.total else 0.0
         nums = f"{human_bytes(ev.done)} / {human_bytes(ev.total)}" if ev.total else "waiting"
-        rate = f"{human_bytes(ev.rate)}/s" if ev.rate else "–"
-        eta = "done" if ev.total and ev.done >= ev.total else f"ETA {_duration(ev.eta)}"
+        rate = ev.done / moving if moving and moving > 0.05 and ev.done else 0.0
+        if ev.total and ev.done >= ev.total:
+            eta = "done"
+        elif rate:
+            seconds = (ev.total - ev.done) / rate
+            left.append(seconds)
+            eta = f"ETA {_duration(seconds)}"
+        else:
+            eta = "ETA –"
         rows.append(
             f'<div class="sp-row" data-stage="{stage}"><span class="sp-label">{STAGE_LABELS[stage]}</span>'
             f'<div class="sp-bar"><div class="sp-fill" style="width:{frac * 100:.1f}%"></div></div>'
-            f'<span class="sp-nums">{nums}</span><span class="sp-rate">{rate}</span>'
+            f'<span class="sp-nums">{nums}</span><span class="sp-rate">{human_bytes(rate) + "/s" if rate else "–"}</span>'
             f'<span class="sp-eta">{eta}</span></div>'
         )
-    return (
-        f'<div class="streamer-progress" data-state="{state}">'
-        f'<div class="sp-head">{html.escape(state)} · elapsed {_duration(elapsed)}</div>{"".join(rows)}</div>'
-    )
+    head = f"{html.escape(state)} · elapsed {_duration(elapsed)}"
+    if state == "Converting" and left:
+        head += f" · about {_duration(max(left))} left"
+    return f'<div class="streamer-progress" data-state="{state}"><div class="sp-head">{head}</div>{"".join(rows)}</div>'
+
+
+def _since(t: float | None) -> float | None:
+    return None if t is None else time.monotonic() - t
 
 
 def _result_md(result, target: str, create_pr: bool) -> str:
@@ -613,6 +629,7 @@ def run_convert(
     say(f"ignore: {', '.join(ignore_list) or '(nothing)'}")
     thread = threading.Thread(target=worker, name=f"convert-{account.name}", daemon=True)
     stages: dict[str, ProgressEvent] = {}
+    t_bytes: float | None = None  # when the first byte moved
     finished = False
     try:
         thread.start()
@@ -634,6 +651,8 @@ def run_convert(
                     say(ev.message)
                 else:
                     stages[ev.stage] = ev
+                    if t_bytes is None and ev.done:
+                        t_bytes = time.monotonic()
                 try:
                     ev = events.get_nowait()
                 except queue.Empty:
@@ -642,26 +661,27 @@ def run_convert(
             if finished or now - last >= 0.25:
                 last = now
                 state = "Cancelling" if slot.cancel.is_set() else "Converting"
-                yield "", progress_html(stages, now - t0, state), log_text(), ""
+                yield "", progress_html(stages, now - t0, state, _since(t_bytes)), log_text(), ""
         thread.join()
     finally:
         if not finished:  # the page went away mid-run: stop the conversion, commit nothing
             slot.cancel.set()
 
     elapsed = time.monotonic() - t0
+    moving = _since(t_bytes)
     if "result" in outcome:
         result = outcome["result"]
-        yield "", progress_html(stages, elapsed, "Done"), log_text(), _result_md(result, target, bool(create_pr))
+        yield "", progress_html(stages, elapsed, "Done", moving), log_text(), _result_md(result, target, bool(create_pr))
         return
     if outcome.get("cancelled"):
         say("cancelled: nothing was committed")
-        yield "", progress_html(stages, elapsed, "Cancelled"), log_text(), (
+        yield "", progress_html(stages, elapsed, "Cancelled", moving), log_text(), (
             f'<div class="streamer-cancelled"><b>Cancelled</b>: nothing was committed to {html.escape(target)}.</div>'
         )
         return
     message = sentence(outcome.get("error") or RuntimeError("no result"))
     say("failed: nothing was committed")
-    yield error_box(message), progress_html(stages, elapsed, "Failed"), log_text(), ""
+    yield error_box(message), progress_html(stages, elapsed, "Failed", moving), log_text(), ""
     raise gr.Error(message, duration=15, title="Conversion failed", print_exception=False)
 
 

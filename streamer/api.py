@@ -97,13 +97,14 @@ def prepare(
     *,
     scheme=None,
     scheme_file=None,
+    config=None,
     ignore=(),
     token: str | None = None,
     dequant_dtype: str | None = None,
     force: bool = False,
 ) -> tuple[Source, Plan]:
     """Open the source and build the complete plan (reads headers only)."""
-    recipe = make_recipe(scheme, scheme_file=scheme_file, ignore=list(ignore))
+    recipe = make_recipe(scheme, scheme_file=scheme_file, config=config, ignore=list(ignore))
     source = src if isinstance(src, Source) else open_source(src, token=token)
     try:
         catalog = build_catalog(source)
@@ -127,10 +128,12 @@ def convert(
     *,
     scheme=None,
     scheme_file=None,
+    config=None,
     ignore=(),
     device: str | None = "auto",
     dry_run: bool = False,
     max_memory: int | None = None,
+    budget=None,
     workers: int = 4,
     token: str | None = None,
     overwrite: bool = False,
@@ -145,7 +148,7 @@ def convert(
     dev = resolve_device(device)
     progress = progress or Progress()
     source, plan = prepare(
-        src, scheme=scheme, scheme_file=scheme_file, ignore=ignore, token=token,
+        src, scheme=scheme, scheme_file=scheme_file, config=config, ignore=ignore, token=token,
         dequant_dtype=dequant_dtype, force=force,
     )  # fmt: skip
     with source:
@@ -169,7 +172,7 @@ def convert(
             )
             runner = Runner(
                 plan, source, sink, device=dev,
-                max_memory=max_memory or default_memory_budget(),
+                max_memory=max_memory or default_memory_budget(), budget=budget,
                 fetch_workers=workers, progress=progress, cancel=cancel,
             )  # fmt: skip
             stats = runner.run()

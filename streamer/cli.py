@@ -63,6 +63,9 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     logging.getLogger("streamer").setLevel(level)
+    if not verbose:  # one line per HTTP request drowns the events that matter
+        for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "huggingface_hub"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:

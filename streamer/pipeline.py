@@ -53,10 +53,13 @@ class Budget:
             self._take(n)
             return True
 
-    def acquire(self, n: int) -> None:
+    def acquire(self, n: int, *, force: bool = False) -> None:
+        """Wait until N bytes fit. FORCE takes them at once: a runner that holds an unfinished
+        shard must be able to finish it, or two runners sharing a budget could wait on each
+        other forever; the overshoot is at most one piece per runner."""
         with self._cv:
             # A request larger than the whole budget waits for an empty budget, then runs alone.
-            while self.used + n > self.limit and self.used > 0:
+            while not force and self.used + n > self.limit and self.used > 0:
                 self._cv.wait()
             self._take(n)
 
@@ -202,6 +205,7 @@ class Runner:
         *,
         device: torch.device,
         max_memory: int,
+        budget: Budget | None = None,
         fetch_workers: int = 4,
         progress: Progress | None = None,
         cancel: threading.Event | None = None,
@@ -210,7 +214,8 @@ class Runner:
         self.source = source
         self.sink = sink
         self.device = device
-        self.budget = Budget(max_memory)
+        # Several runners (mirroring jobs in parallel) may share one budget.
+        self.budget = budget if budget is not None else Budget(max_memory)
         self.fetch_workers = fetch_workers
         self.progress = progress or Progress()
         self.cancel = cancel or threading.Event()
@@ -308,7 +313,7 @@ class Runner:
             piece = queue[0]
             need = piece.cost + (self._writer_cost(piece.job) if piece.first else 0)
             if block:
-                self.budget.acquire(need)
+                self.budget.acquire(need, force=bool(writers))
             elif not self.budget.try_acquire(need):
                 return False
             queue.popleft()

@@ -395,8 +395,10 @@ def global_scale(weights: Sequence[torch.Tensor], scheme: QuantizationScheme) ->
 
 def _qparams(
     spec: _Spec, w: torch.Tensor, gscale: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight_scale, weight_zero_point or None) as the module parameters hold them."""
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(weight_scale, weight_zero_point or None, |w| max per scale or None) as the module
+    parameters hold them."""
+    amax = None
     if spec.symmetric:
         amax = _abs_max(w, spec)
         mins, maxs = -amax, amax
@@ -407,8 +409,8 @@ def _qparams(
     # and in zp_dtype (zero point)
     scale = scale.to(_param_dtype(w.dtype))
     if spec.symmetric:
-        return scale, None
-    return scale, zp.to(spec.args.zp_dtype)
+        return scale, None, amax
+    return scale, zp.to(spec.args.zp_dtype), amax
 
 
 # ----------------------------------------------------------------------------------------------
@@ -651,7 +653,7 @@ def _q_range(spec: _Spec) -> tuple[float, float]:
     return -half, half - 1
 
 
-def _fp8_clamp_is_noop(w: torch.Tensor, spec: _Spec, scale: torch.Tensor, zp) -> bool:
+def _fp8_clamp_is_noop(spec: _Spec, amax: torch.Tensor | None, scale: torch.Tensor) -> bool:
     """True when clamping x / scale to ±448 cannot change the FP8 cast.
 
     The cast rounds to nearest even and maps |v| >= 464 to NaN; values in (448, 464] round to
@@ -660,11 +662,9 @@ def _fp8_clamp_is_noop(w: torch.Tensor, spec: _Spec, scale: torch.Tensor, zp) ->
     quotient's rounding to the weight dtype. Fails (clamp kept) for fp16 subnormal scales,
     NaN / inf, zero points, or a scale not derived from the weight's own groups.
     """
-    if zp is not None or spec.num_bits != 8 or spec.tensor_group:
+    if amax is None or spec.num_bits != 8 or spec.tensor_group:
         return False
-    amax = _abs_max(w, spec).float()
-    ratio = amax / scale.float()
-    return bool((ratio <= 460.0).all())
+    return bool((amax.float() / scale.float() <= 460.0).all())
 
 
 def quantize_weight(
@@ -691,7 +691,7 @@ def quantize_weight(
             gscale = _global_scale_one(w)
         else:
             gscale = global_scale.detach().to(device=dev, dtype=torch.float32).reshape(1)
-    scale, zp = _qparams(spec, w, gscale)
+    scale, zp, amax = _qparams(spec, w, gscale)
     q_gscale = gscale if spec.uses_global_scale_in_quantize else None
 
     out: dict[str, torch.Tensor] = {}
@@ -699,7 +699,7 @@ def quantize_weight(
     scratch = _Scratch()
     if spec.fmt in _UNPACKED_FORMATS:
         q = torch.empty((rows, cols), dtype=spec.args.pytorch_dtype(), device=dev)
-        clamp = not (spec.is_float and _fp8_clamp_is_noop(w, spec, scale, zp))
+        clamp = not (spec.is_float and _fp8_clamp_is_noop(spec, amax, scale))
         for c in _chunks(w, spec, scale, zp):
             v = _scaled(c, q_gscale, scratch)
             if clamp:

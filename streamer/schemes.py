@@ -102,14 +102,21 @@ def make_recipe(
     scheme: str | QuantizationScheme | None = None,
     *,
     scheme_file: str | Path | None = None,
+    config: QuantizationConfig | None = None,
     ignore: list[str] | tuple[str, ...] = (),
 ) -> Recipe:
-    if (scheme is None) == (scheme_file is None):
+    if sum(x is not None for x in (scheme, scheme_file, config)) != 1:
         raise SchemeError("give exactly one of --scheme NAME or --scheme-file FILE")
     ignore = [str(i) for i in ignore]
     _check_ignore(ignore)
 
-    if scheme_file is not None:
+    if config is not None:
+        name = next(iter(config.config_groups), "config")
+        config = config.model_copy(
+            deep=True,
+            update={"ignore": list(config.ignore or []) + ignore, "quantization_status": QuantizationStatus.INITIALIZED},
+        )
+    elif scheme_file is not None:
         name, config = _load_scheme_file(Path(scheme_file))
         config = config.model_copy(update={"ignore": list(config.ignore or []) + ignore})
     elif isinstance(scheme, QuantizationScheme):

@@ -110,6 +110,7 @@ class LocalSink(Sink):
         self.label = str(self.dst)
         self.url = str(self.dst)
         self._tmp: Path | None = None
+        self._made: list[Path] = []  # parent folders this run created, removed again on abort
 
     def check(self) -> None:
         if self.dst.exists():
@@ -120,13 +121,19 @@ class LocalSink(Sink):
                     f"destination {self.dst} is not empty; choose another folder or pass --overwrite"
                 )
         parent = self.dst.parent
+        while not parent.exists():
+            parent = parent.parent
         if not parent.is_dir():
-            raise TargetError(f"parent folder {parent} of the destination does not exist")
+            raise TargetError(f"{parent} is not a folder: cannot create {self.dst} under it")
         if not os.access(parent, os.W_OK):
             raise TargetError(f"cannot write into {parent}: permission denied")
 
     def _staging(self) -> Path:
         if self._tmp is None:
+            missing = [p for p in reversed(self.dst.parents) if not p.exists()]
+            for p in missing:
+                p.mkdir()
+                self._made.append(p)
             self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.dst.name}.streamer-", dir=self.dst.parent))
             umask = os.umask(0)
             os.umask(umask)
@@ -157,6 +164,12 @@ class LocalSink(Sink):
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
+        for p in reversed(self._made):
+            try:
+                p.rmdir()
+            except OSError:
+                pass
+        self._made.clear()
 
 
 def dumps_json(data) -> bytes:

@@ -1,0 +1,105 @@
+"""`model_free_ptq` with llm-compressor's signature, running streamer's engine underneath.
+
+Switching is one import:
+
+    from streamer import model_free_ptq        # was: from llmcompressor import model_free_ptq
+
+It is a thin wrapper over `streamer.api.convert`, so the output is exactly what
+`python -m streamer` writes for the same arguments.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+
+import torch
+
+from .api import Result, convert
+from .errors import StreamerError
+
+log = logging.getLogger("streamer")
+
+HUB_PREFIX = "hub://"
+
+# Source formats the reference needs a converter for; streamer reads them from config.json.
+_CONVERTER_NAMES = {"auto", "fp8", "fp8-block", "fp8_block", "compressed-tensors", "compressed_tensors"}
+_CONVERTER_CLASSES = {"FP8BlockDequantizer", "CompressedTensorsDequantizer"}
+
+
+def model_free_ptq(
+    model_stub: str | os.PathLike,
+    save_directory: str | os.PathLike,
+    scheme=None,
+    config=None,
+    ignore: Iterable[str] = (),
+    max_workers: int = 1,
+    device: str | torch.device | list | None = None,
+    converter=None,
+    *,
+    token: str | None = None,
+    private: bool = False,
+    create_pr: bool = False,
+) -> Result:
+    """Quantize a checkpoint without a model definition, like llm-compressor's model_free_ptq.
+
+    :param model_stub: a Hub repo id (`org/name[@revision]`) or a local folder.
+    :param save_directory: a local folder, as in the reference; `hub://org/name` publishes to
+        that Hub repo instead (streamed, one commit, nothing written locally).
+    :param scheme: a compressed-tensors preset name or a QuantizationScheme (not with config).
+    :param config: a compressed-tensors QuantizationConfig (not with scheme).
+    :param ignore: module names or `re:` patterns left unquantized.
+    :param max_workers: pieces of work in flight at once.
+    :param device: "cpu", "cuda", "cuda:N" or a list of them (the first is used), None for auto.
+    :param converter: None or "auto" (the source format is detected from config.json either way),
+        or a source-format name / llm-compressor dequantizer that streamer handles itself.
+    """
+    if scheme is not None and config is not None:
+        raise StreamerError("Please specify either `config` or `scheme`, not both")
+    _check_converter(converter)
+    target = os.fspath(save_directory)
+    if target.startswith(HUB_PREFIX):
+        dst = target[len(HUB_PREFIX) :]
+        if dst.count("/") != 1:
+            raise StreamerError(f"save_directory {target!r}: use hub://org/name")
+    else:
+        # A plain string is always a folder here, even "org/name": the reference's meaning.
+        dst = os.path.abspath(target)
+    return convert(
+        os.fspath(model_stub),
+        dst,
+        scheme=scheme,
+        config=config,
+        ignore=list(ignore),
+        device=_device(device),
+        workers=max(1, int(max_workers)),
+        token=token,
+        private=private,
+        create_pr=create_pr,
+    )
+
+
+def _device(device) -> str:
+    if device is None:
+        return "auto"
+    if isinstance(device, (list, tuple)):
+        if not device:
+            raise StreamerError("The device list cannot be empty.")
+        if len(device) > 1:
+            log.info("streamer quantizes on one device; using %s", device[0])
+        device = device[0]
+    return str(device)
+
+
+def _check_converter(converter) -> None:
+    if converter is None:
+        return
+    if isinstance(converter, str) and converter.lower() in _CONVERTER_NAMES:
+        return
+    if type(converter).__name__ in _CONVERTER_CLASSES:
+        return  # streamer dequantizes these formats itself, detected from config.json
+    raise StreamerError(
+        f"converter {converter!r} is not supported: streamer detects FP8-block (DeepSeek) and "
+        "compressed-tensors sources from config.json; pass converter=None or 'auto'"
+    )
