@@ -504,6 +504,8 @@ STAGE_LABELS = {"read": "Read", "quantize": "Quantized", "upload": "Uploaded"}
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "–"
+    if seconds < 1:
+        return "<1 s"
     seconds = int(round(seconds))
     if seconds < 60:
         return f"{seconds} s"
@@ -742,7 +744,7 @@ CSS = """
 .streamer-progress .sp-row { display: grid; grid-template-columns: 6.5em 1fr 12em 7em 7em; gap: 10px;
   align-items: center; margin: 4px 0; }
 .streamer-progress .sp-bar { height: 12px; background: #e5e7eb; border-radius: 6px; overflow: hidden; }
-.streamer-progress .sp-fill { height: 100%; background: #f97316; transition: width .2s; }
+.streamer-progress .sp-fill { height: 100%; background: #f97316; }
 .streamer-progress .sp-nums, .streamer-progress .sp-rate, .streamer-progress .sp-eta { font-size: 0.9em; }
 """
 

@@ -54,6 +54,7 @@ class Result:
                 bytes_read=self.stats.bytes_read,
                 bytes_written=self.stats.bytes_written,
                 peak_buffered_bytes=self.stats.peak_budget,
+                resumed_shards=self.stats.resumed,
             )
         out.update(self.extra)
         return out
@@ -174,6 +175,7 @@ def convert(
                 plan, source, sink, device=dev,
                 max_memory=max_memory or default_memory_budget(), budget=budget,
                 fetch_workers=workers, progress=progress, cancel=cancel,
+                fingerprint=fingerprint(plan, source),
             )  # fmt: skip
             stats = runner.run()
             _write_small_files(plan, source, sink, target=sink.label)
@@ -186,6 +188,29 @@ def convert(
             raise
         finally:
             sink.close()
+
+
+def fingerprint(plan: Plan, source: Source) -> str | None:
+    """A digest of everything the output bytes depend on; None when the source is not pinned
+    (a local folder can change under the same names), which disables resume."""
+    if source.commit is None:
+        return None
+    import hashlib
+
+    from . import __version__
+
+    blob = json.dumps(
+        {
+            "source": source.repo_id,
+            "commit": source.commit,
+            "config": plan.recipe.quantization_config(),
+            "dequant": plan.dequant,
+            "version": __version__,
+            "jobs": [[j.shard, [[o.name, o.dtype, list(o.shape), o.origin] for o in j.outputs]] for j in plan.jobs],
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def _commit_description(plan: Plan, source: Source) -> str:

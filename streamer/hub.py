@@ -374,6 +374,81 @@ class HubSink(Sink):
         check_relpath(name)
         return _BufferedShard(self, name, size)
 
+    # -- resume: a rerun after a crash skips shards whose content the Hub already holds --------
+
+    def _state_path(self, fingerprint: str):
+        import hashlib
+        from pathlib import Path
+
+        key = hashlib.sha256(f"{self.endpoint}|{self.repo_id}|{self.revision}|{fingerprint}".encode()).hexdigest()
+        return Path(hf_constants.HF_HOME) / "streamer" / "uploads" / f"{key[:32]}.json"
+
+    def resume(self, fingerprint: str, shards: list[str]) -> set[str]:
+        """Shards recorded as uploaded by an earlier run of this exact plan, and still on the Hub.
+
+        The record (a few hundred bytes per shard: name, sha256, size) is the only thing written
+        to local disk; the shards themselves are never read, quantized or uploaded again.
+        """
+        import base64
+        import json
+
+        from huggingface_hub.lfs import UploadInfo, post_lfs_batch_info
+
+        self._state = self._state_path(fingerprint)
+        try:
+            record = json.loads(self._state.read_text())
+        except (OSError, ValueError):
+            record = {}
+        record = {k: v for k, v in record.items() if k in shards}
+        if not record:
+            return set()
+        infos = {
+            name: UploadInfo(sha256=bytes.fromhex(r["sha256"]), size=r["size"], sample=base64.b64decode(r["sample"]))
+            for name, r in record.items()
+        }
+        try:
+            actions, errors, _ = post_lfs_batch_info(
+                upload_infos=list(infos.values()), token=self.api.token, repo_type="model",
+                repo_id=self.repo_id, revision=self.revision, endpoint=self.endpoint,
+            )  # fmt: skip
+        except Exception:
+            return set()  # cannot confirm: convert those shards again, nothing is lost
+        missing = {a["oid"] for a in actions if a.get("actions")} | {e.get("oid") for e in errors}
+        reused = set()
+        for name, info in infos.items():
+            if info.sha256.hex() in missing:
+                continue
+            op = CommitOperationAdd(path_in_repo=name, path_or_fileobj=b"")
+            op.upload_info = info
+            op._upload_mode = "lfs"
+            op._is_uploaded = True
+            with self._lock:
+                self._ops[name] = op
+            reused.add(name)
+        if reused:
+            log.info("resuming: %d shard(s) already on the Hub are not converted again", len(reused))
+        return reused
+
+    def _remember(self, name: str, op: CommitOperationAdd) -> None:
+        import base64
+        import json
+        import os
+
+        path = getattr(self, "_state", None)
+        if path is None:
+            return
+        with self._lock:
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, ValueError):
+                record = {}
+            info = op.upload_info
+            record[name] = {"sha256": info.sha256.hex(), "size": info.size, "sample": base64.b64encode(info.sample).decode()}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(record))
+            os.replace(tmp, path)
+
     def _preupload(self, name: str, data: bytes) -> str:
         op = CommitOperationAdd(path_in_repo=name, path_or_fileobj=data)
         del data
@@ -386,6 +461,7 @@ class HubSink(Sink):
         with self._lock:
             self._ops[name] = op
             self.bytes_uploaded += op.upload_info.size
+        self._remember(name, op)
         log.debug("uploaded %s", name)
         return name
 
@@ -418,6 +494,9 @@ class HubSink(Sink):
                 ) from None
             raise explain(e, self.repo_id, what="target repo") from None
         self.url = info.pr_url or info.commit_url
+        state = getattr(self, "_state", None)
+        if state is not None:
+            state.unlink(missing_ok=True)
         return self.url
 
     def close(self) -> None:

@@ -103,6 +103,7 @@ class RunStats:
     stage_seconds: dict = field(default_factory=dict)
     peak_budget: int = 0
     pieces: int = 0
+    resumed: list[str] = field(default_factory=list)  # shards an interrupted run had delivered
 
 
 def shard_header(job: Job) -> tuple[bytes, dict[str, int]]:
@@ -209,6 +210,7 @@ class Runner:
         fetch_workers: int = 4,
         progress: Progress | None = None,
         cancel: threading.Event | None = None,
+        fingerprint: str | None = None,
     ):
         self.plan = plan
         self.source = source
@@ -221,6 +223,7 @@ class Runner:
         self.cancel = cancel or threading.Event()
         self.pin = device.type == "cuda"
         self.stats = RunStats()
+        self.fingerprint = fingerprint  # identifies the exact output, so a rerun can resume
 
     # -- stages ----------------------------------------------------------------------------
 
@@ -289,7 +292,12 @@ class Runner:
     def run(self) -> RunStats:
         t0 = time.monotonic()
         limit = max(self.budget.limit // 3, 1)
-        pieces = [p for job in self.plan.jobs for p in split_job(job, self.plan, limit)]
+        done = set()
+        if self.fingerprint is not None:
+            done = self.sink.resume(self.fingerprint, [j.shard for j in self.plan.jobs])
+            self.stats.resumed = sorted(done)
+        jobs = [j for j in self.plan.jobs if j.shard not in done]
+        pieces = [p for job in jobs for p in split_job(job, self.plan, limit)]
         self.stats.pieces = len(pieces)
         for p in pieces:
             if p.cost > self.budget.limit and len(p.quantize) + len(p.passthrough) == 1:
@@ -300,7 +308,7 @@ class Runner:
                 )
         self.progress.set_total("read", sum(sum(s.size for _, s, _ in _merge(p.inputs)) for p in pieces))
         self.progress.set_total("quantize", sum(p.bytes_in for p in pieces))
-        self.progress.set_total("upload", self.plan.bytes_out)
+        self.progress.set_total("upload", sum(j.bytes_out for j in jobs))
 
         pool = ThreadPoolExecutor(self.fetch_workers, thread_name_prefix="streamer-fetch")
         pending: deque[tuple[Piece, Future]] = deque()

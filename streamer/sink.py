@@ -50,6 +50,10 @@ class Sink:
     def check(self) -> None:
         """Refuse a destination that must not be written, before any work starts."""
 
+    def resume(self, fingerprint: str, shards: list[str]) -> set[str]:
+        """Shards an interrupted run of the same plan already delivered: the run skips them."""
+        return set()
+
     def open_shard(self, name: str, size: int) -> ShardWriter:
         raise NotImplementedError
 

@@ -323,7 +323,7 @@ def test_client_cancel_leaves_target_untouched(app_url, client, hub):
     target = "alice/cancel-me"
     hub.create_repo(target, owner_token=TOKEN)
     before = (hub.files(target), [c.sha for c in hub.commits(target)])
-    hub.set_throttle(down_bytes_per_s=400_000)
+    hub.set_throttle(down_bytes_per_s=800_000)
     try:
         job = client.submit(*_form(repo_name="cancel-me"), api_name="/convert")
         deadline = time.monotonic() + 30
@@ -344,3 +344,73 @@ def test_client_cancel_leaves_target_untouched(app_url, client, hub):
     assert not hub.repo_exists("alice/second")
     # the slot is free again
     assert client.predict(api_name="/cancel") == "No conversion of yours is running."
+
+
+# --------------------------------------------------------------------------------------------
+# in-process: whose token, and the sentences
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def app_module():
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        _missing("gradio")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("streamer_space_app", REPO_ROOT / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_token_resolution(app_module, monkeypatch):
+    import gradio as gr
+
+    app = app_module
+    monkeypatch.setenv("HF_TOKEN", "hf_server_token")
+    user = gr.OAuthToken(token="hf_user_token", scope="openid", expires_at=0)
+    mock = gr.OAuthToken(token=app._MOCK_TOKEN, scope="openid", expires_at=0)
+    # a workstation / localhub: the machine's token, unless a caller brings their own
+    monkeypatch.setattr(app, "ON_SPACES", False)
+    assert app.resolve_token(None) == "hf_server_token"
+    assert app.resolve_token(mock) == "hf_server_token"  # gradio's local stand-in is never sent
+    assert app.resolve_token(user) == "hf_user_token"
+    assert not app.build_demo().expects_oauth
+    # a Space: the signed-in user's token or nothing, never the Space's own secret
+    monkeypatch.setattr(app, "ON_SPACES", True)
+    assert app.resolve_token(user) == "hf_user_token"
+    assert app.resolve_token(None) is None
+    with pytest.raises(app.UserError, match="Sign in with Hugging Face"):
+        app.require_token(None)
+    import gradio.routes
+
+    # gradio would wire the real OAuth routes here (needs the Space's OAUTH_* variables)
+    monkeypatch.setattr(gradio.routes, "attach_oauth", lambda fastapi_app: None)
+    assert app.build_demo().expects_oauth  # the LoginButton is there
+    monkeypatch.setattr(app, "ALLOW_SERVER_TOKEN", True)
+    assert app.resolve_token(None) == "hf_server_token"
+
+
+def test_sentences(app_module, monkeypatch):
+    from streamer.errors import PlanError, TargetError
+
+    app = app_module
+    monkeypatch.setattr(app, "ON_SPACES", True)
+    msg = app.sentence(TargetError("target a/b already holds files that streamer did not write (x…); "
+                                   "choose another repo or pass --overwrite"))  # fmt: skip
+    assert "--" not in msg and "pull request" in msg
+    problems = [f"model.layers.{i}.mlp.down_proj.weight: weight of shape [64, 100]: in_features 100 is not "
+                "divisible by group_size 16; ignore this module with --ignore" for i in range(4)]  # fmt: skip
+    msg = app.sentence(PlanError(problems + ["x.weight: name clash between a and b"]))
+    assert "model.layers.{0..3}.mlp.down_proj.weight" in msg and msg.count("in_features 100") == 1
+    assert "add this module to the ignore list" in msg and "name clash" in msg
+    msg = app.sentence(RuntimeError("secret internals /root/.cache"))
+    assert "Something went wrong on our side (RuntimeError)" in msg and "secret" not in msg
+    with pytest.raises(app.UserError, match="not a Hub repo id"):
+        app.parse_source("/etc/passwd", "")
+    assert app.parse_source("acme/x@v1", "") == ("acme/x", "v1")
+    assert app.parse_source("acme/x@v1", "main") == ("acme/x", "main")
+    assert app._spec("acme/x", None) == "hub://acme/x"
