@@ -110,7 +110,10 @@ def sentence(e: BaseException) -> str:
     if isinstance(e, (StreamerError, UserError)):
         return for_web(str(e))
     if isinstance(e, HfHubHTTPError):
-        return for_web(str(explain(e, "the Hub", what="repo")))
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status in (401, 403):
+            return "The Hub refused this with your sign-in (no access, or the token expired): sign in again."
+        return f"The Hub could not answer ({status or type(e).__name__}); try again in a moment."
     stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     log.error("unexpected %s at %s", type(e).__name__, stamp, exc_info=(type(e), e, e.__traceback__))
     return (

@@ -111,18 +111,38 @@ def config_dict(h, inter, nq, nkv, hd, vocab, layers, tie) -> dict:
         return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **kw}
 
 
-def shard_groups(names: list[tuple[str, tuple]], shards: int, max_shard: int) -> list[list[tuple[str, tuple]]]:
-    """Split the tensor list in order into about SHARDS groups of similar size (each <= MAX_SHARD)."""
+def _units(names: list[tuple[str, tuple]], whole_layers: bool) -> list[list[tuple[str, tuple]]]:
+    if not whole_layers:
+        return [[t] for t in names]
+    units: list[list] = []
+    key = None
+    for name, shape in names:
+        k = ".".join(name.split(".")[:3]) if name.startswith("model.layers.") else name
+        if units and k == key:
+            units[-1].append((name, shape))
+        else:
+            units.append([(name, shape)])
+        key = k
+    return units
+
+
+def shard_groups(names: list[tuple[str, tuple]], shards: int, max_shard: int,
+                 whole_layers: bool = True) -> list[list[tuple[str, tuple]]]:
+    """Split the tensor list in order into about SHARDS groups of similar size (each <= MAX_SHARD).
+
+    With WHOLE_LAYERS a layer never straddles two shards: llm-compressor 0.14's model_free_ptq
+    crashes on NVFP4 when q/k/v or gate/up of one layer sit in different shards.
+    """
     total = sum(numel(s) for _, s in names) * BF16
     target = min(max_shard, math.ceil(total / max(shards, 1)))
     groups: list[list] = [[]]
     size = 0
-    for name, shape in names:
-        n = numel(shape) * BF16
+    for unit in _units(names, whole_layers):
+        n = sum(numel(s) for _, s in unit) * BF16
         if groups[-1] and size + n > target and (size + n / 2 > target or size + n > max_shard):
             groups.append([])
             size = 0
-        groups[-1].append((name, shape))
+        groups[-1].extend(unit)
         size += n
     return groups
 
@@ -141,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tie", action="store_true", help="tie lm_head to the embeddings (no lm_head tensor)")
     ap.add_argument("--shards", type=int, default=4, help="number of shards to aim for (default 4)")
     ap.add_argument("--max-shard-gb", type=float, default=5.0, help="largest shard, GB (default 5, as the Hub)")
+    ap.add_argument("--split-layers", action="store_true",
+                    help="let a shard boundary fall inside a layer (as save_pretrained may); "
+                         "llm-compressor 0.14 cannot quantize such a checkpoint to NVFP4")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="replace DST if it exists")
     args = ap.parse_args(argv)
@@ -153,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     hd = args.head_dim or d_hd
     vocab = args.vocab or (128256 if h >= 4096 else 32000)
     layers, names = plan_tensors(args.gb, h, inter, nq, nkv, hd, vocab, args.tie, args.layers)
-    groups = shard_groups(names, args.shards, int(args.max_shard_gb * GB))
+    groups = shard_groups(names, args.shards, int(args.max_shard_gb * GB), not args.split_layers)
 
     dst: Path = args.dst
     if dst.exists():

@@ -5,8 +5,7 @@
     python space/deploy.py --stage /tmp/space           # only assemble the Space's files
 
 The Space repo holds: README.md (space/README.md, with the Space's front matter),
-requirements.txt (space/requirements.txt), app.py and the streamer/ package (without the
-localhub test server). The token is HF_TOKEN or the `hf auth login` one; HF_ENDPOINT is honoured.
+requirements.txt (space/requirements.txt), app.py and the streamer/ package. The token is HF_TOKEN or the `hf auth login` one; HF_ENDPOINT is honoured.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SPACE = ROOT / "space"
-SKIP = shutil.ignore_patterns("__pycache__", "*.pyc", "localhub")
+SKIP = shutil.ignore_patterns("__pycache__", "*.pyc")
 
 
 def stage(dst: Path) -> Path:

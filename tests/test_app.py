@@ -283,6 +283,13 @@ def test_client_plan_and_convert(client, hub):
     assert f'href="{hub.url}/{target}"' in result and "model card" in result
     assert "converting acme/tiny-llama" in log
     _check_published(hub, target, "FP8_DYNAMIC")
+    # again, as a pull request: main is left alone
+    main_before = hub.commits(target)[0].sha
+    *_, result = client.predict(*_form(namespace="acme", create_pr=True), api_name="/convert")
+    assert "pull request" in result and "/discussions/" in result
+    assert f"{hub.url}/{target}/blob/refs%2Fpr%2F" in result
+    assert hub.commits(target)[0].sha == main_before
+    assert hub.refs(target)["prs"]
 
 
 def test_client_bad_source(client):
@@ -414,3 +421,29 @@ def test_sentences(app_module, monkeypatch):
     assert app.parse_source("acme/x@v1", "") == ("acme/x", "v1")
     assert app.parse_source("acme/x@v1", "main") == ("acme/x", "main")
     assert app._spec("acme/x", None) == "hub://acme/x"
+
+
+def test_space_files(tmp_path):
+    """space/ + app.py make a Space: front matter, requirements, the app and the engine."""
+    import importlib.util
+
+    import yaml
+
+    spec = importlib.util.spec_from_file_location("space_deploy", REPO_ROOT / "space" / "deploy.py")
+    deploy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(deploy)
+    staged = deploy.stage(tmp_path / "space")
+    readme = (staged / "README.md").read_text()
+    assert readme.startswith("---\n")
+    meta = yaml.safe_load(readme.split("---\n")[1])
+    assert meta["sdk"] == "gradio" and meta["app_file"] == "app.py"
+    assert re.fullmatch(r"6\.\d+\.\d+", str(meta["sdk_version"]))
+    assert meta["hf_oauth"] is True
+    assert {"read-repos", "write-repos", "manage-repos"} <= set(meta["hf_oauth_scopes"])
+    assert meta["suggested_hardware"]
+    assert (staged / "app.py").is_file() and (staged / "streamer" / "api.py").is_file()
+    assert (staged / "streamer" / "suggest.py").is_file()
+    reqs = (staged / "requirements.txt").read_text()
+    for pkg in ("torch", "compressed-tensors", "safetensors", "huggingface_hub", "authlib", "itsdangerous"):
+        assert re.search(rf"^{re.escape(pkg)}\b", reqs, re.M), pkg
+    assert not list(staged.rglob("__pycache__"))
