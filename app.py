@@ -15,6 +15,7 @@ Endpoints (for gradio_client): /whoami, /suggest, /plan, /convert, /cancel.
 
 from __future__ import annotations
 
+import hashlib
 import html
 import logging
 import os
@@ -23,10 +24,11 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from urllib.parse import quote
+from urllib.parse import quote, urljoin, urlparse
 
 import gradio as gr
 import pandas as pd
+from compressed_tensors.utils.match import match_name
 from huggingface_hub import HfApi, get_token
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import HfHubHTTPError
@@ -41,6 +43,7 @@ from streamer.plan import collapse_names, expand_inputs, human_bytes, plan_summa
 from streamer.progress import STAGES, Progress, ProgressEvent
 from streamer.schemes import accepted_presets
 from streamer.suggest import (
+    architecture,
     format_ignore,
     parse_ignore,
     scheme_blurb,
@@ -188,7 +191,28 @@ class Account:
         return [self.name, *self.orgs]
 
 
+_WHOAMI_TTL = 300.0
+_whoami_cache: dict[str, tuple[float, Account]] = {}  # sha256(token) -> (when, account)
+_whoami_lock = threading.Lock()
+
+
 def whoami(token: str) -> Account:
+    """The token's account (cached a few minutes: the Hub rate-limits whoami)."""
+    key = hashlib.sha256(token.encode()).hexdigest()
+    now = time.monotonic()
+    with _whoami_lock:
+        hit = _whoami_cache.get(key)
+    if hit is not None and now - hit[0] < _WHOAMI_TTL:
+        return hit[1]
+    account = _whoami(token)
+    with _whoami_lock:
+        if len(_whoami_cache) > 4096:
+            _whoami_cache.clear()
+        _whoami_cache[key] = (now, account)
+    return account
+
+
+def _whoami(token: str) -> Account:
     try:
         info = HfApi(endpoint=endpoint(), token=token).whoami()
     except HfHubHTTPError as e:
@@ -290,9 +314,15 @@ def _scheme(scheme: str) -> str:
 def fetch_config(repo: str, revision: str | None, token: str | None) -> dict | None:
     """The source's config.json, in one small HTTP read; None when the repo has none."""
     url = f"{endpoint()}/{repo}/resolve/{quote(revision or 'main', safe='')}/config.json"
-    headers = {**build_hf_headers(token=token), "Range": f"bytes=0-{CONFIG_MAX_BYTES - 1}"}
+    ranged = {"Range": f"bytes=0-{CONFIG_MAX_BYTES - 1}"}
     try:
-        r = get_session().get(url, headers=headers, follow_redirects=True)
+        r = get_session().get(url, headers={**build_hf_headers(token=token), **ranged}, follow_redirects=False)
+        if r.status_code in (301, 302, 303, 307, 308) and r.headers.get("location"):
+            # a renamed repo (same host) keeps the token; a CDN (another host) never gets it
+            where = urljoin(url, r.headers["location"])
+            same_host = urlparse(where).netloc == urlparse(url).netloc
+            headers = {**build_hf_headers(token=token), **ranged} if same_host else ranged
+            r = get_session().get(where, headers=headers, follow_redirects=False)
     except Exception as e:  # connection refused, DNS …
         raise HubError(f"cannot reach the Hub at {endpoint()} ({type(e).__name__}); try again in a moment") from None
     if r.status_code == 404 and r.headers.get("x-error-code") == "EntryNotFound":
@@ -334,8 +364,6 @@ def suggest(source: str, revision: str, scheme: str, oauth_token: gr.OAuthToken 
     except Exception as e:
         yield gr.update(), error_box(sentence(e)), gr.update()
         return
-    from streamer.suggest import architecture
-
     name = suggest_repo_name(repo, scheme)
     quick = suggest_ignore(config)
     yield format_ignore(quick.ignore), _notes_md(architecture(config), [], "_Reading tensor shapes…_"), name
@@ -369,7 +397,7 @@ FUSED_COLUMNS = ["Fused set (shares one global scale)", "Under", "Count"]
 WARNING_COLUMNS = ["Warnings"]
 
 
-def _why_kept(name: str, plan, ignore: list[str], kept: dict[str, str]) -> str:
+def _why_kept(name: str, ignore: list[str], kept: dict[str, str]) -> str:
     if name in kept:
         return kept[name]
     module, _, param = name.rpartition(".")
@@ -377,8 +405,6 @@ def _why_kept(name: str, plan, ignore: list[str], kept: dict[str, str]) -> str:
         return "not a weight (bias, buffer, scale)"
     if module.endswith("norm"):
         return "normalization layer"
-    from compressed_tensors.utils.match import match_name
-
     for entry in ignore:
         if match_name(module, entry):
             return f"ignored ({entry})"
@@ -400,7 +426,7 @@ def plan_tables(plan) -> tuple[str, pd.DataFrame, pd.DataFrame, pd.DataFrame, pd
     by_reason: dict[str, list[str]] = {}
     for s in summary["shards"]:
         for name in s["passthrough"]:
-            by_reason.setdefault(_why_kept(name, plan, ignore, kept), []).append(name)
+            by_reason.setdefault(_why_kept(name, ignore, kept), []).append(name)
     rows = []
     for pattern in collapse_names(quantized):
         rows.append(_tensor_row(pattern, "quantize", summary["scheme"]))
@@ -537,6 +563,8 @@ def progress_html(stages: dict[str, ProgressEvent], elapsed: float, state: str, 
             eta = f"ETA {_duration(seconds)}"
         else:
             eta = "ETA –"
+            if ev.total:
+                left.append(None)  # a stage with no rate yet: no honest overall estimate
         rows.append(
             f'<div class="sp-row" data-stage="{stage}"><span class="sp-label">{STAGE_LABELS[stage]}</span>'
             f'<div class="sp-bar"><div class="sp-fill" style="width:{frac * 100:.1f}%"></div></div>'
@@ -544,7 +572,7 @@ def progress_html(stages: dict[str, ProgressEvent], elapsed: float, state: str, 
             f'<span class="sp-eta">{eta}</span></div>'
         )
     head = f"{html.escape(state)} · elapsed {_duration(elapsed)}"
-    if state == "Converting" and left:
+    if state == "Converting" and left and None not in left:
         head += f" · about {_duration(max(left))} left"
     return f'<div class="streamer-progress" data-state="{state}"><div class="sp-head">{head}</div>{"".join(rows)}</div>'
 
@@ -556,7 +584,12 @@ def _since(t: float | None) -> float | None:
 def _result_md(result, target: str, create_pr: bool) -> str:
     base = html.escape(f"{endpoint()}/{target}", quote=True)
     url = html.escape(result.url or f"{endpoint()}/{target}", quote=True)
-    if create_pr and "/discussions/" in url:
+    if create_pr and "/discussions/" not in url:
+        return (
+            f'<div class="streamer-done"><b>Already up to date</b>: <a href="{base}">{html.escape(target)}</a> '
+            "holds exactly this conversion, so no pull request was needed.</div>"
+        )
+    if create_pr:
         num = url.rstrip("/").rsplit("/", 1)[-1]
         card = f"{base}/blob/{quote(f'refs/pr/{num}', safe='')}/README.md"
         where = f'<a href="{url}">pull request</a> on <a href="{base}">{html.escape(target)}</a>'

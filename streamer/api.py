@@ -167,6 +167,7 @@ def convert(
         if sink is None:
             raise StreamerError("no destination given")
         try:
+            sink.begin()
             progress.message(
                 f"converting {plan.source} -> {sink.label}: {len(plan.jobs)} shard(s), "
                 f"{plan.n_quantized} weights with {plan.recipe.name} on {dev}"
@@ -184,7 +185,7 @@ def convert(
             progress.message(f"done: {url}")
             return Result(plan=plan, stats=stats, url=url)
         except BaseException:
-            sink.abort()
+            sink.abort(cancelled=cancel is not None and cancel.is_set())
             raise
         finally:
             sink.close()

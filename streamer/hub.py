@@ -306,25 +306,27 @@ class HubSink(Sink):
         self.bytes_uploaded = 0
 
     def check(self) -> None:
+        """Refuse what must not be written; creates nothing (a dry run stays a dry run)."""
         try:
-            self.api.whoami()
+            me = self.api.whoami()
         except HfHubHTTPError as e:
             raise explain(e, self.repo_id, what="target repo") from None
         except Exception as e:  # no token at all
             raise HubError(f"writing to the Hub needs a token: pass --token or set HF_TOKEN ({type(e).__name__})") from None
+        namespace = self.repo_id.split("/")[0]
+        mine = [me.get("name")] + [o.get("name") for o in me.get("orgs") or []]
+        role = ((me.get("auth") or {}).get("accessToken") or {}).get("role")
+        if namespace not in mine:
+            raise TargetError(
+                f"no write access to {namespace!r}: this token belongs to {me.get('name')!r}"
+                f"{' (orgs: ' + ', '.join(mine[1:]) + ')' if mine[1:] else ''}; pick a namespace you can write to"
+            )
+        if role == "read":
+            raise TargetError("this token is read-only: writing to the Hub needs a write token")
         existing = self._existing_files()
-        if existing is None:
-            try:
-                self.api.create_repo(self.repo_id, private=self.private, exist_ok=True)
-            except HfHubHTTPError as e:
-                raise explain(e, self.repo_id, what="target repo") from None
-            existing = self._existing_files() or {}
-        if self.revision != "main" and self._parent is None:
-            try:
-                self.api.create_branch(self.repo_id, branch=self.revision, exist_ok=True)
-            except HfHubHTTPError as e:
-                raise explain(e, self.repo_id, what="target repo") from None
-            existing = self._existing_files() or {}
+        self._create_repo = existing is None
+        self._create_branch = self.revision != "main" and self._parent is None
+        existing = existing or {}
         model_files = [f for f in existing if f not in (".gitattributes",)]
         if model_files and not self.overwrite and not self.create_pr:
             if not self._written_by_streamer(existing):
@@ -335,6 +337,35 @@ class HubSink(Sink):
         # Files of an earlier conversion that this one does not produce are deleted in the same
         # commit, so the target never mixes two conversions.
         self._existing = existing
+
+    def begin(self) -> None:
+        """Create the repo and branch the uploads need; abort() removes what this run created."""
+        self._created: list[str] = []
+        try:
+            if getattr(self, "_create_repo", False):
+                self.api.create_repo(self.repo_id, private=self.private, exist_ok=True)
+                self._created.append("repo")
+                self._existing_files()
+            if getattr(self, "_create_branch", False) or (self.revision != "main" and self._parent is None):
+                self.api.create_branch(self.repo_id, branch=self.revision, exist_ok=True)
+                self._created.append("branch")
+                self._existing_files()
+        except HfHubHTTPError as e:
+            raise explain(e, self.repo_id, what="target repo") from None
+
+    def abort(self, *, cancelled: bool = False) -> None:
+        """Nothing is committed, so the branch holds no partial model. A user's cancel also drops
+        the repo or branch this run created; after a failure or Ctrl-C they stay, holding the
+        uploaded shard contents that a rerun of the same command resumes from."""
+        created = getattr(self, "_created", []) if cancelled else []
+        try:
+            if "repo" in created:
+                self.api.delete_repo(self.repo_id, missing_ok=True)
+            elif "branch" in created:
+                self.api.delete_branch(self.repo_id, branch=self.revision)
+        except Exception as e:  # best effort: the branch still holds no partial model
+            log.warning("could not remove the empty %s created for this run: %s", created[0], type(e).__name__)
+        self._created = []
 
     def _existing_files(self) -> dict[str, int] | None:
         try:

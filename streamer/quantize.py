@@ -5,19 +5,29 @@ The output is byte-identical to what llm-compressor's ``model_free_ptq`` writes 
 per weight, ``initialize_module_for_quantization``, a memoryless min-max observer,
 ``calculate_qparams`` and ``compress_module``), without building modules or observers:
 
-* the statistics (per tensor / channel / group / block absolute max, or min and max for
-  asymmetric schemes) are one chunked reduction over the weight;
-* the scale / zero-point math on those small tensors is compressed-tensors' own
-  ``calculate_qparams`` / ``generate_gparam``, so every dtype and rounding subtlety is the
-  library's by construction (the scale is computed in the weight's dtype, then stored in it);
-* the elementwise part runs over row chunks (cache-sized on CPU) with the reference's eager
-  semantics: ``w / scale`` is computed in the promoted dtype of weight and scale (the weight's
-  dtype for every scheme except TENSOR_GROUP, where the fp32 global scale makes it fp32), then
-  clamped and rounded (``torch.round``: half to even; FP8: the dtype cast, nearest-even);
+* statistics: per tensor / channel / group / block max |w| (the float's bits without the sign,
+  reduced as integers) or, for asymmetric schemes, min and max; one chunked pass;
+* scale / zero point: compressed-tensors' ``calculate_qparams`` step for step on those small
+  tensors, in the same dtypes: the scale is computed in the weight's dtype (fp32 after the
+  TENSOR_GROUP global scale), rounded to ``scale_dtype`` if any, a zero scale becomes that dtype's
+  eps (fp8: 0.125, uint8 MX exponent: 1.0, else ``finfo.eps``), and it is stored in the weight's
+  dtype. The NVFP4 global scale is ``generate_gparam`` itself (``448·6 / amax`` in the weight
+  dtype, which torch evaluates as ``reciprocal(amax) * 2688``);
+* elementwise, over row chunks (cache-sized on CPU): compressed-tensors' eager ``_quantize``.
+  ``w / scale`` is computed in the promoted dtype of weight and scale (the weight's dtype for
+  every scheme but TENSOR_GROUP, fp32 there), rounded to that dtype, then clamped and rounded
+  (integers: ``torch.round``, half to even; FP8: the dtype cast, nearest even);
 * FP4 / FP6 values are encoded with a 65536-entry table indexed by the 16-bit pattern of the
   scaled value (bf16 or fp16; an fp32 value is first narrowed to bf16 with round-to-odd, which
   keeps the later nearest-even rounding exact), then packed two nibbles per byte (FP4) or four
   6-bit codes per three bytes (FP6); integers are packed densely into int32 words.
+
+On CUDA with Triton installed, compressed-tensors itself switches ``_quantize`` to a fused kernel
+that divides in fp32 and never rounds the quotient to the weight dtype, so the reference's output
+then differs from its CPU output for FP8 / INT schemes (measured on a bf16 N(0, 0.02) weight:
+3% of FP8_DYNAMIC, 0.6% of W4A16 and 7% of W8A8 elements move by one step). NVFP4 divides in fp32
+either way and MX scales are powers of two, so those should agree. This module always follows
+the eager semantics: its output is the same on every device and equals the reference run on CPU.
 
 Public API: :func:`compression_format`, :func:`output_layout`, :func:`needs_global_scale`,
 :func:`global_scale`, :func:`quantize_weight`, :func:`dequantize_weight`, :class:`ShapeError`.
@@ -38,7 +48,7 @@ from compressed_tensors.quantization import (
     QuantizationStrategy,
     QuantizationType,
 )
-from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
+from compressed_tensors.quantization.utils import generate_gparam
 
 __all__ = [
     "ShapeError",
@@ -76,7 +86,7 @@ _MINMAX_OBSERVERS = (None, "minmax", "static_minmax", "memoryless_minmax")
 # elements per row chunk of the elementwise pass on CPU: small enough to stay in cache, large
 # enough that per-op overhead does not matter; accelerators take the whole tensor at once
 _CPU_CHUNK = 1 << 19
-_GPU_CHUNK = 1 << 28
+_GPU_CHUNK = 1 << 26
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,54 +302,51 @@ def _row_chunks(rows: int, step: int) -> Iterator[tuple[int, int]]:
         yield r0, min(rows, r0 + step)
 
 
-def _abs_max(w: torch.Tensor, spec: _Spec) -> torch.Tensor:
+def _abs_max(w: torch.Tensor, spec: _Spec, scratch: "_Scratch | None" = None) -> torch.Tensor:
     """Per tensor / channel / group / block max |w|, in w's dtype, shaped like the scale.
 
     Equals the observer's max(|min(min_vals, 0)|, |max(max_vals, 0)|) exactly: |x| of a float
     is its bit pattern without the sign bit, and non-negative floats order like those integers.
+    One pass over row chunks (aligned to the block height for block strategy).
     """
     rows, cols = w.shape
     ity, mask = _INT_VIEW[w.dtype]
     wi = w.view(ity)
     s = spec.strategy
+    scratch = scratch or _Scratch()
+    bh, bw = spec.block if s == "block" else (1, 1)
+    sshape = _scale_shape(spec, (rows, cols))
+    out = torch.empty(sshape if s != "tensor" else (-(-rows // _chunk_rows(rows, cols, w.device)),),
+                      dtype=ity, device=w.device)
+    step = _chunk_rows(rows, cols, w.device, align=bh)
+    for i, (r0, r1) in enumerate(_row_chunks(rows, step)):
+        n = r1 - r0
+        a = scratch.get("absbits", ity, (n, cols), w.device)
+        torch.bitwise_and(wi[r0:r1], mask, out=a)
+        if s == "tensor":
+            torch.amax(a, out=out[i])
+        elif s == "channel":
+            torch.amax(a, dim=1, keepdim=True, out=out[r0:r1])
+        elif s in ("group", "tensor_group"):
+            gs = spec.group_size
+            torch.amax(a.view(n, cols // gs, gs), dim=-1, out=out[r0:r1])
+        else:  # block: max over each block row's rows, then over each block column
+            nb = -(-n // bh)
+            full = n // bh
+            r = scratch.get("blockrows", ity, (nb, cols), w.device)
+            if full:
+                torch.amax(a[: full * bh].view(full, bh, cols), dim=1, out=r[:full])
+            if n % bh:
+                torch.amax(a[full * bh :], dim=0, keepdim=True, out=r[full:])
+            fc = cols // bw
+            o = out[r0 // bh : r0 // bh + nb]
+            if fc:
+                torch.amax(r[:, : fc * bw].view(nb, fc, bw), dim=-1, out=o[:, :fc])
+            if cols % bw:
+                o[:, fc:] = torch.amax(r[:, fc * bw :], dim=1, keepdim=True)
     if s == "tensor":
-        return torch.amax(wi & mask).reshape(1).view(w.dtype)
-    if s == "channel":
-        return torch.amax(wi & mask, dim=1, keepdim=True).view(w.dtype)
-    if s in ("group", "tensor_group"):
-        gs = spec.group_size
-        ng = cols // gs
-        out = torch.empty((rows, ng), dtype=ity, device=w.device)
-        step = _chunk_rows(rows, cols, w.device)
-        buf = None
-        for r0, r1 in _row_chunks(rows, step):
-            src = wi[r0:r1]
-            if buf is None or buf.shape[0] != r1 - r0:
-                buf = torch.empty_like(src)
-            torch.bitwise_and(src, mask, out=buf)
-            torch.amax(buf.view(r1 - r0, ng, gs), dim=-1, out=out[r0:r1])
-        return out.view(w.dtype)
-    if s == "block":
-        bh, bw = spec.block
-        nbr, nbc = -(-rows // bh), -(-cols // bw)
-        a = wi & mask
-        # max over the rows of each block row, then over the columns of each block column
-        full = rows // bh
-        parts = []
-        if full:
-            parts.append(torch.amax(a[: full * bh].view(full, bh, cols), dim=1))
-        if rows % bh:
-            parts.append(torch.amax(a[full * bh :], dim=0, keepdim=True))
-        r = torch.cat(parts) if len(parts) > 1 else parts[0]  # (nbr, cols)
-        fullc = cols // bw
-        parts = []
-        if fullc:
-            parts.append(torch.amax(r[:, : fullc * bw].reshape(nbr, fullc, bw), dim=-1))
-        if cols % bw:
-            parts.append(torch.amax(r[:, fullc * bw :], dim=1, keepdim=True))
-        out = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-        return out.contiguous().view(w.dtype).reshape(nbr, nbc)
-    raise ValueError(f"unsupported strategy {s!r}")
+        out = torch.amax(out).reshape(1)
+    return out.view(w.dtype)
 
 
 def _min_max(w: torch.Tensor, spec: _Spec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -370,8 +377,24 @@ def _min_max(w: torch.Tensor, spec: _Spec) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _tensor_abs_max(w: torch.Tensor) -> torch.Tensor:
+    """max |w| over the whole tensor, 0-dim, in w's dtype (chunked, no full-size temporary)."""
+    w = w.contiguous()
     ity, mask = _INT_VIEW[w.dtype]
-    return torch.amax(w.contiguous().view(ity) & mask).view(w.dtype)
+    wi = w.view(ity).reshape(w.shape[0], -1) if w.ndim >= 2 else w.view(ity).reshape(1, -1)
+    rows, cols = wi.shape
+    step = _chunk_rows(rows, cols, w.device)
+    scratch = _Scratch()
+    maxes = []
+    for r0, r1 in _row_chunks(rows, step):
+        a = scratch.get("absbits", ity, (r1 - r0, cols), w.device)
+        maxes.append(torch.amax(torch.bitwise_and(wi[r0:r1], mask, out=a)))
+    return torch.amax(torch.stack(maxes)).view(w.dtype)
+
+
+def _gparam(amax: torch.Tensor) -> torch.Tensor:
+    """compressed-tensors' generate_gparam(-amax, amax) (NVFP4: 448 · 6 / amax), fp32 (1,)."""
+    amax = amax.reshape(1)
+    return generate_gparam(-amax, amax)
 
 
 def global_scale(weights: Sequence[torch.Tensor], scheme: QuantizationScheme) -> torch.Tensor:
@@ -389,28 +412,108 @@ def global_scale(weights: Sequence[torch.Tensor], scheme: QuantizationScheme) ->
             raise ValueError(f"cannot quantize a {w.dtype} weight (expected a float dtype)")
         m = _tensor_abs_max(w)
         amax = m if amax is None else torch.maximum(amax, m.to(amax.device))
-    amax = amax.reshape(1)
-    return generate_gparam(-amax, amax)
+    return _gparam(amax)
+
+
+def _round_to_dtype(x: torch.Tensor, dtype: torch.dtype, keep_dtype: bool = True) -> torch.Tensor:
+    """compressed-tensors' round_to_quantized_type_dtype."""
+    if dtype.is_floating_point:
+        fi = torch.finfo(dtype)
+        r = torch.clamp(x, fi.min, fi.max).to(dtype)
+    else:
+        ii = torch.iinfo(dtype)
+        r = torch.round(torch.clamp(x, ii.min, ii.max)).to(dtype)
+    return r.to(x.dtype) if keep_dtype else r
+
+
+def _dtype_eps(dtype: torch.dtype) -> float:
+    """compressed-tensors' _get_dtype_eps: what a zero scale becomes."""
+    if dtype == torch.float8_e4m3fn:
+        return 0.125
+    if dtype.is_floating_point:
+        return torch.finfo(dtype).eps
+    return 1
+
+
+def _calculate_qparams(
+    spec: _Spec,
+    amax: torch.Tensor | None,
+    mins: torch.Tensor | None,
+    maxs: torch.Tensor | None,
+    gscale: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """compressed-tensors' calculate_qparams, step for step and in the same dtypes.
+
+    Symmetric schemes pass ``amax`` (max |w| per scale, in the weight dtype), asymmetric ones the
+    observer's ``mins`` / ``maxs``. Mixed-dtype products are written with an explicit upcast
+    (same values, much faster on CPU than TensorIterator's casting loops).
+    """
+    args = spec.args
+    ref = amax if amax is not None else mins
+    dtype, device = ref.dtype, ref.device
+    q_lo, q_hi = _q_range(spec)
+    bit_min = torch.tensor(q_lo, device=device)  # float32, as calculate_range makes them
+    bit_max = torch.tensor(q_hi, device=device)
+    bit_range = bit_max - bit_min
+    zp = None
+    if spec.symmetric:
+        if _is_mx(spec):
+            from compressed_tensors.quantization.utils.mxfp_utils import generate_mx_scales
+
+            scales = generate_mx_scales(x=amax, num_bits=spec.num_bits)
+        else:
+            scales = amax / (bit_range.to(dtype) / 2)
+    else:
+        mins = torch.minimum(mins, torch.zeros_like(mins))
+        maxs = torch.maximum(maxs, torch.zeros_like(maxs))
+        scales = (maxs - mins) / bit_range.to(dtype)
+        zp = torch.clamp(bit_min - (mins / scales), bit_min, bit_max)
+    if gscale is not None:  # global_scale * scales, promoted to float32
+        gt = torch.promote_types(gscale.dtype, scales.dtype)
+        scales = scales.to(gt) * gscale.to(gt)
+    if args.scale_dtype is not None:
+        scales = _round_to_dtype(scales, args.scale_dtype)
+    if _is_mx(spec):  # maybe_convert_from_mx_exp: E8M0 exponent -> power of two
+        scales = (2.00 ** (scales.to(torch.int32) - 127).to(torch.float)).to(scales.dtype)
+    eps = _dtype_eps(args.scale_dtype if args.scale_dtype is not None else scales.dtype)
+    scales = torch.where(scales == 0, torch.tensor(eps, dtype=scales.dtype, device=device), scales)
+    if zp is not None:
+        zp = _round_to_dtype(zp, args.zp_dtype, keep_dtype=False)
+    if scales.ndim == 0:
+        scales = scales.reshape(1)
+        zp = zp.reshape(1) if zp is not None else None
+    return scales, zp
+
+
+def _is_mx(spec: _Spec) -> bool:
+    """compressed-tensors' should_generate_mx_scales."""
+    a = spec.args
+    return spec.is_float and spec.num_bits in (4, 6, 8) and a.group_size == 32 and a.scale_dtype == torch.uint8
 
 
 def _qparams(
-    spec: _Spec, w: torch.Tensor, gscale: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(weight_scale, weight_zero_point or None, |w| max per scale or None) as the module
-    parameters hold them."""
-    amax = None
+    spec: _Spec, w: torch.Tensor, gscale: torch.Tensor | None, scratch: "_Scratch"
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(weight_scale, weight_zero_point or None, weight_global_scale or None, |w| max per scale
+    or None) as the module parameters hold them after observer calibration.
+
+    A TENSOR_GROUP weight without a fused ``gscale`` gets its own, from the max of its group
+    statistics (what the observer does when the weight belongs to no fused set).
+    """
+    amax = mins = maxs = None
     if spec.symmetric:
-        amax = _abs_max(w, spec)
-        mins, maxs = -amax, amax
+        amax = _abs_max(w, spec, scratch)
     else:
         mins, maxs = _min_max(w, spec)
-    scale, zp = calculate_qparams(mins, maxs, spec.args, global_scale=gscale)
+    if spec.tensor_group and gscale is None:
+        gscale = _gparam(amax.max() if amax is not None else torch.maximum(maxs.max(), -mins.min()))
+    scale, zp = _calculate_qparams(spec, amax, mins, maxs, gscale)
     # update_offload_parameter copies into parameters created in the weight's dtype (scale)
     # and in zp_dtype (zero point)
     scale = scale.to(_param_dtype(w.dtype))
-    if spec.symmetric:
-        return scale, None, amax
-    return scale, zp.to(spec.args.zp_dtype), amax
+    if zp is not None:
+        zp = zp.to(spec.args.zp_dtype)
+    return scale, zp, gscale, amax
 
 
 # ----------------------------------------------------------------------------------------------
@@ -527,30 +630,39 @@ def _pack_fp6(c: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
-def _pack_int32(u: torch.Tensor, bits: int) -> torch.Tensor:
-    """(rows, cols) uint8 offset values (q + 2^(bits-1)) -> (rows, ceil(cols·bits/32)) int32."""
-    rows, cols = u.shape
+def _pack_int32(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """compressed-tensors' pack_to_int32(q, bits) for a (rows, cols) int8 tensor of values in
+    [-2^(bits-1), 2^(bits-1)): element i of a row at bit i·bits of the row's int32 words, stored
+    with the 2^(bits-1) offset, zero-padded to ceil(cols·bits/32) words."""
+    rows, cols = q.shape
     words = -(-cols * bits // 32)
+    off = 1 << (bits - 1)
     if sys.byteorder != "little":  # pragma: no cover - the library's packer is layout-agnostic
         from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
-        return pack_to_int32((u.to(torch.int32) - (1 << (bits - 1))).to(torch.int8), bits)
-    if bits in (8, 4, 2, 1):
+        return pack_to_int32(q, bits)
+    if bits in (8, 4):
+        per = 32 // bits  # values per word
+        pad = (-cols) % per
+        if pad:  # -off packs to all-zero bits, as the library's zero padding of q + off
+            q = torch.nn.functional.pad(q, (0, pad), value=-off)
+        if bits == 8:  # q + 128 as a byte is q's byte with the top bit flipped
+            b = q.contiguous().view(torch.uint8) ^ 0x80
+        else:  # (q + 8) mod 16 is q's low nibble with bit 3 flipped; pairs of bytes -> one byte
+            p = q.contiguous().view(torch.int16) ^ 0x0808
+            b = ((p & 0x000F) | ((p >> 4) & 0x00F0)).to(torch.uint8)
+        return b.view(rows, -1).view(torch.int32)
+    u = q.to(torch.int32) + off
+    if bits in (2, 1):
         per = 8 // bits  # values per byte
         pad = (-cols) % (4 * per)
         if pad:
             u = torch.nn.functional.pad(u, (0, pad))
-        if bits == 8:
-            b = u.contiguous()
-        elif bits == 4:
-            b = _pack_nibbles(u)
-        else:
-            g = u.view(rows, -1, per).to(torch.int32)
-            acc = g[..., 0].clone()
-            for j in range(1, per):
-                acc |= g[..., j] << (bits * j)
-            b = acc.to(torch.uint8)
-        return b.contiguous().view(torch.int32)[:, :words]
+        g = u.view(rows, -1, per)
+        acc = g[..., 0].clone()
+        for j in range(1, per):
+            acc |= g[..., j] << (bits * j)
+        return acc.to(torch.uint8).view(rows, -1).view(torch.int32)[:, :words]
     # 3, 5, 6, 7 bits: eight values fill `bits` bytes exactly
     pad = (-cols) % 32
     if pad:
@@ -633,14 +745,22 @@ class _Scratch:
 
 
 def _scaled(c: _Chunk, gscale: torch.Tensor | None, scratch: _Scratch) -> torch.Tensor:
-    """x / scale (+ zp) in the promoted dtype, as compressed-tensors' eager _quantize."""
+    """x / scale (+ zp) in the promoted dtype, as compressed-tensors' eager _quantize.
+
+    A mixed-dtype division (bf16 weight, fp32 scale: TENSOR_GROUP) is written as an explicit
+    upcast of x followed by the division: the same values, without the slow casting loop.
+    """
     s = c.s
     if gscale is not None:
         s = s / gscale
-    dt = torch.promote_types(c.x.dtype, s.dtype)
-    shape = torch.broadcast_shapes(c.x.shape, s.shape)
-    v = scratch.get("v", dt, shape, c.x.device)
-    torch.div(c.x, s, out=v)
+    x = c.x
+    dt = torch.promote_types(x.dtype, s.dtype)
+    if x.dtype != dt:
+        x = scratch.get("x_up", dt, x.shape, x.device).copy_(x)
+    if s.dtype != dt:
+        s = s.to(dt)
+    v = scratch.get("v", dt, torch.broadcast_shapes(x.shape, s.shape), x.device)
+    torch.div(x, s, out=v)
     if c.z is not None:
         v += c.z.to(c.x.dtype)
     return v
@@ -686,17 +806,14 @@ def quantize_weight(
     rows, cols = w.shape
 
     gscale = None
-    if spec.tensor_group:
-        if global_scale is None:
-            gscale = _global_scale_one(w)
-        else:
-            gscale = global_scale.detach().to(device=dev, dtype=torch.float32).reshape(1)
-    scale, zp, amax = _qparams(spec, w, gscale)
+    if spec.tensor_group and global_scale is not None:
+        gscale = global_scale.detach().to(device=dev, dtype=torch.float32).reshape(1)
+    scratch = _Scratch()
+    scale, zp, gscale, amax = _qparams(spec, w, gscale, scratch)
     q_gscale = gscale if spec.uses_global_scale_in_quantize else None
 
     out: dict[str, torch.Tensor] = {}
     qmin, qmax = _q_range(spec)
-    scratch = _Scratch()
     if spec.fmt in _UNPACKED_FORMATS:
         q = torch.empty((rows, cols), dtype=spec.args.pytorch_dtype(), device=dev)
         clamp = not (spec.is_float and _fp8_clamp_is_noop(spec, amax, scale))
@@ -710,13 +827,12 @@ def quantize_weight(
         out["weight"] = q
     elif spec.fmt == _PACK:
         bits = spec.num_bits
-        off = float(1 << (bits - 1))
         q = torch.empty((rows, -(-cols * bits // 32)), dtype=torch.int32, device=dev)
         for c in _chunks(w, spec, scale, zp):
-            v = _scaled(c, q_gscale, scratch).clamp_(qmin, qmax).round_().add_(off)
-            u = scratch.get("u", torch.uint8, (c.r1 - c.r0, cols), dev)
-            u.view(v.shape).copy_(v)
-            q[c.r0 : c.r1] = _pack_int32(u, bits)
+            v = _scaled(c, q_gscale, scratch).clamp_(qmin, qmax).round_()
+            i8 = scratch.get("i8", torch.int8, (c.r1 - c.r0, cols), dev)
+            i8.view(v.shape).copy_(v)
+            q[c.r0 : c.r1] = _pack_int32(i8, bits)
         out["weight_packed"] = q
     elif spec.fmt in _FP4_FORMATS:
         q = torch.empty((rows, cols // 2), dtype=torch.uint8, device=dev)
@@ -760,11 +876,6 @@ def quantize_weight(
     return {k: (t if t.is_contiguous() else t.contiguous()) for k, t in out.items()}
 
 
-def _global_scale_one(w: torch.Tensor) -> torch.Tensor:
-    amax = _tensor_abs_max(w).reshape(1)
-    return generate_gparam(-amax, amax)
-
-
 # ----------------------------------------------------------------------------------------------
 # dequantize
 # ----------------------------------------------------------------------------------------------
@@ -775,18 +886,22 @@ def dequantize_weight(
 ) -> torch.Tensor:
     """The dense weight of a compressed-tensors module (suffix -> tensor), in ``dtype``.
 
-    Uses compressed-tensors' own decompressor for the scheme's format.
+    compressed-tensors' own decompressor for the scheme's format, then a cast to ``dtype``: the
+    values its ``CompressedTensorsDequantizer`` converter produces (it computes in the scale's
+    dtype, bf16 for the FP4 formats).
     """
     from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.compressors.format import infer_module_format
 
-    fmt = compression_format(scheme)
     state = dict(tensors)
+    fmt = compression_format(scheme)
     if fmt == CompressionFormat.dense.value:
         return state["weight"].to(dtype)
-    compressor = BaseCompressor.get_value_from_registry(fmt)
-    if fmt in (_NAIVE, _INT, _FLOAT) and state["weight_scale"].dtype not in _FLOAT_DTYPES:
-        state["weight_scale"] = state["weight_scale"].to(dtype)
-    if fmt == _PACK and "weight_shape" in state:
+    try:
+        compressor = BaseCompressor.get_value_from_registry(fmt)
+    except (KeyError, ValueError):  # e.g. "mixed-precision" on a group: infer it per module
+        compressor = BaseCompressor.get_value_from_registry(infer_module_format(torch.nn.Linear, scheme).value)
+    if "weight_shape" in state:
         state["weight_shape"] = state["weight_shape"].cpu()
     with torch.no_grad():
         out = compressor.decompress(state, scheme)

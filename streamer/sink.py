@@ -50,6 +50,9 @@ class Sink:
     def check(self) -> None:
         """Refuse a destination that must not be written, before any work starts."""
 
+    def begin(self) -> None:
+        """Called once the run really starts (not for a dry run): create what uploads need."""
+
     def resume(self, fingerprint: str, shards: list[str]) -> set[str]:
         """Shards an interrupted run of the same plan already delivered: the run skips them."""
         return set()
@@ -63,7 +66,7 @@ class Sink:
     def commit(self, message: str, description: str = "") -> str:
         raise NotImplementedError
 
-    def abort(self) -> None:
+    def abort(self, *, cancelled: bool = False) -> None:
         pass
 
     def close(self) -> None:
@@ -164,7 +167,7 @@ class LocalSink(Sink):
             shutil.rmtree(old, ignore_errors=True)
         return str(self.dst)
 
-    def abort(self) -> None:
+    def abort(self, *, cancelled: bool = False) -> None:
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None

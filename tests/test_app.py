@@ -215,15 +215,17 @@ def test_browser_plan_convert(browser, app_url, hub, tmp_path):
     assert not hub.repo_exists(target)  # a plan writes nothing
 
     # Convert, slowly enough to see the progress
-    hub.set_throttle(down_bytes_per_s=700_000)
+    hub.set_throttle(down_bytes_per_s=700_000, up_bytes_per_s=300_000)
     try:
         page.locator("#convert-btn").click()
         expect(page.locator('#progress [data-state="Converting"]')).to_be_visible()
-        # some bytes quantized and uploaded, not all: the bars are mid-way
-        expect(page.locator('#progress [data-stage="upload"] .sp-nums')).not_to_have_text(re.compile(r"^(0 B|waiting)"))
-        expect(page.locator("#log textarea")).to_have_value(_contains("converting acme/tiny-llama"))
+        # some bytes read and quantized, uploads still going: the bars are mid-way
+        expect(page.locator('#progress [data-stage="quantize"] .sp-nums')).not_to_have_text(re.compile(r"^(0 B|waiting)"))
         shot = tmp_path / "screenshot.png"
+        state = page.locator("#progress [data-state]").get_attribute("data-state")
         page.screenshot(path=str(shot), full_page=True)
+        assert state == "Converting"
+        expect(page.locator("#log textarea")).to_have_value(_contains("converting acme/tiny-llama"))
         if os.environ.get("STREAMER_SCREENSHOT") == "1":
             (REPO_ROOT / "docs").mkdir(exist_ok=True)
             shutil.copy(shot, REPO_ROOT / "docs" / "screenshot.png")
@@ -286,6 +288,8 @@ def test_client_plan_and_convert(client, hub):
     # again, as a pull request: main is left alone
     main_before = hub.commits(target)[0].sha
     *_, result = client.predict(*_form(namespace="acme", create_pr=True), api_name="/convert")
+    assert "Already up to date" in result  # same settings, same bytes: nothing to propose
+    *_, result = client.predict(*_form(namespace="acme", ignore="lm_head", create_pr=True), api_name="/convert")
     assert "pull request" in result and "/discussions/" in result
     assert f"{hub.url}/{target}/blob/refs%2Fpr%2F" in result
     assert hub.commits(target)[0].sha == main_before
