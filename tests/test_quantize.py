@@ -128,12 +128,18 @@ def case_shape(name: str) -> tuple[int, int]:
     return (200, 256)  # out not a multiple of 128, in = 128·2
 
 
+# a second shape (in = 128·3, out = 264) for the main formats
+SECOND_SHAPE = ("FP8_DYNAMIC", "FP8_BLOCK", "W8A8", "W4A16", "W4A16_ASYM", "W8A16", "NVFP4A16",
+                "MXFP4A16", "MXFP6A16", "MXFP8A16", "W3A16")
+
+
 def _cases():
     cases = []
     for name in PRESETS:
         for dt in DTYPES:
             cases.append((name, (200, 256), dt))
-        cases.append((name, (264, 384), torch.bfloat16))
+        if name in SECOND_SHAPE:
+            cases.append((name, (264, 384), torch.bfloat16))
     for name in CUSTOM:
         for dt in DTYPES:
             cases.append((name, case_shape(name), dt))
@@ -351,6 +357,15 @@ class _Reference:
 
 # the reference runs each preset in every dtype at one shape, and every other case
 REF_CASES = [c for c in CASES if c[0] not in CALIBRATED and not (c[0] in PRESETS and c[1] == (264, 384))]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The tensors here are tiny: intra-op threads only add synchronisation."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
