@@ -30,18 +30,11 @@ import math
 
 import torch
 
-from .catalog import Catalog, TensorInfo
+from .catalog import TORCH_DTYPES as _TORCH, Catalog, TensorInfo
 from .errors import PlanError, SchemeError, StreamerError
 
 DEQUANT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _ST_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
-_TORCH = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "F8_E8M0": torch.float8_e8m0fnu,
-}  # fmt: skip
 _FP8_STORED = ("F8_E4M3", "F8_E5M2")
 _FLOAT_STORED = ("F64", "F32", "F16", "BF16")
 SUPPORTED = "fp8 with weight_block_size (DeepSeek-V3 style) and compressed-tensors"
