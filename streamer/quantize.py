@@ -13,7 +13,8 @@ per weight, ``initialize_module_for_quantization``, a memoryless min-max observe
   eps (fp8: 0.125, uint8 MX exponent: 1.0, else ``finfo.eps``), and it is stored in the weight's
   dtype. The NVFP4 global scale is ``generate_gparam`` itself (``448·6 / amax`` in the weight
   dtype, which torch evaluates as ``reciprocal(amax) * 2688``);
-* elementwise, over row chunks (cache-sized on CPU): compressed-tensors' eager ``_quantize``.
+* elementwise, over row chunks (cache-sized, on a pool of single-threaded workers on CPU; one
+  chunk of up to 64M elements on accelerators): compressed-tensors' eager ``_quantize``.
   ``w / scale`` is computed in the promoted dtype of weight and scale (the weight's dtype for
   every scheme but TENSOR_GROUP, fp32 there), rounded to that dtype, then clamped and rounded
   (integers: ``torch.round``, half to even; FP8: the dtype cast, nearest even);
@@ -37,8 +38,10 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from compressed_tensors.config import CompressionFormat
@@ -83,8 +86,9 @@ _SUPPORTED_FORMATS = (*_UNPACKED_FORMATS, _PACK, *_FP4_FORMATS, _MXFP6)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MINMAX_OBSERVERS = (None, "minmax", "static_minmax", "memoryless_minmax")
 
-# elements per row chunk of the elementwise pass on CPU: small enough to stay in cache, large
-# enough that per-op overhead does not matter; accelerators take the whole tensor at once
+# elements per row chunk of the elementwise pass, per CPU thread: each thread's share of a chunk
+# stays in cache, and per-op overhead (one parallel region per op) does not matter; accelerators
+# take up to _GPU_CHUNK elements at once (64M: a 14336x4096 weight in one go)
 _CPU_CHUNK = 1 << 19
 _GPU_CHUNK = 1 << 26
 
@@ -235,6 +239,11 @@ def output_layout(
     """
     spec = _spec(scheme)
     shape = tuple(int(v) for v in shape)
+    if dtype not in _FLOAT_DTYPES:
+        raise ShapeError(
+            f"weight of shape {list(shape)} is {dtype}, not a float dtype; only float weights can "
+            "be quantized: ignore this module with --ignore"
+        )
     sshape = _scale_shape(spec, shape)
     rows, cols = shape
     pdt = _param_dtype(dtype)
@@ -291,7 +300,7 @@ _INT_VIEW = {
 
 
 def _chunk_rows(rows: int, cols: int, device: torch.device, align: int = 1) -> int:
-    target = _GPU_CHUNK if device.type != "cpu" else _CPU_CHUNK
+    target = _GPU_CHUNK if device.type != "cpu" else _CPU_CHUNK * (1 if _pool() else max(1, torch.get_num_threads()))
     n = max(1, target // max(cols, 1))
     n = max(align, n // align * align)
     return min(n, -(-rows // align) * align)
@@ -302,7 +311,69 @@ def _row_chunks(rows: int, step: int) -> Iterator[tuple[int, int]]:
         yield r0, min(rows, r0 + step)
 
 
-def _abs_max(w: torch.Tensor, spec: _Spec, scratch: "_Scratch | None" = None) -> torch.Tensor:
+# -- running chunks ------------------------------------------------------------------------------
+#
+# On CPU the chunks run on a small pool of worker threads whose torch ops are single-threaded,
+# instead of one thread issuing ops that each open an OpenMP parallel region: a few hundred
+# regions per weight, each ending in a barrier, collapse when another process (or the engine's
+# own I/O threads) holds a core, while independent workers simply share what is free. Torch's
+# intra-op thread count is per thread once a thread has run an op; workers set theirs to 1.
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
+_POOL_LOCK = threading.Lock()
+_LOCAL = threading.local()
+
+
+def _serial_worker() -> None:
+    torch.set_num_threads(1)
+
+
+def _pool() -> ThreadPoolExecutor | None:
+    """The chunk workers for the calling thread's torch thread count (None: run serially)."""
+    global _POOL, _POOL_SIZE
+    n = torch.get_num_threads()
+    if n <= 1:
+        return None
+    if _POOL is not None and _POOL_SIZE == n:
+        return _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL_SIZE != n:
+            pool = ThreadPoolExecutor(n, thread_name_prefix="streamer-quantize", initializer=_serial_worker)
+            barrier = threading.Barrier(n)
+            for f in [pool.submit(barrier.wait) for _ in range(n)]:  # start every worker now
+                f.result()
+            # set_num_threads(1) in the workers also changed the default that threads starting
+            # later inherit: give it back (this thread already runs with n)
+            torch.set_num_threads(n)
+            old, _POOL, _POOL_SIZE = _POOL, pool, n
+            if old is not None:
+                old.shutdown(wait=False)
+    return _POOL
+
+
+def _scratch() -> "_Scratch":
+    """This thread's reusable CPU buffers (a few chunk-sized tensors, kept between calls)."""
+    s = getattr(_LOCAL, "scratch", None)
+    if s is None:
+        s = _LOCAL.scratch = _Scratch()
+    return s
+
+
+def _run(fn: Callable, items: Iterable, device: torch.device) -> list:
+    """fn(item, scratch) for every item: on the CPU workers, or serially (accelerators, one
+    thread, one item) with fresh buffers on accelerators."""
+    items = list(items)
+    if device.type != "cpu":
+        scratch = _Scratch()
+        return [fn(it, scratch) for it in items]
+    pool = _pool() if len(items) > 1 else None
+    if pool is None:
+        return [fn(it, _scratch()) for it in items]
+    return list(pool.map(lambda it: fn(it, _scratch()), items))
+
+
+def _abs_max(w: torch.Tensor, spec: _Spec) -> torch.Tensor:
     """Per tensor / channel / group / block max |w|, in w's dtype, shaped like the scale.
 
     Equals the observer's max(|min(min_vals, 0)|, |max(max_vals, 0)|) exactly: |x| of a float
@@ -313,13 +384,14 @@ def _abs_max(w: torch.Tensor, spec: _Spec, scratch: "_Scratch | None" = None) ->
     ity, mask = _INT_VIEW[w.dtype]
     wi = w.view(ity)
     s = spec.strategy
-    scratch = scratch or _Scratch()
     bh, bw = spec.block if s == "block" else (1, 1)
-    sshape = _scale_shape(spec, (rows, cols))
-    out = torch.empty(sshape if s != "tensor" else (-(-rows // _chunk_rows(rows, cols, w.device)),),
-                      dtype=ity, device=w.device)
     step = _chunk_rows(rows, cols, w.device, align=bh)
-    for i, (r0, r1) in enumerate(_row_chunks(rows, step)):
+    chunks = list(enumerate(_row_chunks(rows, step)))
+    out = torch.empty(_scale_shape(spec, (rows, cols)) if s != "tensor" else (len(chunks),),
+                      dtype=ity, device=w.device)
+
+    def one(item, scratch):
+        i, (r0, r1) = item
         n = r1 - r0
         a = scratch.get("absbits", ity, (n, cols), w.device)
         torch.bitwise_and(wi[r0:r1], mask, out=a)
@@ -344,6 +416,8 @@ def _abs_max(w: torch.Tensor, spec: _Spec, scratch: "_Scratch | None" = None) ->
                 torch.amax(r[:, : fc * bw].view(nb, fc, bw), dim=-1, out=o[:, :fc])
             if cols % bw:
                 o[:, fc:] = torch.amax(r[:, fc * bw :], dim=1, keepdim=True)
+
+    _run(one, chunks, w.device)
     if s == "tensor":
         out = torch.amax(out).reshape(1)
     return out.view(w.dtype)
@@ -382,12 +456,12 @@ def _tensor_abs_max(w: torch.Tensor) -> torch.Tensor:
     ity, mask = _INT_VIEW[w.dtype]
     wi = w.view(ity).reshape(w.shape[0], -1) if w.ndim >= 2 else w.view(ity).reshape(1, -1)
     rows, cols = wi.shape
-    step = _chunk_rows(rows, cols, w.device)
-    scratch = _Scratch()
-    maxes = []
-    for r0, r1 in _row_chunks(rows, step):
-        a = scratch.get("absbits", ity, (r1 - r0, cols), w.device)
-        maxes.append(torch.amax(torch.bitwise_and(wi[r0:r1], mask, out=a)))
+
+    def one(rr, scratch):
+        a = scratch.get("absbits", ity, (rr[1] - rr[0], cols), w.device)
+        return torch.amax(torch.bitwise_and(wi[rr[0] : rr[1]], mask, out=a))
+
+    maxes = _run(one, _row_chunks(rows, _chunk_rows(rows, cols, w.device)), w.device)
     return torch.amax(torch.stack(maxes)).view(w.dtype)
 
 
@@ -492,7 +566,7 @@ def _is_mx(spec: _Spec) -> bool:
 
 
 def _qparams(
-    spec: _Spec, w: torch.Tensor, gscale: torch.Tensor | None, scratch: "_Scratch"
+    spec: _Spec, w: torch.Tensor, gscale: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(weight_scale, weight_zero_point or None, weight_global_scale or None, |w| max per scale
     or None) as the module parameters hold them after observer calibration.
@@ -502,7 +576,7 @@ def _qparams(
     """
     amax = mins = maxs = None
     if spec.symmetric:
-        amax = _abs_max(w, spec, scratch)
+        amax = _abs_max(w, spec)
     else:
         mins, maxs = _min_max(w, spec)
     if spec.tensor_group and gscale is None:
@@ -776,11 +850,12 @@ def _q_range(spec: _Spec) -> tuple[float, float]:
 def _fp8_clamp_is_noop(spec: _Spec, amax: torch.Tensor | None, scale: torch.Tensor) -> bool:
     """True when clamping x / scale to ±448 cannot change the FP8 cast.
 
-    The cast rounds to nearest even and maps |v| >= 464 to NaN; values in (448, 464] round to
-    448 either way. With |x| <= amax per scale group, |x / scale| <= amax / scale, so a bound of
-    460 on amax / scale (checked on the small scale tensor, in fp32) leaves a margin for the
-    quotient's rounding to the weight dtype. Fails (clamp kept) for fp16 subnormal scales,
-    NaN / inf, zero points, or a scale not derived from the weight's own groups.
+    The cast rounds to nearest even, so values in (448, 464] become 448 with or without the
+    clamp; beyond that torch's cast saturates on some builds and gives NaN on others. With
+    |x| <= amax per scale group, |x / scale| <= amax / scale, so a bound of 460 on amax / scale
+    (checked on the small scale tensor, in fp32) leaves a margin for the quotient's rounding to
+    the weight dtype. Fails (clamp kept) for fp16 subnormal scales, NaN / inf, zero points, or a
+    scale not derived from the weight's own groups.
     """
     if amax is None or spec.num_bits != 8 or spec.tensor_group:
         return False
@@ -808,8 +883,7 @@ def quantize_weight(
     gscale = None
     if spec.tensor_group and global_scale is not None:
         gscale = global_scale.detach().to(device=dev, dtype=torch.float32).reshape(1)
-    scratch = _Scratch()
-    scale, zp, gscale, amax = _qparams(spec, w, gscale, scratch)
+    scale, zp, gscale, amax = _qparams(spec, w, gscale)
     q_gscale = gscale if spec.uses_global_scale_in_quantize else None
 
     out: dict[str, torch.Tensor] = {}
@@ -817,36 +891,44 @@ def quantize_weight(
     if spec.fmt in _UNPACKED_FORMATS:
         q = torch.empty((rows, cols), dtype=spec.args.pytorch_dtype(), device=dev)
         clamp = not (spec.is_float and _fp8_clamp_is_noop(spec, amax, scale))
-        for c in _chunks(w, spec, scale, zp):
+
+        def one(c: _Chunk, scratch: _Scratch) -> None:
             v = _scaled(c, q_gscale, scratch)
             if clamp:
                 v.clamp_(qmin, qmax)
             if not spec.is_float:
                 v.round_()
             q[c.r0 : c.r1].view(v.shape).copy_(v)
+
         out["weight"] = q
     elif spec.fmt == _PACK:
         bits = spec.num_bits
         q = torch.empty((rows, -(-cols * bits // 32)), dtype=torch.int32, device=dev)
-        for c in _chunks(w, spec, scale, zp):
+
+        def one(c: _Chunk, scratch: _Scratch) -> None:
             v = _scaled(c, q_gscale, scratch).clamp_(qmin, qmax).round_()
             i8 = scratch.get("i8", torch.int8, (c.r1 - c.r0, cols), dev)
             i8.view(v.shape).copy_(v)
             q[c.r0 : c.r1] = _pack_int32(i8, bits)
+
         out["weight_packed"] = q
     elif spec.fmt in _FP4_FORMATS:
         q = torch.empty((rows, cols // 2), dtype=torch.uint8, device=dev)
-        for c in _chunks(w, spec, scale, zp):
+
+        def one(c: _Chunk, scratch: _Scratch) -> None:
             v = _scaled(c, q_gscale, scratch)  # clamping to ±6 is part of the code table
-            codes = _encode(v, "fp4", scratch).view(c.r1 - c.r0, cols)
-            q[c.r0 : c.r1] = _pack_nibbles(codes)
+            q[c.r0 : c.r1] = _pack_nibbles(_encode(v, "fp4", scratch).view(c.r1 - c.r0, cols))
+
         out["weight_packed"] = q
     else:  # MXFP6
         q = torch.empty((rows, cols * 3 // 4), dtype=torch.uint8, device=dev)
-        for c in _chunks(w, spec, scale, zp):
+
+        def one(c: _Chunk, scratch: _Scratch) -> None:
             v = _scaled(c, q_gscale, scratch)  # clamping to ±7.5 is part of the code table
             q[c.r0 : c.r1] = _pack_fp6(_encode(v, "fp6", scratch).view(c.r1 - c.r0, cols))
+
         out["weight_packed"] = q
+    _run(one, _chunks(w, spec, scale, zp), dev)
 
     args = spec.args
     if spec.fmt == _NVFP4:
