@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import inspect
 import json
 import logging
 import os
@@ -441,18 +440,11 @@ class JobResult:
         return d
 
 
-def _convert_takes_budget() -> bool:
-    from .api import convert
-
-    return "budget" in inspect.signature(convert).parameters
-
-
 class MirrorRunner:
     """Runs jobs (check, then convert when needed), several at once under one memory budget.
 
-    With `parallel` > 1 the memory budget (`max_memory`, default: half the free RAM) is shared:
-    if `convert()` accepts a shared `budget`, all conversions draw from one `Budget`; otherwise
-    each concurrent conversion gets `max_memory / parallel`.
+    The memory budget (`max_memory`, default: half the free RAM) is one `Budget` that every
+    concurrent conversion draws from.
     """
 
     def __init__(
@@ -478,16 +470,12 @@ class MirrorRunner:
         self.workers = workers
         self.endpoint = endpoint
         self.cancel = threading.Event()
-        self.budget = None
-        if parallel > 1 and _convert_takes_budget():
-            from .pipeline import Budget
+        from .pipeline import Budget
 
-            self.budget = Budget(self.max_memory)
+        self.budget = Budget(self.max_memory)
 
     def _memory_kwargs(self) -> dict:
-        if self.budget is not None:
-            return {"budget": self.budget, "max_memory": self.max_memory}
-        return {"max_memory": max(self.max_memory // self.parallel, 1 << 20)}
+        return {"budget": self.budget, "max_memory": self.max_memory}
 
     def run_one(self, job: Job) -> JobResult:
         t0 = time.monotonic()
