@@ -190,8 +190,9 @@ def _merge(inputs: list[TensorInfo]) -> list[tuple[str, Span, list[TensorInfo]]]
     for t in sorted(inputs, key=lambda t: (t.file, t.span.start)):
         if groups:
             file, span, members = groups[-1]
-            if file == t.file and t.span.start - span.end <= MERGE_GAP and t.span.start >= span.start:
-                groups[-1] = (file, Span(span.start, max(span.end, t.span.end)), members + [t])
+            if file == t.file and t.span.start - span.end <= MERGE_GAP:
+                members.append(t)
+                groups[-1] = (file, Span(span.start, max(span.end, t.span.end)), members)
                 continue
         groups.append((t.file, t.span, [t]))
     return groups
@@ -245,38 +246,42 @@ class Runner:
 
     def _quantize(self, piece: Piece, raw: dict[str, torch.Tensor], writer: ShardWriter, offsets) -> None:
         dq = self.plan.dequantizer
-        by_out = {o.name: o for o in piece.outputs}
+        stored = {t.name: t for t in piece.inputs}
+        out_of = {}
+        for o in piece.outputs:
+            out_of.setdefault(o.origin, []).append(o)
 
         def put(out: OutTensor, data: torch.Tensor) -> None:
             writer.write_at(offsets[out.name], _as_bytes(data))
 
-        for name in piece.passthrough:
-            out = next(o for o in piece.outputs if o.origin == name)
-            if dq is not None and dq.transforms(name):
-                put(out, dq.dense(name, raw, self.device).cpu())
-            else:
-                info = next(t for t in piece.inputs if t.name == name)
-                put(out, raw[_key(info)])
-
         def dense(name: str) -> torch.Tensor:
-            if dq is not None:
+            if dq is not None and dq.transforms(name):
                 return dq.dense(name, raw, self.device)
-            info = next(t for t in piece.inputs if t.name == name)
+            info = stored[name]
             t = raw[_key(info)].view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
             return t.to(self.device, non_blocking=True)
 
+        for name in piece.passthrough:
+            (out,) = out_of[name]
+            if dq is not None and dq.transforms(name):
+                put(out, dense(name).cpu())
+            else:
+                put(out, raw[_key(stored[name])])  # byte for byte, never through a dtype
+
         weights = {q.tensor: dense(q.tensor) for q in piece.quantize}
+        groups = {q.tensor: q.group for q in piece.quantize}
         scales: dict[int, torch.Tensor] = {}
-        for fs in self.plan.fused_sets:
-            if fs.members[0] in weights:
-                scheme = self.plan.recipe.groups[next(q.group for q in piece.quantize if q.tensor == fs.members[0])]
-                scales[fs.id] = global_scale([weights[m] for m in fs.members], scheme)
+        for fid in {q.fused for q in piece.quantize if q.fused is not None}:
+            members = self.plan.fused_sets[fid].members
+            scheme = self.plan.recipe.groups[groups[members[0]]]
+            scales[fid] = global_scale([weights[m] for m in members], scheme)
         for q in piece.quantize:
             scheme = self.plan.recipe.groups[q.group]
-            result = quantize_weight(weights[q.tensor], scheme, scales.get(q.fused) if q.fused is not None else None)
+            result = quantize_weight(weights.pop(q.tensor), scheme, scales.get(q.fused))
             base = q.tensor[: -len("weight")]
+            planned = {o.name: o for o in out_of[q.tensor]}
             for suffix, tensor in result.items():
-                out = by_out[base + suffix]
+                out = planned[base + suffix]
                 tensor = tensor.cpu()
                 if ST_DTYPES[tensor.dtype] != out.dtype or tuple(tensor.shape) != out.shape:
                     raise RuntimeError(
@@ -284,7 +289,6 @@ class Runner:
                         f"planned {out.dtype}{list(out.shape)}"
                     )
                 put(out, tensor)
-            del weights[q.tensor]
         self.progress.advance("quantize", piece.bytes_in)
 
     # -- driver ----------------------------------------------------------------------------
