@@ -34,6 +34,7 @@ class Proc:
     maxrss: int  # bytes, exact peak RSS of the child (ru_maxrss), not of its own children
     written: int  # bytes the child wrote to storage (ru_oublock * 512)
     tree_peak: int = 0  # peak of the summed RSS of the child and its descendants (psutil polling)
+    cpu: float = 0.0  # user + system CPU seconds of the child
     extra: dict = field(default_factory=dict)
 
     def result_json(self, marker: str = "@@RESULT ") -> dict:
@@ -59,10 +60,19 @@ def run(cmd: list[str], *, env: dict | None = None, cwd: str | Path | None = Non
     """
     import psutil
 
-    out_f = open(WORK / f".out-{os.getpid()}-{threading.get_ident()}", "w+")
-    err_f = open(WORK / f".err-{os.getpid()}-{threading.get_ident()}", "w+")
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, env=env, cwd=cwd)
+    # pipes, not files: the child's own disk writes are measured (ru_oublock)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=cwd)
+    chunks: dict[str, list[bytes]] = {"out": [], "err": []}
+
+    def drain(stream, key: str) -> None:
+        for block in iter(lambda: stream.read1(1 << 16), b""):
+            chunks[key].append(block)
+
+    readers = [threading.Thread(target=drain, args=(p.stdout, "out"), daemon=True),
+               threading.Thread(target=drain, args=(p.stderr, "err"), daemon=True)]
+    for r in readers:
+        r.start()
     peak = 0
     stop = threading.Event()
 
@@ -105,13 +115,14 @@ def run(cmd: list[str], *, env: dict | None = None, cwd: str | Path | None = Non
         th.join()
     wall = time.perf_counter() - t0
     p.returncode = os.waitstatus_to_exitcode(status)
-    out_f.seek(0)
-    err_f.seek(0)
-    stdout, stderr = out_f.read(), err_f.read()
-    for f in (out_f, err_f):
-        f.close()
-        os.unlink(f.name)
-    return Proc(cmd, p.returncode, stdout, stderr, wall, ru.ru_maxrss * 1024, ru.ru_oublock * 512, peak)
+    for r in readers:
+        r.join()
+    p.stdout.close()
+    p.stderr.close()
+    stdout = b"".join(chunks["out"]).decode(errors="replace")
+    stderr = b"".join(chunks["err"]).decode(errors="replace")
+    return Proc(cmd, p.returncode, stdout, stderr, wall, ru.ru_maxrss * 1024, ru.ru_oublock * 512, peak,
+                ru.ru_utime + ru.ru_stime)
 
 
 def safetensors_files(folder: Path) -> list[Path]:

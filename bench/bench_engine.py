@@ -4,11 +4,12 @@
     python bench/bench_engine.py --device cuda --gb 9  # GPU machine: the Llama-8B-shaped ~9 GB checkpoint
 
 For each scheme: the source's page cache is warmed (every file read once), streamer runs
-(`bench/_timed_convert.py`: `streamer.api.convert` in a fresh process), the cache is warmed again,
-then the reference runs (`tests/reference.py` `run_reference`: model_free_ptq in the reference
-venv). Both times are the library call only, interpreter start-up and imports excluded:
-streamer's is timed around `convert()`, the reference's around `model_free_ptq()` by its own
-script (`run_reference.last_seconds`). Process wall times are printed too.
+(bench/_timed_convert.py: `streamer.api.convert` in a fresh process), the cache is warmed again,
+then the reference runs (bench/_ref_timed.py: llm-compressor's `model_free_ptq`, the same call as
+tests/refscripts/model_free_ptq.py, with tests/reference.py's python and environment). Both times
+are the library call only, interpreter start-up and imports excluded, timed inside each process
+around `convert()` / `model_free_ptq()`; each also reports the call's process CPU time (all
+threads), steadier than wall time on a shared machine. Process wall times are printed too.
 
 MB/s = source safetensors bytes / seconds. The outputs are compared tensor by tensor (raw bytes,
 dtypes, shapes, shard names, index, quantization_config): "identical" means no difference.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -43,7 +45,10 @@ def run_streamer(src: Path, dst: Path, scheme: str, args) -> dict:
            "--workers", str(args.workers), "--ignore", json.dumps(args.ignore)]
     if args.max_memory:
         cmd += ["--max-memory", str(args.max_memory)]
-    p = run(cmd, cwd=REPO).check()
+    env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    p = run(cmd, cwd=REPO, env=env).check()
     res = p.result_json()
     return {"seconds": res["seconds"], "cpu": res["cpu_seconds"], "wall": p.wall, "maxrss": p.maxrss,
             "summary": res["summary"], "threads": res.get("threads")}
@@ -56,7 +61,10 @@ def run_ref(src: Path, dst: Path, scheme: str, workers: int, args) -> dict:
     py = reference._python_or_raise(None)
     cmd = [str(py), str(BENCH / "_ref_timed.py"), str(src), str(dst), scheme, "--ignore", json.dumps(args.ignore),
            "--max-workers", str(workers), "--device", args.device]
-    p = run(cmd, env=reference._env(), cwd=BENCH).check()
+    env = reference._env()
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    p = run(cmd, env=env, cwd=BENCH).check()
     res = p.result_json()
     return {"seconds": res["seconds"], "cpu": res["cpu_seconds"], "wall": p.wall, "maxrss": p.maxrss}
 
@@ -82,6 +90,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ref-workers", default=None,
                     help="model_free_ptq max_workers, comma-separated, best is used (default 1,2 on cpu, 8 on cuda)")
     ap.add_argument("--ignore", type=json.loads, default=[], help='JSON list, e.g. \'["lm_head"]\' (both sides)')
+    ap.add_argument("--threads", type=int,
+                    help="OMP_NUM_THREADS for both sides (default: streamer's torch default = all cores; "
+                         "the reference's tests/reference.py environment = min(cores, 4))")
     ap.add_argument("--repeat", type=int, default=1, help="runs per side; the fastest counts")
     ap.add_argument("--no-reference", action="store_true", help="streamer only")
     ap.add_argument("--keep", action="store_true", help="keep the outputs under the work dir")

@@ -136,14 +136,16 @@ def shard_groups(names: list[tuple[str, tuple]], shards: int, max_shard: int,
     total = sum(numel(s) for _, s in names) * BF16
     target = min(max_shard, math.ceil(total / max(shards, 1)))
     groups: list[list] = [[]]
-    size = 0
+    size = cum = 0
     for unit in _units(names, whole_layers):
         n = sum(numel(s) for _, s in unit) * BF16
-        if groups[-1] and size + n > target and (size + n / 2 > target or size + n > max_shard):
+        # a new shard when this unit's middle would cross the next multiple of the target size
+        if groups[-1] and (cum + n / 2 > len(groups) * target or size + n > max_shard):
             groups.append([])
             size = 0
         groups[-1].extend(unit)
         size += n
+        cum += n
     return groups
 
 

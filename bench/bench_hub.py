@@ -1,0 +1,235 @@
+"""Hub -> Hub through localhub on a throttled link: streamer vs download + quantize + upload.
+
+    python bench/bench_hub.py                        # 2.1 GB checkpoint, 8 shards, 200 MB/s down, 100 MB/s up
+    python bench/bench_hub.py --down 200 --up 100 --gb 2.1 --shards 8 --scheme FP8_DYNAMIC
+
+A Llama-shaped bf16 checkpoint (bench/make_checkpoint.py) is seeded into a localhub server
+(`python -m streamer.localhub`, its own process) whose link is throttled per direction. Then:
+
+1. streamer: `python -m streamer SRC_REPO DST_REPO --scheme S --device cpu --json` (range reads,
+   shards uploaded as they are ready, one commit). Wall time of the process vs the floor
+   max(source bytes / down, output bytes / up); target <= 1.15x. Local disk written by it
+   (the process's block-output count) is printed: target 0.
+2. the path users take today, on the same server and link: `snapshot_download` the whole repo,
+   quantize the folder locally (streamer's local engine; with --reference-quantize also
+   llm-compressor's model_free_ptq, timed alone and added to the same download and upload
+   times), `upload_folder`. Target: streamer <= 0.6x its time.
+
+Each path runs against a fresh server root seeded with the same checkpoint, so neither finds
+the other's uploads already on the server (LFS skips content the server has). Both targets are
+checked to hold identical shards (LFS sha256 of every *.safetensors, the index and config.json).
+
+Figures use MB = 10^6 bytes; the throttle rates are MB/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    BENCH, GB, MB, PY, REPO, WORK, load_line, make_checkpoint, rm, run, source_bytes, table,
+)
+
+TOKEN = "hf_bench_token_0123456789"
+ORG = "bench"
+SRC_REPO = f"{ORG}/llama-bf16"
+
+
+class Server:
+    """`python -m streamer.localhub` in its own process, seeded and throttled."""
+
+    def __init__(self, root: Path, src: Path, down: float, up: float):
+        rm(root)
+        root.mkdir(parents=True)
+        cmd = [PY, "-m", "streamer.localhub", "--root", str(root), "--user", f"bench:{TOKEN}:{ORG}",
+               "--seed", f"{SRC_REPO}={src}", "--throttle-down", str(down), "--throttle-up", str(up)]
+        self.root = root
+        self.log = open(root.parent / f"{root.name}.log", "w+")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=REPO)
+        self.url = None
+        t0 = time.monotonic()
+        for line in self.proc.stdout:
+            if line.startswith("localhub serving"):
+                self.url = line.split(" on ")[-1].strip()
+                break
+        if self.url is None:
+            self.log.seek(0)
+            raise RuntimeError(f"localhub did not start:\n{self.log.read()[-3000:]}")
+        self.seed_seconds = time.monotonic() - t0
+
+    def env(self, home: Path) -> dict:
+        env = dict(os.environ)
+        env.update(HF_ENDPOINT=self.url, HF_HUB_DISABLE_XET="1", HF_TOKEN=TOKEN, HF_HOME=str(home),
+                   HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
+                   PYTHONDONTWRITEBYTECODE="1")  # .pyc files are not part of a conversion's disk use
+        return env
+
+    def shas(self, repo: str, env: dict) -> dict[str, str]:
+        code = (
+            "import json,sys; from huggingface_hub import HfApi; "
+            f"i=HfApi().model_info({repo!r}, files_metadata=True); "
+            "print(json.dumps({s.rfilename: (s.lfs.sha256 if s.lfs else s.blob_id) for s in i.siblings}))"
+        )
+        r = subprocess.run([PY, "-c", code], capture_output=True, text=True, env=env, check=True)
+        return json.loads(r.stdout)
+
+    def cpu(self) -> float:
+        import psutil
+
+        t = psutil.Process(self.proc.pid).cpu_times()
+        return t.user + t.system
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc.stdout.close()
+        self.log.close()
+        rm(self.root)
+        Path(self.log.name).unlink(missing_ok=True)
+
+
+def model_files(shas: dict) -> dict:
+    return {k: v for k, v in shas.items() if k.endswith(".safetensors") or k in ("model.safetensors.index.json", "config.json")}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--src", type=Path, help="an existing bf16 checkpoint folder (default: generate one)")
+    ap.add_argument("--gb", type=float, default=2.1, help="size of the generated checkpoint (default 2.1)")
+    ap.add_argument("--shards", type=int, default=8, help="shards of the generated checkpoint (default 8)")
+    ap.add_argument("--down", type=float, default=200, help="download limit, MB/s (default 200)")
+    ap.add_argument("--up", type=float, default=100, help="upload limit, MB/s (default 100)")
+    ap.add_argument("--scheme", default="FP8_DYNAMIC")
+    ap.add_argument("--workers", type=int, help="streamer --workers")
+    ap.add_argument("--max-memory", help="streamer --max-memory (e.g. 4GB)")
+    ap.add_argument("--threads", type=int, help="OMP_NUM_THREADS for streamer and the baseline (default: unset)")
+    ap.add_argument("--reference-quantize", action="store_true",
+                    help="also time llm-compressor's model_free_ptq on the downloaded snapshot (baseline variant)")
+    ap.add_argument("--skip-baseline", action="store_true")
+    args = ap.parse_args(argv)
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    src = args.src or make_checkpoint(WORK / f"ckpt-{args.gb:g}gb-{args.shards}s", args.gb, "--shards", str(args.shards))
+    src_bytes = source_bytes(src)
+    n_shards = len(list(src.glob("*.safetensors")))
+    down, up = args.down * MB, args.up * MB
+    print(f"# source {src}: {src_bytes / GB:.3f} GB in {n_shards} shards; link {args.down:g} MB/s down, "
+          f"{args.up:g} MB/s up; {args.scheme}; {load_line()}", flush=True)
+    home = WORK / "hf_home"
+    rows = []
+    results: dict = {}
+
+    # 1. streamer, Hub -> Hub
+    server = Server(WORK / "hub-a", src, args.down, args.up)
+    try:
+        print(f"# localhub at {server.url} (seeded in {server.seed_seconds:.1f} s)", flush=True)
+        env = server.env(home)
+        if args.threads:
+            env["OMP_NUM_THREADS"] = str(args.threads)
+        dst = f"{ORG}/llama-streamer"
+        cmd = [PY, "-m", "streamer", SRC_REPO, dst, "--scheme", args.scheme, "--device", "cpu", "--json"]
+        if args.workers:
+            cmd += ["--workers", str(args.workers)]
+        if args.max_memory:
+            cmd += ["--max-memory", args.max_memory]
+        imp = run([PY, "-c", "import streamer.api, streamer.hub"], env=env, cwd=REPO).check()
+        srv_cpu = server.cpu()
+        p = run(cmd, env=env, cwd=REPO).check()
+        srv_cpu = server.cpu() - srv_cpu
+        summary = json.loads(p.stdout[p.stdout.index("{"):])
+        out_bytes = summary["bytes_out"]
+        s_shas = model_files(server.shas(dst, env))
+    finally:
+        server.stop()
+    out_files = out_bytes  # tensor bytes; headers are a few KB
+    floor = max(src_bytes / down, out_files / up)
+    results["streamer"] = p.wall
+    print(f"  streamer: {p.wall:.2f} s (pipeline {summary.get('seconds')} s, stages {summary.get('stage_seconds')}, "
+          f"peak RSS {p.maxrss / GB:.2f} GB, budget peak {summary.get('peak_buffered_bytes', 0) / GB:.2f} GB, "
+          f"local disk written {p.written} B; CPU {p.cpu:.1f} s + server {srv_cpu:.1f} s of "
+          f"{(os.cpu_count() or 1) * p.wall:.0f} core-s; interpreter start + imports {imp.wall:.1f} s)", flush=True)
+    rows.append(["streamer Hub->Hub", f"{p.wall:.1f}", "-", "-", "-", f"{p.wall / floor:.2f}x", f"{p.written / MB:.1f} MB",
+                 f"{p.maxrss / GB:.2f} GB"])
+    rows.append(["  same, less start-up + imports", f"{p.wall - imp.wall:.1f}", "-", "-", "-",
+                 f"{(p.wall - imp.wall) / floor:.2f}x", "", ""])
+
+    # 2. the baseline
+    identical = "-"
+    if not args.skip_baseline:
+        server = Server(WORK / "hub-b", src, args.down, args.up)
+        base_dir = WORK / "baseline"
+        rm(base_dir)
+        base_dir.mkdir()
+        try:
+            env = server.env(home)
+            if args.threads:
+                env["OMP_NUM_THREADS"] = str(args.threads)
+            dst = f"{ORG}/llama-baseline"
+            b = run([PY, str(BENCH / "_baseline_hub.py"), SRC_REPO, dst, str(base_dir), args.scheme], env=env, cwd=REPO).check()
+            res = b.result_json()
+            b_shas = model_files(server.shas(dst, env))
+            identical = "yes" if b_shas == s_shas and s_shas else f"NO: {sorted(k for k in set(b_shas) | set(s_shas) if b_shas.get(k) != s_shas.get(k))}"
+            total = res["total"]
+            results["baseline"] = total
+            print(f"  baseline: {total:.2f} s = download {res['download']:.2f} + quantize {res['quantize']:.2f} + "
+                  f"upload {res['upload']:.2f} (process {b.wall:.1f} s); local disk {res['disk_bytes'] / GB:.2f} GB "
+                  f"(snapshot {res['snapshot_bytes'] / GB:.2f} + output {res['output_bytes'] / GB:.2f})", flush=True)
+            rows.append(["download+quantize+upload (streamer local engine)", f"{total:.1f}", f"{res['download']:.1f}",
+                         f"{res['quantize']:.1f}", f"{res['upload']:.1f}", f"{total / floor:.2f}x",
+                         f"{res['disk_bytes'] / MB:,.0f} MB", f"{b.maxrss / GB:.2f} GB"])
+            if args.reference_quantize:
+                sys.path.insert(0, str(REPO / "tests"))
+                import reference
+
+                py = reference._python_or_raise(None)
+                renv = reference._env()
+                if args.threads:
+                    renv["OMP_NUM_THREADS"] = str(args.threads)
+                rout = base_dir / "reference"
+                r = run([str(py), str(BENCH / "_ref_timed.py"), str(base_dir / "snapshot"), str(rout), args.scheme,
+                         "--max-workers", "2"], env=renv, cwd=BENCH).check()
+                rq = r.result_json()["seconds"]
+                rtotal = res["download"] + rq + res["upload"]
+                results["baseline-ref"] = rtotal
+                rows.append(["download+model_free_ptq+upload", f"{rtotal:.1f}", f"{res['download']:.1f}", f"{rq:.1f}",
+                             f"{res['upload']:.1f}*", f"{rtotal / floor:.2f}x", f"{res['disk_bytes'] / MB:,.0f} MB", "-"])
+        finally:
+            server.stop()
+            rm(base_dir)
+
+    print()
+    print(f"Hub -> Hub through localhub, {src_bytes / GB:.2f} GB bf16 ({n_shards} shards) -> {out_files / GB:.2f} GB "
+          f"{args.scheme}; link {args.down:g} MB/s down / {args.up:g} MB/s up ({load_line()})")
+    print(f"floor = max(source {src_bytes / MB:,.0f} MB / {args.down:g} MB/s = {src_bytes / down:.1f} s, "
+          f"output {out_files / MB:,.0f} MB / {args.up:g} MB/s = {out_files / up:.1f} s) = {floor:.1f} s")
+    print(table(rows, ["path", "wall s", "download s", "quantize s", "upload s", "vs floor", "local disk", "peak RSS"]))
+    # The baseline's phases are timed inside one process after its imports; streamer's wall is a
+    # whole process. Both ratios are printed: process vs phases, and like for like.
+    s_net = results["streamer"] - imp.wall
+    if "baseline" in results:
+        print(f"streamer / baseline (streamer engine) = {results['streamer'] / results['baseline']:.2f}x "
+              f"(streamer process wall), {s_net / results['baseline']:.2f}x (both without start-up + imports)")
+    if "baseline-ref" in results:
+        print(f"streamer / baseline (model_free_ptq)  = {results['streamer'] / results['baseline-ref']:.2f}x, "
+              f"{s_net / results['baseline-ref']:.2f}x  (* upload time measured with the streamer engine's identical output)")
+    print(f"identical shards on both targets: {identical}")
+    print(f"streamer's local disk writes: {p.written:,} B (no model bytes; its upload journal under HF_HOME/streamer)")
+    print("targets: streamer <= 1.15x the floor; streamer <= 0.6x the baseline, with 0 bytes of local disk")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
