@@ -6,13 +6,18 @@ reads), so endpoints, auth headers and proxies behave exactly as the rest of the
 
 from __future__ import annotations
 
+import base64
 import email.utils
+import hashlib
+import json
 import logging
+import mmap
+import os
 import random
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub import constants as hf_constants
@@ -248,28 +253,50 @@ def _parse_retry_after(value: str) -> float:
 
 
 class _BufferedShard(ShardWriter):
-    """A shard assembled in memory, uploaded (LFS or Xet) as soon as it is complete."""
+    """A shard assembled in memory, uploaded (LFS or Xet) as soon as it is complete.
+
+    On Linux the buffer is an anonymous in-memory file (memfd): huggingface_hub uploads it by
+    path, so the shard is never copied into a second buffer. Elsewhere it is a bytearray, copied
+    once into the bytes huggingface_hub needs.
+    """
 
     def __init__(self, sink: "HubSink", name: str, size: int):
         super().__init__(name, size)
         self.sink = sink
-        self.buf = bytearray(size)
+        self.fd = -1
+        if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd") and size > 0:
+            self.fd = os.memfd_create(f"streamer-{os.path.basename(name)}")
+            os.ftruncate(self.fd, size)
+            self.buf = mmap.mmap(self.fd, size)
+        else:
+            self.buf = bytearray(size)
 
     def write_at(self, offset: int, data) -> None:
         view = memoryview(data).cast("B")
         self.buf[offset : offset + len(view)] = view
 
     def close(self) -> Future:
-        data, self.buf = bytes(self.buf), None  # huggingface_hub wants bytes (Xet needs them)
+        if self.fd >= 0:
+            self.buf.close()
+            self.buf = None
+            return self.sink._upload_pool.submit(self._upload_fd)
+        data, self.buf = bytes(self.buf), None
         return self.sink._upload_pool.submit(self.sink._preupload, self.name, data)
 
+    def _upload_fd(self) -> str:
+        try:
+            return self.sink._preupload(self.name, f"/proc/self/fd/{self.fd}")
+        finally:
+            os.close(self.fd)
+            self.fd = -1
+
     def discard(self) -> None:
+        if self.fd >= 0:
+            if self.buf is not None:
+                self.buf.close()
+            os.close(self.fd)
+            self.fd = -1
         self.buf = None
-
-
-@dataclass
-class _Staged:
-    op: CommitOperationAdd
 
 
 class HubSink(Sink):
@@ -408,9 +435,6 @@ class HubSink(Sink):
     # -- resume: a rerun after a crash skips shards whose content the Hub already holds --------
 
     def _state_path(self, fingerprint: str):
-        import hashlib
-        from pathlib import Path
-
         key = hashlib.sha256(f"{self.endpoint}|{self.repo_id}|{self.revision}|{fingerprint}".encode()).hexdigest()
         return Path(hf_constants.HF_HOME) / "streamer" / "uploads" / f"{key[:32]}.json"
 
@@ -420,9 +444,6 @@ class HubSink(Sink):
         The record (a few hundred bytes per shard: name, sha256, size) is the only thing written
         to local disk; the shards themselves are never read, quantized or uploaded again.
         """
-        import base64
-        import json
-
         from huggingface_hub.lfs import UploadInfo, post_lfs_batch_info
 
         self._state = self._state_path(fingerprint)
@@ -461,10 +482,6 @@ class HubSink(Sink):
         return reused
 
     def _remember(self, name: str, op: CommitOperationAdd) -> None:
-        import base64
-        import json
-        import os
-
         path = getattr(self, "_state", None)
         if path is None:
             return
@@ -480,7 +497,8 @@ class HubSink(Sink):
             tmp.write_text(json.dumps(record))
             os.replace(tmp, path)
 
-    def _preupload(self, name: str, data: bytes) -> str:
+    def _preupload(self, name: str, data: bytes | str) -> str:
+        """Upload one shard's content (bytes, or a path to it) ahead of the commit."""
         op = CommitOperationAdd(path_in_repo=name, path_or_fileobj=data)
         del data
         try:

@@ -218,6 +218,7 @@ class Runner:
         self.sink = sink
         self.device = device
         # Several runners (mirroring jobs in parallel) may share one budget.
+        self.shared_budget = budget is not None
         self.budget = budget if budget is not None else Budget(max_memory)
         self.fetch_workers = fetch_workers
         self.progress = progress or Progress()
@@ -295,13 +296,12 @@ class Runner:
 
     def run(self) -> RunStats:
         t0 = time.monotonic()
-        limit = max(self.budget.limit // 3, 1)
         done = set()
         if self.fingerprint is not None:
             done = self.sink.resume(self.fingerprint, [j.shard for j in self.plan.jobs])
             self.stats.resumed = sorted(done)
         jobs = [j for j in self.plan.jobs if j.shard not in done]
-        pieces = [p for job in jobs for p in split_job(job, self.plan, limit)]
+        pieces = [p for job in jobs for p in split_job(job, self.plan, self._piece_limit(job))]
         self.stats.pieces = len(pieces)
         for p in pieces:
             if p.cost > self.budget.limit and len(p.quantize) + len(p.passthrough) == 1:
@@ -325,7 +325,9 @@ class Runner:
             piece = queue[0]
             need = piece.cost + (self._writer_cost(piece.job) if piece.first else 0)
             if block:
-                self.budget.acquire(need, force=bool(writers))
+                # Alone, a runner's pieces always fit beside its open shard (see _piece_limit);
+                # sharing a budget, it must be able to finish that shard whatever the others hold.
+                self.budget.acquire(need, force=self.shared_budget and bool(writers))
             elif not self.budget.try_acquire(need):
                 return False
             queue.popleft()
@@ -364,6 +366,20 @@ class Runner:
         self.stats.peak_budget = self.budget.peak
         self.stats.shards = [j.shard for j in self.plan.jobs]
         return self.stats
+
+    def _piece_limit(self, job: Job) -> int:
+        """Working memory per piece: a third of the budget, so fetch, quantize and write overlap,
+        and never more than what fits beside the job's own buffered output shard."""
+        limit = max(self.budget.limit // 3, 1)
+        held = self._writer_cost(job)
+        if held:
+            if held >= self.budget.limit:
+                raise StreamerError(
+                    f"output shard {job.shard} is {human_bytes(job.bytes_out)} and is held in memory "
+                    f"until it is uploaded: raise --max-memory above {human_bytes(held * 1.5)}"
+                )
+            limit = min(limit, self.budget.limit - held)
+        return limit
 
     def _writer_cost(self, job: Job) -> int:
         # A Hub sink holds a whole output shard until it is uploaded; a file sink holds nothing.
