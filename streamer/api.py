@@ -258,7 +258,3 @@ def _target_name(label: str, sink: Sink) -> str:
 def quantize(src, dst, *, scheme=None, ignore=(), device="auto", **kwargs) -> Result:
     """Quantize the checkpoint at SRC (folder or Hub repo id) into DST (folder or repo id)."""
     return convert(src, dst, scheme=scheme, ignore=ignore, device=device, **kwargs)
-
-
-def summary_json(result: Result) -> str:
-    return json.dumps(result.summary(), indent=2)

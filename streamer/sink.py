@@ -12,17 +12,9 @@ import os
 import shutil
 import tempfile
 from concurrent.futures import Future
-from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import TargetError
-
-
-@dataclass(frozen=True)
-class Destination:
-    """What the sink needs to know about the run, for refusals and resume."""
-
-    label: str
 
 
 class ShardWriter:
