@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             import huggingface_hub.constants as hf
 
             hf.ENDPOINT = hub.url
+            hf.HF_HUB_DISABLE_XET = True  # localhub speaks LFS only
             hf.HUGGINGFACE_CO_URL_TEMPLATE = hub.url + "/{repo_id}/resolve/{revision}/{filename}"
             from .api import convert
             from .cli import _setup_logging
