@@ -1,0 +1,21 @@
+"""The README's offline quickstart: `python -m streamer demo` converts Hub→Hub on localhub."""
+
+from __future__ import annotations
+
+import huggingface_hub.constants as hf
+
+from streamer import demo
+
+
+def test_demo_converts_hub_to_hub(monkeypatch, capsys, tmp_path):
+    # the demo points the process at its localhub; let monkeypatch put everything back
+    for name in ("HF_ENDPOINT", "HF_HUB_DISABLE_XET", "HF_TOKEN"):
+        monkeypatch.setenv(name, "")
+    for name in ("ENDPOINT", "HUGGINGFACE_CO_URL_TEMPLATE", "HF_HUB_DISABLE_XET"):
+        monkeypatch.setattr(hf, name, getattr(hf, name))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    assert demo.main(["--scheme", "FP8_DYNAMIC", "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "model-00001-of-00003.safetensors" in out and "config.json" in out
+    assert "all ranged: True" in out
+    assert "base_model: demo-org/tiny-llama" in out and "vllm serve demo/tiny-llama-FP8_DYNAMIC" in out
