@@ -129,20 +129,22 @@ def safetensors_files(folder: Path) -> list[Path]:
     return sorted(Path(folder).glob("*.safetensors"))
 
 
+def _read_all(paths, view: memoryview) -> None:
+    """Read each file whole through one reusable buffer (the bytes are thrown away)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            pos = 0
+            while n := os.preadv(fd, [view], pos):
+                pos += n
+        finally:
+            os.close(fd)
+
+
 def warm(folder: Path) -> float:
     """Read every file of FOLDER once (page cache warm); returns the seconds it took."""
     t0 = time.perf_counter()
-    buf = bytearray(64 << 20)
-    view = memoryview(buf)
-    for path in sorted(Path(folder).rglob("*")):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                pos = 0
-                while n := os.preadv(fd, [view], pos):
-                    pos += n
-            finally:
-                os.close(fd)
+    _read_all([p for p in sorted(Path(folder).rglob("*")) if p.is_file()], memoryview(bytearray(64 << 20)))
     return time.perf_counter() - t0
 
 
@@ -150,19 +152,11 @@ def page_cache_read_speed(folder: Path, repeats: int = 3) -> float:
     """Bytes/s of reading every shard of FOLDER with os.preadv into one 64 MiB buffer (cache warm)."""
     files = safetensors_files(folder)
     total = sum(f.stat().st_size for f in files)
-    buf = bytearray(64 << 20)
-    view = memoryview(buf)
+    view = memoryview(bytearray(64 << 20))
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        for path in files:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                pos = 0
-                while n := os.preadv(fd, [view], pos):
-                    pos += n
-            finally:
-                os.close(fd)
+        _read_all(files, view)
         best = min(best, time.perf_counter() - t0)
     return total / best
 
