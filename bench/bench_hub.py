@@ -9,8 +9,13 @@ A Llama-shaped bf16 checkpoint (bench/make_checkpoint.py) is seeded into a local
 1. streamer: `python -m streamer SRC_REPO DST_REPO --scheme S --device cpu --json` (range reads,
    shards uploaded as they are ready, one commit). Wall time of the process vs the floor
    max(source bytes / down, output bytes / up); target <= 1.15x. Local disk written by it
-   (the process's block-output count) is printed: target 0.
-2. the path users take today, on the same server and link: `snapshot_download` the whole repo,
+   (the process's block-output count) is printed: target 0. Also printed: the whole-shard
+   floor (the transfers alone when each output shard can only be uploaded once it is complete,
+   as LFS requires), and the wall time less interpreter start-up and imports.
+2. moving the bytes alone (`bench/_transfer_only.py`): the same client code, server and link
+   read every source shard and upload output shards of the sizes streamer produced, nothing
+   quantized: what the machine's HTTP stack and the link allow, the practical floor.
+3. the path users take today, on the same server and link: `snapshot_download` the whole repo,
    quantize the folder locally (streamer's local engine; with --reference-quantize also
    llm-compressor's model_free_ptq, timed alone and added to the same download and upload
    times), `upload_folder`. Target: streamer <= 0.6x its time.
@@ -72,14 +77,18 @@ class Server:
                    PYTHONDONTWRITEBYTECODE="1")  # .pyc files are not part of a conversion's disk use
         return env
 
-    def shas(self, repo: str, env: dict) -> dict[str, str]:
+    def files(self, repo: str, env: dict) -> dict[str, tuple[str, int]]:
+        """path -> (LFS sha256 or blob id, size) of the repo's main branch."""
         code = (
             "import json,sys; from huggingface_hub import HfApi; "
             f"i=HfApi().model_info({repo!r}, files_metadata=True); "
-            "print(json.dumps({s.rfilename: (s.lfs.sha256 if s.lfs else s.blob_id) for s in i.siblings}))"
+            "print(json.dumps({s.rfilename: (s.lfs.sha256 if s.lfs else s.blob_id, s.size) for s in i.siblings}))"
         )
         r = subprocess.run([PY, "-c", code], capture_output=True, text=True, env=env, check=True)
-        return json.loads(r.stdout)
+        return {k: tuple(v) for k, v in json.loads(r.stdout).items()}
+
+    def shas(self, repo: str, env: dict) -> dict[str, str]:
+        return {k: sha for k, (sha, _) in self.files(repo, env).items()}
 
     def cpu(self) -> float:
         import psutil
@@ -101,6 +110,17 @@ class Server:
         Path(self.log.name).unlink(missing_ok=True)
 
 
+def whole_shard_floor(sizes_in: list[int], sizes_out: list[int], down: float, up: float) -> float:
+    """The transfer time alone when each output shard can only be uploaded once complete (LFS
+    needs its sha256 first): shard i's upload starts when its download has finished and the
+    previous upload is done. Shards in the run's order; no start-up, no compute."""
+    downloaded = uploaded = 0.0
+    for n_in, n_out in zip(sizes_in, sizes_out):
+        downloaded += n_in / down
+        uploaded = max(uploaded, downloaded) + n_out / up
+    return uploaded
+
+
 def model_files(shas: dict) -> dict:
     return {k: v for k, v in shas.items() if k.endswith(".safetensors") or k in ("model.safetensors.index.json", "config.json")}
 
@@ -119,6 +139,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reference-quantize", action="store_true",
                     help="also time llm-compressor's model_free_ptq on the downloaded snapshot (baseline variant)")
     ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--skip-transfer", action="store_true", help="do not time moving the bytes alone")
     args = ap.parse_args(argv)
 
     WORK.mkdir(parents=True, exist_ok=True)
@@ -151,11 +172,15 @@ def main(argv=None) -> int:
         srv_cpu = server.cpu() - srv_cpu
         summary = json.loads(p.stdout[p.stdout.index("{"):])
         out_bytes = summary["bytes_out"]
-        s_shas = model_files(server.shas(dst, env))
+        s_files = server.files(dst, env)
+        s_shas = model_files({k: sha for k, (sha, _) in s_files.items()})
     finally:
         server.stop()
     out_files = out_bytes  # tensor bytes; headers are a few KB
     floor = max(src_bytes / down, out_files / up)
+    shard_names = summary["shards"]  # in the order the jobs ran
+    shard_floor = whole_shard_floor([(src / n).stat().st_size for n in shard_names],
+                                    [s_files[n][1] for n in shard_names], down, up)
     results["streamer"] = p.wall
     print(f"  streamer: {p.wall:.2f} s (pipeline {summary.get('seconds')} s, stages {summary.get('stage_seconds')}, "
           f"peak RSS {p.maxrss / GB:.2f} GB, budget peak {summary.get('peak_buffered_bytes', 0) / GB:.2f} GB, "
@@ -166,7 +191,22 @@ def main(argv=None) -> int:
     rows.append(["  same, less start-up + imports", f"{p.wall - imp.wall:.1f}", "-", "-", "-",
                  f"{(p.wall - imp.wall) / floor:.2f}x", "", ""])
 
-    # 2. the baseline
+    # 2. the same bytes moved with the same client, server and link, nothing quantized
+    if not args.skip_transfer:
+        server = Server(WORK / "hub-c", src, args.down, args.up)
+        try:
+            sizes = json.dumps([[n, s_files[n][1]] for n in shard_names])
+            t = run([PY, str(BENCH / "_transfer_only.py"), SRC_REPO, f"{ORG}/llama-transfer", sizes],
+                    env=server.env(home), cwd=REPO).check()
+            moved = t.result_json()["seconds"]
+            results["transfer"] = moved
+        finally:
+            server.stop()
+        print(f"  moving the bytes alone: {moved:.2f} s (after imports; CPU {t.cpu:.1f} s)", flush=True)
+        rows.append(["moving the bytes alone (no quantize)", f"{moved:.1f}", "-", "-", "-", f"{moved / floor:.2f}x",
+                     "0 MB", f"{t.maxrss / GB:.2f} GB"])
+
+    # 3. the baseline
     identical = "-"
     if not args.skip_baseline:
         server = Server(WORK / "hub-b", src, args.down, args.up)
@@ -184,12 +224,14 @@ def main(argv=None) -> int:
             identical = "yes" if b_shas == s_shas and s_shas else f"NO: {sorted(k for k in set(b_shas) | set(s_shas) if b_shas.get(k) != s_shas.get(k))}"
             total = res["total"]
             results["baseline"] = total
+            results["baseline-process"] = b.wall
             print(f"  baseline: {total:.2f} s = download {res['download']:.2f} + quantize {res['quantize']:.2f} + "
                   f"upload {res['upload']:.2f} (process {b.wall:.1f} s); local disk {res['disk_bytes'] / GB:.2f} GB "
                   f"(snapshot {res['snapshot_bytes'] / GB:.2f} + output {res['output_bytes'] / GB:.2f})", flush=True)
-            rows.append(["download+quantize+upload (streamer local engine)", f"{total:.1f}", f"{res['download']:.1f}",
-                         f"{res['quantize']:.1f}", f"{res['upload']:.1f}", f"{total / floor:.2f}x",
-                         f"{res['disk_bytes'] / MB:,.0f} MB", f"{b.maxrss / GB:.2f} GB"])
+            rows.append(["download+quantize+upload (streamer local engine)", f"{b.wall:.1f}", "-", "-", "-",
+                         f"{b.wall / floor:.2f}x", f"{res['disk_bytes'] / MB:,.0f} MB", f"{b.maxrss / GB:.2f} GB"])
+            rows.append(["  same, less start-up + imports", f"{total:.1f}", f"{res['download']:.1f}",
+                         f"{res['quantize']:.1f}", f"{res['upload']:.1f}", f"{total / floor:.2f}x", "", ""])
             if args.reference_quantize:
                 sys.path.insert(0, str(REPO / "tests"))
                 import reference
@@ -215,16 +257,25 @@ def main(argv=None) -> int:
           f"{args.scheme}; link {args.down:g} MB/s down / {args.up:g} MB/s up ({load_line()})")
     print(f"floor = max(source {src_bytes / MB:,.0f} MB / {args.down:g} MB/s = {src_bytes / down:.1f} s, "
           f"output {out_files / MB:,.0f} MB / {args.up:g} MB/s = {out_files / up:.1f} s) = {floor:.1f} s")
+    print(f"whole-shard floor = {shard_floor:.1f} s: transfers alone, each output shard uploaded once complete "
+          f"(LFS needs its sha256 first), largest shard {max((src / n).stat().st_size for n in shard_names) / MB:,.0f} MB in; "
+          f"streamer = {results['streamer'] / shard_floor:.2f}x of it, "
+          f"{results['streamer'] - shard_floor:.1f} s over it ({imp.wall:.1f} s of that is start-up + imports)")
     print(table(rows, ["path", "wall s", "download s", "quantize s", "upload s", "vs floor", "local disk", "peak RSS"]))
-    # The baseline's phases are timed inside one process after its imports; streamer's wall is a
-    # whole process. Both ratios are printed: process vs phases, and like for like.
+    # Like for like: whole process against whole process (the baseline pays its start-up once,
+    # where a user running download, quantize and upload as three commands pays it three times),
+    # and the work alone (each side less its interpreter start-up and imports).
     s_net = results["streamer"] - imp.wall
+    if "transfer" in results:
+        print(f"streamer / moving the bytes alone = {s_net / results['transfer']:.2f}x (less start-up + imports: "
+              f"{s_net:.1f} s / {results['transfer']:.1f} s), {results['streamer'] / results['transfer']:.2f}x with them")
     if "baseline" in results:
-        print(f"streamer / baseline (streamer engine) = {results['streamer'] / results['baseline']:.2f}x "
-              f"(streamer process wall), {s_net / results['baseline']:.2f}x (both without start-up + imports)")
+        print(f"streamer / baseline (streamer engine) = {results['streamer'] / results['baseline-process']:.2f}x "
+              f"(process wall: {results['streamer']:.1f} s / {results['baseline-process']:.1f} s), "
+              f"{s_net / results['baseline']:.2f}x (less start-up + imports: {s_net:.1f} s / {results['baseline']:.1f} s)")
     if "baseline-ref" in results:
-        print(f"streamer / baseline (model_free_ptq)  = {results['streamer'] / results['baseline-ref']:.2f}x, "
-              f"{s_net / results['baseline-ref']:.2f}x  (* upload time measured with the streamer engine's identical output)")
+        print(f"streamer / baseline (model_free_ptq)  = {s_net / results['baseline-ref']:.2f}x (less start-up + imports; "
+              "* upload time measured with the streamer engine's identical output)")
     print(f"identical shards on both targets: {identical}")
     print(f"streamer's local disk writes: {p.written:,} B (no model bytes; its upload journal under HF_HOME/streamer)")
     print("targets: streamer <= 1.15x the floor; streamer <= 0.6x the baseline, with 0 bytes of local disk")

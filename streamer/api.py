@@ -105,7 +105,12 @@ def prepare(
     force: bool = False,
 ) -> tuple[Source, Plan]:
     """Open the source and build the complete plan (reads headers only)."""
-    recipe = make_recipe(scheme, scheme_file=scheme_file, config=config, ignore=list(ignore))
+    try:
+        recipe = make_recipe(scheme, scheme_file=scheme_file, config=config, ignore=list(ignore))
+    except BaseException:
+        if isinstance(src, Source):  # a source handed over is closed on every failure
+            src.close()
+        raise
     source = src if isinstance(src, Source) else open_source(src, token=token)
     try:
         catalog = build_catalog(source)

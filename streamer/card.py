@@ -10,11 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import yaml
 
 from . import __version__
-from .plan import Plan, human_bytes
+from .progress import human_bytes
+
+if TYPE_CHECKING:  # the plan brings torch and compressed-tensors; reading a card needs neither
+    from .plan import Plan
 
 
 @dataclass(frozen=True)

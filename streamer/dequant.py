@@ -30,7 +30,8 @@ import math
 
 import torch
 
-from .catalog import TORCH_DTYPES as _TORCH, Catalog, TensorInfo
+from .catalog import Catalog, TensorInfo
+from .plan import TORCH_DTYPES as _TORCH
 from .errors import PlanError, SchemeError, StreamerError
 
 DEQUANT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

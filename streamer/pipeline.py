@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .budget import Budget, default_memory_budget  # noqa: F401  (re-exported)
 from .catalog import TensorInfo
 from .errors import StreamerError
 from .plan import ST_DTYPES, TORCH_DTYPES, Job, OutTensor, Plan, human_bytes
@@ -35,42 +35,10 @@ log = logging.getLogger("streamer")
 MERGE_GAP = 4096
 # Quantization keeps float temporaries of about this multiple of a weight's size alive.
 WORK_FACTOR = 3
-
-
-class Budget:
-    """A byte semaphore: acquire before allocating, release when the bytes are gone."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.used = 0
-        self.peak = 0
-        self._cv = threading.Condition()
-
-    def try_acquire(self, n: int) -> bool:
-        with self._cv:
-            if self.used + n > self.limit and self.used > 0:
-                return False
-            self._take(n)
-            return True
-
-    def acquire(self, n: int, *, force: bool = False) -> None:
-        """Wait until N bytes fit. FORCE takes them at once: a runner that holds an unfinished
-        shard must be able to finish it, or two runners sharing a budget could wait on each
-        other forever; the overshoot is at most one piece per runner."""
-        with self._cv:
-            # A request larger than the whole budget waits for an empty budget, then runs alone.
-            while not force and self.used + n > self.limit and self.used > 0:
-                self._cv.wait()
-            self._take(n)
-
-    def _take(self, n: int) -> None:
-        self.used += n
-        self.peak = max(self.peak, self.used)
-
-    def release(self, n: int) -> None:
-        with self._cv:
-            self.used -= n
-            self._cv.notify_all()
+# Working memory of one piece, at most. Smaller pieces let a shard's quantization follow its
+# download instead of waiting for the whole shard, so its upload starts as soon as the last
+# bytes arrive; much smaller ones would spend more on requests and per-call overhead.
+PIECE_BYTES = 256 * 1024 * 1024
 
 
 @dataclass
@@ -319,7 +287,9 @@ class Runner:
         writers: dict[str, tuple[ShardWriter, dict[str, int]]] = {}
         closing: list[Future] = []
         queue = deque(pieces)
-        depth = self.fetch_workers + 1
+        # Read ahead as far as the budget allows: while the network is faster than quantizing
+        # (or the upload lags), fetched pieces queue up instead of the download stalling.
+        depth = max(4 * self.fetch_workers, 8)
 
         def admit(block: bool) -> bool:
             piece = queue[0]
@@ -368,9 +338,9 @@ class Runner:
         return self.stats
 
     def _piece_limit(self, job: Job) -> int:
-        """Working memory per piece: a third of the budget, so fetch, quantize and write overlap,
-        and never more than what fits beside the job's own buffered output shard."""
-        limit = max(self.budget.limit // 3, 1)
+        """Working memory per piece: at most a third of the budget, so fetch, quantize and write
+        overlap, and never more than what fits beside the job's own buffered output shard."""
+        limit = max(min(self.budget.limit // 3, PIECE_BYTES), 1)
         held = self._writer_cost(job)
         if held:
             if held >= self.budget.limit:
@@ -417,12 +387,3 @@ def _as_bytes(t: torch.Tensor) -> memoryview:
     if t.numel() == 0:
         return memoryview(b"")
     return memoryview(t.view(torch.uint8).numpy())
-
-
-def default_memory_budget() -> int:
-    """Half the memory available now, at least 1 GB: room for the OS, Python and torch."""
-    try:
-        pages = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        pages = 8 * 1024**3
-    return max(pages // 2, 1 << 30)

@@ -14,11 +14,21 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .catalog import DTYPE_SIZES, TORCH_DTYPES, Catalog, TensorInfo
+from .catalog import DTYPE_SIZES, Catalog, TensorInfo
 from .errors import PlanError
+from .progress import human_bytes  # noqa: F401  (plan summaries use it; re-exported)
 from .quantize import ShapeError, needs_global_scale, output_layout
 from .schemes import Recipe
 from .source import Span
+
+# The torch dtype of each safetensors dtype name, for viewing raw bytes as tensors.
+TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F8_E8M0": torch.float8_e8m0fnu,
+}  # fmt: skip
 
 ST_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
 FLOAT_DTYPES = {"F32", "F16", "BF16"}
@@ -340,14 +350,6 @@ def _natural(s: str):
 
 
 # --- rendering -------------------------------------------------------------------------------
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n:.2f} TB"
 
 
 def collapse_names(names: list[str]) -> list[str]:

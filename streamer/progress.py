@@ -17,6 +17,14 @@ log = logging.getLogger("streamer")
 STAGES = ("read", "quantize", "upload")
 
 
+def human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
 @dataclass(frozen=True)
 class ProgressEvent:
     stage: str  # one of STAGES, or "log" for a human-readable message

@@ -269,32 +269,24 @@ class TransportHandler(BaseHTTPRequestHandler):
         self.send_bytes(status, body, {"Content-Type": "application/json; charset=utf-8", **(headers or {})})
 
     def send_file_range(self, status: int, path: str, offset: int, length: int, headers: dict[str, str]) -> None:
-        """Stream a slice of a file: zero-copy `sendfile` when unthrottled, paced chunks otherwise."""
+        """Stream a slice of a file with zero-copy `sendfile`, in paced chunks when throttled."""
         with open(path, "rb") as fh:
             self._send_head(status, headers, length)
             if self.command == "HEAD":
                 return
             limit = self._drop_limit(length)
             sent = 0
-            buffer: bytearray | None = None
             while sent < limit:
                 bucket = self.state.throttle.down  # re-read: the limit may change mid-transfer
-                if bucket is None:
-                    want = min(SENDFILE_CHUNK, limit - sent)
-                    self.record.bytes_out += want
-                    n = 0
-                    try:
-                        n = self.connection.sendfile(fh, offset + sent, want)
-                    finally:
-                        self.record.bytes_out -= want - n
-                else:
-                    if buffer is None or len(buffer) != bucket.chunk_size:
-                        buffer = bytearray(bucket.chunk_size)
-                    fh.seek(offset + sent)
-                    n = fh.readinto(memoryview(buffer)[: min(len(buffer), limit - sent)])
-                    if n:
-                        bucket.consume(n)
-                        self._counted_write(memoryview(buffer)[:n])
+                want = min(bucket.chunk_size if bucket else SENDFILE_CHUNK, limit - sent)
+                if bucket is not None:
+                    bucket.consume(want)  # paced, then sent zero-copy like a real file server
+                self.record.bytes_out += want
+                n = 0
+                try:
+                    n = self.connection.sendfile(fh, offset + sent, want)
+                finally:
+                    self.record.bytes_out -= want - n
                 if not n:
                     raise ConnectionError(f"short read or write on {path}")
                 sent += n

@@ -1,0 +1,66 @@
+"""The byte budget every stage that holds model bytes in memory draws from (`--max-memory`)."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+
+class Budget:
+    """A byte semaphore: acquire before allocating, release when the bytes are gone."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self.peak = 0
+        self._cv = threading.Condition()
+
+    def _fits(self, n: int) -> bool:
+        # A request larger than the whole budget waits for an empty budget, then runs alone.
+        return self.used + n <= self.limit or self.used == 0
+
+    def try_acquire(self, n: int) -> bool:
+        with self._cv:
+            if not self._fits(n):
+                return False
+            self._take(n)
+            return True
+
+    def acquire(self, n: int, *, force: bool = False) -> None:
+        """Wait until N bytes fit. FORCE takes them at once: a runner that holds an unfinished
+        shard must be able to finish it, or two runners sharing a budget could wait on each
+        other forever; the overshoot is at most one piece per runner."""
+        with self._cv:
+            while not force and not self._fits(n):
+                self._cv.wait()
+            self._take(n)
+
+    def _take(self, n: int) -> None:
+        self.used += n
+        self.peak = max(self.peak, self.used)
+
+    def release(self, n: int) -> None:
+        with self._cv:
+            self.used -= n
+            self._cv.notify_all()
+
+
+def available_memory() -> int:
+    """Bytes that can be allocated without swapping: free memory plus the page cache the kernel
+    would drop (MemAvailable). Free pages alone are far less on any machine that has read files."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 8 * 1024**3
+
+
+def default_memory_budget() -> int:
+    """Half the memory available now, at least 1 GB: room for the OS, Python and torch."""
+    return max(available_memory() // 2, 1 << 30)
