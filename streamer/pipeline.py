@@ -287,8 +287,9 @@ class Runner:
         writers: dict[str, tuple[ShardWriter, dict[str, int]]] = {}
         closing: list[Future] = []
         queue = deque(pieces)
-        # Read ahead as far as the budget allows: while the network is faster than quantizing
-        # (or the upload lags), fetched pieces queue up instead of the download stalling.
+        # Read ahead as far as the budget allows (up to 4 pieces per fetch worker): while the
+        # network is faster than quantizing, or uploads lag, fetched pieces queue up instead of
+        # the download stalling.
         depth = max(4 * self.fetch_workers, 8)
 
         def admit(block: bool) -> bool:
