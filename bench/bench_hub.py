@@ -179,8 +179,8 @@ def main(argv=None) -> int:
     out_files = out_bytes  # tensor bytes; headers are a few KB
     floor = max(src_bytes / down, out_files / up)
     shard_names = summary["shards"]  # in the order the jobs ran
-    shard_floor = whole_shard_floor([(src / n).stat().st_size for n in shard_names],
-                                    [s_files[n][1] for n in shard_names], down, up)
+    shard_sizes = [(src / n).stat().st_size for n in shard_names]
+    shard_floor = whole_shard_floor(shard_sizes, [s_files[n][1] for n in shard_names], down, up)
     results["streamer"] = p.wall
     print(f"  streamer: {p.wall:.2f} s (pipeline {summary.get('seconds')} s, stages {summary.get('stage_seconds')}, "
           f"peak RSS {p.maxrss / GB:.2f} GB, budget peak {summary.get('peak_buffered_bytes', 0) / GB:.2f} GB, "
@@ -258,7 +258,7 @@ def main(argv=None) -> int:
     print(f"floor = max(source {src_bytes / MB:,.0f} MB / {args.down:g} MB/s = {src_bytes / down:.1f} s, "
           f"output {out_files / MB:,.0f} MB / {args.up:g} MB/s = {out_files / up:.1f} s) = {floor:.1f} s")
     print(f"whole-shard floor = {shard_floor:.1f} s: transfers alone, each output shard uploaded once complete "
-          f"(LFS needs its sha256 first), largest shard {max((src / n).stat().st_size for n in shard_names) / MB:,.0f} MB in; "
+          f"(LFS needs its sha256 first), largest shard {max(shard_sizes) / MB:,.0f} MB in; "
           f"streamer = {results['streamer'] / shard_floor:.2f}x of it, "
           f"{results['streamer'] - shard_floor:.1f} s over it ({imp.wall:.1f} s of that is start-up + imports)")
     print(table(rows, ["path", "wall s", "download s", "quantize s", "upload s", "vs floor", "local disk", "peak RSS"]))

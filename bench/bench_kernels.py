@@ -14,7 +14,6 @@ Prints input MB/s (bf16 weight bytes / wall time) per scheme and shape. Not a te
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 from pathlib import Path
@@ -22,19 +21,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the compressed-tensors oracle
 
-from compressed_tensors.compressors import compress_module  # noqa: E402
-from compressed_tensors.quantization import (  # noqa: E402
-    QuantizationStrategy,
-    initialize_module_for_quantization,
-    preset_name_to_scheme,
-)
-from compressed_tensors.quantization.utils import (  # noqa: E402
-    calculate_qparams,
-    generate_gparam,
-    maybe_pad_tensor_for_block_quant,
-)
+from compressed_tensors.quantization import preset_name_to_scheme  # noqa: E402
 
+from ct_oracle import ct_module_path as module_path  # noqa: E402
 from streamer.quantize import global_scale, quantize_weight  # noqa: E402
 
 DEFAULT_SCHEMES = [
@@ -50,43 +41,6 @@ DEFAULT_SCHEMES = [
     "MXFP6A16",
 ]
 DEFAULT_SHAPES = [(4096, 4096), (14336, 4096)]
-
-
-def _flatten(w, args):
-    s = args.strategy
-    if s == QuantizationStrategy.TENSOR:
-        return w.reshape(1, 1, -1)
-    if s == QuantizationStrategy.CHANNEL:
-        return w.unsqueeze(-2).unsqueeze(0)
-    if s in (QuantizationStrategy.GROUP, QuantizationStrategy.TENSOR_GROUP):
-        return w.unflatten(-1, (-1, args.group_size)).unsqueeze(0)
-    bh, bw = args.block_structure
-    w = maybe_pad_tensor_for_block_quant(w, args.block_structure)
-    r, c = w.shape
-    return w.reshape(r // bh, bh, c // bw, bw).transpose(1, 2).flatten(-2, -1).unsqueeze(0)
-
-
-@torch.no_grad()
-def module_path(w: torch.Tensor, scheme) -> dict[str, torch.Tensor]:
-    scheme = copy.deepcopy(scheme)
-    o, i = w.shape
-    m = torch.nn.Linear(i, o, bias=False, dtype=w.dtype, device=w.device)
-    m.weight.data.copy_(w)
-    initialize_module_for_quantization(m, scheme, force_zero_point=False)
-    args = scheme.weights
-    f = _flatten(m.weight, args)
-    mn, mx = torch.amin(f, dim=(0, -1)), torch.amax(f, dim=(0, -1))
-    gs = None
-    if args.strategy == QuantizationStrategy.TENSOR_GROUP:
-        g = torch.max(mx.max(), -mn.min())
-        gs = generate_gparam(-g.reshape(1), g.reshape(1))
-        m.weight_global_scale.copy_(gs)
-    scale, zp = calculate_qparams(mn, mx, args, global_scale=gs)
-    m.weight_scale.copy_(scale)
-    if hasattr(m, "weight_zero_point"):
-        m.weight_zero_point.copy_(zp)
-    compress_module(m)
-    return {k: v for k, v in m.state_dict().items() if k.startswith("weight")}
 
 
 def _sync(dev):

@@ -1,6 +1,6 @@
 """streamer.quantize against its two oracles, byte for byte.
 
-(a) compressed-tensors' own module path, in this venv (compressed-tensors 0.20): an nn.Linear,
+(a) compressed-tensors' own module path (tests/ct_oracle.py), in this venv (compressed-tensors 0.20): an nn.Linear,
     ``initialize_module_for_quantization``, min/max statistics the way llm-compressor's
     memoryless min-max observer flattens the weight, ``calculate_qparams`` (+ ``generate_gparam``
     for TENSOR_GROUP) and ``compress_module``.
@@ -13,7 +13,6 @@ Every tensor is compared as raw bytes (``.view(torch.uint8)``), names, dtypes an
 
 from __future__ import annotations
 
-import copy
 import importlib
 import json
 import math
@@ -22,22 +21,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from compressed_tensors.compressors import compress_module
 from compressed_tensors.compressors.format import infer_module_format
 from compressed_tensors.quantization import (
     QuantizationArgs,
     QuantizationScheme,
-    QuantizationStrategy,
-    initialize_module_for_quantization,
     preset_name_to_scheme,
 )
 from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
 from compressed_tensors.quantization.utils import (
     calculate_qparams,
     generate_gparam,
-    maybe_pad_tensor_for_block_quant,
 )
 from safetensors.torch import load_file, save_file
+
+from ct_oracle import ct_module_path
 
 from streamer.quantize import (
     ShapeError,
@@ -176,56 +173,6 @@ def assert_same_tensors(mine: dict, ref: dict, what: str) -> None:
 # --------------------------------------------------------------------------------------------
 # oracle (a): compressed-tensors' module path
 # --------------------------------------------------------------------------------------------
-
-
-def _flatten_for_calibration(value: torch.Tensor, args: QuantizationArgs) -> torch.Tensor:
-    """llm-compressor's observers.helpers._flatten_weight."""
-    s = args.strategy
-    if s == QuantizationStrategy.TENSOR:
-        return value.reshape((1, 1, -1))
-    if s == QuantizationStrategy.CHANNEL:
-        return value.unsqueeze(-2).unsqueeze(0)
-    if s in (QuantizationStrategy.GROUP, QuantizationStrategy.TENSOR_GROUP):
-        return value.unflatten(-1, (-1, args.group_size)).unsqueeze(0)
-    if s == QuantizationStrategy.BLOCK:
-        bh, bw = args.block_structure
-        value = maybe_pad_tensor_for_block_quant(value, args.block_structure)
-        rows, cols = value.shape
-        return value.reshape(rows // bh, bh, cols // bw, bw).transpose(1, 2).flatten(-2, -1).unsqueeze(0)
-    raise ValueError(s)
-
-
-def _observe(w, args):
-    f = _flatten_for_calibration(w, args)
-    return torch.amin(f, dim=(0, -1)), torch.amax(f, dim=(0, -1))
-
-
-@torch.no_grad()
-def ct_module_path(w: torch.Tensor, scheme: QuantizationScheme, fused=None) -> dict:
-    scheme = copy.deepcopy(scheme)
-    o, i = w.shape
-    m = torch.nn.Linear(i, o, bias=False, dtype=w.dtype, device=w.device)
-    m.weight.data.copy_(w)
-    initialize_module_for_quantization(m, scheme, force_zero_point=False)
-    args = scheme.weights
-    mn, mx = _observe(w, args)
-    gs = None
-    if args.strategy == QuantizationStrategy.TENSOR_GROUP:
-        # Observer.get_global_scale over the fused observers' statistics
-        stats = [_observe(x, args) for x in (fused or [w])]
-        g = stats[0][1].max()
-        for a, b in stats:
-            g = torch.max(g, -a.min())
-            g = torch.max(g, b.max())
-        gs = generate_gparam(-g.reshape(1), g.reshape(1))
-        m.weight_global_scale.copy_(gs)
-    scale, zp = calculate_qparams(mn, mx, args, global_scale=gs)
-    m.weight_scale.copy_(scale)
-    if hasattr(m, "weight_zero_point"):
-        m.weight_zero_point.copy_(zp)
-    compress_module(m)
-    sd = dict(m.state_dict())
-    return {k: v for k, v in sd.items() if k.startswith("weight")}
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
