@@ -4,18 +4,16 @@
 #
 #   .ci/setup_reference.sh            -> $STREAMER_REF_VENV (default <repo>/.venv-ref)
 #
-# Idempotent: does nothing when the venv already imports llmcompressor 0.14.0.1.
+# Installs exactly .ci/lock/reference.txt (refresh: bash .ci/lock/refresh.sh).
+# Idempotent: does nothing when the venv already holds the locked versions.
 # Honours the usual pip configuration (PIP_INDEX_URL, PIP_EXTRA_INDEX_URL, PIP_FIND_LINKS,
-# pip.conf).  STREAMER_REF_TORCH overrides the torch requirement (default torch==2.13.0);
-# on a CPU-only CI set e.g. PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu to avoid
-# the CUDA wheels.
+# pip.conf).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${STREAMER_REF_VENV:-$REPO/.venv-ref}"
 PY="${PYTHON:-python3}"
-TORCH_REQ="${STREAMER_REF_TORCH:-torch==2.13.0}"
-LLMC_REQ="llmcompressor==0.14.0.1"
+LOCK="$REPO/.ci/lock/reference.txt"
 
 check() {
     "$VENV/bin/python" - <<'PY' >/dev/null 2>&1
@@ -25,7 +23,13 @@ assert llmcompressor.__version__.startswith("0.14.0"), llmcompressor.__version__
 PY
 }
 
-if [ -x "$VENV/bin/python" ] && check; then
+locked() {  # the venv holds every locked version
+    [ "$("$VENV/bin/python" -m pip freeze --all 2>/dev/null | grep -v -E '^(pip|setuptools|wheel)==' \
+         | sed -E 's/^(torch==[^+]+)\+cpu$/\1/' | sort -f)" \
+      = "$(grep -v '^#' "$LOCK" | sort -f)" ]
+}
+
+if [ -x "$VENV/bin/python" ] && check && locked; then
     echo "reference venv ready: $VENV"
     exit 0
 fi
@@ -34,7 +38,7 @@ fi
 if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
 fi
-"$VENV/bin/python" -m pip install --quiet "$TORCH_REQ" "$LLMC_REQ"
+"$VENV/bin/python" -m pip install --quiet -r "$LOCK"
 
 if ! check; then
     echo "reference venv at $VENV does not import llmcompressor after install" >&2

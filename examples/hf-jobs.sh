@@ -9,7 +9,7 @@ set -euo pipefail
 
 CONFIG_REPO=${CONFIG_REPO:-acme/streamer-mirror}
 # Replace the git URL with wherever you install streamer from.
-INSTALL='pip install -q torch --index-url https://download.pytorch.org/whl/cpu && pip install -q "streamer[xet] @ git+https://github.com/OWNER/streamer"'
+INSTALL='pip install -q torch --index-url https://download.pytorch.org/whl/cpu && pip install -q "streamer-quant[xet] @ git+https://github.com/OWNER/streamer"'
 RUN='python -m streamer mirror /config/jobs.toml --device cpu'
 
 case "${1:-schedule}" in

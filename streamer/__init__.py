@@ -5,16 +5,21 @@ __version__ = "0.1.0"
 
 __all__ = ["__version__", "convert", "quantize", "model_free_ptq"]
 
+# A public name must never be the name of a submodule: importing `streamer.X` sets the package
+# attribute X to the module, so a function of that name would be replaced by it (tests/test_api_names.py).
+
 
 def __getattr__(name):
     # The engine pulls in torch and compressed-tensors; import it only when it is used, so that
-    # `streamer.localhub` and `--help` start fast.
+    # `streamer.localhub` and `--help` start fast. Once resolved, the function is cached on the
+    # package so later lookups skip this hook.
     if name in ("convert", "quantize"):
         from . import api
 
-        return getattr(api, name)
-    if name == "model_free_ptq":
-        from .compat import model_free_ptq
-
-        return model_free_ptq
-    raise AttributeError(f"module 'streamer' has no attribute {name!r}")
+        value = getattr(api, name)
+    elif name == "model_free_ptq":
+        from .compat import model_free_ptq as value
+    else:
+        raise AttributeError(f"module 'streamer' has no attribute {name!r}")
+    globals()[name] = value
+    return value

@@ -109,9 +109,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {size:>10,d}  {name}")
             print(
                 f"\nread {sum(r.bytes_out for r in ranged):,d} bytes of safetensors in {len(ranged)} range "
-                f"requests (all ranged: {all(r.range is not None for r in ranged)}); "
-                f"{len(hub.commits(target))} commit(s) on the target, the last one streamer's"
+                f"requests (all ranged: {all(r.range is not None for r in ranged)})"
             )
+            # Creating a repo on the Hub makes its first commit (.gitattributes); streamer's whole
+            # conversion is the one commit after it.
+            print(f"commits on {target}, oldest first:")
+            for c in reversed(hub.commits(target)):
+                files = ", ".join(c.added) if len(c.added) <= 3 else f"{len(c.added)} files"
+                print(f"  {c.sha[:8]}  {c.message}: adds {files}")
             print("\n--- README.md ---")
             print(hub.read_file(target, "README.md").decode())
     return 0

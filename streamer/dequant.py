@@ -16,7 +16,7 @@ Two source formats are understood, detected from ``config.json``:
   with each block's scale broadcast over the block (edge blocks simply cover fewer elements).
 * ``quant_method: compressed-tensors``: every format compressed-tensors itself decompresses
   (pack-quantized INT4/INT8, float-quantized FP8, int-quantized, nvfp4 / mxfp4 / mxfp8 …), with
-  the library's own decompressor (:func:`streamer.quantize.dequantize_weight`), as its
+  the library's own decompressor (:func:`streamer.kernels.dequantize_weight`), as its
   ``CompressedTensorsDequantizer`` does. Which modules are quantized follows the config's groups
   (targets) and ignore list, checked against the tensors actually stored.
 
@@ -488,7 +488,7 @@ class CompressedTensorsDequantizer(Dequantizer):
         return entries, consumed
 
     def _dense(self, e, parts):
-        from .quantize import dequantize_weight
+        from .kernels import dequantize_weight
 
         return dequantize_weight(parts, e.scheme, self.dtype)
 

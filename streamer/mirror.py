@@ -40,7 +40,7 @@ from urllib.parse import quote
 
 from .card import Provenance, read_provenance
 from .errors import HubError, StreamerError, TargetError
-from .plan import human_bytes
+from .progress import human_bytes
 
 try:  # Python >= 3.11
     import tomllib

@@ -23,7 +23,7 @@ from .catalog import TensorInfo
 from .errors import StreamerError
 from .plan import ST_DTYPES, TORCH_DTYPES, Job, OutTensor, Plan, human_bytes
 from .progress import Progress
-from .quantize import global_scale, quantize_weight
+from .kernels import global_scale, quantize_weight
 from .sink import ShardWriter, Sink
 from .source import Source, Span
 

@@ -17,7 +17,7 @@ import torch
 from .catalog import DTYPE_SIZES, Catalog, TensorInfo
 from .errors import PlanError
 from .progress import human_bytes  # noqa: F401  (plan summaries use it; re-exported)
-from .quantize import ShapeError, needs_global_scale, output_layout
+from .kernels import ShapeError, needs_global_scale, output_layout
 from .schemes import Recipe
 from .source import Span
 

@@ -22,7 +22,7 @@ from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES, preset_
 from compressed_tensors.utils.match import match_name
 
 from .errors import SchemeError
-from .quantize import compression_format
+from .kernels import compression_format
 
 
 def _needs_calibration(scheme: QuantizationScheme) -> str | None:

@@ -190,7 +190,7 @@ def _shape_problems(weights: list[WeightInfo], ignore: list[str], scheme: str) -
     """Modules the scheme would quantize but cannot (shape), and the first reason."""
     from .errors import StreamerError
     from .plan import TORCH_DTYPES
-    from .quantize import ShapeError, output_layout
+    from .kernels import ShapeError, output_layout
     from .schemes import make_recipe
 
     try:

@@ -1,5 +1,5 @@
 """compressed-tensors' own module path for one weight: the oracle streamer's kernels are checked
-against (tests/test_quantize.py) and timed against (bench/bench_kernels.py).
+against (tests/test_kernels.py) and timed against (bench/bench_kernels.py).
 
 `initialize_module_for_quantization`, min/max observation of the flattened weight as
 llm-compressor's observers do it, `calculate_qparams` and `compress_module`.

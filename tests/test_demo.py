@@ -18,4 +18,10 @@ def test_demo_converts_hub_to_hub(monkeypatch, capsys, tmp_path):
     out = capsys.readouterr().out
     assert "model-00001-of-00003.safetensors" in out and "config.json" in out
     assert "all ranged: True" in out
+    # the commits are named: the repo's creation, then streamer's single conversion commit
+    commits = out.split("commits on demo/tiny-llama-FP8_DYNAMIC, oldest first:\n", 1)[1].split("\n\n", 1)[0]
+    lines = commits.splitlines()
+    assert len(lines) == 2, commits
+    assert lines[0].endswith("adds .gitattributes")
+    assert "Quantize demo-org/tiny-llama with FP8_DYNAMIC (streamer): adds 7 files" in lines[1]
     assert "base_model: demo-org/tiny-llama" in out and "vllm serve demo/tiny-llama-FP8_DYNAMIC" in out

@@ -18,7 +18,7 @@ from streamer.schemes import accepted_presets
 
 # Presets that compressed-tensors 0.19 (pinned by llm-compressor 0.14.0.1) does not define yet:
 # the reference refuses them by name, so they are checked against compressed-tensors' own
-# functions in test_quantize.py instead.
+# functions in test_kernels.py instead.
 NOT_IN_REFERENCE = {"MXFP4XFP8", "MXFP6A16", "MXFP6A8"}
 SCHEMES = [s for s in accepted_presets() if s not in NOT_IN_REFERENCE]
 

@@ -1,4 +1,4 @@
-"""streamer.quantize against its two oracles, byte for byte.
+"""streamer.kernels against its two oracles, byte for byte.
 
 (a) compressed-tensors' own module path (tests/ct_oracle.py), in this venv (compressed-tensors 0.20): an nn.Linear,
     ``initialize_module_for_quantization``, min/max statistics the way llm-compressor's
@@ -13,7 +13,6 @@ Every tensor is compared as raw bytes (``.view(torch.uint8)``), names, dtypes an
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import subprocess
@@ -36,7 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from ct_oracle import ct_module_path
 
-from streamer.quantize import (
+from streamer.kernels import (
     ShapeError,
     compression_format,
     dequantize_weight,
@@ -46,8 +45,7 @@ from streamer.quantize import (
     quantize_weight,
 )
 
-# the module itself (the package's `streamer.quantize` attribute is the api function)
-Q = importlib.import_module("streamer.quantize")
+import streamer.kernels as Q  # noqa: E402  (private helpers are tested against the oracles)
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 DT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
