@@ -1,4 +1,4 @@
-"""Where the output goes: a local folder (temp folder + atomic rename) or a Hub repo (hub.py).
+"""Where the output goes: a local folder (staging folder + atomic swap) or a Hub repo (hub.py).
 
 A sink receives output shards as they are produced and small files at the end, and makes them
 visible all at once in `commit`. Until then nothing at the destination changes, and `abort`
@@ -7,14 +7,27 @@ leaves it as it was.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
+import logging
 import os
 import shutil
+import stat
+import sys
 import tempfile
 from concurrent.futures import Future
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: staging folders are not locked, and none is ever removed
+    fcntl = None
+
+from .card import read_provenance
 from .errors import TargetError
+
+log = logging.getLogger("streamer")
 
 
 class ShardWriter:
@@ -100,24 +113,94 @@ class _FileShardWriter(ShardWriter):
             self._fd = -1
 
 
+# The model card streamer writes; its front matter says streamer made the folder (card.py).
+CARD_NAME = "README.md"
+# A model card is a few kB; a larger README.md is read only this far to look for the block.
+_CARD_READ_LIMIT = 1_000_000
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2  # renameat2 flag (Linux 3.15+): swap two paths in one atomic step
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Swap the folders at A and B atomically (renameat2 RENAME_EXCHANGE): at every instant
+    each path holds one complete folder. OSError when the system or file system cannot."""
+    func = getattr(_libc(), "renameat2", None) if sys.platform.startswith("linux") else None
+    if func is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available")
+    if func(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(a))
+
+
+_LIBC = None
+
+
+def _libc():
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+    return _LIBC
+
+
+def written_by_streamer(folder: Path) -> bool:
+    """Whether FOLDER holds a model card with streamer's provenance block, i.e. streamer wrote it.
+
+    The card must be a regular file (a link could make any folder look like streamer's)."""
+    card = folder / CARD_NAME
+    try:
+        if not stat.S_ISREG(os.lstat(card).st_mode):
+            return False
+        with open(card, "rb") as f:
+            text = f.read(_CARD_READ_LIMIT).decode("utf-8", errors="replace")
+    except OSError:
+        return False
+    return read_provenance(text) is not None
+
+
 class LocalSink(Sink):
-    """Write into a temp folder beside DST, then rename it into place in one step."""
+    """Build the output in a staging folder beside DST, then swap it into place in one step.
+
+    Staging folders are named `.DST.streamer-XXXXXXXX`, each owned by a lock file
+    `.DST.streamer-XXXXXXXX.lock` that its run holds (flock) until the folder is gone and that
+    records the run's pid. A run killed with SIGKILL cannot clean up, but the kernel drops its
+    lock: the next run to the same destination removes every staging folder whose lock it can
+    take, and never one whose lock is held (another live run).
+
+    A destination that exists is replaced only when it is empty, when streamer wrote it (its
+    README.md carries streamer's provenance: a rerun refreshes it), or with `overwrite`. The
+    replacement is an atomic exchange (renameat2): there is no instant at which DST is missing
+    or half-written. Where the exchange is not available, DST is moved aside to
+    `.DST.streamer-XXXXXXXX.old` and the new folder renamed in; should the run die between the
+    two renames, the next run puts the old folder back before doing anything else.
+    """
 
     def __init__(self, dst: str | os.PathLike, *, overwrite: bool = False):
-        self.dst = Path(dst).expanduser().absolute()
+        given = Path(dst).expanduser().absolute()
+        # A destination that is a link to a folder: replace the folder it points to, and keep the
+        # link (swapping the link itself would leave the old folder where the link pointed).
+        self.dst = given.resolve() if given.is_symlink() else given
         self.overwrite = overwrite
-        self.label = str(self.dst)
-        self.url = str(self.dst)
+        self.label = str(given)
+        self.url = str(given)
         self._tmp: Path | None = None
+        self._lock_fd: int | None = None
+        self._lock_path: Path | None = None
         self._made: list[Path] = []  # parent folders this run created, removed again on abort
+
+    @property
+    def _prefix(self) -> str:
+        return f".{self.dst.name}.streamer-"
 
     def check(self) -> None:
         if self.dst.exists():
             if not self.dst.is_dir():
                 raise TargetError(f"destination {self.dst} exists and is not a folder")
-            if any(self.dst.iterdir()) and not self.overwrite:
+            if any(self.dst.iterdir()) and not self.overwrite and not written_by_streamer(self.dst):
                 raise TargetError(
-                    f"destination {self.dst} is not empty; choose another folder or pass --overwrite"
+                    f"destination {self.dst} is not empty and streamer did not write it (no "
+                    f"{CARD_NAME} with streamer's provenance); choose another folder or pass "
+                    "--overwrite to replace it"
                 )
         parent = self.dst.parent
         while not parent.exists():
@@ -127,17 +210,118 @@ class LocalSink(Sink):
         if not os.access(parent, os.W_OK):
             raise TargetError(f"cannot write into {parent}: permission denied")
 
+    # -- staging folders and their owners ---------------------------------------------------
+
     def _staging(self) -> Path:
         if self._tmp is None:
             missing = [p for p in reversed(self.dst.parents) if not p.exists()]
             for p in missing:
                 p.mkdir()
                 self._made.append(p)
-            self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.dst.name}.streamer-", dir=self.dst.parent))
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(self._tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should not be
+            self.remove_stale()
+            self._tmp = self._claim()
         return self._tmp
+
+    def _claim(self) -> Path:
+        """Create a lock file, hold it, then create its staging folder (in that order, so that a
+        staging folder never exists without a held lock that another run could mistake)."""
+        parent = self.dst.parent
+        while True:
+            fd, lock_name = tempfile.mkstemp(prefix=self._prefix, suffix=".lock", dir=parent)
+            lock = Path(lock_name)
+            try:
+                if fcntl is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                # A cleaning run may have taken the fresh, not yet locked file for a stale one
+                # and unlinked it: then this lock guards nothing, so start over.
+                same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+            except FileNotFoundError:
+                same = False
+            except BaseException:
+                os.close(fd)
+                raise
+            if not same:
+                os.close(fd)
+                continue
+            staging = lock.with_name(lock.name[: -len(".lock")])
+            try:
+                os.mkdir(staging, 0o777)  # the umask applies, as for any folder the user makes
+            except FileExistsError:  # an unowned folder of an older streamer has this name
+                os.unlink(lock)
+                os.close(fd)
+                continue
+            except BaseException:
+                os.unlink(lock)
+                os.close(fd)
+                raise
+            os.write(fd, f"{os.getpid()}\n".encode())
+            self._lock_fd, self._lock_path = fd, lock
+            return staging
+
+    def _release(self) -> None:
+        """Drop this run's lock file (after its staging folder is gone)."""
+        if self._lock_fd is not None:
+            try:
+                os.unlink(self._lock_path)
+            except OSError:
+                pass
+            os.close(self._lock_fd)
+            self._lock_fd = self._lock_path = None
+
+    def remove_stale(self) -> list[Path]:
+        """Remove the staging folders that dead runs left beside the destination; returns them.
+
+        A run's lock file is held for as long as its staging folder exists, so a lock that can
+        be taken belongs to a run that is gone. Folders of a live run are never touched."""
+        removed: list[Path] = []
+        parent = self.dst.parent
+        if fcntl is None or not parent.is_dir():
+            return removed
+        prefix = self._prefix
+        names = {e.name for e in os.scandir(parent) if e.name.startswith(prefix)}
+        for name in sorted(n for n in names if n.endswith(".lock")):
+            lock = parent / name
+            try:
+                fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW)
+            except OSError:
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live run holds it
+                try:
+                    if os.fstat(fd).st_ino != os.stat(lock).st_ino:
+                        continue  # replaced meanwhile: not the file that was locked
+                except FileNotFoundError:
+                    continue
+                staging = lock.with_name(name[: -len(".lock")])
+                old = staging.with_name(staging.name + ".old")
+                if old.is_dir() and not os.path.lexists(self.dst):
+                    # the fallback swap died between its two renames: put the old folder back
+                    os.rename(old, self.dst)
+                for folder in (staging, old):
+                    if folder.is_dir() and not folder.is_symlink():
+                        shutil.rmtree(folder, ignore_errors=True)
+                        removed.append(folder)
+                os.unlink(lock)
+            finally:
+                os.close(fd)
+        unowned = sorted(
+            n for n in names
+            if not n.endswith((".lock", ".old")) and n + ".lock" not in names and (parent / n).is_dir()
+        )  # fmt: skip
+        if unowned:
+            log.warning(
+                "%s: staging folder(s) with no owner record, left by an older streamer: %s; "
+                "remove them by hand if no conversion to %s is running",
+                parent, ", ".join(unowned), self.dst.name,
+            )  # fmt: skip
+        if removed:
+            log.info("removed %d staging folder(s) of interrupted runs beside %s", len(removed), self.dst)
+        return removed
+
+    # -- writing ----------------------------------------------------------------------------
 
     def open_shard(self, name: str, size: int) -> ShardWriter:
         return _FileShardWriter(name, size, self._staging() / check_relpath(name))
@@ -149,26 +333,45 @@ class LocalSink(Sink):
 
     def commit(self, message: str = "", description: str = "") -> str:
         staging = self._staging()
-        old = None
-        if self.dst.exists():
-            old = self.dst.with_name(f".{self.dst.name}.streamer-old-{os.getpid()}")
-            os.rename(self.dst, old)
-        os.rename(staging, self.dst)
+        if os.path.lexists(self.dst):
+            try:
+                _exchange(staging, self.dst)
+            except OSError as e:
+                if e.errno not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+                    raise
+                old = staging.with_name(staging.name + ".old")
+                os.rename(self.dst, old)  # killed after this: the next run's remove_stale() puts it back
+                try:
+                    os.rename(staging, self.dst)
+                except BaseException:
+                    os.rename(old, self.dst)  # interrupted (not killed): put it back right away
+                    raise
+                os.rename(old, staging)
+        else:
+            os.rename(staging, self.dst)
+        # STAGING now holds the replaced folder (or nothing); the lock is dropped once it is gone.
         self._tmp = None
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        self._made.clear()  # the parents hold the result now
+        shutil.rmtree(staging, ignore_errors=True)
+        self._release()
         return str(self.dst)
 
     def abort(self, *, cancelled: bool = False) -> None:
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
+        self._release()
         for p in reversed(self._made):
             try:
                 p.rmdir()
             except OSError:
                 pass
         self._made.clear()
+
+    def close(self) -> None:
+        # Normally commit or abort released the lock already; this covers a caller that did
+        # neither. The staging folder is left for the next run's remove_stale().
+        self._release()
 
 
 def dumps_json(data) -> bytes:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,25 +70,91 @@ class Source:
 _SKIP_DIRS = {".git", ".cache", "__pycache__", ".huggingface"}
 
 
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
 class LocalSource(Source):
+    """A checkpoint folder on this machine.
+
+    Every file read from it (shards and the small files copied to the output) must be a regular
+    file inside the folder once links are resolved; anything else is refused when the folder is
+    listed, before any work, with a sentence naming the file. A symlink is allowed when it
+    resolves inside the folder, or, for a Hugging Face cache snapshot
+    (`…/models--org--name/snapshots/REV`), inside that repo's own `blobs/` folder, where the
+    cache keeps the real files. A link to anything else (a token file, `/etc/…`, another model)
+    would copy a file the user never meant to publish. Linked folders are not walked: one that
+    points outside is refused, one that points inside is skipped (its files are listed where they
+    really are).
+    """
+
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).resolve()
         if not self.root.is_dir():
             raise InputError(f"source folder {root} does not exist or is not a folder")
         self.label = str(self.root)
         self._files: dict[str, int] | None = None
+        self._real: dict[str, tuple[str, int, int]] = {}  # relpath -> (real path, st_dev, st_ino)
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._allowed = [self.root]
+        snapshots = self.root.parent
+        if snapshots.name == "snapshots" and snapshots.parent.name.startswith(("models--", "datasets--")):
+            self._allowed.append(snapshots.parent / "blobs")
+
+    def _inside(self, real: Path) -> bool:
+        return any(real == a or a in real.parents for a in self._allowed)
+
+    def _refuse(self, rel: str, why: str) -> InputError:
+        return InputError(
+            f"source file {rel} {why}; streamer reads only regular files inside the source folder "
+            f"{self.root}: replace it with a copy of the file, or remove it"
+        )
+
+    def _check_file(self, rel: str) -> tuple[str, os.stat_result]:
+        """The real path of source file REL and its stat, or InputError saying what it is."""
+        full = self.root / rel
+        real = Path(os.path.realpath(full))
+        if not self._inside(real):
+            raise self._refuse(rel, f"is a link to {real}, outside the folder")
+        try:
+            st = os.stat(real)
+        except OSError as e:
+            raise self._refuse(rel, f"cannot be read ({e.strerror})") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise self._refuse(rel, f"is {_kind(st.st_mode)}")
+        return str(real), st
 
     def files(self) -> dict[str, int]:
         if self._files is None:
             found: dict[str, int] = {}
-            for dirpath, dirnames, filenames in os.walk(self.root):
-                dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
+            for dirpath, dirnames, filenames in os.walk(self.root):  # never follows linked folders
+                keep = []
+                for d in sorted(dirnames):
+                    if d in _SKIP_DIRS:
+                        continue
+                    full = Path(dirpath) / d
+                    if full.is_symlink():
+                        real = Path(os.path.realpath(full))
+                        if not self._inside(real):
+                            rel = full.relative_to(self.root).as_posix()
+                            raise self._refuse(rel, f"is a link to the folder {real}, outside the source")
+                        continue  # inside: its files are listed at their real place
+                    keep.append(d)
+                dirnames[:] = keep
                 for fn in sorted(filenames):
-                    full = Path(dirpath) / fn
-                    if full.is_file():
-                        found[full.relative_to(self.root).as_posix()] = full.stat().st_size
+                    rel = (Path(dirpath) / fn).relative_to(self.root).as_posix()
+                    real, st = self._check_file(rel)
+                    self._real[rel] = (real, st.st_dev, st.st_ino)
+                    found[rel] = st.st_size
             self._files = found
         return self._files
 
@@ -95,9 +162,28 @@ class LocalSource(Source):
         with self._lock:
             fd = self._fds.get(path)
             if fd is None:
-                fd = os.open(self.root / path, os.O_RDONLY)
+                fd = self._open(path)
                 self._fds[path] = fd
             return fd
+
+    def _open(self, path: str) -> int:
+        """Open a listed file, and make sure it is still the regular file that was listed: a
+        file swapped for a link (or a FIFO) after listing is refused, never followed."""
+        self.files()
+        if path not in self._real:
+            raise InputError(f"{path} is not a file of the source folder {self.root}")
+        real, dev, ino = self._real[path]
+        try:
+            # O_NOFOLLOW: the real path has no link left in its last part unless one was swapped
+            # in; O_NONBLOCK: opening a FIFO put in the file's place must not hang the run.
+            fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as e:
+            raise self._refuse(path, f"cannot be opened ({e.strerror})") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (dev, ino):
+            os.close(fd)
+            raise self._refuse(path, "changed while streamer was reading the folder")
+        return fd
 
     def read_into(self, path: str, span: Span, out: memoryview) -> None:
         fd = self._fd(path)
