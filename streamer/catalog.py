@@ -88,14 +88,28 @@ def parse_header(path: str, raw: bytes, file_size: int) -> tuple[int, list[Tenso
         header = json.loads(text)
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: header is not valid JSON ({e.msg} at char {e.pos})") from None
+    except RecursionError:  # `[[[[…` thousands deep: not a header, and no reason to crash
+        raise InputError(f"{path}: header is not valid JSON (nested too deeply)") from None
     if not isinstance(header, dict):
         raise InputError(f"{path}: header must be a JSON object, found {type(header).__name__}")
 
     data_start = 8 + n
     data_len = file_size - data_start
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    # safetensors itself reads __metadata__ as string -> string and refuses anything else
     if not isinstance(metadata, dict):
-        raise InputError(f"{path}: __metadata__ must be an object")
+        raise InputError(
+            f"{path}: __metadata__ must be an object of strings, found {_json_type(metadata)} "
+            "(the file is corrupt; re-save it)"
+        )
+    for key, value in metadata.items():
+        if not isinstance(value, str):
+            raise InputError(
+                f"{path}: __metadata__ key {key!r} must hold a string, found {_json_type(value)} "
+                "(the file is corrupt; re-save it)"
+            )
 
     tensors = []
     for name, entry in header.items():
@@ -131,22 +145,24 @@ def header_length(path: str, raw: bytes, file_size: int) -> int:
 def _parse_entry(path: str, name: str, entry, data_start: int, data_len: int) -> TensorInfo:
     where = f"{path}: tensor {name!r}"
     if not isinstance(entry, dict):
-        raise InputError(f"{where}: header entry must be an object")
+        raise InputError(f"{where}: header entry must be an object, found {_json_type(entry)}")
     dtype = entry.get("dtype")
     shape = entry.get("shape")
     offsets = entry.get("data_offsets")
+    # Types first: a list dtype would make the lookup below raise TypeError, and JSON `true` is
+    # a Python int (bool subclasses int), so `"shape": [true]` must be refused by exact type.
+    if not isinstance(dtype, str):
+        raise InputError(f"{where}: dtype must be a string such as \"BF16\", found {_json_type(dtype)}")
     if dtype not in DTYPE_SIZES:
         raise InputError(
             f"{where}: unknown dtype {dtype!r} (known: {', '.join(sorted(DTYPE_SIZES))})"
         )
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
         raise InputError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(isinstance(o, int) for o in offsets)
-    ):
-        raise InputError(f"{where}: data_offsets must be [begin, end], got {offsets!r}")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+        raise InputError(
+            f"{where}: data_offsets must be [begin, end] (two non-negative integers), got {offsets!r}"
+        )
     begin, end = offsets
     if not 0 <= begin <= end <= data_len:
         raise InputError(
@@ -159,6 +175,19 @@ def _parse_entry(path: str, name: str, entry, data_start: int, data_len: int) ->
             f"span {end - begin}"
         )
     return TensorInfo(name, path, dtype, tuple(shape), Span(data_start + begin, data_start + end))
+
+
+def _is_count(v) -> bool:
+    """A JSON non-negative integer: not a bool, not a float such as 2.0, not a string."""
+    return type(v) is int and v >= 0
+
+
+def _json_type(v) -> str:
+    """How a JSON value's type is named in messages (what the user sees in the file)."""
+    if v is None:
+        return "null"
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string",
+            list: "a list", dict: "an object"}.get(type(v), type(v).__name__)  # fmt: skip
 
 
 def read_header(source: Source, path: str, size: int) -> tuple[int, list[TensorInfo], dict]:
@@ -192,13 +221,33 @@ def build_catalog(source: Source, *, header_reader=read_header) -> Catalog:
     index_metadata: dict = {}
     if INDEX_NAME in files:
         index = _load_json(source, INDEX_NAME, "the safetensors index")
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(index, dict):
+            raise InputError(
+                f"{INDEX_NAME} must hold a JSON object with a weight_map, found {_json_type(index)}; "
+                "re-save the checkpoint"
+            )
+        weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise InputError(f"{INDEX_NAME} has no weight_map object; re-save the checkpoint")
-        index_metadata = index.get("metadata") or {}
-        shards = sorted(set(weight_map.values()), key=str)
+        for name, shard in weight_map.items():
+            if not isinstance(shard, str):
+                raise InputError(
+                    f"{INDEX_NAME}: weight_map[{name!r}] must be a file name (a string), found "
+                    f"{_json_type(shard)}; re-save the checkpoint"
+                )
+        # The metadata is written back into the output index (with a new total_size): a wrong
+        # type must fail here, not after every shard is written.
+        index_metadata = index.get("metadata")
+        if index_metadata is None:
+            index_metadata = {}
+        if not isinstance(index_metadata, dict):
+            raise InputError(
+                f"{INDEX_NAME}: metadata must be an object (such as {{\"total_size\": 123}}), "
+                f"found {_json_type(index_metadata)}; fix or remove the key"
+            )
+        shards = sorted(set(weight_map.values()))
         for shard in shards:
-            if not isinstance(shard, str) or not _safe_relpath(shard):
+            if not _safe_relpath(shard):
                 raise InputError(f"{INDEX_NAME} names a file that would escape the folder: {shard!r}")
         missing = [s for s in shards if s not in files]
         if missing:
@@ -269,7 +318,7 @@ def build_catalog(source: Source, *, header_reader=read_header) -> Catalog:
         else:
             copy_files.append(path)
 
-    config = _load_json(source, CONFIG_NAME, CONFIG_NAME) if CONFIG_NAME in files else None
+    config = _load_config(source) if CONFIG_NAME in files else None
     return Catalog(
         tensors=tensors,
         shards=shards,
@@ -282,9 +331,60 @@ def build_catalog(source: Source, *, header_reader=read_header) -> Catalog:
     )
 
 
+# config.json and the index are parsed in memory; real ones are kilobytes (a 1T-parameter index
+# is a few MB). Anything far larger is not a config, and would only cost memory.
+MAX_JSON_BYTES = 64_000_000
+
+# config.json keys that streamer or serving engines read, with the JSON type each must have.
+# A wrong type here would otherwise surface as a Python error mid-run, or as an output config
+# that vLLM and transformers refuse.
+_CONFIG_TYPES = {
+    "architectures": list,
+    "model_type": str,
+    "quantization_config": dict,
+    "compression_config": dict,
+    "text_config": dict,
+    "vision_config": dict,
+    "tie_word_embeddings": bool,
+}
+
+
 def _load_json(source: Source, path: str, what: str):
+    size = source.files().get(path, 0)
+    if size > MAX_JSON_BYTES:
+        raise InputError(
+            f"{path} ({what}) is {size} bytes, over the {MAX_JSON_BYTES} byte limit for a JSON "
+            f"file streamer parses; it is not a real {what}"
+        )
     raw = source.read_file(path)
     try:
         return json.loads(bytes(raw).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"{path} ({what}) is not valid JSON: {e}") from None
+    except RecursionError:  # deeply nested arrays: the parser gives up, the file is not a config
+        raise InputError(f"{path} ({what}) is not valid JSON: nested too deeply") from None
+
+
+def _load_config(source: Source) -> dict:
+    """config.json, checked to be an object whose well-known keys have the right types.
+
+    It is copied into the output with `quantization_config` added; a list or null would lose
+    `architectures` (or crash), and the output would not load anywhere.
+    """
+    config = _load_json(source, CONFIG_NAME, "the model config")
+    if not isinstance(config, dict):
+        raise InputError(
+            f"{CONFIG_NAME} must hold a JSON object (the model config), found {_json_type(config)}; "
+            "restore the checkpoint's config.json"
+        )
+    for key, kind in _CONFIG_TYPES.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, kind) or (kind is list and not all(isinstance(a, str) for a in value)):
+            want = {list: "a list of strings", str: "a string", dict: "an object", bool: "true or false"}[kind]
+            raise InputError(
+                f"{CONFIG_NAME}: {key!r} must be {want}, found {_json_type(value)}; "
+                "fix the checkpoint's config.json"
+            )
+    return config
