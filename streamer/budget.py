@@ -5,11 +5,20 @@ from __future__ import annotations
 import os
 import threading
 
+from .errors import StreamerError
+
 
 class Budget:
     """A byte semaphore: acquire before allocating, release when the bytes are gone."""
 
     def __init__(self, limit: int):
+        # 0 or a fraction of a byte used to fall back to the default budget without a word;
+        # a budget that holds nothing is a mistake to report, not to reinterpret.
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise StreamerError(
+                f"the memory budget must be a whole number of bytes, at least 1; got {limit!r} "
+                "(give a size such as --max-memory 8GB)"
+            )
         self.limit = limit
         self.used = 0
         self.peak = 0

@@ -16,14 +16,20 @@ SUBCOMMANDS = ("mirror", "demo")
 
 
 def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?i?b?)?\s*", text.lower())
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?i?b?)?\s*", text.lower())
     if not m:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size (try 8GB, 512MiB)")
     num = float(m.group(1))
     unit = (m.group(2) or "b").rstrip("b") or ""
     base = 1024 if unit.endswith("i") else 1000
     power = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}[unit.rstrip("i")]
-    return int(num * base**power)
+    size = int(num * base**power)
+    if size < 1:  # 0 (or 0.5 bytes) used to mean "the default budget" without a word
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is less than one byte: a budget must hold at least one tensor; give a "
+            "size such as 8GB, or leave the option out for half the free memory"
+        )
+    return size
 
 
 def convert_parser() -> argparse.ArgumentParser:
@@ -44,6 +50,10 @@ def convert_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda or cuda:N")
     p.add_argument("--dry-run", action="store_true", help="print the plan and stop; nothing is read or written")
     p.add_argument("--max-memory", type=parse_size, help="byte budget for buffered data (default: half the free RAM)")
+    p.add_argument(
+        "--nonfinite", choices=["refuse", "passthrough"], default="refuse",
+        help="a weight holding NaN/Inf: refuse (default) or quantize it anyway, with a warning",
+    )  # fmt: skip
     p.add_argument("--workers", type=int, default=4, help="pieces fetched concurrently (default 4)")
     p.add_argument("--token", help="Hugging Face token (default: HF_TOKEN, then the huggingface_hub login)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
@@ -98,6 +108,10 @@ def run_convert(args) -> int:
     if not (args.quiet or args.json or args.dry_run) and sys.stderr.isatty():
         bars = TqdmListener()
         progress.listeners.append(bars)
+    from .pipeline import nonfinite_policy
+
+    policy = nonfinite_policy(args.nonfinite)
+    policy.__enter__()  # what a NaN/Inf weight does, for this command only (undone in `finally`)
     try:
         result = convert(
             args.src, args.dst,
@@ -119,6 +133,7 @@ def run_convert(args) -> int:
         print(f"error: {type(e).__name__}: {e} (run with --verbose for details)", file=sys.stderr)
         return 1
     finally:
+        policy.__exit__(None, None, None)
         if bars is not None:
             bars.close()
     if args.dry_run:
