@@ -88,11 +88,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"localhub on {hub.url}: seeded {source} ({sum(hub.files(source).values()) / 1e6:.1f} MB)")
 
             # Point huggingface_hub at localhub before the engine imports it.
-            os.environ.update(HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1", HF_TOKEN=DEMO_TOKEN)
+            os.environ.update(HF_ENDPOINT=hub.url, HF_TOKEN=DEMO_TOKEN)
             import huggingface_hub.constants as hf
 
             hf.ENDPOINT = hub.url
-            hf.HF_HUB_DISABLE_XET = True  # localhub speaks LFS only
             hf.HUGGINGFACE_CO_URL_TEMPLATE = hub.url + "/{repo_id}/resolve/{revision}/{filename}"
             from .api import convert
             from .cli import _setup_logging

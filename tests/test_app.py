@@ -84,7 +84,6 @@ def app_url(hub, tmp_path_factory):
         HF_ENDPOINT=hub.url,
         HF_TOKEN=TOKEN,
         HF_HOME=str(work / "hf-home"),  # no login cache from this machine
-        HF_HUB_DISABLE_XET="1",  # localhub speaks LFS
         HF_HUB_DISABLE_TELEMETRY="1",
         GRADIO_SERVER_NAME="127.0.0.1",
         GRADIO_SERVER_PORT=str(port),

@@ -9,9 +9,9 @@ from streamer import demo
 
 def test_demo_converts_hub_to_hub(monkeypatch, capsys, tmp_path):
     # the demo points the process at its localhub; let monkeypatch put everything back
-    for name in ("HF_ENDPOINT", "HF_HUB_DISABLE_XET", "HF_TOKEN"):
+    for name in ("HF_ENDPOINT", "HF_TOKEN"):
         monkeypatch.setenv(name, "")
-    for name in ("ENDPOINT", "HUGGINGFACE_CO_URL_TEMPLATE", "HF_HUB_DISABLE_XET"):
+    for name in ("ENDPOINT", "HUGGINGFACE_CO_URL_TEMPLATE"):
         monkeypatch.setattr(hf, name, getattr(hf, name))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     assert demo.main(["--scheme", "FP8_DYNAMIC", "--root", str(tmp_path)]) == 0

@@ -29,6 +29,8 @@ def hub(tmp_path, monkeypatch, llama_ckpt):
         h.add_user("bob", BOB)
         h.seed_repo(SOURCE, llama_ckpt)
         monkeypatch.setenv("HF_ENDPOINT", h.url)
+        # LFS rather than the client's default, Xet: tests/test_faults.py shares this fixture and
+        # aims faults at LFS requests by URL. localhub takes both (see tests/test_localhub.py).
         monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
         monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
         monkeypatch.setenv("HF_TOKEN", ALICE)
@@ -110,7 +112,7 @@ def test_sigkill_then_rerun_resumes(hub, tmp_path):
     env = {
         **os.environ,
         "HF_ENDPOINT": hub.url,
-        "HF_HUB_DISABLE_XET": "1",
+        "HF_HUB_DISABLE_XET": "1",  # below, uploads are counted as LFS PUTs
         "HF_TOKEN": ALICE,
         "PYTHONUNBUFFERED": "1",
     }

@@ -5,6 +5,10 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import socket
+import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -26,8 +30,9 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from huggingface_hub.lfs import post_lfs_batch_info
 
-from streamer.localhub import LocalHub
+from streamer.localhub import LocalHub, xet
 
 MiB = 1024 * 1024
 ALICE, BOB = "hf_alice_token", "hf_bob_token"
@@ -38,16 +43,23 @@ pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationW
 
 @pytest.fixture(autouse=True)
 def hf_env(tmp_path, monkeypatch):
-    """Isolate the client: no real token or cache, no Xet (uploads take the LFS path), online."""
+    """Isolate the client: no real token or cache, online, and Xet as the client's default leaves it
+    (used whenever hf_xet is importable, by huggingface_hub >= 1.20) even if the shell disabled it."""
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.delenv("HF_HUB_DISABLE_XET", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     # huggingface_hub reads these at import time, so the env alone is not enough.
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf_home" / "token"))
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_PROGRESS_BARS", True)
+
+
+@pytest.fixture
+def lfs_client(monkeypatch):
+    """For tests of the LFS protocol itself (PUTs, parts), which clients use when hf_xet is absent."""
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
 
 
 @pytest.fixture
@@ -71,9 +83,8 @@ def make_folder(root: Path, files: dict[str, bytes]) -> Path:
 
 
 def random_bytes(n: int, seed: int = 0) -> bytes:
-    # Deterministic and fast: repeat a hash chain (content only needs to be non-trivial).
-    block = b"".join(hashlib.sha256(f"{seed}:{i}".encode()).digest() for i in range(4096))
-    return (block * (n // len(block) + 1))[:n]
+    # Deterministic, and without repeats: Xet would deduplicate repeated blocks away.
+    return hashlib.shake_256(f"localhub:{seed}".encode()).digest(n)
 
 
 def raw(hub: LocalHub, method: str, path: str, headers: dict | None = None, body: bytes | None = None):
@@ -161,7 +172,7 @@ def _puts(hub) -> list:
     return [r for r in hub.request_log if r.method == "PUT"]
 
 
-def test_upload_folder_basic_lfs_then_dedup(hub, api, tmp_path):
+def test_upload_folder_basic_lfs_then_dedup(hub, api, tmp_path, lfs_client):
     hub.multipart_chunk_size = 64 * MiB  # a 12 MB object goes in one PUT
     big = random_bytes(12 * MiB, seed=1)
     folder = make_folder(tmp_path / "up", {"weights.bin": big, "config.json": b"{}", "nested/a.txt": b"a"})
@@ -192,7 +203,7 @@ def test_upload_folder_basic_lfs_then_dedup(hub, api, tmp_path):
     assert len(api.list_repo_commits("acme/up")) == 3
 
 
-def test_multipart_upload(hub, api):
+def test_multipart_upload(hub, api, lfs_client):
     hub.multipart_chunk_size = 8 * MiB
     data = random_bytes(20 * MiB + 5, seed=2)
     api.create_repo("acme/multi")
@@ -273,6 +284,221 @@ def test_pull_request_branches_and_parent_check(hub, api):
         api.create_commit("acme/pr", [CommitOperationAdd("c.txt", b"c")], commit_message="x", revision="nope")
     api.delete_branch("acme/pr", branch="dev")
     assert "dev" not in hub.refs("acme/pr")["heads"]
+
+
+# --------------------------------------------------------------------------- Xet
+def _bf16_like(n: int, seed: int) -> bytes:
+    """Weights-like bytes: sign/exponent bytes from a narrow set, mantissas random (what bg4-lz4 is for)."""
+    noise = random_bytes(n, seed)
+    return bytes(b if i % 2 == 0 else 0x3C + (b & 3) for i, b in enumerate(noise))
+
+
+XET_FILES = {
+    "random.safetensors": random_bytes(3 * MiB + 5, seed=7),
+    "bf16.safetensors": _bf16_like(1 * MiB, seed=8),  # compressed chunk by chunk with bg4-lz4
+    "zeros.bin": bytes(2 * MiB),  # lz4, and one chunk used many times over
+    "log.txt": b"".join(b"step %d loss %.4f\n" % (i, 1 / (i + 1)) for i in range(60_000)),
+}
+
+
+def _refused(hub) -> list[tuple[str, str, int]]:
+    """Requests answered with an error, less the probes a client expects to fail (they mean "not offered")."""
+    probes = ("/v1/chunks/", "/v1/xorb-grants/", "/v2/shards", "/api/agent-harnesses")
+    return [(r.method, r.path, r.status) for r in hub.request_log
+            if r.status >= 400 and not any(p in r.path for p in probes)]
+
+
+def test_upload_with_hf_xet_importable_and_nothing_disabled(hub, api, tmp_path):
+    """The installed client, left to choose its transfer, uploads and downloads (issue 12)."""
+    pytest.importorskip("hf_xet")
+    assert constants.HF_HUB_DISABLE_XET is False
+    api.create_repo("acme/xet")
+    hub.clear_log()
+    api.create_commit("acme/xet", [CommitOperationAdd(k, v) for k, v in XET_FILES.items()], commit_message="x")
+    assert _refused(hub) == []
+    for name, data in XET_FILES.items():
+        assert hub.read_file("acme/xet", name) == data, name
+        path = hf_hub_download("acme/xet", name, endpoint=hub.url, token=ALICE, cache_dir=tmp_path / "c")
+        assert Path(path).read_bytes() == data, name
+    # Downloads stay plain HTTP: nothing told the client that a file is stored in Xet.
+    assert not [r for r in hub.request_log if "xet-read-token" in r.path]
+
+
+@pytest.mark.parametrize("decoder", ["liblz4", "python"])
+def test_xet_upload_reassembles_every_compression(hub, api, monkeypatch, decoder):
+    """The Xet path whatever the installed huggingface_hub's own choice: its `_upload_xet_files`
+    (the same since 1.0) drives hf_xet, then the commit points at what the shards described."""
+    pytest.importorskip("hf_xet")
+    from huggingface_hub._commit_api import _upload_xet_files
+
+    if decoder == "python":
+        monkeypatch.setattr(xet, "_LZ4_USING_DICT", None)
+    elif xet._LZ4_USING_DICT is None:
+        pytest.skip("no liblz4 on this machine")
+    api.create_repo("acme/xet")
+    ops = [CommitOperationAdd(k, v) for k, v in XET_FILES.items()]
+    hub.clear_log()
+    _upload_xet_files(additions=ops, repo_type="model", repo_id="acme/xet", headers=api._build_hf_headers(),
+                      endpoint=hub.url, revision="main")
+    assert _refused(hub) == []
+    xorbs = [r for r in hub.request_log if "/v1/xorbs/default/" in r.path]
+    assert xorbs and all(r.status == 200 for r in xorbs)
+    assert [r.status for r in hub.request_log if r.path.endswith("/v1/shards")] == [200]
+    schemes = {ref.scheme for p in (hub.root / "xet" / "xorbs").rglob("*") if p.is_file()
+               for ref in xet._chunk_table(p, p.name)}
+    assert schemes == {0, 1, 2}  # stored, lz4, bg4-lz4: each decoded below
+
+    for op in ops:  # now part of the repo's uploads, as after an LFS upload
+        assert hub.storage.get_repo("model", "acme/xet").holds(op.upload_info.sha256.hex())
+    hub.clear_log()
+    api.create_commit("acme/xet", ops, commit_message="x")
+    resent = [r for r in hub.request_log if r.method == "PUT" or "/v1/xorbs/" in r.path]
+    assert sum(r.bytes_in for r in resent) == 0, resent
+    for name, data in XET_FILES.items():
+        assert hub.read_file("acme/xet", name) == data, name
+
+
+def test_clients_that_negotiate_the_transfer_get_lfs(hub, api):
+    """huggingface_hub 1.0-1.19 offer "xet" in the LFS batch and take it only if the server picks it."""
+    api.create_repo("acme/neg")
+    data = random_bytes(MiB, seed=9)
+    op = CommitOperationAdd("w.safetensors", data)
+    actions, errors, chosen = post_lfs_batch_info(
+        upload_infos=[op.upload_info], token=ALICE, repo_type="model", repo_id="acme/neg", revision="main",
+        endpoint=hub.url, transfers=["basic", "multipart", "xet"],
+    )
+    assert chosen == "basic" and errors == []
+    assert actions[0]["actions"]["upload"]["href"].startswith(hub.url + "/api/localhub/lfs/")
+
+
+def test_xet_tokens_follow_repo_rights(hub, api):
+    pytest.importorskip("hf_xet")
+    api.create_repo("acme/xt")
+    path = "/api/models/acme/xt/xet-write-token/main"
+    assert raw(hub, "GET", path)[0] == 401
+    assert raw(hub, "GET", path, {"Authorization": f"Bearer {BOB}"})[0] == 403
+    # A pull request needs only read access, as its commit does.
+    assert raw(hub, "GET", "/api/models/acme/xt/xet-write-token/None?create_pr=1",
+               {"Authorization": f"Bearer {BOB}"})[0] == 200
+    status, headers, body = raw(hub, "GET", path, {"Authorization": f"Bearer {ALICE}"})
+    info = json.loads(body)
+    assert status == 200 and info["exp"] > time.time() and headers["x-xet-access-token"] == info["accessToken"]
+    cas = urlsplit(info["casUrl"]).path
+    shard = xet.SHARD_TAG + struct.pack("<QQ", 2, 0) + b"\xff" * 32 + bytes(16)  # no file: valid and empty
+    assert raw(hub, "POST", f"{cas}/v1/shards", {}, shard)[0] == 401
+    assert raw(hub, "POST", f"{cas}/v1/shards", {"Authorization": "Bearer xet_forged"}, shard)[0] == 401
+    assert raw(hub, "POST", f"{cas}/v1/shards", {"Authorization": f"Bearer {ALICE}"}, shard)[0] == 401
+    assert raw(hub, "POST", f"{cas}/v1/shards", {"Authorization": f"Bearer {info['accessToken']}"}, shard)[0] == 200
+
+
+# --------------------------------------------------------------------------- who may reach a blob (issue 14 #5)
+def _hash_bytes(hex_hash: str) -> bytes:
+    """Inverse of xet-core's hex form (each 8-byte word printed as a little-endian u64)."""
+    return b"".join(bytes.fromhex(hex_hash[i : i + 16])[::-1] for i in range(0, 64, 16))
+
+
+def _commit_lfs_pointer(hub, token: str, repo: str, oid: str, size: int, create_pr: bool = False):
+    payload = b"\n".join(json.dumps(line).encode() for line in [
+        {"key": "header", "value": {"summary": "pointer", "description": ""}},
+        {"key": "lfsFile", "value": {"path": "stolen.bin", "algo": "sha256", "oid": oid, "size": size}},
+    ])
+    query = "?create_pr=1" if create_pr else ""
+    return raw(hub, "POST", f"/api/models/{repo}/commit/main{query}",
+               {"Authorization": f"Bearer {token}", "Content-Type": "application/x-ndjson"}, payload)
+
+
+@pytest.fixture
+def secret(hub, tmp_path):
+    """A blob only alice (acme) may read, and what a thief knows of it: sha256 and size."""
+    data = random_bytes(2 * MiB, seed=11)
+    hub.seed_repo("acme/secret", make_folder(tmp_path / "s", {"w.safetensors": data}), private=True)
+    return hashlib.sha256(data).hexdigest(), len(data), data
+
+
+def test_a_commit_cannot_point_at_someone_elses_blob(hub, secret):
+    oid, size, data = secret
+    hub.create_repo("bob/steal")
+    hub.create_repo("acme/public")
+    status, _, body = _commit_lfs_pointer(hub, BOB, "bob/steal", oid, size)
+    assert status == 400 and b"does not exist" in body  # the same answer as for a blob that does not exist
+    assert "stolen.bin" not in hub.files("bob/steal")
+    assert _commit_lfs_pointer(hub, BOB, "acme/public", oid, size, create_pr=True)[0] == 400
+    assert hub.refs("acme/public")["prs"] == {}
+
+    # Who can read the blob through a repo may reuse it; and once the repo is public, anyone may.
+    hub.create_repo("acme/copy")
+    assert _commit_lfs_pointer(hub, ALICE, "acme/copy", oid, size)[0] == 200
+    assert hub.read_file("acme/copy", "stolen.bin") == data
+    hub.set_repo("acme/secret", private=False)
+    assert _commit_lfs_pointer(hub, BOB, "bob/steal", oid, size)[0] == 200
+
+
+def test_lfs_batch_and_verify_check_repo_rights(hub, secret):
+    oid, size, data = secret
+    hub.create_repo("acme/up")
+    hub.create_repo("bob/steal")
+    objects = {"objects": [{"oid": oid, "size": size}]}
+
+    def batch(repo: str, token: str | None, operation: str = "upload", ref: str | None = "main"):
+        body = {"operation": operation, "transfers": ["basic"], **objects, **({"ref": {"name": ref}} if ref else {})}
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+        status, _, answer = raw(hub, "POST", f"/{repo}.git/info/lfs/objects/batch", headers, json.dumps(body).encode())
+        return status, json.loads(answer)
+
+    assert batch("acme/up", None)[0] == 401
+    assert batch("acme/up", BOB)[0] == 403  # no write access to main
+    assert batch("acme/secret", BOB)[0] == 404  # cannot even see it
+    # A pull request needs read access only: bob may upload for one, but must send the bytes,
+    # since "already there" would hand him alice's blob.
+    status, answer = batch("acme/up", BOB, ref=None)
+    assert status == 200 and "actions" in answer["objects"][0]
+    status, answer = batch("bob/steal", BOB)
+    assert status == 200 and "actions" in answer["objects"][0]
+    href = answer["objects"][0]["actions"]["upload"]["href"]
+    assert raw(hub, "PUT", urlsplit(href).path, {}, b"\0" * size)[0] == 400  # not the bytes
+    assert _commit_lfs_pointer(hub, BOB, "bob/steal", oid, size)[0] == 400
+    # alice, who can read it, is told it is there.
+    status, answer = batch("acme/up", ALICE)
+    assert status == 200 and "actions" not in answer["objects"][0]
+
+    verify = "/bob/steal.git/info/lfs/objects/verify"
+    check = json.dumps({"oid": oid, "size": size}).encode()
+    assert raw(hub, "POST", verify, {}, check)[0] == 401
+    assert raw(hub, "POST", verify, {"Authorization": f"Bearer {BOB}"}, check)[0] == 404
+    assert raw(hub, "POST", "/acme/secret.git/info/lfs/objects/verify", {"Authorization": f"Bearer {ALICE}"},
+               check)[0] == 200
+
+    # Downloads: read rights, and only objects committed in that repo.
+    assert batch("acme/secret", None, "download")[0] == 401
+    status, answer = batch("bob/steal", BOB, "download")
+    assert status == 200 and answer["objects"][0]["error"]["code"] == 404
+    status, answer = batch("acme/secret", ALICE, "download")
+    link = urlsplit(answer["objects"][0]["actions"]["download"]["href"])
+    status, _, body = raw(hub, "GET", f"{link.path}?{link.query}")
+    assert status == 200 and body == data
+
+
+def test_a_xet_shard_cannot_claim_someone_elses_blob(hub, secret):
+    """Announcing a sha256 in a shard grants nothing: the file is rebuilt from the xorbs and hashed."""
+    oid, size, _ = secret
+    hub.create_repo("bob/steal")
+    status, _, body = raw(hub, "GET", "/api/models/bob/steal/xet-write-token/main", {"Authorization": f"Bearer {BOB}"})
+    info = json.loads(body)
+    cas, auth = urlsplit(info["casUrl"]).path, {"Authorization": f"Bearer {info['accessToken']}"}
+    junk = b"not alice's weights"
+    xorb = bytes([0]) + len(junk).to_bytes(3, "little") + bytes([0]) + len(junk).to_bytes(3, "little") + junk
+    xorb_hash = hashlib.sha256(b"any name").hexdigest()
+    status, _, body = raw(hub, "POST", f"{cas}/v1/xorbs/default/{xorb_hash}", auth, xorb)
+    assert status == 200
+    shard = (xet.SHARD_TAG + struct.pack("<QQ", 2, 0)
+             + _hash_bytes("ab" * 32) + struct.pack("<IIQ", 1 << 30, 1, 0)  # one file, one segment, its sha256
+             + _hash_bytes(xorb_hash) + struct.pack("<IIII", 0, len(junk), 0, 1)
+             + _hash_bytes(oid) + bytes(16)
+             + b"\xff" * 32 + bytes(16))
+    status, _, body = raw(hub, "POST", f"{cas}/v1/shards", auth, shard)
+    assert status == 400 and b"reassembles to sha256" in body
+    assert not hub.storage.get_repo("model", "bob/steal").holds(oid)
+    assert _commit_lfs_pointer(hub, BOB, "bob/steal", oid, size)[0] == 400
 
 
 # --------------------------------------------------------------------------- reading
@@ -493,6 +719,18 @@ def test_persistence_and_validate_yaml(hub, tmp_path, seeded):
     assert hub.commits("acme/tiny")[0].sha == sha
 
 
+def test_an_upload_survives_a_restart(hub, api):
+    """What was uploaded to a repo stays committable there by a server restarted on the same root,
+    as a resumed conversion needs (it commits shards a killed run uploaded)."""
+    api.create_repo("acme/resume")
+    op = CommitOperationAdd("w.safetensors", random_bytes(2 * MiB, seed=12))
+    api.preupload_lfs_files("acme/resume", [op])
+    hub.stop()
+    with LocalHub(hub.root) as again:
+        HfApi(endpoint=again.url, token=ALICE).create_commit("acme/resume", [op], commit_message="resumed")
+        assert again.read_file("acme/resume", "w.safetensors") == random_bytes(2 * MiB, seed=12)
+
+
 def test_cli(tmp_path):
     """The command line's switches, driven in-process (a subprocess would pay `import streamer`)."""
     from streamer.localhub.__main__ import build_hub, build_parser
@@ -511,3 +749,98 @@ def test_cli(tmp_path):
         assert statuses == [200, 503]
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--root", str(tmp_path), "--user", "no-token"])
+
+
+def test_port_in_use_is_a_sentence_not_a_traceback(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = subprocess.run([sys.executable, "-m", "streamer.localhub", "--root", str(tmp_path / "r"),
+                              "--port", str(port)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert f"port {port}" in run.stderr and "already in use" in run.stderr and "--port 0" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+# --------------------------------------------------------------------------- malformed input, rude clients (issue 14)
+def test_huge_range_numbers(hub, seeded):
+    _, files = seeded
+    data = files["model.safetensors"]
+    url = "/acme/tiny/resolve/main/model.safetensors"
+    digits = "9" * 5000  # past Python's 4300-digit limit for int()
+    status, headers, _ = raw(hub, "GET", url, {"Range": f"bytes={digits}-"})
+    assert status == 416 and headers["content-range"] == f"bytes */{len(data)}"
+    status, _, body = raw(hub, "GET", url, {"Range": f"bytes=0-{digits}"})
+    assert status == 206 and body == data
+    status, _, body = raw(hub, "GET", url, {"Range": f"bytes=-{digits}"})
+    assert status == 206 and body == data
+    status, _, body = raw(hub, "GET", url, {"Range": f"bytes={'0' * 5000}5-9"})  # a long way to write 5
+    assert status == 206 and body == data[5:10]
+
+
+_HEADER = b'{"key": "header", "value": {"summary": "s"}}\n'
+MALFORMED = {
+    "commit: not JSON": ("commit", b"not json"),
+    "commit: line is a list": ("commit", b'["key", "value"]'),
+    "commit: value is a string": ("commit", b'{"key": "header", "value": "summary"}'),
+    "commit: summary is a list": ("commit", b'{"key": "header", "value": {"summary": ["s"]}}'),
+    "commit: parentCommit is a number": ("commit", b'{"key": "header", "value": {"summary": "s", "parentCommit": 5}}'),
+    "commit: file path is a number": ("commit", _HEADER + b'{"key": "file", "value": {"path": 5, "content": ""}}'),
+    "commit: content is not base64": ("commit", _HEADER + b'{"key": "file", "value": {"path": "a", "content": "abc"}}'),
+    "commit: lfsFile path is a list": ("commit", _HEADER + b'{"key": "lfsFile", "value": {"path": ["a"], "oid": 1}}'),
+    "commit: deletedFolder path is a number": ("commit", _HEADER + b'{"key": "deletedFolder", "value": {"path": 7}}'),
+    "commit: nesting deeper than the parser": ("commit", b"[" * 100_000),
+    "preupload: files is a number": ("preupload", b'{"files": 5}'),
+    "preupload: file is a number": ("preupload", b'{"files": [1]}'),
+    "preupload: sample is not base64": ("preupload", b'{"files": [{"path": "a.bin", "sample": "abc", "size": 3}]}'),
+    "preupload: size is a string": ("preupload", b'{"files": [{"path": "a.bin", "sample": "", "size": "big"}]}'),
+    "preupload: gitIgnore is a number": ("preupload", b'{"files": [], "gitIgnore": 3}'),
+    "preupload: nesting deeper than the parser": ("preupload", b"[" * 100_000),
+    "batch: object is a number": ("batch", b'{"operation": "upload", "objects": [1]}'),
+    "batch: transfers is a string": ("batch", b'{"operation": "upload", "objects": [], "transfers": "basic"}'),
+    "batch: operation is a list": ("batch", b'{"operation": ["upload"], "objects": []}'),
+    "batch: ref is a string": ("batch", b'{"operation": "upload", "objects": [], "ref": "main"}'),
+    "paths-info: not JSON": ("paths-info", b'{"paths": '),
+    "paths-info: paths is a number": ("paths-info", b'{"paths": 5}'),
+}
+_ENDPOINTS = {
+    "commit": ("/api/models/acme/m/commit/main", "application/x-ndjson"),
+    "preupload": ("/api/models/acme/m/preupload/main", "application/json"),
+    "batch": ("/acme/m.git/info/lfs/objects/batch", "application/vnd.git-lfs+json"),
+    "paths-info": ("/api/models/acme/m/paths-info/main", "application/json"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_bodies_get_a_400_that_says_what(hub, case):
+    endpoint, body = MALFORMED[case]
+    hub.create_repo("acme/m")
+    path, content_type = _ENDPOINTS[endpoint]
+    status, headers, answer = raw(hub, "POST", path, {"Authorization": f"Bearer {ALICE}",
+                                                      "Content-Type": content_type}, body)
+    assert status == 400, answer
+    assert headers["content-type"].startswith("application/json")
+    assert json.loads(answer)["error"]
+    assert len(hub.commits("acme/m")) == 1
+
+
+def test_negative_content_length(hub):
+    status, headers, answer = raw(hub, "POST", "/api/validate-yaml", {"Content-Length": "-1"})
+    assert status == 400 and json.loads(answer)["error"] == "Invalid Content-Length"
+
+
+def test_a_client_resetting_its_connection_is_not_a_traceback(hub, capfd):
+    def reset(first_bytes: bytes) -> None:
+        conn = socket.create_connection((hub.host, hub.port))
+        conn.sendall(first_bytes)
+        time.sleep(0.2)  # the server's thread is now waiting for the rest
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+        conn.close()
+
+    reset(b"")  # idle kept-alive connection
+    reset(b"GET /api/whoami-v2 HTTP/1.1\r\nHost: x\r\n")  # in the middle of the headers
+    time.sleep(0.3)
+    assert raw(hub, "GET", "/api/models/none/such")[0] == 401  # still serving
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "ConnectionResetError" not in err

@@ -8,6 +8,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import signal
 import sys
@@ -93,14 +94,27 @@ def build_hub(args: argparse.Namespace) -> LocalHub:
     return hub
 
 
+def _listen_error(exc: OSError, host: str, port: int) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return (f"port {port} on {host} is already in use (another localhub?): pick another with --port N, "
+                "or --port 0 for a free one (the URL is printed at start)")
+    if exc.errno == errno.EACCES:
+        return f"not allowed to listen on port {port}: use a port above 1023, or --port 0 for a free one"
+    return f"cannot listen on {host}:{port} ({exc.strerror or exc}): check --host and --port, or use --port 0"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     hub = build_hub(args)
+    try:
+        hub.start()
+    except OSError as exc:
+        print(f"error: {_listen_error(exc, args.host, args.port)}", file=sys.stderr)
+        return 2
     # SIGTERM should stop as cleanly as Ctrl-C does.
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    hub.start()
     print(f"localhub serving {args.root} on {hub.url}", flush=True)
     try:
         hub.serve_forever()

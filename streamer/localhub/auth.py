@@ -88,9 +88,15 @@ def check_read(user: User | None, repo: Repo | None, repo_id: str) -> Repo:
     return repo
 
 
-def check_content(user: User | None, repo: Repo) -> None:
+def can_read_content(user: User | None, repo: Repo) -> bool:
     """Gating protects file contents only: metadata stays visible, as on the Hub."""
-    if repo.gated and not (user is not None and (user.member_of(repo.namespace) or repo.granted(user.name))):
+    return can_read(user, repo) and (
+        not repo.gated or (user is not None and (user.member_of(repo.namespace) or repo.granted(user.name)))
+    )
+
+
+def check_content(user: User | None, repo: Repo) -> None:
+    if not can_read_content(user, repo):
         raise errors.gated(repo.repo_id, authenticated=user is not None)
 
 

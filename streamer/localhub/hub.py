@@ -12,7 +12,7 @@ from . import errors
 from .auth import Users, can_write
 from .faults import FaultPlan
 from .lfs import DEFAULT_MULTIPART_CHUNK, LfsUploads
-from .server import HubHTTPServer, HubState, SignedCdn
+from .server import HubHTTPServer, HubState
 from .storage import DeleteFile, Repo, Storage, lfs_patterns
 from .transport import RequestRecord
 
@@ -59,11 +59,16 @@ class LocalHub:
         shutil.rmtree(self.storage.blobs.tmp_dir, ignore_errors=True)
         self.storage.blobs.tmp_dir.mkdir(parents=True, exist_ok=True)
         self.users = Users(self.root / "users.json")
-        self.uploads = LfsUploads(self.storage.blobs, multipart_chunk_size)
+        self.uploads = LfsUploads(self.storage.blobs, multipart_chunk_size, on_stored=self._record_upload)
         self.state = HubState(self.storage, self.users, self.uploads)
         self._server: HubHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.set_redirect_lfs(redirect_lfs)
+
+    def _record_upload(self, repo_type: str, repo_id: str, sha256: str) -> None:
+        repo = self.storage.get_repo(repo_type, repo_id)
+        if repo is not None:  # deleted while the upload went on: nothing to record it in
+            repo.record_upload(sha256)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "LocalHub":
@@ -307,13 +312,15 @@ class LocalHub:
         (match it in `set_faults(only_paths=...)` to inject faults on those downloads).
         """
         if not enabled:
-            self.state.cdn = None
+            self.state.cdn_host = None
             return
         if cdn_host is None:
             cdn_host = {"127.0.0.1": "localhost", "localhost": "127.0.0.1"}.get(self.host)
             if cdn_host is None:
                 raise ValueError(f"pass cdn_host: another name than {self.host!r} that reaches this server")
-        self.state.cdn = SignedCdn(cdn_host)
+        # Another name than the Hub's: the client follows same-origin redirects on HEAD and would
+        # then miss the `X-Repo-Commit` header.
+        self.state.cdn_host = cdn_host
 
     @property
     def multipart_chunk_size(self) -> int:

@@ -1,9 +1,10 @@
 """The Git LFS batch API and the uploads it hands out (basic PUT and Hub multipart).
 
-A batch request gets, per object, either nothing (the blob is already stored: the client
-skips the upload, which is what makes re-runs and resumes cheap) or upload actions whose URLs
-embed an unguessable upload id, because the client sends those PUTs without credentials,
-as it does to S3 on the real Hub.
+A batch request gets, per object, either nothing (the object is already in the repo or was
+uploaded to it: the client skips the upload, which is what makes re-runs and resumes cheap) or
+upload actions whose URLs embed an unguessable upload id, because the client sends those PUTs
+without credentials, as it does to S3 on the real Hub. A blob stored for another repo is not
+"already there": the caller must send its bytes, which is what proves they have them.
 
 Every upload lands in a temp file and only enters the blob store once its sha256 matches
 the announced oid, so a blob in the store is always complete and correct.
@@ -18,7 +19,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 from . import errors
 from .storage import BlobStore, is_sha256
@@ -37,6 +38,7 @@ class UploadSession:
     upload_id: str
     oid: str
     size: int
+    repo_type: str
     repo_id: str
     chunk_size: int | None  # None: basic transfer (one PUT of the whole object)
     tmp: Path
@@ -67,43 +69,53 @@ def _etag(upload_id: str, part: int, length: int) -> str:
 
 
 class LfsUploads:
-    def __init__(self, blobs: BlobStore, multipart_chunk_size: int = DEFAULT_MULTIPART_CHUNK):
+    def __init__(
+        self,
+        blobs: BlobStore,
+        multipart_chunk_size: int = DEFAULT_MULTIPART_CHUNK,
+        on_stored: Callable[[str, str, str], None] | None = None,
+    ):
         self.blobs = blobs
         self.multipart_chunk_size = multipart_chunk_size
+        # Called with (repo type, repo id, oid) once an upload's bytes are verified and stored.
+        self.on_stored = on_stored
         self._lock = threading.Lock()
         self._sessions: dict[str, UploadSession] = {}
 
     # ------------------------------------------------------------------ batch
-    def batch(self, payload: dict, repo_id: str, base_url: str, verify_href: str) -> dict:
-        if payload.get("operation") != "upload":
-            raise errors.bad_request("Only the 'upload' operation is supported")
-        transfers = payload.get("transfers") or ["basic"]
-        objects = payload.get("objects")
-        if not isinstance(objects, list):
-            raise errors.bad_request("'objects' must be a list")
+    def batch(
+        self,
+        objects: list[dict],
+        transfers: list[str],
+        repo: tuple[str, str],
+        base_url: str,
+        verify_href: str,
+        known: Callable[[str, int], bool],
+    ) -> dict:
+        """Answer an upload batch for `repo` (type, id); `known(oid, size)` says which objects need no upload."""
         answers = []
         used_multipart = False
         for obj in objects:
             oid, size = obj.get("oid"), obj.get("size")
-            if not is_sha256(oid) or not isinstance(size, int) or size < 0:
-                answers.append({"oid": str(oid), "size": size if isinstance(size, int) else 0,
+            if not is_sha256(oid) or type(size) is not int or size < 0:
+                answers.append({"oid": str(oid), "size": size if type(size) is int else 0,
                                 "error": {"code": 422, "message": "Invalid oid or size"}})
                 continue
-            if self.blobs.has(oid, size):
+            if known(oid, size):
                 answers.append({"oid": oid, "size": size})
                 continue
             multipart = "multipart" in transfers and size > self.multipart_chunk_size
             used_multipart |= multipart
             answers.append({"oid": oid, "size": size, "authenticated": True,
-                            "actions": self._new_upload(oid, size, repo_id, multipart, base_url, verify_href)})
+                            "actions": self._new_upload(oid, size, repo, multipart, base_url, verify_href)})
         return {"transfer": "multipart" if used_multipart else "basic", "objects": answers, "hash_algo": "sha256"}
 
     def _new_upload(
-        self, oid: str, size: int, repo_id: str, multipart: bool, base_url: str, verify_href: str
+        self, oid: str, size: int, repo: tuple[str, str], multipart: bool, base_url: str, verify_href: str
     ) -> dict:
         upload_id = uuid.uuid4().hex + uuid.uuid4().hex
         session = UploadSession(
-            upload_id, oid, size, repo_id, self.multipart_chunk_size if multipart else None,
+            upload_id, oid, size, repo[0], repo[1], self.multipart_chunk_size if multipart else None,
             self.blobs.temp_path(".upload"),
         )
         href = f"{base_url}{UPLOAD_PREFIX}{upload_id}"
@@ -130,8 +142,10 @@ class LfsUploads:
             raise errors.HubError(404, "Unknown or expired upload id")
         return session
 
-    def _finish(self, session: UploadSession) -> None:
+    def _finish(self, session: UploadSession, stored: bool = True) -> None:
         session.done = True
+        if stored and self.on_stored is not None:
+            self.on_stored(session.repo_type, session.repo_id, session.oid)
 
     # ------------------------------------------------------------------ basic
     def put_object(self, upload_id: str, body: Body, length: int | None) -> None:
@@ -205,7 +219,14 @@ class LfsUploads:
             raise errors.bad_request("oid does not match the upload")
         if session.done and self.blobs.has(session.oid, session.size):
             return
-        given = {int(p["partNumber"]): p.get("etag") for p in payload.get("parts", [])}
+        parts = payload.get("parts")
+        if not isinstance(parts, list) or not all(
+            isinstance(p, dict) and type(p.get("partNumber")) is int for p in parts
+        ):
+            raise errors.bad_request(
+                "The completion body must be {\"oid\": ..., \"parts\": [{\"partNumber\": N, \"etag\": ...}, ...]}"
+            )
+        given = {p["partNumber"]: p.get("etag") for p in parts}
         with session.lock:
             missing = [n for n in range(1, session.num_parts + 1) if session.parts.get(n) is None]
             if missing:
@@ -219,7 +240,7 @@ class LfsUploads:
                 digest = _hash_file(session.tmp)
         if digest != session.oid:
             session.tmp.unlink(missing_ok=True)
-            self._finish(session)
+            self._finish(session, stored=False)
             raise errors.bad_request(f"sha256 of the uploaded parts does not match oid {session.oid}")
         self.blobs.adopt(session.tmp, session.oid)
         self._finish(session)

@@ -13,8 +13,9 @@ URL shapes (repo ids are `name` or `namespace/name`; revisions arrive percent-en
     POST|DELETE /api/{type}s/{repo}/branch/{branch}   PUT  /api/{type}s/{repo}/settings
     HEAD|GET [/{type}s]/{repo}/resolve/{rev}/{path}
     POST [/{type}s]/{repo}.git/info/lfs/objects/batch  (and .../verify)
-    HEAD|GET /cdn-lfs/{sha256}?repo&path&expires&sig  (signed redirect target, see SignedCdn)
+    HEAD|GET /cdn-lfs/{sha256}?repo&path&expires&sig  (signed blob URLs, see UrlSigner)
     PUT  /api/localhub/lfs/{upload}[/{part}]   POST /api/localhub/lfs/{upload}   (upload URLs we hand out)
+    GET  /api/{type}s/{repo}/xet-write-token/{rev}    /api/localhub/xet/{store}/v1/...  (Xet uploads, see xet.py)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import json
 import os
 import re
 import socket
+import sys
 import threading
 import time
 from http.server import ThreadingHTTPServer
@@ -35,7 +37,16 @@ from urllib.parse import parse_qs, unquote, urlencode
 import yaml
 
 from . import errors
-from .auth import User, Users, can_write, check_content, check_read, check_write, user_from_header
+from .auth import (
+    User,
+    Users,
+    can_read_content,
+    can_write,
+    check_content,
+    check_read,
+    check_write,
+    user_from_header,
+)
 from .faults import FaultInjector
 from .lfs import LfsUploads
 from .storage import (
@@ -51,8 +62,9 @@ from .storage import (
     validate_path,
 )
 from .throttle import Throttle
-from .transport import RequestRecord, TransportHandler
+from .transport import RequestRecord, TransportHandler, logger
 from .views import Views, front_matter
+from .xet import CAS_PREFIX, MAX_SHARD, XetStore, XetTokens, is_hash_hex, parse_shard
 
 TYPE_PREFIXES = {"models": "model", "datasets": "dataset", "spaces": "space"}
 URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
@@ -60,20 +72,23 @@ URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 REPO_SUBPATHS = {
     "revision", "tree", "paths-info", "preupload", "commit", "commits", "refs", "branch", "tag",
     "settings", "discussions", "lfs-files", "resolve", "treesize", "auth-check", "super-squash",
+    "xet-write-token", "xet-read-token",
 }
 CDN_PREFIX = "cdn-lfs"
 _RANGE_RE = re.compile(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", re.IGNORECASE)
+# Byte positions longer than this are past the end of any file; int() would refuse them past
+# 4300 digits anyway, and a Range header is untrusted input.
+_MAX_POSITION_DIGITS = 18
 
 
-class SignedCdn:
-    """Signed, expiring blob URLs on another host name, like the Hub's redirects to its CDN.
+class UrlSigner:
+    """Signed, expiring blob URLs (`/cdn-lfs/<sha256>?…`), like the Hub's links to its CDN.
 
-    The host must differ from the Hub's (localhost vs 127.0.0.1): the client follows
-    same-origin redirects on HEAD and would then miss the `X-Repo-Commit` header.
+    They serve LFS redirects (on another host name, see `LocalHub.set_redirect_lfs`) and the
+    download actions of the LFS batch API; whoever holds one may read that blob without a token.
     """
 
-    def __init__(self, host: str, ttl: float = 3600.0):
-        self.host = host
+    def __init__(self, ttl: float = 3600.0):
         self.ttl = ttl
         self._secret = os.urandom(32)
 
@@ -81,11 +96,11 @@ class SignedCdn:
         message = f"{sha256}\n{repo}\n{path}\n{expires}".encode()
         return hmac.new(self._secret, message, hashlib.sha256).hexdigest()
 
-    def url(self, port: int, sha256: str, repo: str, path: str) -> str:
+    def path(self, sha256: str, repo: str, path: str) -> str:
         expires = str(int(time.time() + self.ttl))
         query = urlencode({"repo": repo, "path": path, "expires": expires,
                            "sig": self._sign(sha256, repo, path, expires)})
-        return f"http://{self.host}:{port}/{CDN_PREFIX}/{sha256}?{query}"
+        return f"/{CDN_PREFIX}/{sha256}?{query}"
 
     def valid(self, sha256: str, params: dict[str, str]) -> bool:
         expires = params.get("expires", "0")
@@ -102,11 +117,14 @@ class HubState:
     """Everything the request threads share."""
 
     def __init__(self, storage: Storage, users: Users, uploads: LfsUploads):
-        self.cdn: SignedCdn | None = None  # set to redirect LFS downloads, as the Hub does
+        self.signer = UrlSigner()
+        self.cdn_host: str | None = None  # set to redirect LFS downloads to this host name, as the Hub does
         self.storage = storage
         self.users = users
         self.uploads = uploads
         self.views = Views(storage.blobs)
+        self.xet = XetStore(storage.root, storage.blobs)
+        self.xet_tokens = XetTokens()
         self.throttle = Throttle()
         self.faults = FaultInjector()
         self._log: list[RequestRecord] = []
@@ -140,6 +158,14 @@ class HubHTTPServer(ThreadingHTTPServer):
         with self._connections_lock:
             (self._connections.add if alive else self._connections.discard)(conn)
 
+    def handle_error(self, request, client_address) -> None:
+        # A client that resets a kept-alive connection, idle or half-way through a request line,
+        # is routine for a server: not worth a traceback on stderr.
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            logger.debug("localhub: connection from %s:%s reset", *client_address[:2])
+            return
+        logger.exception("localhub: error on the connection from %s:%s", *client_address[:2])
+
     def close_connections(self) -> None:
         """Unblock threads parked on idle keep-alive connections so that stop() is prompt."""
         with self._connections_lock:
@@ -155,6 +181,37 @@ def _truthy(value: str | None) -> bool:
     return value is not None and value.lower() in ("1", "true", "yes")
 
 
+_KINDS = {str: "a string", int: "an integer", list: "a list", dict: "a JSON object"}
+
+
+def _expect(value, kind: type, what: str, *, optional: bool = False):
+    """`value` if it has the JSON type `kind`; anything else in a request body is the caller's error (400)."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise errors.bad_request(f"Malformed request body: {what} must be {_KINDS[kind]}")
+    return value
+
+
+def _strings(value, what: str) -> list[str]:
+    items = _expect(value, list, what)
+    for i, item in enumerate(items):
+        _expect(item, str, f"{what}[{i}]")
+    return items
+
+
+def _base64(value, what: str) -> bytes:
+    try:
+        return base64.b64decode(_expect(value, str, what))
+    except ValueError:
+        raise errors.bad_request(f"Malformed request body: {what} is not valid base64") from None
+
+
+def _position(digits: str) -> int:
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= _MAX_POSITION_DIGITS else 10**_MAX_POSITION_DIGITS
+
+
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None | str:
     """(start, end) inclusive, None to serve the whole file, or "unsatisfiable"."""
     if not header:
@@ -163,12 +220,12 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None | str:
     if not match or (not match[1] and not match[2]):
         return None  # malformed or multi-range: RFC 9110 allows ignoring the header
     if not match[1]:
-        suffix = int(match[2])
+        suffix = _position(match[2])
         if suffix == 0 or size == 0:
             return "unsatisfiable"
         return max(0, size - suffix), size - 1
-    start = int(match[1])
-    end = int(match[2]) if match[2] else size - 1
+    start = _position(match[1])
+    end = _position(match[2]) if match[2] else size - 1
     if match[2] and end < start:
         return None  # invalid: ignore it
     if start >= size:
@@ -196,7 +253,10 @@ class HubHandler(TransportHandler):
     # ------------------------------------------------------------------ routing
     def route(self, path: str, query: str) -> None:
         self.query = {k: v for k, v in parse_qs(query, keep_blank_values=True).items()}
-        self.user: User | None = user_from_header(self.state.users, self.headers.get("Authorization"))
+        self.user: User | None = None
+        if path.startswith(CAS_PREFIX) or path == "/v1/telemetry":
+            return self._cas(path)  # authenticated by Xet tokens, not Hub tokens
+        self.user = user_from_header(self.state.users, self.headers.get("Authorization"))
         self.record.user = self.user.name if self.user else None
         segs = path.split("/")[1:]
         if segs and segs[0] == "api":
@@ -215,7 +275,7 @@ class HubHandler(TransportHandler):
                 if self.command == "POST" and segs[i + 4] == "batch":
                     return self._lfs_batch(repo_type, repo_id)
                 if self.command == "POST" and segs[i + 4] == "verify":
-                    return self._lfs_verify()
+                    return self._lfs_verify(repo_type, repo_id)
         raise errors.HubError(404, f"Not found: {path}")
 
     def _route_api(self, segs: list[str]) -> None:
@@ -266,6 +326,8 @@ class HubHandler(TransportHandler):
             return self._branch(repo_type, repo_id, arg)
         if method == "PUT" and action == "settings":
             return self._settings(repo_type, repo_id)
+        if method == "GET" and action == "xet-write-token" and len(rest) >= 2:
+            return self._xet_write_token(repo_type, repo_id, arg)
         if method == "GET" and action == "auth-check":
             return self._auth_check(repo_type, repo_id, write=rest[1:] == ["write"])
         raise errors.HubError(404, f"Not found: {self.record.path}")
@@ -316,9 +378,9 @@ class HubHandler(TransportHandler):
         name = payload.get("name")
         if not isinstance(name, str) or not name:
             raise errors.bad_request("Missing repo name")
-        namespace = payload.get("organization") or self.user.name
+        namespace = _expect(payload.get("organization"), str, "'organization'", optional=True) or self.user.name
         repo_id = f"{namespace}/{name}"
-        repo_type = payload.get("type") or "model"
+        repo_type = _expect(payload.get("type"), str, "'type'", optional=True) or "model"
         self.record.repo_id = repo_id
         if not can_write(self.user, namespace):
             raise errors.forbidden(f"You don't have the rights to create a {repo_type} under the namespace \"{namespace}\"")
@@ -338,10 +400,11 @@ class HubHandler(TransportHandler):
 
     def _delete_repo(self) -> None:
         payload = self.body.json()
-        name = payload.get("name")
-        namespace = payload.get("organization") or (self.user.name if self.user else None)
-        repo_id = f"{namespace}/{name}" if namespace else str(name)
-        repo = self._readable(payload.get("type") or "model", repo_id)
+        name = _expect(payload.get("name"), str, "'name'")
+        namespace = _expect(payload.get("organization"), str, "'organization'", optional=True) or (
+            self.user.name if self.user else None)
+        repo_id = f"{namespace}/{name}" if namespace else name
+        repo = self._readable(_expect(payload.get("type"), str, "'type'", optional=True) or "model", repo_id)
         check_write(self.user, repo)
         self.state.storage.delete_repo(repo.repo_type, repo.repo_id)
         self.send_json(200, {})
@@ -372,7 +435,7 @@ class HubHandler(TransportHandler):
         repo = self._readable(repo_type, repo_id)
         check_write(self.user, repo)
         if self.command == "POST":
-            repo.create_branch(branch, payload.get("startingPoint"))
+            repo.create_branch(branch, _expect(payload.get("startingPoint"), str, "'startingPoint'", optional=True))
         else:
             repo.delete_branch(branch)
         self.send_json(200, {})
@@ -397,12 +460,15 @@ class HubHandler(TransportHandler):
 
     def _paths_info(self, repo_type: str, repo_id: str, revision: str) -> None:
         raw = self.body.read_all(64 * 1024 * 1024)
-        if "json" in self.headers.get("Content-Type", ""):
-            payload = json.loads(raw or b"{}")
-            paths, expand = payload.get("paths") or [], bool(payload.get("expand"))
-        else:
-            form = parse_qs(raw.decode(), keep_blank_values=True)
-            paths, expand = form.get("paths", []), _truthy((form.get("expand") or ["false"])[-1])
+        try:
+            if "json" in self.headers.get("Content-Type", ""):
+                payload = _expect(json.loads(raw or b"{}"), dict, "the body")
+                paths, expand = _strings(payload.get("paths") or [], "'paths'"), bool(payload.get("expand"))
+            else:
+                form = parse_qs(raw.decode(), keep_blank_values=True)
+                paths, expand = form.get("paths", []), _truthy((form.get("expand") or ["false"])[-1])
+        except (ValueError, RecursionError):
+            raise errors.bad_request("Malformed request body: send JSON {\"paths\": [...]} or a form") from None
         repo = self._readable(repo_type, repo_id)
         commit = repo.resolve(revision)
         self.send_json(200, self.state.views.paths_info(repo, commit, [str(p) for p in paths], expand=expand))
@@ -441,10 +507,10 @@ class HubHandler(TransportHandler):
             # On the Hub these come with the redirect to the CDN and describe the linked blob.
             headers["X-Linked-Etag"] = f'"{entry.sha256}"'
             headers["X-Linked-Size"] = str(entry.size)
-            if self.state.cdn is not None:
+            if self.state.cdn_host is not None:
                 headers["ETag"] = f'"{entry.git_oid}"'  # the pointer's, as the Hub's redirect has
-                headers["Location"] = self.state.cdn.url(self.server.server_address[1], entry.sha256,
-                                                         f"{repo_type}s/{repo_id}", path)
+                signed = self.state.signer.path(entry.sha256, f"{repo_type}s/{repo_id}", path)
+                headers["Location"] = f"http://{self.state.cdn_host}:{self.server.server_address[1]}{signed}"
                 self.send_bytes(302, b"", headers)
                 return
         self._send_blob(entry.sha256, entry.size, headers, {"X-Repo-Commit": commit.sha})
@@ -455,7 +521,7 @@ class HubHandler(TransportHandler):
         if wanted == "unsatisfiable":
             match = _RANGE_RE.fullmatch(self.headers.get("Range", ""))
             if match and match[1]:
-                self.record.range = (int(match[1]), int(match[2]) if match[2] else size - 1)
+                self.record.range = (_position(match[1]), _position(match[2]) if match[2] else size - 1)
             raise errors.HubError(416, "Requested range not satisfiable", None,
                                   {"Content-Range": f"bytes */{size}", **error_headers})
         if wanted is None:
@@ -470,9 +536,8 @@ class HubHandler(TransportHandler):
         """A signed-URL blob server standing in for the Hub's CDN (no token needed, no repo headers)."""
         if self.command not in ("GET", "HEAD"):
             raise errors.HubError(405, "Method not allowed")
-        cdn = self.state.cdn
         params = {k: v[-1] for k, v in self.query.items()}
-        if cdn is None or not cdn.valid(sha256, params):
+        if not self.state.signer.valid(sha256, params):
             raise errors.HubError(403, "Request has expired or its signature does not match")
         self.record.repo_id = params.get("repo", "").split("/", 1)[-1] or None
         self.record.file = params.get("path")
@@ -501,15 +566,17 @@ class HubHandler(TransportHandler):
         if repo.refs["heads"] or revision != "main":
             commit = repo.resolve(revision)
         patterns = repo.lfs_patterns(commit)
-        gitignore = payload.get("gitIgnore")
+        gitignore = _expect(payload.get("gitIgnore"), str, "'gitIgnore'", optional=True)
         if gitignore is None and commit is not None and ".gitignore" in commit.files:
             entry = commit.files[".gitignore"]
             gitignore = self.state.storage.blobs.read(entry.sha256).decode("utf-8", "replace")
         answers = []
-        for item in payload.get("files", []):
-            path = validate_path(str(item.get("path", "")))
-            sample = base64.b64decode(item.get("sample") or "")
-            lfs = should_use_lfs(path, int(item.get("size") or 0), sample, patterns)
+        for i, item in enumerate(_expect(payload.get("files", []), list, "'files'")):
+            _expect(item, dict, f"files[{i}]")
+            path = validate_path(_expect(item.get("path"), str, f"files[{i}].path"))
+            sample = _base64(item.get("sample") or "", f"files[{i}].sample")
+            size = _expect(item.get("size"), int, f"files[{i}].size", optional=True) or 0
+            lfs = should_use_lfs(path, size, sample, patterns)
             answer = {"path": path, "uploadMode": "lfs" if lfs else "regular",
                       "shouldIgnore": _gitignored(path, gitignore)}
             existing = commit.files.get(path) if commit else None
@@ -532,17 +599,24 @@ class HubHandler(TransportHandler):
                 continue
             try:
                 item = json.loads(line)
-                key, value = item["key"], item["value"]
-            except (ValueError, KeyError, TypeError):
-                raise errors.bad_request("Malformed NDJSON commit payload") from None
+            except (ValueError, RecursionError):
+                item = None
+            if not isinstance(item, dict) or not isinstance(item.get("key"), str) or not isinstance(
+                item.get("value"), dict
+            ):
+                raise errors.bad_request(
+                    'Malformed NDJSON commit payload: each line must be {"key": ..., "value": {...}}'
+                )
+            key, value = item["key"], item["value"]
             if key == "header":
                 header = value
             elif key == "file":
-                path = validate_path(value["path"])
-                if value.get("encoding", "base64") == "base64":
-                    content = base64.b64decode(value.get("content", ""))
+                path = validate_path(_expect(value.get("path"), str, "file.path"))
+                encoding = _expect(value.get("encoding"), str, "file.encoding", optional=True) or "base64"
+                if encoding == "base64":
+                    content = _base64(value.get("content", ""), f"the content of {path}")
                 else:
-                    content = str(value.get("content", "")).encode()
+                    content = _expect(value.get("content", ""), str, "file.content").encode()
                 if len(content) >= LFS_SIZE_THRESHOLD:
                     raise errors.bad_request(
                         f"Your push was rejected because it contains files larger than 10 MiB: {path}. "
@@ -551,29 +625,35 @@ class HubHandler(TransportHandler):
                 entry = FileEntry.make(blobs.put_bytes(content), len(content), False, content)
                 operations.append(AddFile(path, entry))
             elif key == "lfsFile":
-                path, oid = validate_path(value["path"]), value.get("oid")
+                path, oid = validate_path(_expect(value.get("path"), str, "lfsFile.path")), value.get("oid")
                 size = value.get("size")
-                if not is_sha256(oid) or not blobs.has(oid, size):
+                # One answer whether the blob is missing or only somebody else's, so that the
+                # answer does not tell which private contents exist.
+                if not is_sha256(oid) or not blobs.has(oid, size) or not (repo.holds(oid) or self._reachable(oid)):
                     raise errors.bad_request(
                         "Your push was rejected because an LFS pointer pointed to a file that does not exist "
-                        f"({path}, oid {oid})"
+                        f"({path}, oid {oid}): upload its content to this repo before committing it"
                     )
                 operations.append(AddFile(path, FileEntry.make(oid, blobs.size(oid) or 0, True)))
             elif key == "deletedFile":
-                operations.append(DeleteFile(validate_path(value["path"])))
+                operations.append(DeleteFile(validate_path(_expect(value.get("path"), str, "deletedFile.path"))))
             elif key == "deletedFolder":
-                operations.append(DeleteFolder(value["path"].rstrip("/")))
+                folder = _expect(value.get("path"), str, "deletedFolder.path").rstrip("/")
+                operations.append(DeleteFolder(validate_path(folder)))
             else:
                 raise errors.bad_request(f"Unsupported commit operation: {key}")
-        if header is None or not str(header.get("summary", "")).strip():
+        summary = _expect(header.get("summary", ""), str, "header.summary") if header is not None else ""
+        if not summary.strip():
             raise errors.bad_request("Missing commit header or empty commit summary")
+        description = _expect(header.get("description"), str, "header.description", optional=True) or ""
+        parent_commit = _expect(header.get("parentCommit"), str, "header.parentCommit", optional=True)
         commit, pr_num = repo.commit(
             operations,
             revision=revision,
-            summary=str(header["summary"]),
-            description=str(header.get("description") or ""),
+            summary=summary,
+            description=description,
             author=self.user.name if self.user else None,
-            parent_commit=header.get("parentCommit"),
+            parent_commit=parent_commit,
             create_pr=create_pr,
         )
         answer = {"success": True, "commitOid": commit.sha, "commitUrl": f"{self._repo_url(repo)}/commit/{commit.sha}",
@@ -584,22 +664,107 @@ class HubHandler(TransportHandler):
         self.send_json(200, answer)
 
     # ------------------------------------------------------------------ LFS
+    def _reachable(self, sha256: str) -> bool:
+        """Whether the caller may already read this LFS object: some repo whose files they can read holds it."""
+        return any(
+            repo.references(sha256) for repo in self.state.storage.iter_repos() if can_read_content(self.user, repo)
+        )
+
     def _lfs_batch(self, repo_type: str, repo_id: str) -> None:
         payload = self.body.json()
         self.record.repo_id = repo_id
-        repo = self._readable(repo_type, repo_id)
-        if self.user is None:
-            raise errors.unauthorized("You must be authenticated to upload")
-        verify = f"{self._repo_url(repo)}.git/info/lfs/objects/verify"
-        answer = self.state.uploads.batch(payload, repo.repo_id, self.base_url, verify)
+        operation = payload.get("operation")
+        if operation not in ("upload", "download"):
+            raise errors.bad_request("Malformed request body: 'operation' must be \"upload\" or \"download\"")
+        objects = _expect(payload.get("objects"), list, "'objects'")
+        for i, obj in enumerate(objects):
+            _expect(obj, dict, f"objects[{i}]")
+        transfers = _strings(payload.get("transfers") or ["basic"], "'transfers'")
+        ref = _expect(payload.get("ref"), dict, "'ref'", optional=True)
+        revision = _expect(ref.get("name"), str, "'ref.name'") if ref is not None else None
+        if operation == "download":
+            repo = self._readable(repo_type, repo_id)
+            check_content(self.user, repo)
+            answer = self._lfs_downloads(repo, objects)
+        else:
+            # The rights of the commit that will follow: write for a branch; reading is enough
+            # for a pull request, which is what an upload without a ref is for (create_pr).
+            repo = self._writable(repo_type, repo_id, create_pr=revision is None,
+                                  revision=(revision or "main").removeprefix("refs/heads/"))
+            blobs = self.state.storage.blobs
+            verify = f"{self._repo_url(repo)}.git/info/lfs/objects/verify"
+            answer = self.state.uploads.batch(
+                objects, transfers, (repo.repo_type, repo.repo_id), self.base_url, verify,
+                known=lambda oid, size: blobs.has(oid, size) and (repo.holds(oid) or self._reachable(oid)),
+            )
         self.send_json(200, answer, {"Content-Type": "application/vnd.git-lfs+json"})
 
-    def _lfs_verify(self) -> None:
+    def _lfs_downloads(self, repo: Repo, objects: list[dict]) -> dict:
+        blobs = self.state.storage.blobs
+        answers = []
+        for obj in objects:
+            oid, size = obj.get("oid"), obj.get("size")
+            if is_sha256(oid) and type(size) is int and blobs.has(oid, size) and repo.references(oid):
+                href = self.base_url + self.state.signer.path(oid, f"{repo.repo_type}s/{repo.repo_id}", "")
+                answers.append({"oid": oid, "size": size, "authenticated": True,
+                                "actions": {"download": {"href": href, "expires_in": int(self.state.signer.ttl)}}})
+            else:
+                answers.append({"oid": str(oid), "size": size if type(size) is int else 0,
+                                "error": {"code": 404, "message": "Object does not exist in this repo"}})
+        return {"transfer": "basic", "objects": answers, "hash_algo": "sha256"}
+
+    def _lfs_verify(self, repo_type: str, repo_id: str) -> None:
         payload = self.body.json()
-        if self.state.storage.blobs.has(str(payload.get("oid")), payload.get("size")):
+        # Verifying follows an upload: the same rights (those of a pull request at least).
+        repo = self._writable(repo_type, repo_id, create_pr=True)
+        oid, size = payload.get("oid"), payload.get("size")
+        if is_sha256(oid) and type(size) is int and self.state.storage.blobs.has(oid, size) and repo.holds(oid):
             self.send_json(200, {"message": "ok"})
         else:
-            raise errors.HubError(404, "Object not found")
+            raise errors.HubError(404, "Object not found in this repo: upload it through the batch API first")
+
+    # ------------------------------------------------------------------ Xet
+    def _xet_write_token(self, repo_type: str, repo_id: str, revision: str) -> None:
+        # huggingface_hub asks for `…/xet-write-token/None?create_pr=1` when it opens a pull request.
+        create_pr = _truthy(self._param("create_pr")) or revision == "None"
+        repo = self._writable(repo_type, repo_id, create_pr=create_pr, revision=revision)
+        assert self.user is not None  # _writable refuses anonymous callers
+        token, expires = self.state.xet_tokens.issue(repo.repo_type, repo.repo_id, self.user.name)
+        cas_url = f"{self.base_url}{CAS_PREFIX}{self.state.xet.store_id}"
+        self.send_json(200, {"accessToken": token, "exp": expires, "casUrl": cas_url},
+                       {"X-Xet-Access-Token": token, "X-Xet-Token-Expiration": str(expires), "X-Xet-Cas-Url": cas_url})
+
+    def _cas(self, path: str) -> None:
+        if path == "/v1/telemetry":
+            self.send_json(200, {})  # hf_xet reports its transfer statistics to the CAS host; dropped
+            return
+        store, _, rest = path[len(CAS_PREFIX):].partition("/")
+        if store != self.state.xet.store_id:
+            raise errors.HubError(404, "Unknown Xet store: ask xet-write-token again for the current casUrl")
+        grant = self.state.xet_tokens.check(self.headers.get("Authorization"))
+        self.record.user, self.record.repo_id = grant.user, grant.repo_id
+        segs = rest.split("/")
+        if self.command == "GET" and len(segs) == 4 and segs[:2] == ["v1", "chunks"]:
+            # No global deduplication: the client then uploads every xorb it does not know we have.
+            raise errors.HubError(404, "No deduplication information for this chunk")
+        if self.command == "POST" and len(segs) == 4 and segs[:3] == ["v1", "xorbs", "default"] and (
+            is_hash_hex(segs[3])
+        ):
+            inserted = self.state.xet.put_xorb(segs[3], self.body, self.body.length)
+            self.send_json(200, {"was_inserted": inserted})
+            return
+        if self.command == "POST" and segs == ["v1", "shards"]:
+            files = parse_shard(self.body.read_all(MAX_SHARD))
+            repo = self.state.storage.get_repo(grant.repo_type, grant.repo_id)
+            if repo is None:
+                raise errors.HubError(404, f"Repository {grant.repo_id} no longer exists")
+            for file in files:
+                sha256, _ = self.state.xet.reassemble(file)
+                repo.record_upload(sha256)
+            self.send_json(200, {"result": 1})  # 1: "sync performed"
+            return
+        # /v2/shards among others: a 404 there makes hf_xet fall back to /v1/shards.
+        raise errors.HubError(404, f"Not found: {path}")
 
     def _lfs_upload(self, segs: list[str]) -> None:
         upload_id = segs[0]

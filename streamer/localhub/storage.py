@@ -10,6 +10,8 @@ Layout under the root folder (one server process per root; it caches metadata in
     models/<namespace>/<name>/commits/<sha>.json
                                            parent, message, author, date and the FULL manifest
                                            path -> [sha256, size, lfs, git_oid]
+    models/<namespace>/<name>/uploads.txt  sha256 of every LFS/Xet object uploaded to this repo, one a line
+    xet/                                   xorbs and the CAS store id (see xet.py)
 
 Each commit carries its whole manifest so reading any revision is one small JSON load, and
 since manifests only point at blobs, a commit costs a few hundred bytes per file, never a copy.
@@ -317,6 +319,8 @@ class Repo:
         self.meta: dict = json.loads((directory / "repo.json").read_text())
         self.refs: dict = json.loads((directory / "refs.json").read_text())
         self._commits: dict[str, Commit] = {}
+        self._uploaded: set[str] | None = None
+        self._referenced: set[str] | None = None
 
     # ----------------------------------------------------------------- metadata
     @property
@@ -490,6 +494,8 @@ class Repo:
             sha = hashlib.sha1(json.dumps(body, sort_keys=True).encode()).hexdigest()
             commit = Commit(sha, body["parent"], summary, description, author, timestamp, files)
             self._write_commit(commit)
+            if self._referenced is not None:
+                self._referenced.update(e.sha256 for e in files.values() if e.lfs)
 
             refs = json.loads(json.dumps(self.refs))
             if create_pr:
@@ -526,6 +532,40 @@ class Repo:
             del refs["heads"][branch]
             self._set_refs(refs)
 
+    # ----------------------------------------------------------------- LFS objects
+    # A blob is reachable through a repo only if it was uploaded to that repo (proof that the
+    # uploader had its bytes) or is committed in it: knowing a sha256 is not enough to get it.
+    def record_upload(self, sha256: str) -> None:
+        with self.lock:
+            uploaded = self.uploaded()
+            if sha256 not in uploaded:
+                with open(self.dir / "uploads.txt", "a") as fh:
+                    fh.write(sha256 + "\n")
+                uploaded.add(sha256)
+
+    def uploaded(self) -> set[str]:
+        if self._uploaded is None:
+            path = self.dir / "uploads.txt"
+            lines = path.read_text().split() if path.exists() else []
+            self._uploaded = {line for line in lines if _SHA256_RE.match(line)}  # a torn last line is dropped
+        return self._uploaded
+
+    def references(self, sha256: str) -> bool:
+        """Whether some commit of this repo (any branch, tag or pull request) holds this LFS object."""
+        with self.lock:
+            if self._referenced is None:
+                referenced: set[str] = set()
+                for path in (self.dir / "commits").glob("*.json"):
+                    commit = self.get_commit(path.stem)
+                    if commit is not None:
+                        referenced.update(e.sha256 for e in commit.files.values() if e.lfs)
+                self._referenced = referenced
+            return sha256 in self._referenced
+
+    def holds(self, sha256: str) -> bool:
+        """Whether a commit to this repo may point at this object (uploaded here, or already in it)."""
+        return sha256 in self.uploaded() or self.references(sha256)
+
     def lfs_patterns(self, commit: Commit | None) -> list[str]:
         entry = commit.files.get(".gitattributes") if commit else None
         if entry is None or entry.size > 1024 * 1024:
@@ -559,6 +599,14 @@ class Storage:
             if key not in self._repos and (directory / "repo.json").exists():
                 self._repos[key] = Repo(self, repo_type, repo_id, directory)
             return self._repos.get(key)
+
+    def iter_repos(self) -> Iterable[Repo]:
+        for repo_type in REPO_TYPES:
+            base = self.root / f"{repo_type}s"
+            for meta in [*base.glob("*/repo.json"), *base.glob("*/*/repo.json")]:
+                repo = self.get_repo(repo_type, meta.parent.relative_to(base).as_posix())
+                if repo is not None:
+                    yield repo
 
     def create_repo(
         self,

@@ -71,6 +71,8 @@ class BodyReader:
         self.chunked = "chunked" in handler.headers.get("Transfer-Encoding", "").lower()
         length = handler.headers.get("Content-Length")
         self.length: int | None = None if self.chunked else int(length or 0)
+        if self.length is not None and self.length < 0:
+            raise ValueError("negative Content-Length")
         self._left = self.length or 0  # bytes left in the body, or in the current chunk
         self.done = not self.chunked and self._left == 0
 
@@ -126,7 +128,7 @@ class BodyReader:
     def json(self) -> dict:
         try:
             data = json.loads(self.read_all() or b"{}")
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes
             raise errors.bad_request("Request body is not valid JSON") from None
         if not isinstance(data, dict):
             raise errors.bad_request("Request body must be a JSON object")
