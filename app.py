@@ -39,7 +39,7 @@ from streamer.catalog import build_catalog
 from streamer.errors import HubError, PlanError, StreamerError
 from streamer.hub import HubSource, explain
 from streamer.pipeline import default_memory_budget
-from streamer.plan import collapse_names, expand_inputs, human_bytes, plan_summary
+from streamer.plan import INCOMPATIBLE, collapse_names, expand_inputs, human_bytes, plan_summary
 from streamer.progress import STAGES, Progress, ProgressEvent
 from streamer.schemes import accepted_presets
 from streamer.suggest import (
@@ -96,6 +96,8 @@ def for_web(message: str) -> str:
         ("add --ignore", "add to the ignore list"),
         ("with --ignore", "with the ignore list"),
         ("choose another repo or pass --overwrite", "choose another repo name, or open the conversion as a pull request"),
+        (" (--ignore each), or pass --skip-incompatible to keep them unquantized automatically",
+         ", or tick “Keep weights the scheme cannot serve unquantized”"),
         (" (or --scheme-file for a custom one)", ""),
         ("run again with that account's token", "try again"),
     ]
@@ -344,7 +346,12 @@ def _weights(catalog) -> list[tuple[str, tuple[int, ...], str]]:
 
 
 def _notes_md(arch: str, notes: list[str], extra: str = "") -> str:
-    lines = [f"Detected **{html.escape(arch)}**. Suggested ignore list (edit freely):"]
+    # The list shows what streamer's default policy keeps unquantized anyway (the same policy as
+    # the command line's), so that what lands in quantization_config.ignore is in plain sight.
+    lines = [
+        f"Detected **{html.escape(arch)}**. Kept unquantized by default, whatever the list says "
+        "(add entries to keep more):"
+    ]
     lines += [f"- {html.escape(n)}" for n in notes]
     if extra:
         lines.append(extra)
@@ -411,10 +418,24 @@ def _why_kept(name: str, ignore: list[str], kept: dict[str, str]) -> str:
     return "not targeted by the scheme"
 
 
+def _policy_reasons(plan) -> dict[str, str]:
+    """tensor -> why, for the weights the default policy (or the shape rule) kept unquantized."""
+    out = {}
+    for rule in plan.kept_by_policy:
+        why = (
+            f"{plan.recipe.name} cannot serve this shape"
+            if rule.rule == INCOMPATIBLE
+            else f"kept by default ({rule.rule}): {rule.why}"
+        )
+        out.update({m + ".weight": why for m in rule.modules})
+    return out
+
+
 def plan_tables(plan) -> tuple[str, pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     summary = plan_summary(plan)
     ignore = list(summary["ignore"])
     kept = {k["tensor"]: k["why"] for k in summary["kept"]}
+    kept.update(_policy_reasons(plan))
     shards = pd.DataFrame(
         [
             [s["shard"], human_bytes(s["bytes_in"]), human_bytes(s["bytes_out"]), len(s["quantized"]), len(s["passthrough"])]
@@ -453,6 +474,12 @@ def plan_tables(plan) -> tuple[str, pd.DataFrame, pd.DataFrame, pd.DataFrame, pd
         f"**{human_bytes(summary['bytes_in'])} read → {human_bytes(summary['bytes_out'])} written**"
         + (f" ({ratio:.1f}x smaller)" if ratio else "")
         + (f". Fused sets sharing a global scale: {len(summary['fused_sets'])}" if summary["fused_sets"] else "")
+        + (
+            ". Kept unquantized beyond the ignore list: "
+            + ", ".join(f"{r['rule']} ({r['count']})" for r in summary["kept_by_policy"])
+            if summary["kept_by_policy"]
+            else ""
+        )
         + (f". Source is already quantized: {html.escape(summary['dequant'])}" if summary.get("dequant") else "")
         + "."
     )
@@ -500,6 +527,7 @@ def plan(
     repo_name: str,
     private: bool,
     create_pr: bool,
+    skip_incompatible: bool = False,
     oauth_token: gr.OAuthToken | None = None,
 ):
     """Dry run: what would be quantized, kept and written. Reads tensor headers only."""
@@ -513,7 +541,8 @@ def plan(
         if target == repo:
             raise UserError("The target repo is the source repo: choose another name.")
         result = convert(_spec(repo, rev), None, scheme=scheme, ignore=parse_ignore(ignore),
-                         token=token, dry_run=True, device="cpu")  # fmt: skip
+                         token=token, dry_run=True, device="cpu",
+                         skip_incompatible=bool(skip_incompatible))  # fmt: skip
         overview, *tables = plan_tables(result.plan)
         overview += "\n\n" + _target_note(HfApi(endpoint=endpoint(), token=token), target, create_pr, private)
     except Exception as e:
@@ -617,6 +646,7 @@ def run_convert(
     repo_name: str,
     private: bool,
     create_pr: bool,
+    skip_incompatible: bool = False,
     oauth_token: gr.OAuthToken | None = None,
 ):
     """Quantize the source and publish it in one commit; streams progress and a log."""
@@ -652,6 +682,7 @@ def run_convert(
             outcome["result"] = convert(
                 _spec(repo, rev), f"hub://{target}", scheme=scheme, ignore=ignore_list, token=token,
                 private=bool(private), create_pr=bool(create_pr), device="auto",
+                skip_incompatible=bool(skip_incompatible),
                 max_memory=max(default_memory_budget() // MAX_CONVERSIONS, 1 << 30),
                 progress=Progress(listeners=[events.put]), cancel=slot.cancel,
             )  # fmt: skip
@@ -821,6 +852,8 @@ def build_demo() -> gr.Blocks:
             with gr.Column(scale=1, min_width=180):
                 private = gr.Checkbox(label="Private repo", value=False, elem_id="private")
                 create_pr = gr.Checkbox(label="Open as a pull request", value=False, elem_id="create-pr")
+                skip_incompatible = gr.Checkbox(label="Keep weights the scheme cannot serve unquantized",
+                                                value=False, elem_id="skip-incompatible")  # fmt: skip
         with gr.Row():
             plan_btn = gr.Button("Plan (dry run)", variant="secondary", elem_id="plan-btn")
             convert_btn = gr.Button("Convert and publish", variant="primary", elem_id="convert-btn")
@@ -842,7 +875,7 @@ def build_demo() -> gr.Blocks:
                 warnings_df = gr.Dataframe(headers=WARNING_COLUMNS, label="Warnings", interactive=False, wrap=True,
                                            elem_id="plan-warnings")  # fmt: skip
 
-        form = [source, revision, scheme, ignore, namespace, repo_name, private, create_pr]
+        form = [source, revision, scheme, ignore, namespace, repo_name, private, create_pr, skip_incompatible]
         demo.load(on_load, None, [account_md, namespace], api_name="whoami_ui", api_visibility="private")
         hidden_json = gr.JSON(visible=False)
         gr.Button(visible=False).click(whoami_api, None, hidden_json, api_name="whoami")

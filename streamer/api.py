@@ -18,7 +18,7 @@ import torch
 from .card import Provenance, model_card
 from .catalog import CONFIG_NAME, INDEX_NAME, build_catalog
 from .errors import StreamerError
-from .plan import Plan, make_plan
+from .plan import Plan, Policy, make_plan
 from .pipeline import RunStats, Runner, default_memory_budget
 from .progress import Progress
 from .schemes import make_recipe
@@ -44,6 +44,12 @@ class Result:
             "bytes_out": self.plan.bytes_out,
             "shards": [j.shard for j in self.plan.jobs],
             "quantized": self.plan.n_quantized,
+            # what the policy kept beyond the ignore list, one entry per rule with a count
+            "kept_by_policy": [
+                {"rule": r.rule, "count": len(r.modules), "why": r.why} for r in self.plan.kept_by_policy
+            ],
+            "ignore": self.plan.config_ignore,
+            "warnings": self.plan.warnings,
             "dry_run": self.dry_run,
             "url": self.url,
         }
@@ -103,8 +109,20 @@ def prepare(
     token: str | None = None,
     dequant_dtype: str | None = None,
     force: bool = False,
+    default_ignore: bool = True,
+    quantize_towers: bool = False,
+    skip_incompatible: bool = False,
 ) -> tuple[Source, Plan]:
-    """Open the source and build the complete plan (reads headers only)."""
+    """Open the source and build the complete plan (reads headers only).
+
+    default_ignore: keep embeddings, the output head, MoE routers and vision/audio towers
+      unquantized besides IGNORE (streamer.suggest.RULES); False quantizes what the scheme
+      targets, as llm-compressor's model_free_ptq does.
+    quantize_towers: quantize vision/audio towers and multimodal projectors anyway.
+    skip_incompatible: keep weights whose shape the scheme cannot serve unquantized, instead of
+      refusing the conversion.
+    """
+    policy = Policy(default_ignore=default_ignore, quantize_towers=quantize_towers, skip_incompatible=skip_incompatible)
     try:
         recipe = make_recipe(scheme, scheme_file=scheme_file, config=config, ignore=list(ignore))
     except BaseException:
@@ -121,7 +139,7 @@ def prepare(
             detect_dequantizer = None
         if detect_dequantizer is not None:
             dequant = detect_dequantizer(catalog, recipe, dtype=dequant_dtype, force=force)
-        plan = make_plan(catalog, recipe, source=source.label, dequant=dequant)
+        plan = make_plan(catalog, recipe, source=source.label, dequant=dequant, policy=policy)
     except BaseException:
         source.close()
         raise
@@ -150,12 +168,26 @@ def convert(
     force: bool = False,
     progress: Progress | None = None,
     cancel: threading.Event | None = None,
+    default_ignore: bool = True,
+    quantize_towers: bool = False,
+    skip_incompatible: bool = False,
+    record: str = "requested",
 ) -> Result:
+    """Convert SRC into DST (see `prepare` for the policy flags).
+
+    record: which policy flags the model card's settings record: "requested" (what was asked;
+      mirroring compares it on its next run) or "effective" (only the flags that changed the
+      output: the drop-in model_free_ptq, which has no such knobs, is described by the shortest
+      CLI command that reproduces its output).
+    """
+    if record not in ("requested", "effective"):
+        raise StreamerError(f"record must be 'requested' or 'effective', not {record!r}")
     dev = resolve_device(device)
     progress = progress or Progress()
     source, plan = prepare(
         src, scheme=scheme, scheme_file=scheme_file, config=config, ignore=ignore, token=token,
-        dequant_dtype=dequant_dtype, force=force,
+        dequant_dtype=dequant_dtype, force=force, default_ignore=default_ignore,
+        quantize_towers=quantize_towers, skip_incompatible=skip_incompatible,
     )  # fmt: skip
     with source:
         sink = None
@@ -171,6 +203,8 @@ def convert(
             return Result(plan=plan, dry_run=True)
         if sink is None:
             raise StreamerError("no destination given")
+        if plan.unexpected:  # the default policy is off: say once what is about to go wrong
+            log.warning("%s", plan.unexpected_note)
         try:
             sink.begin()
             progress.message(
@@ -184,8 +218,8 @@ def convert(
                 fingerprint=fingerprint(plan, source),
             )  # fmt: skip
             stats = runner.run()
-            _write_small_files(plan, source, sink, target=sink.label)
-            message = f"Quantize {plan.source} with {plan.recipe.name} (streamer)"
+            _write_small_files(plan, source, sink, target=sink.label, record=record)
+            message = f"Quantize {_source_label(plan, source)} with {plan.recipe.name} (streamer)"
             url = sink.commit(message, _commit_description(plan, source))
             progress.message(f"done: {url}")
             return Result(plan=plan, stats=stats, url=url)
@@ -209,7 +243,7 @@ def fingerprint(plan: Plan, source: Source) -> str | None:
         {
             "source": source.repo_id,
             "commit": source.commit,
-            "config": plan.recipe.quantization_config(),
+            "config": plan.quantization_config(),
             "dequant": plan.dequant,
             "version": __version__,
             "jobs": [[j.shard, [[o.name, o.dtype, list(o.shape), o.origin] for o in j.outputs]] for j in plan.jobs],
@@ -219,30 +253,54 @@ def fingerprint(plan: Plan, source: Source) -> str | None:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def _source_name(source: Source) -> str:
+    """The source as published text names it: a repo id, or a local folder's name (a card or
+    commit must not leak the converting machine's paths)."""
+    return source.repo_id or os.path.basename(os.path.normpath(source.label))
+
+
+def _source_label(plan: Plan, source: Source) -> str:
+    return plan.source if source.repo_id else _source_name(source)
+
+
 def _commit_description(plan: Plan, source: Source) -> str:
     commit = f"@{source.commit}" if source.commit else ""
-    return f"Source: {plan.source}{commit}\nScheme: {plan.recipe.name}\nIgnore: {plan.recipe.ignore}"
+    return f"Source: {_source_label(plan, source)}{commit}\nScheme: {plan.recipe.name}\nIgnore: {plan.config_ignore}"
 
 
-def provenance(plan: Plan, source: Source) -> Provenance:
+def provenance(plan: Plan, source: Source, *, record: str = "requested") -> Provenance:
     dq = plan.dequantizer
+    flags = plan.policy.flags() if record == "requested" else plan.effective_flags()
     return Provenance(
-        source=source.repo_id or source.label,
+        source=_source_name(source),
         source_commit=source.commit,
         scheme=plan.recipe.name,
         ignore=tuple(plan.recipe.ignore),
         dequant_dtype=getattr(dq, "dtype_name", None),
+        policy=tuple(f.lstrip("-") for f in flags),
     )
 
 
-def _write_small_files(plan: Plan, source: Source, sink: Sink, *, target: str) -> None:
+def _source_card(plan: Plan, source: Source) -> str | None:
+    """The source's README.md (its model card), when it has one. The catalog never copies it
+    (the output gets its own card), so it is looked up in the source's file listing."""
+    if "README.md" not in plan.catalog.file_sizes:
+        return None
+    try:
+        return bytes(source.read_file("README.md")).decode("utf-8", errors="replace")
+    except (StreamerError, OSError) as e:  # a card is metadata: the conversion goes on without it
+        log.warning("could not read the source's model card (%s); its metadata is not carried over", e)
+        return None
+
+
+def _write_small_files(plan: Plan, source: Source, sink: Sink, *, target: str, record: str = "requested") -> None:
     catalog = plan.catalog
     for path in catalog.copy_files:
         if path == CONFIG_NAME:
             continue
         sink.put_file(path, bytes(source.read_file(path)))
     config = dict(catalog.config or {})
-    config["quantization_config"] = plan.recipe.quantization_config()
+    config["quantization_config"] = plan.quantization_config()
     sink.put_file(CONFIG_NAME, dumps_json(config))
     weight_map = plan.weight_map
     if INDEX_NAME in catalog.file_sizes or len(plan.jobs) != 1:
@@ -251,15 +309,23 @@ def _write_small_files(plan: Plan, source: Source, sink: Sink, *, target: str) -
             "weight_map": dict(sorted(weight_map.items())),
         }
         sink.put_file(INDEX_NAME, dumps_json(index))
-    card = model_card(plan, provenance(plan, source), target=_target_name(target, sink))
+    card = model_card(
+        plan, provenance(plan, source, record=record), target=_target_name(target, sink),
+        source_card=_source_card(plan, source),
+    )  # fmt: skip
     sink.put_file("README.md", card.encode())
 
 
 def _target_name(label: str, sink: Sink) -> str:
-    return getattr(sink, "repo_id", None) or label
+    """The target as a card names it: the repo id, or a local folder's name (never its path)."""
+    return getattr(sink, "repo_id", None) or os.path.basename(os.path.normpath(label))
 
 
 # The name users know from the README; `convert` is the engine's verb.
-def quantize(src, dst, *, scheme=None, ignore=(), device="auto", **kwargs) -> Result:
-    """Quantize the checkpoint at SRC (folder or Hub repo id) into DST (folder or repo id)."""
-    return convert(src, dst, scheme=scheme, ignore=ignore, device=device, **kwargs)
+def quantize(src, dst, *, scheme=None, ignore=(), device="auto", default_ignore=True, **kwargs) -> Result:
+    """Quantize the checkpoint at SRC (folder or Hub repo id) into DST (folder or repo id).
+
+    Besides IGNORE, embeddings, the output head, MoE routers and vision/audio towers stay
+    unquantized unless default_ignore=False (see `prepare` for quantize_towers and
+    skip_incompatible)."""
+    return convert(src, dst, scheme=scheme, ignore=ignore, device=device, default_ignore=default_ignore, **kwargs)

@@ -47,6 +47,16 @@ def convert_parser() -> argparse.ArgumentParser:
         "--ignore", action="append", default=[], metavar="NAME|re:PATTERN",
         help="module to leave unquantized (repeatable): an exact module name, or re:PATTERN (re.match)",
     )  # fmt: skip
+    p.add_argument(
+        "--no-default-ignore", dest="default_ignore", action="store_false",
+        help="quantize everything the scheme targets, as llm-compressor does; by default embeddings, "
+        "lm_head, MoE routers and vision/audio towers stay unquantized",
+    )  # fmt: skip
+    p.add_argument("--quantize-towers", action="store_true", help="quantize vision/audio towers and multimodal projectors too")
+    p.add_argument(
+        "--skip-incompatible", action="store_true",
+        help="keep weights whose shape the scheme cannot serve unquantized, instead of stopping",
+    )  # fmt: skip
     p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda or cuda:N")
     p.add_argument("--dry-run", action="store_true", help="print the plan and stop; nothing is read or written")
     p.add_argument("--max-memory", type=parse_size, help="byte budget for buffered data (default: half the free RAM)")
@@ -120,6 +130,8 @@ def run_convert(args) -> int:
             workers=args.workers, token=args.token or None, overwrite=args.overwrite,
             private=args.private, create_pr=args.create_pr, revision=args.revision,
             dequant_dtype=args.dequant_dtype, force=args.force, progress=progress,
+            default_ignore=args.default_ignore, quantize_towers=args.quantize_towers,
+            skip_incompatible=args.skip_incompatible,
         )  # fmt: skip
     except StreamerError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -5,7 +5,10 @@ Switching is one import:
     from streamer import model_free_ptq        # was: from llmcompressor import model_free_ptq
 
 It is a thin wrapper over `streamer.api.convert`, so the output is exactly what
-`python -m streamer` writes for the same arguments.
+`python -m streamer` writes for the same arguments, with one difference the drop-in owes to the
+reference: streamer's default ignore policy (embeddings, lm_head, MoE routers and vision/audio
+towers kept unquantized) is off, as the reference has none; the conversion logs one warning
+naming what it quantizes that serving engines do not expect quantized.
 """
 
 from __future__ import annotations
@@ -77,6 +80,9 @@ def model_free_ptq(
         token=token,
         private=private,
         create_pr=create_pr,
+        # the reference's semantics, bit for bit: only `ignore` is kept unquantized
+        default_ignore=False,
+        record="effective",
     )
 
 

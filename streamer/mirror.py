@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
-from .card import Provenance, read_provenance
+from .card import Provenance, policy_flags, read_provenance
 from .errors import HubError, StreamerError, TargetError
 from .progress import human_bytes
 
@@ -69,6 +69,9 @@ JOB_KEYS: dict[str, tuple[type, str]] = {
     "dequant_dtype": (str, "dtype a quantized source is expanded to: bfloat16, float16 or float32"),
     "device": (str, "auto, cpu, cuda or cuda:N (default: the --device option)"),
     "overwrite": (bool, "allow replacing a target that holds files streamer did not write (default false)"),
+    "default_ignore": (bool, "keep embeddings, lm_head, MoE routers and vision/audio towers unquantized (default true)"),
+    "quantize_towers": (bool, "quantize vision/audio towers and multimodal projectors too (default false)"),
+    "skip_incompatible": (bool, "keep weights the scheme cannot serve unquantized instead of failing (default false)"),
 }
 DEFAULT_KEYS = {k: v for k, v in JOB_KEYS.items() if k not in ("name", "source", "target")}
 TOP_KEYS = ("defaults", "job")
@@ -105,6 +108,23 @@ class Job:
     dequant_dtype: str | None = None
     device: str | None = None
     overwrite: bool = False
+    default_ignore: bool = True
+    quantize_towers: bool = False
+    skip_incompatible: bool = False
+
+    @property
+    def policy(self) -> tuple[str, ...]:
+        """The non-default policy choices, named as the model card records them."""
+        flags = policy_flags(self.default_ignore, self.quantize_towers, self.skip_incompatible)
+        return tuple(f.lstrip("-") for f in flags)
+
+    @property
+    def policy_kwargs(self) -> dict:
+        return {
+            "default_ignore": self.default_ignore,
+            "quantize_towers": self.quantize_towers,
+            "skip_incompatible": self.skip_incompatible,
+        }
 
     @property
     def source_spec(self) -> str:
@@ -118,7 +138,7 @@ class Job:
         """The `settings` hash streamer writes into the card, computed the same way."""
         return Provenance(
             source=self.source, source_commit=None, scheme=self.scheme,
-            ignore=tuple(self.ignore), dequant_dtype=dequant_dtype,
+            ignore=tuple(self.ignore), dequant_dtype=dequant_dtype, policy=self.policy,
         ).settings_key()  # fmt: skip
 
 
@@ -270,6 +290,8 @@ def parse_jobs(data: dict, *, origin: str = "jobs file") -> list[Job]:
             ignore=tuple(recipe.ignore), source_revision=source_rev, target_revision=target_rev,
             private=merged.get("private", False), create_pr=merged.get("create_pr", False),
             dequant_dtype=dq, device=merged.get("device"), overwrite=merged.get("overwrite", False),
+            default_ignore=merged.get("default_ignore", True), quantize_towers=merged.get("quantize_towers", False),
+            skip_incompatible=merged.get("skip_incompatible", False),
         ))  # fmt: skip
     if problems:
         raise JobsFileError(origin, problems)
@@ -358,6 +380,10 @@ def compare(job: Job, prov: dict | None, source_commit: str) -> str | None:
         diffs.append(f"ignore {list(prov.get('ignore') or [])} -> {list(job.ignore)}")
     if dq != stored_dq:
         diffs.append(f"dequant_dtype {stored_dq} -> {dq}")
+    if "policy" not in prov:
+        diffs.append("converted before streamer kept embeddings, lm_head and routers unquantized by default")
+    elif list(prov.get("policy") or []) != list(job.policy):
+        diffs.append(f"policy {list(prov.get('policy') or [])} -> {list(job.policy)}")
     return "settings changed (" + (", ".join(diffs) or "settings hash differs") + ")"
 
 
@@ -518,7 +544,7 @@ class MirrorRunner:
             from .api import prepare
 
             src, plan = prepare(source, scheme=job.scheme, ignore=job.ignore, token=self.token,
-                                dequant_dtype=job.dequant_dtype)
+                                dequant_dtype=job.dequant_dtype, **job.policy_kwargs)
             src.close()
             res.status = "planned"
             res.reason = (
@@ -540,7 +566,7 @@ class MirrorRunner:
             # replaced when the job says overwrite = true.
             overwrite=check.streamer_target or job.overwrite,
             private=job.private, create_pr=job.create_pr, dequant_dtype=job.dequant_dtype,
-            progress=Progress(), cancel=self.cancel, **self._memory_kwargs(),
+            progress=Progress(), cancel=self.cancel, **job.policy_kwargs, **self._memory_kwargs(),
         )  # fmt: skip
         res.status = "converted"
         res.url = result.url

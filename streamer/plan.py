@@ -14,12 +14,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .card import policy_flags
 from .catalog import DTYPE_SIZES, Catalog, TensorInfo
 from .errors import PlanError
 from .progress import human_bytes  # noqa: F401  (plan summaries use it; re-exported)
 from .kernels import ShapeError, needs_global_scale, output_layout
-from .schemes import Recipe
+from .schemes import Recipe, accepted_presets, make_recipe
 from .source import Span
+from .suggest import HEAD, LM_HEAD, RULES, TOWER, close_modules, default_kept, ignore_entries, matches
 
 # The torch dtype of each safetensors dtype name, for viewing raw bytes as tensors.
 TORCH_DTYPES = {
@@ -45,11 +47,36 @@ FUSED_FAMILIES: tuple[tuple[str, ...], ...] = (
     ("wq_a", "wkv_a_with_mqa"),
 )
 _FAMILY_OF = {leaf: fam for fam in FUSED_FAMILIES for leaf in fam}
-_ROUTER = re.compile(r"(^|\.)(mlp|block_sparse_moe|feed_forward)\.(gate|router)$")
 
 # 3-D fused expert tensors that are split into one 2-D Linear weight per expert, as the reference
 # does; vLLM loads the per-expert names.
 _EXPERT_SPLITS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What a conversion keeps unquantized besides the user's ignore list (see suggest.py)."""
+
+    default_ignore: bool = True  # embeddings, output head, MoE routers, towers (suggest.RULES)
+    quantize_towers: bool = False  # quantize vision/audio towers and projectors anyway
+    skip_incompatible: bool = False  # keep weights of shapes the scheme cannot serve, instead of refusing
+
+    def flags(self) -> tuple[str, ...]:
+        """The command-line flags that ask for this policy (empty for the defaults)."""
+        return policy_flags(self.default_ignore, self.quantize_towers, self.skip_incompatible)
+
+
+#: reason recorded for weights kept because the scheme cannot serve their shape
+INCOMPATIBLE = "shapes the scheme cannot serve"
+
+
+@dataclass(frozen=True)
+class KeptRule:
+    """Modules one rule of the policy kept unquantized (or, defaults off, let through)."""
+
+    rule: str  # a key of suggest.RULES, or INCOMPATIBLE
+    why: str
+    modules: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -111,6 +138,30 @@ class Plan:
     kept_weights: list[tuple[str, str]]  # (.weight tensor left unquantized, why) worth listing
     warnings: list[str]
     dequantizer: object | None = None  # dequant.Dequantizer when the source is already quantized
+    policy: Policy = field(default_factory=Policy)
+    kept_by_policy: list[KeptRule] = field(default_factory=list)  # beyond the user's ignore list
+    # defaults off: what the default rules would have kept and is quantized instead
+    unexpected: list[KeptRule] = field(default_factory=list)
+    config_ignore: list[str] = field(default_factory=list)  # quantization_config.ignore
+    towers_quantized: int = 0  # tower weights quantized because the policy asked for it
+    unexpected_note: str = ""  # the warning about `unexpected`, also among `warnings`
+
+    def quantization_config(self) -> dict:
+        """config.json's `quantization_config`: the recipe, with an ignore list that names every
+        module the scheme targets and the plan leaves unquantized."""
+        return self.recipe.quantization_config(ignore=self.config_ignore)
+
+    def effective_flags(self) -> tuple[str, ...]:
+        """The policy flags that changed this output (the shortest command that reproduces it)."""
+        return tuple(
+            flag
+            for flag, mattered in (
+                ("--no-default-ignore", bool(self.unexpected)),
+                ("--quantize-towers", self.policy.default_ignore and self.towers_quantized > 0),
+                ("--skip-incompatible", any(r.rule == INCOMPATIBLE for r in self.kept_by_policy)),
+            )
+            if mattered
+        )
 
     @property
     def dequant(self) -> str | None:
@@ -179,7 +230,9 @@ def expand_inputs(catalog: Catalog) -> tuple[list[TensorInfo], list[str]]:
     return out, notes
 
 
-def make_plan(catalog: Catalog, recipe: Recipe, *, source: str = "", dequant=None) -> Plan:
+def make_plan(
+    catalog: Catalog, recipe: Recipe, *, source: str = "", dequant=None, policy: Policy | None = None
+) -> Plan:
     problems: list[str] = []
     warnings: list[str] = list(catalog.notices)
     kept: list[tuple[str, str]] = []
@@ -200,6 +253,17 @@ def make_plan(catalog: Catalog, recipe: Recipe, *, source: str = "", dequant=Non
         consumed = set()
 
     # 1. decide what happens to every tensor
+    policy = policy or Policy()
+    weights = [
+        (name[: -len(".weight")], info.shape, info.dtype)
+        for name, info in by_name.items()
+        if name not in consumed and name.endswith(".weight")
+    ]
+    by_role = default_kept(catalog.config, weights, by_name, towers=True)
+    policy_kept: dict[str, str] = {}  # module -> rule, beyond the user's ignore list
+    unexpected: dict[str, str] = {}  # defaults off: module -> the rule that would have kept it
+    incompatible: dict[str, str] = {}  # module -> why the scheme cannot serve its shape
+    towers_quantized = 0
     ops: dict[str, QuantOp] = {}
     layouts: dict[str, dict] = {}
     for name, info in by_name.items():
@@ -215,6 +279,15 @@ def make_plan(catalog: Catalog, recipe: Recipe, *, source: str = "", dequant=Non
         if len(info.shape) != 2:
             kept.append((name, f"{len(info.shape)}-D, not a Linear weight"))
             continue
+        rule = by_role.get(module)
+        if rule is not None:
+            if not policy.default_ignore:
+                unexpected[module] = rule
+            elif rule == TOWER and policy.quantize_towers:
+                towers_quantized += 1
+            else:
+                policy_kept[module] = rule
+                continue
         src_dtype = dequant.dense_dtype(name) if dequant is not None else info.dtype
         if src_dtype not in FLOAT_DTYPES:
             problems.append(
@@ -222,19 +295,29 @@ def make_plan(catalog: Catalog, recipe: Recipe, *, source: str = "", dequant=Non
                 "ignore it with --ignore or convert a dense source"
             )
             continue
-        try:
-            layouts[name] = output_layout(info.shape, TORCH_DTYPES[src_dtype], scheme)
-        except ShapeError as e:
-            problems.append(f"{name}: {e}")
+        why = shape_problem(info.shape, TORCH_DTYPES[src_dtype], scheme)
+        if why is not None:
+            incompatible[module] = why
             continue
+        layouts[name] = output_layout(info.shape, TORCH_DTYPES[src_dtype], scheme)
         ops[name] = QuantOp(tensor=name, module=module, group=group)
 
-    routers = sorted(m for m in (op.module for op in ops.values()) if _ROUTER.search(m))
-    if routers:
-        warnings.append(
-            f"{collapse_names(routers)[0]} looks like an MoE router (mlp.gate); vLLM keeps routers "
-            "unquantized: add --ignore 're:.*mlp\\.gate$'"
-        )
+    if policy.default_ignore and by_role.get(LM_HEAD) == HEAD and LM_HEAD + ".weight" not in by_name:
+        if recipe.match(LM_HEAD) is not None:  # a tied head: loaders still build an lm_head Linear
+            policy_kept[LM_HEAD] = HEAD
+    quantized = {op.module for op in ops.values()}
+    if incompatible and (not policy.skip_incompatible or not ops):
+        # refused by default; with --skip-incompatible only when nothing at all would be quantized
+        problems[:0] = _incompatible_problems(incompatible, quantized, recipe, weights)
+    for module in incompatible:
+        policy_kept[module] = INCOMPATIBLE
+    unexpected = {m: r for m, r in unexpected.items() if m in quantized}
+    unexpected_note = unexpected_warning(unexpected, quantized) if unexpected else ""
+    if unexpected_note:
+        warnings.append(unexpected_note)
+    warnings += _unmatched_ignore_warnings(recipe.ignore, {n.rpartition('.')[0] for n in by_name})
+    kept_rules = _kept_rules(policy_kept, incompatible, recipe)
+    config_ignore = _config_ignore(recipe, policy_kept, quantized)
 
     # 2. fused sets share a global scale and an output shard
     fused_sets = _fused_sets(ops, recipe, by_name, dequant, warnings)
@@ -308,7 +391,145 @@ def make_plan(catalog: Catalog, recipe: Recipe, *, source: str = "", dequant=Non
         kept_weights=kept,
         warnings=warnings,
         dequantizer=dequant,
+        policy=policy,
+        kept_by_policy=kept_rules,
+        unexpected=_kept_rules(unexpected, {}, recipe),
+        config_ignore=config_ignore,
+        towers_quantized=towers_quantized,
+        unexpected_note=unexpected_note,
     )
+
+
+# --- shapes a scheme cannot serve -------------------------------------------------------------
+
+# Shown first when suggesting schemes that fit: the ones most users want.
+_COMMON_SCHEMES = ("FP8_DYNAMIC", "W8A16", "W8A8", "W4A16", "NVFP4A16", "MXFP4A16", "FP8_BLOCK", "MXFP8A16")
+
+
+def _serving_problem(shape: tuple[int, ...], scheme) -> str | None:
+    """Why a Linear of SHAPE cannot run with SCHEME's activations, though its weight quantizes.
+
+    Activations quantized in groups along the input (FP8_BLOCK: per token, groups of 128) need
+    whole groups: compressed-tensors' forward fails (`unflatten`) and vLLM's per-token-group
+    kernels assume it. The weight side alone (ceil-shaped block scales) would be fine."""
+    acts = scheme.input_activations
+    if acts is None or str(getattr(acts.strategy, "value", acts.strategy)) != "group" or not acts.group_size:
+        return None
+    cols, gs = shape[-1], int(acts.group_size)
+    if cols % gs == 0:
+        return None
+    return (
+        f"weight of shape {list(shape)}: in_features {cols} is not a multiple of {gs}: activations "
+        f"are quantized per token in groups of {gs} along the input, so this Linear cannot run "
+        "(transformers and vLLM need whole groups); ignore this module with --ignore"
+    )
+
+
+def shape_problem(shape, dtype: torch.dtype, scheme) -> str | None:
+    """Why SCHEME cannot quantize and serve a weight of SHAPE, or None when it can."""
+    try:
+        output_layout(shape, dtype, scheme)
+    except ShapeError as e:
+        return str(e)
+    return _serving_problem(tuple(shape), scheme)
+
+
+def schemes_that_fit(shapes: list[tuple[tuple[int, ...], str]]) -> list[str]:
+    """Accepted presets that quantize and serve every (shape, safetensors dtype), common ones first."""
+    shapes = list({(tuple(s), d) for s, d in shapes if d in FLOAT_DTYPES})
+    names = accepted_presets()
+    ordered = [n for n in _COMMON_SCHEMES if n in names] + [n for n in names if n not in _COMMON_SCHEMES]
+    out = []
+    for name in ordered:
+        scheme = next(iter(make_recipe(name).groups.values()))
+        if all(shape_problem(s, TORCH_DTYPES[d], scheme) is None for s, d in shapes):
+            out.append(name)
+    return out
+
+
+def _incompatible_problems(incompatible: dict[str, str], quantized: set[str], recipe: Recipe, weights) -> list[str]:
+    """The refusal: a summary that names every module and the ignore entries that fix it, then
+    one line per weight (the Space groups those by reason)."""
+    modules = sorted(incompatible, key=_natural)
+    shown = ", ".join(_split_count(n) for n in collapse_names(modules))
+    first = next(iter(incompatible.values())).split("; ")[0]
+    first = re.sub(r"^weight of shape \[[\d, ]*\]: ", "", first)
+    if not quantized:
+        shapes = {m: (tuple(s), d) for m, s, d in weights}
+        fits = schemes_that_fit([shapes[m] for m in modules if m in shapes])
+        hint = (
+            f"schemes that fit every weight: {', '.join(fits[:6])}"
+            if fits
+            else "no preset fits every weight: ignore the modules above, or use --scheme-file with another group size"
+        )
+        head = (
+            f"{recipe.name} cannot quantize any weight of this checkpoint: {len(modules)} weight(s) have "
+            f"shapes it cannot serve ({first}): {shown}. Choose another scheme; {hint}"
+        )
+    else:
+        entries = " ".join(f"'{e}'" for e in ignore_entries({m: INCOMPATIBLE for m in modules}, quantized))
+        head = (
+            f"{len(modules)} weight(s) have shapes {recipe.name} cannot serve ({first}): {shown}. "
+            f"To keep them unquantized, add these ignore entries: {entries} (--ignore each), "
+            "or pass --skip-incompatible to keep them unquantized automatically"
+        )
+    return [head] + [f"{m}.weight: {incompatible[m]}" for m in modules]
+
+
+# --- what the policy kept, and the ignore list loaders read ------------------------------------
+
+
+def _kept_rules(kept: dict[str, str], incompatible: dict[str, str], recipe: Recipe) -> list[KeptRule]:
+    out = []
+    for rule in [*RULES, INCOMPATIBLE]:
+        modules = tuple(sorted((m for m, r in kept.items() if r == rule), key=_natural))
+        if not modules:
+            continue
+        if rule == INCOMPATIBLE:
+            first = next(incompatible[m] for m in modules if m in incompatible)
+            why = f"{recipe.name}: " + re.sub(r"^weight of shape \[[\d, ]*\]: ", "", first.split("; ")[0])
+        else:
+            why = RULES[rule]
+        out.append(KeptRule(rule, why, modules))
+    return out
+
+
+def _config_ignore(recipe: Recipe, kept: dict[str, str], quantized: set[str]) -> list[str]:
+    """The user's entries as given, then entries for what the policy kept beyond them: together
+    they name every targeted module left unquantized, and nothing stored quantized."""
+    user = recipe.ignore
+    extra = {m: r for m, r in kept.items() if not any(matches(m, e) for e in user)}
+    return user + [e for e in ignore_entries(extra, quantized) if e not in user]
+
+
+def unexpected_warning(unexpected: dict[str, str], quantized: set[str]) -> str:
+    """Defaults off: what is quantized that serving engines expect unquantized, and the ignore
+    entries that would keep it so (the drop-in model_free_ptq logs this before it runs)."""
+    parts = []
+    for rule in RULES:
+        modules = sorted((m for m, r in unexpected.items() if r == rule), key=_natural)
+        if modules:
+            names = [_split_count(n) for n in collapse_names(modules)]
+            parts.append(f"{rule} ({len(modules)}: {', '.join(names[:3])}{', …' if len(names) > 3 else ''})")
+    fix = " ".join(f"'{e}'" for e in ignore_entries(unexpected, quantized - set(unexpected)))
+    return (
+        f"quantizing {len(unexpected)} module(s) that serving engines do not expect quantized: "
+        f"{'; '.join(parts)}. transformers and vLLM may refuse them or compute garbage; to keep "
+        f"them unquantized, ignore {fix} (or keep streamer's default ignore policy on)"
+    )
+
+
+def _unmatched_ignore_warnings(ignore: list[str], modules: set[str]) -> list[str]:
+    """An ignore entry that matches nothing is almost always a typo (`lm-head`), and today it
+    would silently leave the module quantized: say so, with the closest names."""
+    out = []
+    for entry in ignore:
+        if any(matches(m, entry) for m in modules):
+            continue
+        close = close_modules(entry, modules)
+        hint = f"; closest module names: {', '.join(close)}" if close else ""
+        out.append(f"ignore entry '{entry}' matches no module of this checkpoint{hint}")
+    return out
 
 
 def _fused_sets(ops, recipe: Recipe, by_name, dequant, warnings: list[str]) -> list[FusedSet]:
@@ -390,6 +611,9 @@ def render(plan: Plan) -> str:
         lines.append(f"  dequantize: {plan.dequant}")
     if plan.recipe.ignore:
         lines.append(f"  ignore: {', '.join(plan.recipe.ignore)}")
+    lines += policy_lines(plan)
+    if plan.config_ignore:
+        lines.append(f"  quantization_config.ignore: {', '.join(plan.config_ignore)}")
     for job in plan.jobs:
         lines.append("")
         lines.append(
@@ -426,6 +650,30 @@ def render(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def policy_lines(plan: Plan) -> list[str]:
+    """What the policy kept beyond the user's ignore list: one line per rule, with a count."""
+    if not plan.kept_by_policy:
+        return []
+    lines = ["  kept unquantized beyond the ignore list:"]
+    for rule in plan.kept_by_policy:
+        how = {INCOMPATIBLE: "kept by --skip-incompatible", TOWER: "--quantize-towers quantizes them"}.get(
+            rule.rule, "--no-default-ignore quantizes them"
+        )
+        names = [_split_count(n) for n in collapse_names(list(rule.modules))]
+        shown = ", ".join(names[:3]) + (", …" if len(names) > 3 else "")
+        lines.append(f"    {rule.rule} ({len(rule.modules)}): {shown} — {rule.why} ({how})")
+    return lines
+
+
+def _split_count(collapsed: str) -> str:
+    """`a.{0..1}.b  (2)` -> `a.{0..1}.b`: where the count is shown once per line already."""
+    return re.sub(r"\s+\(\d+\)$", "", collapsed)
+
+
+def _rule_dict(rule: KeptRule) -> dict:
+    return {"rule": rule.rule, "why": rule.why, "count": len(rule.modules), "modules": collapse_names(list(rule.modules))}
+
+
 def plan_summary(plan: Plan) -> dict:
     """Plain data for the UI and --json."""
     return {
@@ -448,5 +696,9 @@ def plan_summary(plan: Plan) -> dict:
         ],
         "fused_sets": [{"family": f.family, "parent": f.parent, "members": list(f.members)} for f in plan.fused_sets],
         "kept": [{"tensor": n, "why": w} for n, w in plan.kept_weights],
+        "kept_by_policy": [_rule_dict(r) for r in plan.kept_by_policy],
+        "quantized_against_defaults": [_rule_dict(r) for r in plan.unexpected],
+        "policy": list(plan.policy.flags()),
+        "config_ignore": plan.config_ignore,
         "warnings": plan.warnings,
     }

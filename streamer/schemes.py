@@ -80,14 +80,17 @@ class Recipe:
                 return group_name, scheme
         return None
 
-    def quantization_config(self) -> dict:
-        """config.json's `quantization_config`, serialized by compressed-tensors itself."""
+    def quantization_config(self, ignore: list[str] | None = None) -> dict:
+        """config.json's `quantization_config`, serialized by compressed-tensors itself.
+
+        ignore: the list loaders read (the plan's: the user's entries plus what the default
+        policy kept); the recipe's own ignore list when None."""
         formats = {s.format for s in self.config.config_groups.values() if s.format is not None}
         fmt = next(iter(formats)) if len(formats) == 1 else "mixed-precision"
         final = QuantizationConfig(
             config_groups=self.config.config_groups,
             kv_cache_scheme=self.config.kv_cache_scheme,
-            ignore=self.ignore,
+            ignore=self.ignore if ignore is None else list(ignore),
             quantization_status=QuantizationStatus.COMPRESSED,
             format=fmt,
         )

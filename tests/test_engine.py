@@ -119,13 +119,15 @@ def test_ignore_syntax(llama_ckpt, tmp_path):
         str(llama_ckpt),
         scheme="FP8_DYNAMIC",
         ignore=["lm_head", "re:.*mlp\\.down_proj", "self_attn.o_proj"],  # last: exact, matches nothing
+        default_ignore=False,  # the ignore list alone decides (the reference's semantics)
     )
     quantized = {q.tensor for j in plan.jobs for q in j.quantize}
     assert "lm_head.weight" not in quantized
     assert not any("down_proj" in n for n in quantized)
     assert "model.layers.0.self_attn.o_proj.weight" in quantized  # a plain name must equal the module
-    assert "model.embed_tokens.weight" in quantized  # embeddings are quantized unless ignored
+    assert "model.embed_tokens.weight" in quantized  # without the default policy, embeddings are quantized
     assert not any("norm" in n for n in quantized)
+    assert any("'self_attn.o_proj' matches no module" in w for w in plan.warnings)
 
 
 # --- exactness -----------------------------------------------------------------------------
@@ -276,29 +278,36 @@ def test_3d_fused_experts_are_split_like_per_expert(moe_ckpt, tmp_path):
             assert raw_bytes(ta[k]) == raw_bytes(tb[k]), k
 
 
-def test_fp8_block_handles_shapes_not_multiple_of_128(odd_ckpt, tmp_path):
+def test_fp8_block_handles_out_features_not_multiple_of_128(checkpoint, tmp_path):
+    """out_features need not divide by 128 (ceil-shaped scales, edge blocks by their own amax);
+    in_features must (activation groups): down_proj (in 320) is kept unquantized on request."""
+    src = checkpoint("llama", intermediate_size=320)
     dst = tmp_path / "out"
-    convert(str(odd_ckpt), str(dst), scheme="FP8_BLOCK", device="cpu")
+    convert(str(src), str(dst), scheme="FP8_BLOCK", device="cpu", skip_incompatible=True)
     out = tensors_of(dst)
-    src = tensors_of(odd_ckpt)
-    w = src["model.layers.0.mlp.down_proj.weight"]  # (160, 416)
-    scale = out["model.layers.0.mlp.down_proj.weight_scale"]
-    assert tuple(scale.shape) == (2, 4)
-    q = out["model.layers.0.mlp.down_proj.weight"]
+    w = tensors_of(src)["model.layers.0.mlp.gate_proj.weight"]  # (320, 256)
+    scale = out["model.layers.0.mlp.gate_proj.weight_scale"]
+    assert tuple(scale.shape) == (3, 2)
+    q = out["model.layers.0.mlp.gate_proj.weight"]
     assert q.dtype == torch.float8_e4m3fn and tuple(q.shape) == tuple(w.shape)
     # every block, edge blocks included, is scaled by its own amax
-    for bi in range(2):
-        for bj in range(4):
+    for bi in range(3):
+        for bj in range(2):
             block = w[bi * 128 : (bi + 1) * 128, bj * 128 : (bj + 1) * 128].float()
             expected = block.abs().max() / 448
             assert torch.isclose(scale[bi, bj].float(), expected, rtol=1e-2)
-    deq = q.float() * scale.float().repeat_interleave(128, 0)[:160].repeat_interleave(128, 1)[:, :416]
+    deq = q.float() * scale.float().repeat_interleave(128, 0)[:320].repeat_interleave(128, 1)[:, :256]
     assert torch.nn.functional.cosine_similarity(deq.flatten(), w.float().flatten(), dim=0) > 0.999
+    assert out["model.layers.0.mlp.down_proj.weight"].dtype == torch.bfloat16  # in 320: kept
 
 
 def test_router_gate_warning(checkpoint):
     _, plan = prepare(str(checkpoint("qwen3_moe")), scheme="FP8_DYNAMIC")
-    assert any("router" in w and "mlp.gate" in w for w in plan.warnings)
+    assert [r.modules for r in plan.kept_by_policy if r.rule == "MoE routers"] == [
+        ("model.layers.0.mlp.gate", "model.layers.1.mlp.gate")
+    ]
+    _, plan = prepare(str(checkpoint("qwen3_moe")), scheme="FP8_DYNAMIC", default_ignore=False)
+    assert any("MoE routers (2: model.layers.{0..1}.mlp.gate)" in w for w in plan.warnings)
 
 
 # --- files the index does not reference ----------------------------------------------------

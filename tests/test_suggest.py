@@ -168,3 +168,110 @@ def test_every_accepted_scheme_has_a_blurb():
         assert blurb and "\n" not in blurb, name
     assert "Blackwell" in scheme_blurb("NVFP4A16")
     assert "Hopper" in scheme_blurb("FP8_DYNAMIC")
+
+
+# --- the default policy: found by role, not by model name ------------------------------------------
+
+from streamer.suggest import EMBEDDING, HEAD, ROUTER, TOWER, close_modules, default_kept, ignore_entries  # noqa: E402
+
+
+def _w(*specs, vocab=1000, hidden=64):
+    """(module, shape, dtype) rows: "name" is a (hidden, hidden) Linear, ("name", rows) sets rows."""
+    out = []
+    for spec in specs:
+        name, rows = (spec, hidden) if isinstance(spec, str) else spec
+        out.append((name, (vocab if rows == "V" else rows, hidden), "BF16"))
+    return out
+
+
+@pytest.mark.parametrize(
+    "config, weights, expected",
+    [
+        # GPT-2: wte / wpe, tied head
+        ({"vocab_size": 1000, "tie_word_embeddings": True},
+         _w(("transformer.wte", "V"), ("transformer.wpe", 512), "transformer.h.0.attn.c_attn"),
+         {"transformer.wte": EMBEDDING, "transformer.wpe": EMBEDDING, "lm_head": HEAD}),
+        # GPT-NeoX: embed_in / embed_out; BLOOM: word_embeddings
+        ({"vocab_size": 1000}, _w(("gpt_neox.embed_in", "V"), ("embed_out", "V"), "gpt_neox.layers.0.mlp.dense_h_to_4h"),
+         {"gpt_neox.embed_in": EMBEDDING, "embed_out": HEAD}),
+        ({"vocab_size": 1000}, _w(("transformer.word_embeddings", "V"), ("lm_head", "V")),
+         {"transformer.word_embeddings": EMBEDDING, "lm_head": HEAD}),
+        # Llama's original layout: tok_embeddings / output
+        ({"vocab_size": 1000}, _w(("tok_embeddings", "V"), ("output", "V"), "layers.0.attention.wq"),
+         {"tok_embeddings": EMBEDDING, "output": HEAD}),
+        # an embedding table under a name no list knows: found by its vocabulary-sized rows
+        ({"text_config": {"vocab_size": 1000}}, _w(("model.lm.tokens", "V"), "model.lm.layers.0.fc"),
+         {"model.lm.tokens": EMBEDDING}),
+    ],
+)  # fmt: skip
+def test_embeddings_and_heads_by_role(config, weights, expected):
+    assert default_kept(config, weights) == expected
+
+
+def test_routers_under_every_naming():
+    names = [
+        "model.layers.0.mlp.gate.weight", "model.layers.0.mlp.experts.0.gate_proj.weight",  # Qwen-MoE
+        "model.layers.0.mlp.shared_expert_gate.weight",
+        "model.layers.1.block_sparse_moe.gate.weight", "model.layers.1.block_sparse_moe.experts.0.w1.weight",
+        "model.layers.2.feed_forward.router.weight", "model.layers.2.feed_forward.experts.gate_up_proj",  # Llama 4
+        "model.layers.3.mlp.gate.wg.weight", "model.layers.3.mlp.experts.0.up_proj.weight",  # Hunyuan
+        "model.layers.4.moe.router.layer.weight",  # Granite / DBRX style
+        "model.layers.5.ffn.selector.weight", "model.layers.5.ffn.selector.e_score_correction_bias",  # by its bias
+        "model.layers.6.mlp.gate.weight", "model.layers.6.mlp.gate_proj.weight",  # dense: `gate` is a Linear here
+    ]  # fmt: skip
+    weights = [(n[: -len(".weight")], (8, 64), "BF16") for n in names if n.endswith(".weight")]
+    kept = default_kept({"vocab_size": 1000}, weights, names)
+    assert {m for m, r in kept.items() if r == ROUTER} == {
+        "model.layers.0.mlp.gate", "model.layers.0.mlp.shared_expert_gate", "model.layers.1.block_sparse_moe.gate",
+        "model.layers.2.feed_forward.router", "model.layers.3.mlp.gate.wg", "model.layers.4.moe.router.layer",
+        "model.layers.5.ffn.selector",
+    }  # fmt: skip
+    assert "model.layers.6.mlp.gate" not in kept  # no experts next to it: not a router
+    assert not any("experts" in m or "gate_proj" in m for m in kept)
+
+
+def test_towers_and_projectors_unless_asked_to_quantize_them():
+    weights = _w("visual.blocks.0.attn.qkv", "visual.merger.mlp.0", "model.vision_tower.encoder.layers.0.fc1",
+                 "model.multi_modal_projector.linear_1", "audio_tower.layers.0.fc1", "model.layers.0.self_attn.q_proj",
+                 ("model.vision_tower.embeddings.position_embedding", 196))  # fmt: skip
+    kept = default_kept({"vision_config": {}}, weights)
+    assert {m for m, r in kept.items() if r == TOWER} == {m for m, _, _ in weights[:5]}
+    assert kept["model.vision_tower.embeddings.position_embedding"] == EMBEDDING
+    assert "model.layers.0.self_attn.q_proj" not in kept
+    assert not any(r == TOWER for r in default_kept({}, weights, towers=False).values())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe", "mixtral", "deepseek_v3", "tied", "odd"])
+def test_ignore_entries_name_exactly_what_is_kept(checkpoint, arch):
+    config, weights = _weights(checkpoint(arch))
+    weights = [w for w in weights if len(w[1]) == 2 and not w[0].endswith("norm")]
+    kept = default_kept(config, weights)
+    quantized = [m for m, _, _ in weights if m not in kept]
+    entries = ignore_entries(kept, quantized)
+    assert all(any(_match(m, e) for e in entries) for m in kept), entries
+    assert not any(_match(m, e) for m in quantized for e in entries), entries
+    assert len(entries) <= 4  # readable: one entry per rule here, not one per layer
+
+
+def _match(module, entry):
+    from compressed_tensors.utils.match import match_name
+
+    return match_name(module, entry)
+
+
+def test_ignore_entries_collapse_layers_and_subtrees():
+    layers = [f"model.layers.{i}.mlp.{leaf}" for i in range(3) for leaf in ("gate_proj", "down_proj")]
+    tower = [f"vision.blocks.{i}.fc" for i in range(3)]
+    kept = {m: "x" for m in layers if "down" in m} | {m: "x" for m in tower}
+    entries = ignore_entries(kept, [m for m in layers if "gate" in m])
+    assert entries == [r"re:model\.layers\.\d+\.mlp\.down_proj$", r"re:vision\."]
+    # one odd layer out: named exactly, never a pattern that would also take the others
+    assert ignore_entries({"model.layers.1.mlp.down_proj": "x"}, layers[:2] + layers[4:]) == ["model.layers.1.mlp.down_proj"]
+
+
+def test_close_modules_for_typos():
+    modules = ["lm_head", "model.embed_tokens", "model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
+    assert close_modules("lm-head", modules) == ["lm_head"]
+    assert close_modules("lm_haed", modules) == ["lm_head"]
+    assert close_modules(r"re:.*mlp\.gaet$", modules)[0] == "mlp.gate"
+    assert close_modules("completely_different", modules) == []
