@@ -263,7 +263,6 @@ def make_plan(
     policy_kept: dict[str, str] = {}  # module -> rule, beyond the user's ignore list
     unexpected: dict[str, str] = {}  # defaults off: module -> the rule that would have kept it
     incompatible: dict[str, str] = {}  # module -> why the scheme cannot serve its shape
-    towers_quantized = 0
     ops: dict[str, QuantOp] = {}
     layouts: dict[str, dict] = {}
     for name, info in by_name.items():
@@ -283,9 +282,7 @@ def make_plan(
         if rule is not None:
             if not policy.default_ignore:
                 unexpected[module] = rule
-            elif rule == TOWER and policy.quantize_towers:
-                towers_quantized += 1
-            else:
+            elif not (rule == TOWER and policy.quantize_towers):
                 policy_kept[module] = rule
                 continue
         src_dtype = dequant.dense_dtype(name) if dequant is not None else info.dtype
@@ -306,6 +303,7 @@ def make_plan(
         if recipe.match(LM_HEAD) is not None:  # a tied head: loaders still build an lm_head Linear
             policy_kept[LM_HEAD] = HEAD
     quantized = {op.module for op in ops.values()}
+    towers_quantized = sum(by_role.get(m) == TOWER for m in quantized) if policy.default_ignore else 0
     if incompatible and (not policy.skip_incompatible or not ops):
         # refused by default; with --skip-incompatible only when nothing at all would be quantized
         problems[:0] = _incompatible_problems(incompatible, quantized, recipe, weights)
@@ -315,7 +313,7 @@ def make_plan(
     unexpected_note = unexpected_warning(unexpected, quantized) if unexpected else ""
     if unexpected_note:
         warnings.append(unexpected_note)
-    warnings += _unmatched_ignore_warnings(recipe.ignore, {n.rpartition('.')[0] for n in by_name})
+    warnings += _unmatched_ignore_warnings(recipe.ignore, {n.rpartition(".")[0] for n in by_name})
     kept_rules = _kept_rules(policy_kept, incompatible, recipe)
     config_ignore = _config_ignore(recipe, policy_kept, quantized)
 

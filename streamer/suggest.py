@@ -311,14 +311,13 @@ def close_modules(entry: str, modules: Iterable[str], n: int = 3) -> list[str]:
     if not entry.startswith("re:"):
         return difflib.get_close_matches(entry, modules, n=n, cutoff=0.6)
     literal = re.sub(r"\\(.)", r"\1", re.sub(r"\.\*|\.\+|[\^$()?+*\[\]{}|]|\\d", "", entry[3:])).strip(".")
-    tails: dict[str, str] = {}
+    tails: dict[str, None] = {}  # ordered set
     for m in modules:
         parts = m.split(".")
         for k in range(1, min(4, len(parts)) + 1):
             if not parts[-k].isdigit():  # `mlp.gate`, not `1.mlp.gate`
-                tails.setdefault(".".join(parts[-k:]), m)
-    close = difflib.get_close_matches(literal, list(tails), n=n, cutoff=0.6)
-    return list(dict.fromkeys(close))
+                tails[".".join(parts[-k:])] = None
+    return difflib.get_close_matches(literal, list(tails), n=n, cutoff=0.6)
 
 
 # --- the Space's suggestion --------------------------------------------------------------------

@@ -198,3 +198,15 @@ def test_without_the_defaults_the_key_check_fails(sources, tmp_path):
     problems = _key_problems(out, auto)
     assert "model.embed_tokens.weight_scale" in problems["unexpected_keys"]
     assert "model.layers.0.mlp.gate.weight_scale" in problems["unexpected_keys"]
+
+
+def test_towers_are_quantized_on_request_and_still_load(sources, tmp_path):
+    path, auto, reference = sources("qwen2_5_vl")
+    out = tmp_path / "out"
+    result = convert(str(path), str(out), scheme="W8A16", device="cpu", quantize_towers=True)
+    quantized = {q.module for j in result.plan.jobs for q in j.quantize}
+    assert {"visual.blocks.0.attn.qkv", "visual.merger.mlp.0"} <= quantized
+    assert result.plan.config_ignore == ["lm_head", "re:.*embed_tokens$"]  # nothing visual left unquantized
+    assert "--quantize-towers" in (out / "README.md").read_text()  # it changed the output: reproduce says so
+    assert _key_problems(out, auto) == {}
+    assert _cos(reference, _logits(out, auto, dequantize=True)) > THRESHOLDS[8]
