@@ -328,35 +328,23 @@ def _short(sha: str | None) -> str:
 
 
 def read_card(repo_id: str, revision: str = "main", *, token: str | None = None, endpoint: str | None = None) -> str | None:
-    """README.md of a repo at `revision`, with one small GET (no HF cache); None when absent."""
-    from huggingface_hub.utils import build_hf_headers, get_session
+    """README.md of a repo at `revision`, with one small GET (no HF cache); None when absent.
 
-    from .hub import _endpoint
+    Under the Hub retry policy of every streamer call (hub.hub_call): a dropped connection, a
+    5xx or a 429 is tried again; one that persists is a sentence naming the Hub."""
+    from .hub import _endpoint, hub_get
 
     url = f"{_endpoint(endpoint)}/{repo_id}/resolve/{quote(revision, safe='')}/README.md"
-    headers = build_hf_headers(token=token)
-    last = None
-    for attempt in range(4):
-        if attempt:
-            time.sleep(0.5 * 2**attempt)
-        try:
-            r = get_session().get(url, headers=headers, follow_redirects=True)
-        except Exception as e:  # connection problem: retry
-            last = f"{type(e).__name__}: {e}"
-            continue
-        if r.status_code == 200:
-            return r.text
-        if r.status_code == 404:
-            return None  # no repo, no branch or no card: nothing streamer wrote
-        if r.status_code in (429, 500, 502, 503, 504):
-            last = f"HTTP {r.status_code}"
-            continue
-        if r.status_code == 401:
-            if r.headers.get("x-error-code") == "RepoNotFound":
-                return None  # the Hub answers 401 for a missing repo when not logged in
-            raise HubError(f"reading {repo_id}'s model card: the token was rejected (check --token / HF_TOKEN)")
-        raise HubError(f"reading {repo_id}'s model card failed (HTTP {r.status_code} {r.headers.get('x-error-message', '')})".rstrip())
-    raise HubError(f"reading {repo_id}'s model card failed after retries ({last})")
+    r = hub_get(f"reading {repo_id}'s model card", url, token=token, endpoint=endpoint)
+    if r.status_code == 200:
+        return r.text
+    if r.status_code == 404:
+        return None  # no repo, no branch or no card: nothing streamer wrote
+    if r.status_code == 401:
+        if r.headers.get("x-error-code") == "RepoNotFound":
+            return None  # the Hub answers 401 for a missing repo when not logged in
+        raise HubError(f"reading {repo_id}'s model card: the token was rejected (check --token / HF_TOKEN)")
+    raise HubError(f"reading {repo_id}'s model card failed (HTTP {r.status_code} {r.headers.get('x-error-message', '')})".rstrip())
 
 
 def compare(job: Job, prov: dict | None, source_commit: str) -> str | None:

@@ -33,6 +33,8 @@ def hub(tmp_path, monkeypatch, llama_ckpt):
         # aims faults at LFS requests by URL. localhub takes both (see tests/test_localhub.py).
         monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
         monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+        # read by huggingface_hub at import: in-process runs keep their resume records here too
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HOME", str(tmp_path / "hf_home"))
         monkeypatch.setenv("HF_TOKEN", ALICE)
         monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", h.url)
         monkeypatch.setattr(
