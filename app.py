@@ -37,7 +37,7 @@ from huggingface_hub.utils import build_hf_headers, disable_progress_bars, get_s
 from streamer.api import convert
 from streamer.catalog import build_catalog
 from streamer.errors import HubError, PlanError, StreamerError
-from streamer.hub import HubSource, explain
+from streamer.hub import RETRY_STATUS, HubSource, explain, hub_call
 from streamer.pipeline import default_memory_budget
 from streamer.plan import INCOMPATIBLE, collapse_names, expand_inputs, human_bytes, plan_summary
 from streamer.progress import STAGES, Progress, ProgressEvent
@@ -164,13 +164,16 @@ def error_box(message: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def resolve_token(oauth_token: gr.OAuthToken | None) -> str | None:
-    """The user's token: the OAuth one, else (off Spaces) HF_TOKEN / the login cache."""
+def resolve_token(oauth_token: gr.OAuthToken | None) -> str | bool | None:
+    """The token to send for this visitor: the OAuth one, else (off Spaces) HF_TOKEN / the login
+    cache. On a Space a signed-out visitor gets False, never None: huggingface_hub replaces a None
+    token with the environment's HF_TOKEN (the Space's own secret), False sends no token at all.
+    Every Hub call made for a visitor (config fetch, source, plan, convert) takes this value."""
     token = getattr(oauth_token, "token", None)
     if token and token != _MOCK_TOKEN:
         return token
     if ON_SPACES and not ALLOW_SERVER_TOKEN:
-        return None  # never the Space's own token on behalf of an anonymous visitor
+        return False  # never the Space's own token on behalf of an anonymous visitor
     return get_token()
 
 
@@ -216,7 +219,8 @@ def whoami(token: str) -> Account:
 
 def _whoami(token: str) -> Account:
     try:
-        info = HfApi(endpoint=endpoint(), token=token).whoami()
+        info = hub_call("checking your sign-in (whoami)", HfApi(endpoint=endpoint(), token=token).whoami,
+                        where=endpoint())  # fmt: skip
     except HfHubHTTPError as e:
         if getattr(e.response, "status_code", None) == 401:
             raise UserError(
@@ -313,11 +317,15 @@ def _scheme(scheme: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def fetch_config(repo: str, revision: str | None, token: str | None) -> dict | None:
-    """The source's config.json, in one small HTTP read; None when the repo has none."""
+def fetch_config(repo: str, revision: str | None, token: str | bool | None) -> dict | None:
+    """The source's config.json, in one small HTTP read; None when the repo has none.
+
+    TOKEN False reads anonymously (see resolve_token). Under streamer's Hub retry policy: a
+    dropped connection, 5xx or 429 is tried again before the visitor hears about it."""
     url = f"{endpoint()}/{repo}/resolve/{quote(revision or 'main', safe='')}/config.json"
     ranged = {"Range": f"bytes=0-{CONFIG_MAX_BYTES - 1}"}
-    try:
+
+    def once():
         r = get_session().get(url, headers={**build_hf_headers(token=token), **ranged}, follow_redirects=False)
         if r.status_code in (301, 302, 303, 307, 308) and r.headers.get("location"):
             # a renamed repo (same host) keeps the token; a CDN (another host) never gets it
@@ -325,7 +333,15 @@ def fetch_config(repo: str, revision: str | None, token: str | None) -> dict | N
             same_host = urlparse(where).netloc == urlparse(url).netloc
             headers = {**build_hf_headers(token=token), **ranged} if same_host else ranged
             r = get_session().get(where, headers=headers, follow_redirects=False)
-    except Exception as e:  # connection refused, DNS …
+        if r.status_code in RETRY_STATUS:
+            hf_raise_for_status(r)  # retried by hub_call
+        return r
+
+    try:
+        r = hub_call(f"reading {repo}'s config.json", once, where=endpoint())
+    except StreamerError:
+        raise
+    except Exception as e:  # not a network error (those are retried, then explained): a bad URL …
         raise HubError(f"cannot reach the Hub at {endpoint()} ({type(e).__name__}); try again in a moment") from None
     if r.status_code == 404 and r.headers.get("x-error-code") == "EntryNotFound":
         return None

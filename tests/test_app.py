@@ -392,7 +392,8 @@ def test_token_resolution(app_module, monkeypatch):
     # a Space: the signed-in user's token or nothing, never the Space's own secret
     monkeypatch.setattr(app, "ON_SPACES", True)
     assert app.resolve_token(user) == "hf_user_token"
-    assert app.resolve_token(None) is None
+    # False, not None: huggingface_hub sends HF_TOKEN (the Space's own secret) for a None token
+    assert app.resolve_token(None) is False
     with pytest.raises(app.UserError, match="Sign in with Hugging Face"):
         app.require_token(None)
     import gradio.routes
@@ -402,6 +403,94 @@ def test_token_resolution(app_module, monkeypatch):
     assert app.build_demo().expects_oauth  # the LoginButton is there
     monkeypatch.setattr(app, "ALLOW_SERVER_TOKEN", True)
     assert app.resolve_token(None) == "hf_server_token"
+
+
+BOB = "hf_bob_token_0123456789"
+
+
+@pytest.fixture
+def space(app_module, tmp_path, monkeypatch, checkpoint):
+    """The app as a Space (SPACE_ID set) that holds alice's token as its own HF_TOKEN secret, in
+    front of a localhub where acme/secret is private to alice's organization."""
+    import huggingface_hub
+
+    app = app_module
+    with LocalHub(tmp_path / "hub") as h:
+        h.add_user("alice", TOKEN, orgs=["acme"])
+        h.add_user("bob", BOB)
+        h.seed_repo("acme/secret", checkpoint("llama"), private=True)
+        monkeypatch.setenv("SPACE_ID", "acme/streamer")
+        monkeypatch.setenv("HF_TOKEN", TOKEN)  # the Space's secret, never a visitor's
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HOME", str(tmp_path / "hf-home"))
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", h.url)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+        monkeypatch.setattr(app, "ON_SPACES", True)
+        monkeypatch.setattr(app, "ALLOW_SERVER_TOKEN", False)
+        app._whoami_cache.clear()
+        yield app, h
+        app._whoami_cache.clear()
+
+
+def _visitor(token):
+    import gradio as gr
+
+    return None if token is None else gr.OAuthToken(token=token, scope="openid", expires_at=0)
+
+
+def _call(fn, **kwargs) -> str:
+    """Run an endpoint's generator to its end; everything it showed (and its error), as text."""
+    import gradio as gr
+
+    shown = []
+    try:
+        for out in fn(**kwargs):
+            shown.append(str(out))
+    except gr.Error as e:
+        shown.append(str(e))
+    return "\n".join(shown)
+
+
+FORM = dict(source="acme/secret", revision="", scheme="FP8_DYNAMIC", ignore="lm_head", namespace="",
+            repo_name="secret-copy", private=True, create_pr=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("visitor", [None, BOB], ids=["signed-out", "bob"])
+@pytest.mark.parametrize("endpoint", ["suggest", "plan", "convert"])
+def test_space_never_acts_with_its_own_token(space, visitor, endpoint):
+    """/suggest, /plan and /convert on a private repo: a signed-out visitor sends no token, a
+    signed-in one only theirs; neither learns anything the Space's own token could read."""
+    app, hub = space
+    hub.clear_log()
+    if endpoint == "suggest":
+        shown = _call(app.suggest, source="acme/secret", revision="", scheme="FP8_DYNAMIC",
+                      oauth_token=_visitor(visitor))  # fmt: skip
+    else:
+        fn = app.plan if endpoint == "plan" else app.run_convert
+        shown = _call(fn, **FORM, oauth_token=_visitor(visitor))
+    users = {r.user for r in hub.request_log}
+    assert "alice" not in users, [(r.method, r.path, r.user) for r in hub.request_log]
+    assert "LlamaForCausalLM" not in shown and "weights quantized" not in shown
+    assert TOKEN not in shown
+    if visitor is None:
+        assert users <= {None}
+        expected = "not found, or it is private" if endpoint == "suggest" else "Sign in with Hugging Face"
+    else:
+        assert users <= {"bob", None} and "bob" in users
+        expected = "not found, or it is private"
+    assert expected in shown, shown
+    assert not hub.repo_exists("bob/secret-copy")
+
+
+def test_space_token_negative_control(space, monkeypatch):
+    """Off Spaces the app does use the machine's token (a workstation): the same /suggest then
+    reads the private repo as alice, so the test above would see a leak if there were one."""
+    app, hub = space
+    monkeypatch.setattr(app, "ON_SPACES", False)
+    hub.clear_log()
+    shown = _call(app.suggest, source="acme/secret", revision="", scheme="FP8_DYNAMIC", oauth_token=None)
+    assert "LlamaForCausalLM" in shown
+    assert "alice" in {r.user for r in hub.request_log}
 
 
 def test_sentences(app_module, monkeypatch):
