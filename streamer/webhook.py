@@ -21,11 +21,14 @@ more after it finishes (several triggers coalesce into one).
 from __future__ import annotations
 
 import hmac
+import io
 import json
 import logging
 import signal
+import socket
 import sys
 import threading
+import time
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -35,8 +38,45 @@ from .mirror import _SHA, Job, JobResult, MirrorRunner
 log = logging.getLogger("streamer.mirror")
 
 MAX_BODY = 1 << 20  # Hub payloads are a few kB
+MAX_DEPTH = 32  # a Hub payload nests 4 levels; deeper JSON is refused before it is looked at
+# Seconds a client has to send its whole request (headers and body). A per-read timeout alone
+# would let a client that trickles a byte at a time hold a thread forever.
+READ_TIMEOUT = 5.0
+MAX_CONNECTIONS = 64  # connections served at once; more are closed at once
 WEBHOOK_PATHS = ("/webhook", "/")
 TRIGGER_SCOPES = ("repo.content", "repo")
+
+
+def _text(value) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _too_deep(value, limit: int) -> bool:
+    """Whether VALUE nests lists/objects more than LIMIT levels (walked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
+
+
+def parse_payload(body: bytes) -> tuple[dict | None, str | None]:
+    """(payload, None), or (None, why it is refused) for a body that is not a sane JSON object."""
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, ValueError):
+        return None, "body is not JSON"
+    except RecursionError:
+        return None, f"body nests deeper than {MAX_DEPTH} levels"
+    if not isinstance(payload, dict):
+        return None, "body is not a JSON object"
+    if _too_deep(payload, MAX_DEPTH):
+        return None, f"body nests deeper than {MAX_DEPTH} levels"
+    return payload, None
 
 
 def match_payload(jobs: list[Job], payload: dict) -> tuple[list[Job], str]:
@@ -45,8 +85,9 @@ def match_payload(jobs: list[Job], payload: dict) -> tuple[list[Job], str]:
     repo = payload.get("repo")
     if not isinstance(event, dict) or not isinstance(repo, dict):
         return [], "not a Hub webhook payload (no event/repo objects)"
-    scope, action = str(event.get("scope", "")), str(event.get("action", ""))
-    name, rtype = repo.get("name"), repo.get("type")
+    # Every field is checked for its type: the payload is untrusted JSON, even when signed.
+    scope, action = _text(event.get("scope")), _text(event.get("action"))
+    name, rtype = repo.get("name"), _text(repo.get("type"))
     if scope not in TRIGGER_SCOPES:
         return [], f"event scope {scope!r} does not change a source"
     if action not in ("update", "create"):
@@ -54,7 +95,7 @@ def match_payload(jobs: list[Job], payload: dict) -> tuple[list[Job], str]:
             " (repo moved: update the jobs file)" if action == "move" else ""
         )
     if rtype != "model" or not isinstance(name, str):
-        return [], f"{rtype} repo {name}: jobs mirror model repos"
+        return [], f"{rtype or 'unknown'} repo {_text(name) or '?'}: jobs mirror model repos"
     matching = [j for j in jobs if j.source.lower() == name.lower()]
     if not matching:
         return [], f"no job has {name} as its source"
@@ -62,8 +103,10 @@ def match_payload(jobs: list[Job], payload: dict) -> tuple[list[Job], str]:
     if not followed:
         return [], f"jobs on {name} are pinned to a commit"
     refs = payload.get("updatedRefs")
-    if isinstance(refs, list) and refs:
-        updated = {r.get("ref") for r in refs if isinstance(r, dict)}
+    if refs is not None and not isinstance(refs, list):
+        return [], "updatedRefs is not a list"
+    if refs:
+        updated = {r["ref"] for r in refs if isinstance(r, dict) and isinstance(r.get("ref"), str)}
 
         def follows(job: Job) -> bool:
             rev = job.source_revision or "main"
@@ -79,21 +122,51 @@ def match_payload(jobs: list[Job], payload: dict) -> tuple[list[Job], str]:
     return selected, f"{name} updated{at}"
 
 
+class _DeadlineReader(io.RawIOBase):
+    """The socket, read with one deadline for the whole request: each read waits at most until
+    then, and a read past it fails (TimeoutError, which http.server answers by closing)."""
+
+    def __init__(self, sock: socket.socket, deadline: float):
+        self.sock = sock
+        self.deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request was not received in time")
+        self.sock.settimeout(left)
+        return self.sock.recv_into(b)
+
+
 class _Handler(BaseHTTPRequestHandler):
     server_version = "streamer-mirror"
     protocol_version = "HTTP/1.1"
     listener: "WebhookListener"  # set on the subclass made per listener
+
+    def setup(self) -> None:
+        super().setup()
+        # One request per connection (a Hub delivery is one POST), received within READ_TIMEOUT.
+        self.rfile.close()
+        self.rfile = io.BufferedReader(_DeadlineReader(self.connection, time.monotonic() + READ_TIMEOUT))
 
     def log_message(self, fmt, *args):  # route the access log to logging, at debug level
         log.debug("webhook %s - %s", self.address_string(), fmt % args)
 
     def _send(self, status: int, body: dict) -> None:
         data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        self.close_connection = True
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(data)
+        except OSError:  # the client went away: nothing to answer
+            pass
 
     def _authorized(self) -> bool:
         given = self.headers.get("X-Webhook-Secret")
@@ -130,19 +203,52 @@ class _Handler(BaseHTTPRequestHandler):
         if int(length) > MAX_BODY:
             self.close_connection = True
             return self._send(413, {"error": "payload too large"})
-        body = self.rfile.read(int(length))
         try:
-            payload = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return self._send(400, {"error": "body is not JSON"})
-        if not isinstance(payload, dict):
-            return self._send(400, {"error": "body is not a JSON object"})
-        jobs, why = match_payload(self.listener.jobs, payload)
+            body = self.rfile.read(int(length))
+        except (TimeoutError, OSError):
+            return self._send(408, {"error": f"the body was not received within {READ_TIMEOUT:g} s"})
+        if len(body) < int(length):
+            return self._send(400, {"error": "body shorter than its Content-Length"})
+        payload, problem = parse_payload(body)
+        if problem is not None:
+            return self._send(400, {"error": problem})
+        try:
+            jobs, why = match_payload(self.listener.jobs, payload)
+        except Exception:  # an unexpected shape: a 400 for the sender, never a dropped connection
+            log.warning("webhook payload not understood", exc_info=log.isEnabledFor(logging.DEBUG))
+            return self._send(400, {"error": "payload not understood: expected a Hub webhook (version 3)"})
         if not jobs:
             log.info("webhook ignored: %s", why)
             return self._send(200, {"queued": [], "ignored": why})
         names = self.listener.submit([j.name for j in jobs], why)
         self._send(202, {"queued": names, "reason": why})
+
+
+class _Server(ThreadingHTTPServer):
+    """A thread per connection, at most MAX_CONNECTIONS at once: a flood of idle connections is
+    closed on arrival instead of growing threads without bound."""
+
+    daemon_threads = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 class WebhookListener:
@@ -185,8 +291,7 @@ class WebhookListener:
 
     def start(self) -> "WebhookListener":
         handler = type("Handler", (_Handler,), {"listener": self})
-        self._server = ThreadingHTTPServer((self.host, self.port), handler)
-        self._server.daemon_threads = True
+        self._server = _Server((self.host, self.port), handler)
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
                                         name="streamer-webhook", daemon=True)
