@@ -161,7 +161,7 @@ def convert(
     workers: int = 4,
     token: str | None = None,
     overwrite: bool = False,
-    private: bool = False,
+    private: bool | None = None,
     create_pr: bool = False,
     revision: str | None = None,
     dequant_dtype: str | None = None,
@@ -190,6 +190,11 @@ def convert(
         quantize_towers=quantize_towers, skip_incompatible=skip_incompatible,
     )  # fmt: skip
     with source:
+        # A private or gated source is not republished publicly unless the caller says so
+        # (private=False, the CLI's --public).
+        source_private = bool(getattr(source, "private", False) or getattr(source, "gated", False))
+        if private is None:
+            private = source_private
         sink = None
         if dst is not None:
             sink = dst if isinstance(dst, Sink) else open_sink(
@@ -199,6 +204,9 @@ def convert(
             if getattr(sink, "repo_id", None) and sink.repo_id == getattr(source, "repo_id", None):
                 raise StreamerError("the target repo is the source repo: choose another target")
             sink.check()
+            note = sink.visibility_note(source_private) if hasattr(sink, "visibility_note") else None
+            if note:
+                progress.message(note)
         if dry_run:
             return Result(plan=plan, dry_run=True)
         if sink is None:

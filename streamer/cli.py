@@ -67,7 +67,11 @@ def convert_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=4, help="pieces fetched concurrently (default 4)")
     p.add_argument("--token", help="Hugging Face token (default: HF_TOKEN, then the huggingface_hub login)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
-    p.add_argument("--private", action="store_true", help="create the target repo as private")
+    vis = p.add_mutually_exclusive_group()
+    vis.add_argument("--private", action="store_true",
+                     help="create the target repo as private (the default when the source is private or gated)")
+    vis.add_argument("--public", action="store_true",
+                     help="create the target repo as public even when the source is private or gated")
     p.add_argument("--create-pr", action="store_true", help="open a pull request on the target instead of committing")
     p.add_argument("--revision", help="target branch on the Hub (default main)")
     p.add_argument("--dequant-dtype", choices=["bfloat16", "float16", "float32"], help="dtype a quantized source is expanded to")
@@ -128,7 +132,7 @@ def run_convert(args) -> int:
             scheme=args.scheme, scheme_file=args.scheme_file, ignore=args.ignore,
             device=args.device, dry_run=args.dry_run, max_memory=args.max_memory,
             workers=args.workers, token=args.token or None, overwrite=args.overwrite,
-            private=args.private, create_pr=args.create_pr, revision=args.revision,
+            private=True if args.private else (False if args.public else None), create_pr=args.create_pr, revision=args.revision,
             dequant_dtype=args.dequant_dtype, force=args.force, progress=progress,
             default_ignore=args.default_ignore, quantize_towers=args.quantize_towers,
             skip_incompatible=args.skip_incompatible,

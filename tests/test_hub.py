@@ -232,3 +232,36 @@ def test_range_answered_with_200_is_refused(hub, monkeypatch):
         from streamer.source import Span
 
         src._check_range(FakeResponse(), "model.safetensors", Span(0, 10))
+
+
+def _is_private(hub, repo_id: str) -> bool:
+    return hub.storage.get_repo("model", repo_id).private
+
+
+def test_private_source_makes_private_target(hub, llama_ckpt, caplog):
+    """A private or gated source is not republished publicly unless the user says --public; the
+    log (and the dry run) says which visibility the new repo gets and why."""
+    hub.seed_repo("acme/secret", llama_ckpt, private=True)
+    hub.seed_repo("acme/gated", llama_ckpt, gated=True)
+    caplog.set_level("INFO", logger="streamer")
+    assert cli.main(["acme/secret", "alice/plan-only", "--scheme", "FP8_DYNAMIC", "--dry-run"]) == 0
+    err = caplog.text
+    assert "alice/plan-only will be created as a private repo because the source is private or gated" in err
+    assert "--public" in err and not hub.repo_exists("alice/plan-only")
+
+    assert run_cli("acme/secret", "alice/from-secret", "--scheme", "FP8_DYNAMIC") == 0
+    assert run_cli("acme/gated", "alice/from-gated", "--scheme", "FP8_DYNAMIC") == 0
+    assert run_cli("acme/secret", "alice/published", "--scheme", "FP8_DYNAMIC", "--public") == 0
+    assert run_cli(SOURCE, "alice/from-public", "--scheme", "FP8_DYNAMIC") == 0
+    assert run_cli(SOURCE, "alice/asked-private", "--scheme", "FP8_DYNAMIC", "--private") == 0
+    assert _is_private(hub, "alice/from-secret") and _is_private(hub, "alice/from-gated")
+    assert not _is_private(hub, "alice/published") and not _is_private(hub, "alice/from-public")
+    assert _is_private(hub, "alice/asked-private")
+    with pytest.raises(SystemExit):  # one or the other
+        cli.main([SOURCE, "alice/x", "--scheme", "FP8_DYNAMIC", "--private", "--public"])
+
+    # an existing public target of a private source: said loudly, not silently
+    hub.create_repo("alice/open", owner_token=ALICE)
+    caplog.clear()
+    assert cli.main(["acme/secret", "alice/open", "--scheme", "FP8_DYNAMIC", "--dry-run"]) == 0
+    assert "alice/open exists and is public, and the source is private or gated" in caplog.text
