@@ -13,7 +13,7 @@ import pytest
 from compressed_tensors.quantization import QuantizationConfig
 
 from reference import compare_checkpoints
-from streamer.api import convert
+from streamer import model_free_ptq
 from streamer.schemes import accepted_presets
 
 # Presets that compressed-tensors 0.19 (pinned by llm-compressor 0.14.0.1) does not define yet:
@@ -44,7 +44,7 @@ def test_bit_identical_to_model_free_ptq(llama_ckpt, reference_outputs, tmp_path
     ref = reference_outputs[scheme]
     assert ref.ok, f"the reference failed on {scheme}: {ref.error}"
     ours = tmp_path / "ours"
-    convert(str(llama_ckpt), str(ours), scheme=scheme, device="cpu")
+    model_free_ptq(str(llama_ckpt), str(ours), scheme=scheme, device="cpu")  # the drop-in: the reference's semantics
     diffs = compare_checkpoints(ref.dst, ours, qconfig_keys=("quant_method",))
     assert diffs == [], "\n".join(diffs)
     assert _config_groups(ours) == _config_groups(ref.dst)
