@@ -83,13 +83,20 @@ def convert_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _setup_logging(quiet: bool, verbose: bool) -> None:
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
-    logging.getLogger("streamer").setLevel(level)
+def _setup_logging(quiet: bool, verbose: bool, json: bool = False) -> None:
+    """Log lines on stderr, printed above the progress bars, never through them. --quiet: errors
+    only; --json: warnings and errors (stdout carries the JSON alone); --verbose: debug too.
+    huggingface_hub's own bars are turned off: streamer reports the bytes itself."""
+    from .progress import hide_hub_bars, install_terminal_logging
+
+    shown = logging.ERROR if quiet else logging.DEBUG if verbose else logging.WARNING if json else logging.INFO
+    install_terminal_logging(shown)
+    # --quiet filters at the handler: warnings still exist as records for a host's own handlers
+    logging.getLogger("streamer").setLevel(min(shown, logging.WARNING))
     if not verbose:  # one line per HTTP request drowns the events that matter
         for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "huggingface_hub"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+    hide_hub_bars()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,23 +112,38 @@ def main(argv: list[str] | None = None) -> int:
 
             return demo_main(rest)
     args = convert_parser().parse_args(argv)
-    _setup_logging(args.quiet or args.json, args.verbose)
+    _setup_logging(args.quiet, args.verbose, json=args.json)
     return run_convert(args)
+
+
+def _progress_bars(args, progress):
+    """Three bars (read, quantized, uploaded or written) on a terminal's stderr; none when stderr
+    is a file or a pipe, on a dumb terminal, or with --quiet, --json or --dry-run."""
+    from .progress import TqdmListener
+    from .source import is_hub_spec
+
+    if args.quiet or args.json or args.dry_run or not sys.stderr.isatty() or os.environ.get("TERM") == "dumb":
+        return None
+    bars = TqdmListener(progress, upload_label="uploaded" if is_hub_spec(args.dst) else "written")
+    progress.listeners.append(bars)
+    return bars
+
+
+def _close(bars) -> None:
+    if bars is not None:
+        bars.close()
 
 
 def run_convert(args) -> int:
     from .api import convert
     from .plan import render
-    from .progress import Progress, TqdmListener
+    from .progress import Progress
 
     if args.dst is None and not args.dry_run:
         print("error: give a destination (folder or repo id), or --dry-run", file=sys.stderr)
         return 2
     progress = Progress()
-    bars = None
-    if not (args.quiet or args.json or args.dry_run) and sys.stderr.isatty():
-        bars = TqdmListener()
-        progress.listeners.append(bars)
+    bars = _progress_bars(args, progress)
     from .pipeline import nonfinite_policy
 
     policy = nonfinite_policy(args.nonfinite)
@@ -138,20 +160,22 @@ def run_convert(args) -> int:
             skip_incompatible=args.skip_incompatible,
         )  # fmt: skip
     except StreamerError as e:
+        _close(bars)  # the bars end above the error line, not around it
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
+        _close(bars)
         print("interrupted: nothing was published", file=sys.stderr)
         return 130
     except Exception as e:  # a bug or an unexpected environment problem; still no traceback by default
+        _close(bars)
         if args.verbose:
             raise
         print(f"error: {type(e).__name__}: {e} (run with --verbose for details)", file=sys.stderr)
         return 1
     finally:
         policy.__exit__(None, None, None)
-        if bars is not None:
-            bars.close()
+        _close(bars)
     if args.dry_run:
         print(render(result.plan))
     if args.json:

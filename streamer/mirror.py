@@ -718,7 +718,7 @@ def main(argv: list[str] | None = None) -> int:
     from .cli import _setup_logging
 
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    _setup_logging(args.quiet or args.json, args.verbose)
+    _setup_logging(args.quiet, args.verbose, json=args.json)  # --quiet: the summary and errors only
     if not args.verbose:  # per-job lines come from streamer.mirror; the engine's chatter stays quiet
         logging.getLogger("streamer").setLevel(logging.WARNING if not (args.quiet or args.json) else logging.ERROR)
         logging.getLogger("streamer.mirror").setLevel(logging.WARNING if (args.quiet or args.json) else logging.INFO)
