@@ -188,6 +188,8 @@ def model_card(plan: Plan, prov: Provenance, *, target: str, source_card: str | 
         "## Reproduce",
         "",
         "```bash",
+        # the distribution is streamer-quant: `pip install streamer` is an unrelated project
+        f"pip install 'streamer-quant[xet]=={prov.streamer_version}'",
         f"python -m streamer {src_arg}{'@' + prov.source_commit if prov.source_commit else ''} "
         f"{serve} --scheme {scheme}" + "".join(f" --ignore '{i}'" for i in prov.ignore) + flags,
         "```",

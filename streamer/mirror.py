@@ -64,7 +64,7 @@ JOB_KEYS: dict[str, tuple[type, str]] = {
     "target": (str, "target repo id org/name, optionally @branch (default main)"),
     "scheme": (str, "compressed-tensors preset, e.g. FP8_DYNAMIC, FP8_BLOCK, NVFP4A16, W4A16"),
     "ignore": (list, "modules left unquantized: exact names or re:PATTERN"),
-    "private": (bool, "create the target repo as private (default false)"),
+    "private": (bool, "create the target repo private (true) or public (false); default: private when the source is private or gated"),
     "create_pr": (bool, "publish each conversion as a pull request on the target (default false)"),
     "dequant_dtype": (str, "dtype a quantized source is expanded to: bfloat16, float16 or float32"),
     "device": (str, "auto, cpu, cuda or cuda:N (default: the --device option)"),
@@ -103,7 +103,7 @@ class Job:
     ignore: tuple[str, ...] = ()
     source_revision: str | None = None
     target_revision: str | None = None  # branch; None = main
-    private: bool = False
+    private: bool | None = None  # None: as private as the source (a private or gated source stays private)
     create_pr: bool = False
     dequant_dtype: str | None = None
     device: str | None = None
@@ -288,7 +288,7 @@ def parse_jobs(data: dict, *, origin: str = "jobs file") -> list[Job]:
         jobs.append(Job(
             name=name, source=source, target=target, scheme=recipe.name,
             ignore=tuple(recipe.ignore), source_revision=source_rev, target_revision=target_rev,
-            private=merged.get("private", False), create_pr=merged.get("create_pr", False),
+            private=merged.get("private"), create_pr=merged.get("create_pr", False),
             dequant_dtype=dq, device=merged.get("device"), overwrite=merged.get("overwrite", False),
             default_ignore=merged.get("default_ignore", True), quantize_towers=merged.get("quantize_towers", False),
             skip_incompatible=merged.get("skip_incompatible", False),

@@ -124,6 +124,8 @@ _API_SCRIPT = textwrap.dedent(
         assert Path(r.url).is_dir(), r.url
         streamer.model_free_ptq(str(src), str(tmp / f"m{i}"), scheme="FP8_DYNAMIC", ignore=["lm_head"])
         assert (tmp / f"m{i}" / "config.json").is_file()
+    card = (tmp / "q0" / "README.md").read_text()
+    print(next(line for line in card.splitlines() if line.startswith("pip install")))
     print("ok")
     """
 )
@@ -133,6 +135,11 @@ def test_public_names_survive_submodule_imports_and_run_twice(tmp_path):
     proc = subprocess.run([sys.executable, "-c", _API_SCRIPT, str(tmp_path)], capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+    # the model card's reproduce line installs our distribution, at the version that wrote it
+    import streamer
+
+    pip_line = proc.stdout.strip().splitlines()[-2]
+    assert pip_line == f"pip install '{DIST}[xet]=={streamer.__version__}'", pip_line
 
 
 # --- help starts fast: no engine imported ---------------------------------------------------------
