@@ -77,7 +77,7 @@ def convert_parser() -> argparse.ArgumentParser:
     p.add_argument("--dequant-dtype", choices=["bfloat16", "float16", "float32"], help="dtype a quantized source is expanded to")
     p.add_argument("--force", action="store_true", help="convert even if the source already has the requested scheme")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary at the end")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or log lines")
+    p.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging, tracebacks on errors")
     p.add_argument("--version", action="version", version=f"streamer {__version__}")
     return p
