@@ -112,6 +112,7 @@ def prepare(
     default_ignore: bool = True,
     quantize_towers: bool = False,
     skip_incompatible: bool = False,
+    stack: bool = True,
 ) -> tuple[Source, Plan]:
     """Open the source and build the complete plan (reads headers only).
 
@@ -121,6 +122,8 @@ def prepare(
     quantize_towers: quantize vision/audio towers and multimodal projectors anyway.
     skip_incompatible: keep weights whose shape the scheme cannot serve unquantized, instead of
       refusing the conversion.
+    stack: on a compressed-tensors source, keep the modules the scheme does not target as
+      stored and declare both quantizations; False expands them dense (streamer/dequant.py).
     """
     policy = Policy(default_ignore=default_ignore, quantize_towers=quantize_towers, skip_incompatible=skip_incompatible)
     try:
@@ -138,7 +141,7 @@ def prepare(
         except ImportError:  # dequantization of quantized sources is optional
             detect_dequantizer = None
         if detect_dequantizer is not None:
-            dequant = detect_dequantizer(catalog, recipe, dtype=dequant_dtype, force=force)
+            dequant = detect_dequantizer(catalog, recipe, dtype=dequant_dtype, force=force, stack=stack)
         plan = make_plan(catalog, recipe, source=source.label, dequant=dequant, policy=policy)
     except BaseException:
         source.close()
@@ -172,6 +175,7 @@ def convert(
     quantize_towers: bool = False,
     skip_incompatible: bool = False,
     record: str = "requested",
+    stack: bool = True,
 ) -> Result:
     """Convert SRC into DST (see `prepare` for the policy flags).
 
@@ -187,7 +191,7 @@ def convert(
     source, plan = prepare(
         src, scheme=scheme, scheme_file=scheme_file, config=config, ignore=ignore, token=token,
         dequant_dtype=dequant_dtype, force=force, default_ignore=default_ignore,
-        quantize_towers=quantize_towers, skip_incompatible=skip_incompatible,
+        quantize_towers=quantize_towers, skip_incompatible=skip_incompatible, stack=stack,
     )  # fmt: skip
     with source:
         # A private or gated source is not republished publicly unless the caller says so

@@ -147,7 +147,7 @@ def model_card(plan: Plan, prov: Provenance, *, target: str, source_card: str | 
     scheme = plan.recipe.name
     front = yaml.safe_dump(card_metadata(prov, scheme, source_card), sort_keys=False, allow_unicode=True).strip()
     is_repo = _is_repo(prov.source)
-    groups = plan.recipe.groups
+    groups = plan.recipe.output_groups(plan.kept_groups)  # a stacked source's groups too
     fmt = ", ".join(sorted({str(g.format) for g in groups.values()}))
     source_line = f"[{prov.source}](https://huggingface.co/{prov.source})" if is_repo else f"`{prov.source}`"
     commit = f" at commit `{prov.source_commit}`" if prov.source_commit else ""
@@ -175,6 +175,9 @@ def model_card(plan: Plan, prov: Provenance, *, target: str, source_card: str | 
     ]
     if plan.dequant:
         lines.append(f"| source format | {plan.dequant} |")
+    if plan.stacked:
+        kept = ", ".join(f"`{g}` ({len(ms)} modules)" for g, ms in plan.stacked.items())
+        lines.append(f"| stacked: the source's quantization kept as stored | {kept} |")
     if plan.fused_sets:
         lines.append(f"| fused sets sharing a global scale | {len(plan.fused_sets)} |")
     lines += [

@@ -9,6 +9,11 @@ It is a thin wrapper over `streamer.api.convert`, so the output is exactly what
 reference: streamer's default ignore policy (embeddings, lm_head, MoE routers and vision/audio
 towers kept unquantized) is off, as the reference has none; the conversion logs one warning
 naming what it quantizes that serving engines do not expect quantized.
+
+On a compressed-tensors source (a previous model_free_ptq's output) the calls stack as the
+reference's do: modules the scheme does not target are kept as stored and config.json declares
+both quantizations. Passing a converter (a source-format name or an llm-compressor dequantizer)
+expands every quantized weight instead, as the reference's dequantizers do.
 """
 
 from __future__ import annotations
@@ -55,12 +60,13 @@ def model_free_ptq(
     :param ignore: module names or `re:` patterns left unquantized.
     :param max_workers: pieces of work in flight at once.
     :param device: "cpu", "cuda", "cuda:N" or a list of them (the first is used), None for auto.
-    :param converter: None or "auto" (the source format is detected from config.json either way),
-        or a source-format name / llm-compressor dequantizer that streamer handles itself.
+    :param converter: None or "auto": the source format is detected from config.json, and on
+        a compressed-tensors source what the scheme does not target is kept as stored (stacked);
+        a source-format name / llm-compressor dequantizer: every quantized weight is expanded.
     """
     if scheme is not None and config is not None:
         raise StreamerError("Please specify either `config` or `scheme`, not both")
-    _check_converter(converter)
+    stack = _check_converter(converter)
     target = os.fspath(save_directory)
     if target.startswith(HUB_PREFIX):
         dst = target[len(HUB_PREFIX) :]
@@ -83,6 +89,7 @@ def model_free_ptq(
         # the reference's semantics, bit for bit: only `ignore` is kept unquantized
         default_ignore=False,
         record="effective",
+        stack=stack,
     )
 
 
@@ -98,13 +105,15 @@ def _device(device) -> str:
     return str(device)
 
 
-def _check_converter(converter) -> None:
-    if converter is None:
-        return
+def _check_converter(converter) -> bool:
+    """Whether to stack on a quantized source (no converter, as the reference without one)
+    rather than expand it (a converter, as the reference's dequantizers do)."""
+    if converter is None or (isinstance(converter, str) and converter.lower() == "auto"):
+        return True
     if isinstance(converter, str) and converter.lower() in _CONVERTER_NAMES:
-        return
+        return False
     if type(converter).__name__ in _CONVERTER_CLASSES:
-        return  # streamer dequantizes these formats itself, detected from config.json
+        return False  # streamer dequantizes these formats itself, detected from config.json
     raise StreamerError(
         f"converter {converter!r} is not supported: streamer detects FP8-block (DeepSeek) and "
         "compressed-tensors sources from config.json; pass converter=None or 'auto'"

@@ -20,6 +20,15 @@ Two source formats are understood, detected from ``config.json``:
   ``CompressedTensorsDequantizer`` does. Which modules are quantized follows the config's groups
   (targets) and ignore list, checked against the tensors actually stored.
 
+Stacking (compressed-tensors sources): a module the source holds quantized that the recipe does
+not target (after its ignore list) is **kept as stored**: its tensors pass through byte for byte
+and its config group is carried into the output's ``quantization_config`` beside the recipe's,
+as llm-compressor's ``model_free_ptq`` does when it runs on its own output. Only the modules the
+recipe targets are expanded and re-quantized; re-quantizing to the scheme they already have is
+refused unless ``force``. With ``stack=False`` (the drop-in given a converter, as the reference
+with a dequantizer) every quantized weight is expanded, and what the recipe does not target is
+written dense. FP8-block sources are always expanded: their format is not compressed-tensors.
+
 The result is cast to the dtype the source declares (``dtype`` / ``torch_dtype`` in config.json,
 bfloat16 when it declares none or a non-float one), or to ``--dequant-dtype``.
 """
@@ -67,11 +76,14 @@ def source_dtype_name(config: dict | None) -> str:
     return "bfloat16"
 
 
-def detect_dequantizer(catalog: Catalog, recipe, *, dtype: str | None = None, force: bool = False):
+def detect_dequantizer(
+    catalog: Catalog, recipe, *, dtype: str | None = None, force: bool = False, stack: bool = True
+):
     """A Dequantizer for a quantized source, or None for a dense one (reads config.json only).
 
     Raises SchemeError for a quantization format streamer cannot expand, and when the source
-    already has the recipe's scheme (unless ``force``).
+    already has the recipe's scheme (unless ``force``). stack: keep the compressed-tensors
+    modules the recipe does not target as stored (see the module docstring); False expands all.
     """
     config = catalog.config or {}
     qc = config.get("quantization_config")
@@ -93,7 +105,7 @@ def detect_dequantizer(catalog: Catalog, recipe, *, dtype: str | None = None, fo
     if method == "fp8" and qc.get("weight_block_size") is not None:
         dq = FP8BlockDequantizer(qc, dtype_name)
     elif method == "compressed-tensors":
-        dq = CompressedTensorsDequantizer(qc, dtype_name)
+        dq = CompressedTensorsDequantizer(qc, dtype_name, recipe=recipe if stack else None, force=force)
     else:
         what = f"quant_method {method!r}" if method else "a quantization_config without quant_method"
         if method == "fp8":
@@ -103,7 +115,7 @@ def detect_dequantizer(catalog: Catalog, recipe, *, dtype: str | None = None, fo
             f"dequantize that format; supported quantized sources: {SUPPORTED}. Convert a dense "
             "(bf16/fp16) checkpoint of the model instead"
         )
-    if not force:
+    if not force and not dq.stacking:  # stacking checks each targeted module instead (_find)
         same = dq.same_scheme_as(recipe)
         if same:
             raise SchemeError(
@@ -150,6 +162,7 @@ class Dequantizer:
     """Expands a quantized source's weights; see the module docstring."""
 
     kind = "quantized"
+    stacking = False  # keeps untargeted quantized modules as stored (compressed-tensors only)
 
     def __init__(self, dtype_name: str):
         self.dtype_name = dtype_name
@@ -158,6 +171,15 @@ class Dequantizer:
         self.entries: dict[str, _Entry] = {}
         self.consumed: set[str] = set()
         self._orig: dict[str, TensorInfo] = {}
+        self.kept: dict[str, str] = {}  # module kept as stored -> the source's config group
+
+    def keeps(self, module: str) -> bool:
+        """Whether MODULE is kept quantized as the source stores it (stacking)."""
+        return module in self.kept
+
+    def kept_groups(self) -> dict[str, object]:
+        """The source's config groups that still describe stored modules, in source order."""
+        return {}
 
     # -- plan time -----------------------------------------------------------------------------
 
@@ -356,8 +378,14 @@ class FP8BlockDequantizer(Dequantizer):
 class CompressedTensorsDequantizer(Dequantizer):
     kind = "compressed-tensors"
 
-    def __init__(self, qc: dict, dtype_name: str):
+    def __init__(self, qc: dict, dtype_name: str, *, recipe=None, force: bool = False):
+        """recipe: stack on the source (keep what it does not target as stored); None expands
+        every quantized weight. force: re-quantize targeted modules to the scheme they have."""
         super().__init__(dtype_name)
+        self.recipe = recipe
+        self.stacking = recipe is not None
+        self.force = force
+        self.also_keep: set[str] = set()  # targeted, but the plan leaves them unquantized
         from compressed_tensors.compressors import BaseCompressor
         from compressed_tensors.compressors.format import infer_module_format
         from compressed_tensors.config import CompressionFormat
@@ -433,6 +461,8 @@ class CompressedTensorsDequantizer(Dequantizer):
             present.setdefault(module, set()).add(leaf)
         entries: dict[str, _Entry] = {}
         consumed: set[str] = set()
+        self.kept = {}
+        same: list[tuple[str, str]] = []  # (module, group): targeted, already in the recipe's scheme
         for module, leaves in present.items():
             g = self._group_for(module, leaves)
             if g is None:
@@ -463,6 +493,13 @@ class CompressedTensorsDequantizer(Dequantizer):
                 problems.append(f"{module}: quantized with group {g!r} ({scheme.format}) but "
                                 f"{', '.join(module + '.' + p for p in missing)} not in the checkpoint")
                 continue
+            if self.stacking:
+                target = None if module in self.also_keep else self.recipe.match(module)
+                if target is None:
+                    self.kept[module] = g  # its stored tensors pass through as they are
+                    continue
+                if not self.force and _same_scheme(scheme, target[1]):
+                    same.append((module, g))
             parts = {p: by_name[f"{module}.{p}"] for p in names if p in leaves}
             try:
                 shape, exact = _dense_shape(parts, scheme)
@@ -472,9 +509,11 @@ class CompressedTensorsDequantizer(Dequantizer):
             dense = f"{module}.weight"
             entries[dense] = _Entry(dense, module, parts[names[0]], parts, shape, scheme, exact)
             consumed.update(f"{module}.{p}" for p in leaves if p in qparams or p in names)
+        if same:
+            raise SchemeError(self._same_scheme_refusal(same))
         for name in by_name:
             module, _, leaf = name.rpartition(".")
-            if name in consumed or f"{module}.weight" in entries:
+            if name in consumed or f"{module}.weight" in entries or module in self.kept:
                 continue
             if leaf in _KV_PARAMS or (
                 leaf in ("output_scale", "output_zero_point") and self.config.kv_cache_scheme is not None
@@ -487,6 +526,23 @@ class CompressedTensorsDequantizer(Dequantizer):
                 )
         return entries, consumed
 
+    def _same_scheme_refusal(self, same: list[tuple[str, str]]) -> str:
+        from .plan import collapse_names
+
+        label = _args_label(self.groups[same[0][1]].weights)
+        names = collapse_names([m for m, _ in same])
+        shown = ", ".join(names[:4]) + (", …" if len(names) > 4 else "")
+        return (
+            f"{len(same)} module(s) the scheme targets are already quantized with {label}, which "
+            f"is what {self.recipe.name} writes: {shown}. Re-quantizing them gains nothing; "
+            "leave them out of the scheme's targets (--ignore) to keep them as stored, or pass "
+            "--force to dequantize and quantize them again anyway"
+        )
+
+    def kept_groups(self) -> dict[str, object]:
+        used = set(self.kept.values())
+        return {g: s for g, s in self.groups.items() if g in used}
+
     def _dense(self, e, parts):
         from .kernels import dequantize_weight
 
@@ -497,8 +553,11 @@ class CompressedTensorsDequantizer(Dequantizer):
         for e in self.entries.values():
             used[id(e.scheme)] = e.scheme
         schemes = list(used.values()) or list(self.groups.values())
+        if not used and self.kept:  # stacking only: nothing is expanded
+            return f"compressed-tensors, {len(self.kept)} modules kept as stored, none expanded"
         label = "; ".join(f"{s.format} {_args_label(s.weights)}" for s in schemes) or "(weights stored dense)"
-        return f"compressed-tensors {label}, {len(self.entries)} weights -> {self.dtype_name}"
+        kept = f"; {len(self.kept)} modules kept as stored" if self.kept else ""
+        return f"compressed-tensors {label}, {len(self.entries)} weights -> {self.dtype_name}{kept}"
 
     def same_scheme_as(self, recipe) -> str | None:
         src = list(self.groups.values())

@@ -145,11 +145,22 @@ class Plan:
     config_ignore: list[str] = field(default_factory=list)  # quantization_config.ignore
     towers_quantized: int = 0  # tower weights quantized because the policy asked for it
     unexpected_note: str = ""  # the warning about `unexpected`, also among `warnings`
+    # stacking on a compressed-tensors source: its config groups that still describe modules
+    # kept as stored (name -> scheme), and those modules per group
+    kept_groups: dict = field(default_factory=dict)
+    stacked: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def quantization_config(self) -> dict:
-        """config.json's `quantization_config`: the recipe, with an ignore list that names every
-        module the scheme targets and the plan leaves unquantized."""
-        return self.recipe.quantization_config(ignore=self.config_ignore)
+        """config.json's `quantization_config`: the recipe (after a stacked source's groups),
+        with an ignore list that names every module the groups target and the plan leaves
+        unquantized."""
+        return self.recipe.quantization_config(ignore=self.config_ignore, kept_groups=self.kept_groups)
+
+    @property
+    def n_requantized(self) -> int:
+        """Weights the source stored quantized that are expanded and quantized again."""
+        dq = self.dequantizer
+        return sum(dq.transforms(q.tensor) for j in self.jobs for q in j.quantize) if dq is not None else 0
 
     def effective_flags(self) -> tuple[str, ...]:
         """The policy flags that changed this output (the shortest command that reproduces it)."""
@@ -271,6 +282,8 @@ def make_plan(
         module, _, param = name.rpartition(".")
         if param != "weight" or module.endswith("norm"):
             continue
+        if dequant is not None and dequant.keeps(module):
+            continue  # stacked: kept quantized as the source stores it
         matched = recipe.match(module)
         if matched is None:
             continue
@@ -302,6 +315,13 @@ def make_plan(
     if policy.default_ignore and by_role.get(LM_HEAD) == HEAD and LM_HEAD + ".weight" not in by_name:
         if recipe.match(LM_HEAD) is not None:  # a tied head: loaders still build an lm_head Linear
             policy_kept[LM_HEAD] = HEAD
+    if getattr(dequant, "stacking", False):
+        # A targeted module the plan leaves unquantized (default policy, shape) would be written
+        # dense from the dequantized values: keep it as the source stores it instead.
+        lost = {dequant.entries[n].module for n in dequant.entries if n not in ops}
+        if lost:
+            dequant.also_keep |= lost
+            return make_plan(catalog, recipe, source=source, dequant=dequant, policy=policy)
     quantized = {op.module for op in ops.values()}
     towers_quantized = sum(by_role.get(m) == TOWER for m in quantized) if policy.default_ignore else 0
     if incompatible and (not policy.skip_incompatible or not ops):
@@ -316,6 +336,22 @@ def make_plan(
     warnings += _unmatched_ignore_warnings(recipe.ignore, {n.rpartition(".")[0] for n in by_name})
     kept_rules = _kept_rules(policy_kept, incompatible, recipe)
     config_ignore = _config_ignore(recipe, policy_kept, quantized)
+    kept_groups, stacked = {}, {}
+    if dequant is not None and dequant.kept:
+        kept_groups = dequant.kept_groups()
+        for module, group in sorted(dequant.kept.items(), key=lambda kv: _natural(kv[0])):
+            stacked.setdefault(group, []).append(module)
+        dense = {
+            n[: -len(".weight")] for n, i in by_name.items()
+            if n not in consumed and n.endswith(".weight") and len(i.shape) == 2
+            and not n[: -len(".weight")].endswith("norm") and n not in ops and not dequant.keeps(n[: -len(".weight")])
+        }  # fmt: skip
+        new = dict(zip(recipe.groups, list(recipe.output_groups(kept_groups))[len(kept_groups) :]))
+        stored = {**dequant.kept, **{op.module: new[op.group] for op in ops.values()}}
+        config_ignore, stack_problems = stacked_ignore(
+            recipe.output_groups(kept_groups), config_ignore, list(getattr(dequant, "ignore", [])), stored, dense
+        )
+        problems += stack_problems
 
     # 2. fused sets share a global scale and an output shard
     fused_sets = _fused_sets(ops, recipe, by_name, dequant, warnings)
@@ -395,7 +431,59 @@ def make_plan(
         config_ignore=config_ignore,
         towers_quantized=towers_quantized,
         unexpected_note=unexpected_note,
+        kept_groups=kept_groups,
+        stacked={g: tuple(ms) for g, ms in stacked.items()},
     )
+
+
+# --- stacking on a compressed-tensors source ---------------------------------------------------
+
+
+def loader_groups(module: str, groups: dict, ignore: list[str]) -> set[str]:
+    """The config groups compressed-tensors and vLLM may load MODULE with: none when ignored;
+    else the groups whose name or `re:` targets match it (both loaders prefer those), else
+    those targeting the class Linear. More than one means the loaders may disagree (one takes
+    the first regex alphabetically, the other the first in config order)."""
+    if any(matches(module, e) for e in ignore):
+        return set()
+    named = {g for g, s in groups.items() if any(t != "Linear" and matches(module, t) for t in s.targets)}
+    if named:
+        return named
+    return {g for g, s in groups.items() if not s.targets or "Linear" in s.targets}
+
+
+def stacked_ignore(
+    groups: dict, ignore: list[str], source_ignore: list[str], stored: dict[str, str], dense: set[str]
+) -> tuple[list[str], list[str]]:
+    """(ignore list, problems) for an output holding GROUPS, where STORED maps each quantized
+    module to the group it is stored with and DENSE names the unquantized Linear weights.
+
+    The ignore list is the plan's, then those of the source's entries that still keep a dense
+    module the others do not, less every entry that matches a module stored quantized (the
+    global list would unquantize it for every group), plus the exact name of any dense module
+    a group would still claim. A quantized module that the loaders would load with another
+    group, or could load with two, is a problem: the config would lie."""
+    out = [e for e in ignore if not any(matches(m, e) for m in stored)]
+    for entry in source_ignore:
+        if any(matches(m, entry) for m in stored):
+            continue
+        if any(matches(m, entry) and not any(matches(m, e) for e in out) for m in dense):
+            out.append(entry)
+    out += sorted((m for m in dense if loader_groups(m, groups, out)), key=_natural)
+    wrong: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for module, group in stored.items():
+        got = loader_groups(module, groups, out)
+        if got != {group}:
+            wrong[(group, " and ".join(sorted(got)) or "none (unquantized)")].append(module)
+    problems = [
+        f"stacking on the source's quantization: {', '.join(collapse_names(ms))} are stored with "
+        f"config group {group!r}, but compressed-tensors and vLLM would load them with {got}: "
+        "the targets of the new scheme and of the groups kept from the source overlap. Give the "
+        "new scheme targets that name only the modules it quantizes (a --scheme-file with `re:` "
+        "targets), or target the kept modules too to re-quantize them"
+        for (group, got), ms in wrong.items()
+    ]
+    return out, problems
 
 
 # --- shapes a scheme cannot serve -------------------------------------------------------------
@@ -607,6 +695,7 @@ def render(plan: Plan) -> str:
     ]
     if plan.dequant:
         lines.append(f"  dequantize: {plan.dequant}")
+    lines += stacked_lines(plan)
     if plan.recipe.ignore:
         lines.append(f"  ignore: {', '.join(plan.recipe.ignore)}")
     lines += policy_lines(plan)
@@ -646,6 +735,28 @@ def render(plan: Plan) -> str:
         lines.append("warnings:")
         lines += [f"  {w}" for w in plan.warnings]
     return "\n".join(lines)
+
+
+def stacked_lines(plan: Plan) -> list[str]:
+    """A compressed-tensors source: what is kept as stored, what is re-quantized, how to choose."""
+    if plan.dequantizer is None or plan.dequantizer.kind != "compressed-tensors":
+        return []
+    lines = []
+    for group, modules in plan.stacked.items():
+        scheme = plan.kept_groups[group]
+        names = [_split_count(n) for n in collapse_names(list(modules))]
+        shown = ", ".join(names[:3]) + (", …" if len(names) > 3 else "")
+        lines.append(
+            f"  kept as stored (stacked): {len(modules)} module(s) of the source's group {group!r} "
+            f"({scheme.format}): {shown}"
+        )
+    if plan.dequantizer.stacking:
+        lines.append(
+            f"  expanded and re-quantized: {plan.n_requantized} weight(s) the source stored "
+            f"quantized and {plan.recipe.name} targets. Modules the scheme does not target (or "
+            "--ignore) are kept as stored; target them to re-quantize them"
+        )
+    return lines
 
 
 def policy_lines(plan: Plan) -> list[str]:
@@ -698,5 +809,7 @@ def plan_summary(plan: Plan) -> dict:
         "quantized_against_defaults": [_rule_dict(r) for r in plan.unexpected],
         "policy": list(plan.policy.flags()),
         "config_ignore": plan.config_ignore,
+        "stacked": {g: collapse_names(list(ms)) for g, ms in plan.stacked.items()},
+        "requantized": plan.n_requantized,
         "warnings": plan.warnings,
     }

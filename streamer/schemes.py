@@ -80,15 +80,31 @@ class Recipe:
                 return group_name, scheme
         return None
 
-    def quantization_config(self, ignore: list[str] | None = None) -> dict:
+    def output_groups(self, kept_groups: dict[str, QuantizationScheme] | None = None) -> dict[str, QuantizationScheme]:
+        """The config groups the output declares: a stacked source's groups that still describe
+        stored modules first, then the recipe's, renamed on a clash as compressed-tensors'
+        `QuantizationConfig.merge` does (config_group_0 -> config_group_1), which is what
+        llm-compressor writes when model_free_ptq runs on its own output."""
+        from compressed_tensors.utils.helpers import find_unique_name
+
+        groups = dict(kept_groups or {})
+        for name, scheme in self.config.config_groups.items():
+            groups[find_unique_name(name, groups.keys())] = scheme
+        return groups
+
+    def quantization_config(
+        self, ignore: list[str] | None = None, kept_groups: dict[str, QuantizationScheme] | None = None
+    ) -> dict:
         """config.json's `quantization_config`, serialized by compressed-tensors itself.
 
         ignore: the list loaders read (the plan's: the user's entries plus what the default
-        policy kept); the recipe's own ignore list when None."""
-        formats = {s.format for s in self.config.config_groups.values() if s.format is not None}
+        policy kept); the recipe's own ignore list when None.
+        kept_groups: a stacked source's groups kept as stored (see output_groups)."""
+        groups = self.output_groups(kept_groups)
+        formats = {s.format for s in groups.values() if s.format is not None}
         fmt = next(iter(formats)) if len(formats) == 1 else "mixed-precision"
         final = QuantizationConfig(
-            config_groups=self.config.config_groups,
+            config_groups=groups,
             kv_cache_scheme=self.config.kv_cache_scheme,
             ignore=self.ignore if ignore is None else list(ignore),
             quantization_status=QuantizationStatus.COMPRESSED,

@@ -185,11 +185,12 @@ def ds_w4a16(deepseek_ckpt, work) -> Path:
 @pytest.fixture(scope="module")
 def streamer_dense(ds_fp8, odd_fp8, ds_w4a16, work) -> dict[str, Path]:
     """What streamer's dequantizer makes of the quantized sources: convert with every module
-    ignored, so each dequantized weight is written dense (the pipeline's pass-through path)."""
+    ignored and stacking off (expand everything, as the reference with a converter), so each
+    dequantized weight is written dense (the pipeline's pass-through path)."""
     out = {}
     for key, src in (("ds", ds_fp8), ("odd", odd_fp8), ("w4", ds_w4a16)):
         out[key] = work / f"{key}-streamer-dense"
-        _convert(src, out[key], "FP8_DYNAMIC", ignore=["re:.*"])
+        _convert(src, out[key], "FP8_DYNAMIC", ignore=["re:.*"], stack=False)
     return out
 
 
