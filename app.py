@@ -100,6 +100,9 @@ def for_web(message: str) -> str:
          ", or tick “Keep weights the scheme cannot serve unquantized”"),
         (" (or --scheme-file for a custom one)", ""),
         ("run again with that account's token", "try again"),
+        # engine hints that name a CLI flag or syntax, in the form's words
+        (". Pass --force to dequantize and quantize it again anyway", "; pick another scheme"),
+        ("check the branch, tag or commit after '@'", "check the branch, tag or commit in “Revision”"),
     ]
     for old, new in swaps:
         message = message.replace(old, new)
@@ -154,9 +157,14 @@ def fail(e: BaseException) -> gr.Error:
     return gr.Error(sentence(e), duration=15, title="Cannot do that", print_exception=False)
 
 
+_URL = re.compile(r"(https?://[^\s<>\"')]+[^\s<>\"').,;:])")
+
+
 def error_box(message: str) -> str:
-    lines = html.escape(message).split("\n")
-    return f'<div class="streamer-error" role="alert">{"<br>".join(lines)}</div>'
+    """The one place an error is shown: a single alert in the status line (never gr.Error in the
+    page, which stamps a badge on every output and repeats the sentence)."""
+    text = _URL.sub(r'<a href="\1" target="_blank" rel="noopener">\1</a>', html.escape(message))
+    return f'<div class="streamer-error" role="alert">{"<br>".join(text.split(chr(10)))}</div>'
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,14 +408,71 @@ def suggest(source: str, revision: str, scheme: str, oauth_token: gr.OAuthToken 
     yield format_ignore(full.ignore), _notes_md(architecture(catalog.config or config), full.notes), name
 
 
-def describe_scheme(scheme: str, source: str, revision: str) -> tuple[str, object]:
-    blurb = f"`{html.escape(scheme or '')}`: {html.escape(scheme_blurb(scheme))}"
+def describe_scheme(scheme: str) -> str:
+    return f"`{html.escape(scheme or '')}`: {html.escape(scheme_blurb(scheme))}"
+
+
+# What the form suggests is remembered per browser session (a gr.State):
+#   {"key": [repo, revision, scheme] the suggestion was made for,
+#    "ignore": the ignore text the app last put in the field, "name": the repo name it last put}.
+# A field whose value is no longer what the app put there was edited by the user, and is never
+# overwritten; a suggestion runs only when the source, revision or scheme really changed.
+
+
+def suggest_key(source: str, revision: str, scheme: str) -> list | None:
     try:
-        repo, _ = parse_source(source, revision)
-        name = suggest_repo_name(repo, scheme)
+        repo, rev = parse_source(source, revision)
     except UserError:
-        name = gr.update()
-    return blurb, name
+        return None
+    return [repo, rev or "", (scheme or "").strip().upper()]
+
+
+def suggest_ui(source: str, revision: str, scheme: str, memo: dict | None, status: str = "",
+               oauth_token: gr.OAuthToken | None = None):  # fmt: skip
+    """The page's suggestion step: notes as they come, then the proposal in a State that
+    apply_suggestion merges into the fields (reading their values at that moment, not now).
+
+    A problem with the source goes to the status line, the one place errors are shown (a Plan
+    right after would say the same thing there again, replacing it rather than adding to it)."""
+    key = suggest_key(source, revision, scheme)
+    if key is None or key == (memo or {}).get("key"):
+        yield gr.update(), None, gr.update()  # nothing really changed: leave the form alone
+        return
+    last, error = None, None
+    for ignore, notes, name in suggest(source, revision, scheme, oauth_token=oauth_token):
+        last = (ignore, name)
+        if isinstance(notes, str) and "streamer-error" in notes:
+            error, notes = notes, ""
+        yield notes, gr.update(), gr.update()
+    ignore, name = last or (None, None)
+    # an error shown by an earlier suggestion is cleared once the source reads fine
+    clear = "" if error is None and "streamer-error" in (status or "") else gr.update()
+    yield gr.update(), {
+        "key": key,
+        "ignore": ignore if isinstance(ignore, str) else None,
+        "name": name if isinstance(name, str) else None,
+    }, error or clear
+
+
+def apply_suggestion(source: str, revision: str, scheme: str, ignore_now: str, name_now: str,
+                     pending: dict | None, memo: dict | None):  # fmt: skip
+    """Fill only the fields the user has not edited (empty, or still what the app put there)."""
+    memo = dict(memo or {})
+    if not pending or pending.get("key") != suggest_key(source, revision, scheme):
+        # nothing to apply, or a suggestion for a source/scheme the form no longer shows (two
+        # suggestions raced, and this one lost): never let it land over the current one
+        return gr.update(), gr.update(), memo
+    out = []
+    for field_name, now in (("ignore", ignore_now), ("name", name_now)):
+        new = pending.get(field_name)
+        untouched = not (now or "").strip() or now == memo.get(field_name)
+        if new is not None and untouched:
+            out.append(new)
+            memo[field_name] = new
+        else:
+            out.append(gr.update())
+    memo["key"] = pending["key"]
+    return out[0], out[1], memo
 
 
 # --------------------------------------------------------------------------------------------
@@ -534,6 +599,40 @@ def _target_note(api: HfApi, target: str, create_pr: bool, private: bool) -> str
     )
 
 
+def _plan(source, revision, scheme, ignore, namespace, repo_name, private, create_pr, skip_incompatible, oauth_token):
+    """The dry run's outputs as they come; returns the error sentence when it failed (else None).
+
+    A signed-out visitor may plan a public model (anonymous reads); converting needs sign-in."""
+    yield "Planning: reading the source's headers…", "", *_empty_tables()
+    try:
+        token = resolve_token(oauth_token)
+        account = whoami(token) if token else None
+        repo, rev = parse_source(source, revision)
+        scheme = _scheme(scheme)
+        target = None
+        if account is not None:
+            target = target_of(namespace, repo_name, account, suggest_repo_name(repo, scheme))
+            if target == repo:
+                raise UserError("The target repo is the source repo: choose another name.")
+        result = convert(_spec(repo, rev), None, scheme=scheme, ignore=parse_ignore(ignore),
+                         token=token, dry_run=True, device="cpu",
+                         skip_incompatible=bool(skip_incompatible))  # fmt: skip
+        overview, *tables = plan_tables(result.plan)
+        if target is not None:
+            overview += "\n\n" + _target_note(HfApi(endpoint=endpoint(), token=token), target, create_pr, private)
+        else:
+            overview += "\n\n" + (
+                "**Sign in with Hugging Face to convert it**: the result is published under your account."
+                if ON_SPACES else "Set HF_TOKEN or run `hf auth login` where the app runs to convert it."
+            )
+    except Exception as e:
+        message = sentence(e)
+        yield error_box(message), "", *_empty_tables()
+        return message
+    yield "", overview, *tables
+    return None
+
+
 def plan(
     source: str,
     revision: str,
@@ -546,26 +645,29 @@ def plan(
     skip_incompatible: bool = False,
     oauth_token: gr.OAuthToken | None = None,
 ):
-    """Dry run: what would be quantized, kept and written. Reads tensor headers only."""
-    yield "Planning: reading the source's headers…", "", *_empty_tables()
-    try:
-        token = require_token(oauth_token)
-        account = whoami(token)
-        repo, rev = parse_source(source, revision)
-        scheme = _scheme(scheme)
-        target = target_of(namespace, repo_name, account, suggest_repo_name(repo, scheme))
-        if target == repo:
-            raise UserError("The target repo is the source repo: choose another name.")
-        result = convert(_spec(repo, rev), None, scheme=scheme, ignore=parse_ignore(ignore),
-                         token=token, dry_run=True, device="cpu",
-                         skip_incompatible=bool(skip_incompatible))  # fmt: skip
-        overview, *tables = plan_tables(result.plan)
-        overview += "\n\n" + _target_note(HfApi(endpoint=endpoint(), token=token), target, create_pr, private)
-    except Exception as e:
-        message = sentence(e)
-        yield error_box(message), "", *_empty_tables()
-        raise gr.Error(message, duration=15, title="Cannot plan this conversion", print_exception=False) from None
-    yield "", overview, *tables
+    """Dry run: what would be quantized, kept and written. Reads tensor headers only.
+    (The API endpoint: a failure is also raised, so that gradio_client callers get an error.)"""
+    message = yield from _plan(source, revision, scheme, ignore, namespace, repo_name, private, create_pr,
+                               skip_incompatible, oauth_token)  # fmt: skip
+    if message:
+        raise gr.Error(message, duration=15, title="Cannot plan this conversion", print_exception=False)
+
+
+def plan_ui(
+    source: str,
+    revision: str,
+    scheme: str,
+    ignore: str,
+    namespace: str,
+    repo_name: str,
+    private: bool,
+    create_pr: bool,
+    skip_incompatible: bool = False,
+    oauth_token: gr.OAuthToken | None = None,
+):
+    """The page's Plan button: an error is shown once, in the status line, and not raised."""
+    yield from _plan(source, revision, scheme, ignore, namespace, repo_name, private, create_pr,
+                     skip_incompatible, oauth_token)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -588,18 +690,24 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
+RUNNING = ("Starting", "Converting")
+
+
 def progress_html(stages: dict[str, ProgressEvent], elapsed: float, state: str, moving: float | None = None) -> str:
     """Three bars (read, quantized, uploaded) with bytes, rate and ETA.
 
     Rates are averages over the MOVING seconds since the first byte moved: the stages run as a
-    pipeline behind the download, so per-burst rates would be meaningless.
+    pipeline behind the download, so per-burst rates would be meaningless. Rates and ETAs are
+    shown only while the run is moving: once it is cancelling, cancelled or failed they would be
+    stale promises.
     """
     rows, left = [], []
+    live = state in RUNNING
     for stage in STAGES:
         ev = stages.get(stage) or ProgressEvent(stage)
         frac = min(1.0, ev.done / ev.total) if ev.total else 0.0
         nums = f"{human_bytes(ev.done)} / {human_bytes(ev.total)}" if ev.total else "waiting"
-        rate = ev.done / moving if moving and moving > 0.05 and ev.done else 0.0
+        rate = ev.done / moving if live and moving and moving > 0.05 and ev.done else 0.0
         if ev.total and ev.done >= ev.total:
             eta = "done"
         elif rate:
@@ -607,7 +715,7 @@ def progress_html(stages: dict[str, ProgressEvent], elapsed: float, state: str, 
             left.append(seconds)
             eta = f"ETA {_duration(seconds)}"
         else:
-            eta = "ETA –"
+            eta = "ETA –" if live else "–"
             if ev.total:
                 left.append(None)  # a stage with no rate yet: no honest overall estimate
         rows.append(
@@ -616,7 +724,10 @@ def progress_html(stages: dict[str, ProgressEvent], elapsed: float, state: str, 
             f'<span class="sp-nums">{nums}</span><span class="sp-rate">{human_bytes(rate) + "/s" if rate else "–"}</span>'
             f'<span class="sp-eta">{eta}</span></div>'
         )
-    head = f"{html.escape(state)} · elapsed {_duration(elapsed)}"
+    if state == "Idle":
+        head = "Idle: nothing is converting. Fill in the form and click <b>Convert and publish</b>."
+    else:
+        head = f"{html.escape(state)}{'…' if state == 'Cancelling' else ''} · elapsed {_duration(elapsed)}"
     if state == "Converting" and left and None not in left:
         head += f" · about {_duration(max(left))} left"
     return f'<div class="streamer-progress" data-state="{state}"><div class="sp-head">{head}</div>{"".join(rows)}</div>'
@@ -626,46 +737,96 @@ def _since(t: float | None) -> float | None:
     return None if t is None else time.monotonic() - t
 
 
-def _result_md(result, target: str, create_pr: bool) -> str:
+def _read_card(target: str, revision: str, token) -> str | None:
+    """The model card just committed (a few kB, straight into memory), for the preview."""
+    url = f"{endpoint()}/{target}/resolve/{quote(revision, safe='')}/README.md"
+    try:
+        r = get_session().get(url, headers={**build_hf_headers(token=token), "Range": "bytes=0-65535"})
+    except Exception:  # a preview only: the links below still lead to the card
+        return None
+    return r.text if r.status_code in (200, 206) else None
+
+
+def _result_md(result, target: str, create_pr: bool, private: bool = False, token=None) -> str:
     base = html.escape(f"{endpoint()}/{target}", quote=True)
     url = html.escape(result.url or f"{endpoint()}/{target}", quote=True)
+    name = html.escape(target)
     if create_pr and "/discussions/" not in url:
         return (
-            f'<div class="streamer-done"><b>Already up to date</b>: <a href="{base}">{html.escape(target)}</a> '
+            f'<div class="streamer-done"><b>Already up to date</b>: <a href="{base}">{name}</a> '
             "holds exactly this conversion, so no pull request was needed.</div>"
         )
     if create_pr:
         num = url.rstrip("/").rsplit("/", 1)[-1]
-        card = f"{base}/blob/{quote(f'refs/pr/{num}', safe='')}/README.md"
-        where = f'<a href="{url}">pull request</a> on <a href="{base}">{html.escape(target)}</a>'
+        rev = f"refs/pr/{num}"
+        card = f"{base}/blob/{quote(rev, safe='')}/README.md"
+        head = (f'<b>Pull request opened</b> on <a href="{base}">{name}</a>: '
+                f'<a href="{url}">review and merge it</a> · <a href="{card}">model card</a>')  # fmt: skip
+        serve = f"vllm serve {target} --revision {rev}"
     else:
+        rev = "main"
         card = f"{base}/blob/main/README.md"
-        where = f'<a href="{base}">{html.escape(target)}</a>'
+        head = (f'<b>Published</b> to <a href="{base}">{name}</a> · <a href="{card}">model card</a> · '
+                f'<a href="{url}">commit</a>')  # fmt: skip
+        serve = f"vllm serve {target}"
     stats = result.summary()
     secs = stats.get("seconds")
-    return (
-        f'<div class="streamer-done"><b>Published</b> to {where} · <a href="{card}">model card</a> · '
-        f'<a href="{url}">commit</a></div>\n\n'
-        f"{human_bytes(stats.get('bytes_in', 0))} read → {human_bytes(stats.get('bytes_out', 0))} written, "
-        f"{stats.get('quantized', 0)} weights quantized with {stats.get('scheme')}"
+    lines = [
+        f'<div class="streamer-done">{head}</div>',
+        "<p>"
+        + f"{human_bytes(stats.get('bytes_in', 0))} read → {human_bytes(stats.get('bytes_out', 0))} written, "
+        + f"{stats.get('quantized', 0)} weights quantized with {html.escape(str(stats.get('scheme')))}"
         + (f" in {_duration(secs)}" if secs is not None else "")
-        + "."
-    )
+        + ".</p>",
+        f'<p>Serve it with vLLM:</p><pre class="streamer-cmd"><code>{html.escape(serve)}</code></pre>',
+    ]
+    if private:
+        lines.append(
+            f"<p>{name} is <b>private</b>: only you (and your organization) can see it, and vLLM needs "
+            "a token with read access (<code>HF_TOKEN</code>) to download it.</p>"
+        )
+    text = _read_card(target, rev, token)
+    if text:
+        lines.append(
+            '<details class="streamer-card"><summary>Model card preview</summary>'
+            f"<pre>{html.escape(text)}</pre></details>"
+        )
+    return "\n".join(lines)
 
 
-def run_convert(
-    source: str,
-    revision: str,
-    scheme: str,
-    ignore: str,
-    namespace: str,
-    repo_name: str,
-    private: bool,
-    create_pr: bool,
-    skip_incompatible: bool = False,
-    oauth_token: gr.OAuthToken | None = None,
-):
-    """Quantize the source and publish it in one commit; streams progress and a log."""
+def _exists(target: str, token) -> bool | None:
+    """Does TARGET exist (None: could not tell)."""
+    try:
+        HfApi(endpoint=endpoint(), token=token).model_info(target)
+        return True
+    except HfHubHTTPError as e:
+        return False if getattr(e.response, "status_code", None) in (401, 404) else None
+    except Exception:
+        return None
+
+
+def _existing_pr(repo, rev, target, scheme, ignore_list, skip_incompatible, token) -> str | None:
+    """The URL of a pull request on TARGET that already proposes this exact conversion (same
+    source commit and settings, as its model card records them), or None. Mirroring uses the
+    same check so that it never opens the same PR twice; neither does the form."""
+    from streamer.mirror import Job, check_job
+
+    job = Job(name="space", source=repo, target=target, scheme=scheme, ignore=tuple(ignore_list), source_revision=rev,
+              create_pr=True, skip_incompatible=bool(skip_incompatible))  # fmt: skip
+    try:
+        check = check_job(job, token=token, endpoint=endpoint())
+    except Exception:  # cannot tell: converting again is the safe answer
+        return None
+    if check.up_to_date and (check.where or "").startswith("refs/pr/"):
+        return f"{endpoint()}/{target}/discussions/{check.where.rsplit('/', 1)[-1]}"
+    return None
+
+
+def _convert(source, revision, scheme, ignore, namespace, repo_name, private, create_pr, skip_incompatible,
+             oauth_token):  # fmt: skip
+    """Quantize the source and publish it; yields (status, progress, log, result) and returns the
+    error sentence when it failed (None otherwise). Status is only written at the start and the
+    end, so a "Cancelling…" written there by the Cancel button stays until the run has stopped."""
     log_lines: list[str] = []
 
     def log_text() -> str:
@@ -688,16 +849,24 @@ def run_convert(
     except Exception as e:
         message = sentence(e)
         yield error_box(message), progress_html({}, 0, "Idle"), "", ""
-        raise gr.Error(message, duration=15, title="Cannot start", print_exception=False) from None
+        return message
 
     events: queue.Queue = queue.Queue()
     outcome: dict = {}
+    existed: list[bool | None] = []
 
     def worker() -> None:
         try:
+            existed.append(_exists(target, token))
+            if create_pr and existed[0]:
+                pr = _existing_pr(repo, rev, target, scheme, ignore_list, skip_incompatible, token)
+                if pr:
+                    outcome["duplicate_pr"] = pr
+                    return
             outcome["result"] = convert(
                 _spec(repo, rev), f"hub://{target}", scheme=scheme, ignore=ignore_list, token=token,
-                private=bool(private), create_pr=bool(create_pr), device="auto",
+                # unticked: as the source (a private or gated source makes a private target)
+                private=True if private else None, create_pr=bool(create_pr), device="auto",
                 skip_incompatible=bool(skip_incompatible),
                 max_memory=max(default_memory_budget() // MAX_CONVERSIONS, 1 << 30),
                 progress=Progress(listeners=[events.put]), cancel=slot.cancel,
@@ -705,7 +874,10 @@ def run_convert(
         except KeyboardInterrupt:
             outcome["cancelled"] = True
         except BaseException as e:  # noqa: BLE001 - every failure becomes a sentence
-            outcome["error"] = e
+            if slot.cancel.is_set():
+                outcome["cancelled"] = True  # a transfer cut short by the cancel, not a failure
+            else:
+                outcome["error"] = e
         finally:
             _release(account.name, slot)
             events.put(None)
@@ -743,10 +915,10 @@ def run_convert(
                 except queue.Empty:
                     ev = False
             now = time.monotonic()
-            if finished or now - last >= 0.25:
+            if not finished and now - last >= 0.25:
                 last = now
                 state = "Cancelling" if slot.cancel.is_set() else "Converting"
-                yield "", progress_html(stages, now - t0, state, _since(t_bytes)), log_text(), ""
+                yield gr.update(), progress_html(stages, now - t0, state, _since(t_bytes)), log_text(), gr.update()
         thread.join()
     finally:
         if not finished:  # the page went away mid-run: stop the conversion, commit nothing
@@ -754,20 +926,91 @@ def run_convert(
 
     elapsed = time.monotonic() - t0
     moving = _since(t_bytes)
+    if "duplicate_pr" in outcome:
+        pr = html.escape(outcome["duplicate_pr"], quote=True)
+        say(f"a pull request already proposes this conversion: {outcome['duplicate_pr']}")
+        yield "", progress_html(stages, elapsed, "Done", moving), log_text(), (
+            f'<div class="streamer-done"><b>Already proposed</b>: <a href="{pr}">this pull request</a> on '
+            f"{html.escape(target)} holds exactly this conversion (same source commit and settings), "
+            "so no new one was opened.</div>"
+        )
+        return None
     if "result" in outcome:
         result = outcome["result"]
-        yield "", progress_html(stages, elapsed, "Done", moving), log_text(), _result_md(result, target, bool(create_pr))
-        return
+        is_private = bool(private) or bool(getattr(_info(target, token), "private", False))
+        yield "", progress_html(stages, elapsed, "Done", moving), log_text(), _result_md(
+            result, target, bool(create_pr), is_private, token
+        )
+        return None
+    created = existed and existed[0] is False and _exists(target, token)
     if outcome.get("cancelled"):
         say("cancelled: nothing was committed")
+        gone = " It was created for this run and has been removed." if existed and existed[0] is False else ""
         yield "", progress_html(stages, elapsed, "Cancelled", moving), log_text(), (
-            f'<div class="streamer-cancelled"><b>Cancelled</b>: nothing was committed to {html.escape(target)}.</div>'
+            f'<div class="streamer-cancelled"><b>Cancelled</b>: nothing was committed to {html.escape(target)}.'
+            f"{gone if not created else ''}</div>"
         )
-        return
+        return None
     message = sentence(outcome.get("error") or RuntimeError("no result"))
     say("failed: nothing was committed")
+    if created:
+        # The run created the repo and the failure left it (empty: nothing was committed). Say so
+        # plainly, and that a rerun resumes: the shards already uploaded are not sent again.
+        message += (
+            f"\n\n{target} was created for this run and is still there, empty (nothing was committed). "
+            "Convert again with the same settings to resume (shards already uploaded are not sent again), "
+            "or delete the repo from its settings page."
+        )
     yield error_box(message), progress_html(stages, elapsed, "Failed", moving), log_text(), ""
-    raise gr.Error(message, duration=15, title="Conversion failed", print_exception=False)
+    return message
+
+
+def _info(target: str, token):
+    try:
+        return HfApi(endpoint=endpoint(), token=token).model_info(target)
+    except Exception:
+        return None
+
+
+def run_convert(
+    source: str,
+    revision: str,
+    scheme: str,
+    ignore: str,
+    namespace: str,
+    repo_name: str,
+    private: bool,
+    create_pr: bool,
+    skip_incompatible: bool = False,
+    oauth_token: gr.OAuthToken | None = None,
+):
+    """Quantize the source and publish it in one commit; streams progress and a log.
+    (The API endpoint: a failure is also raised, so that gradio_client callers get an error.)"""
+    message = yield from _convert(source, revision, scheme, ignore, namespace, repo_name, private, create_pr,
+                                  skip_incompatible, oauth_token)  # fmt: skip
+    if message:
+        raise gr.Error(message, duration=15, title="Conversion failed", print_exception=False)
+
+
+def run_convert_ui(
+    source: str,
+    revision: str,
+    scheme: str,
+    ignore: str,
+    namespace: str,
+    repo_name: str,
+    private: bool,
+    create_pr: bool,
+    skip_incompatible: bool = False,
+    oauth_token: gr.OAuthToken | None = None,
+):
+    """The page's Convert button: the error is shown once (status line), never raised; Cancel is
+    clickable only while this run is going."""
+    for out in _convert(source, revision, scheme, ignore, namespace, repo_name, private, create_pr,
+                        skip_incompatible, oauth_token):  # fmt: skip
+        state = re.search(r'data-state="(\w+)"', out[1] if isinstance(out[1], str) else "")
+        running = bool(state) and state.group(1) in (*RUNNING, "Cancelling")
+        yield *out, gr.update(interactive=running)
 
 
 def cancel(oauth_token: gr.OAuthToken | None = None) -> str:
@@ -776,12 +1019,24 @@ def cancel(oauth_token: gr.OAuthToken | None = None) -> str:
         account = whoami(require_token(oauth_token))
     except Exception as e:
         raise fail(e) from None
+    return _cancel(account)
+
+
+def cancel_ui(oauth_token: gr.OAuthToken | None = None) -> str:
+    try:
+        account = whoami(require_token(oauth_token))
+    except Exception as e:
+        return error_box(sentence(e))
+    return _cancel(account)
+
+
+def _cancel(account: Account) -> str:
     with _active_lock:
         slot = _active.get(account.name)
     if slot is None:
         return "No conversion of yours is running."
     slot.cancel.set()
-    return f"Cancelling the conversion to {slot.target}…"
+    return f"Cancelling the conversion to {html.escape(slot.target)}…"
 
 
 def on_load(oauth_token: gr.OAuthToken | None = None):
@@ -817,19 +1072,71 @@ def whoami_api(oauth_token: gr.OAuthToken | None = None) -> dict:
 # the page
 # --------------------------------------------------------------------------------------------
 
+# Only the theme's variables (gradio sets them for light and dark): no hard-coded backgrounds or
+# text colours, so every box stays readable in both themes. color-mix tints a box with the theme's
+# own accent over whatever the page background is.
 CSS = """
-.streamer-error { background: #fef2f2; border: 1px solid #fca5a5; color: #991b1b; border-radius: 8px;
-  padding: 10px 14px; white-space: normal; }
-.streamer-done { background: #f0fdf4; border: 1px solid #86efac; border-radius: 8px; padding: 10px 14px; }
-.streamer-cancelled { background: #fffbeb; border: 1px solid #fcd34d; border-radius: 8px; padding: 10px 14px; }
-.streamer-progress { font-variant-numeric: tabular-nums; }
+.streamer-error { background: var(--error-background-fill); border: 1px solid var(--error-border-color);
+  color: var(--error-text-color); border-radius: 8px; padding: 10px 14px; white-space: normal; }
+.streamer-error a { color: inherit; text-decoration: underline; }
+.streamer-done, .streamer-cancelled { border-radius: 8px; padding: 10px 14px; color: var(--body-text-color); }
+.streamer-done { background: color-mix(in srgb, var(--color-green-500) 14%, var(--background-fill-primary));
+  border: 1px solid color-mix(in srgb, var(--color-green-500) 60%, var(--background-fill-primary)); }
+.streamer-cancelled { background: color-mix(in srgb, var(--color-yellow-500) 14%, var(--background-fill-primary));
+  border: 1px solid color-mix(in srgb, var(--color-yellow-500) 60%, var(--background-fill-primary)); }
+.streamer-done a, .streamer-cancelled a { color: var(--link-text-color); }
+.streamer-cmd { background: var(--code-background-fill); color: var(--body-text-color); padding: 8px 12px;
+  border-radius: 6px; overflow-x: auto; }
+.streamer-card pre { max-height: 24em; overflow: auto; white-space: pre-wrap; background: var(--background-fill-secondary);
+  color: var(--body-text-color); padding: 8px 12px; border-radius: 6px; }
+.streamer-progress { font-variant-numeric: tabular-nums; color: var(--body-text-color); }
 .streamer-progress .sp-head { font-weight: 600; margin-bottom: 6px; }
 .streamer-progress .sp-row { display: grid; grid-template-columns: 6.5em 1fr 12em 7em 7em; gap: 10px;
   align-items: center; margin: 4px 0; }
-.streamer-progress .sp-bar { height: 12px; background: #e5e7eb; border-radius: 6px; overflow: hidden; }
-.streamer-progress .sp-fill { height: 100%; background: #f97316; }
+.streamer-progress .sp-bar { height: 12px; background: var(--background-fill-secondary);
+  border: 1px solid var(--border-color-primary); border-radius: 6px; overflow: hidden; }
+.streamer-progress .sp-fill { height: 100%; background: var(--color-accent); }
 .streamer-progress .sp-nums, .streamer-progress .sp-rate, .streamer-progress .sp-eta { font-size: 0.9em; }
+/* a phone: label and numbers on one line, the bar under them, rate and ETA on the next */
+@media (max-width: 640px) {
+  .streamer-progress .sp-row { grid-template-columns: 1fr auto; gap: 2px 8px; margin: 8px 0; }
+  .streamer-progress .sp-bar { grid-column: 1 / -1; grid-row: 2; }
+  .streamer-progress .sp-label { grid-row: 1; }
+  .streamer-progress .sp-nums { grid-row: 1; text-align: right; }
+  .streamer-progress .sp-rate { grid-row: 3; }
+  .streamer-progress .sp-eta { grid-row: 3; text-align: right; }
+}
 """
+
+# The picker, in the order people use the schemes, each labelled with the GPUs that serve it;
+# the rarely served ones (integer weights other than 4 and 8 bits, W*A4 …) come last.
+SCHEME_GPUS = {
+    "FP8_DYNAMIC": "H100, L4, B200 (A100: weight-only)",
+    "FP8_BLOCK": "H100, H200, B200",
+    "W4A16": "A10G, A100, L4, H100",
+    "NVFP4A16": "B200, RTX 50xx (A100/H100: weight-only)",
+    "MXFP4A16": "B200, MI350",
+    "W8A16": "Ampere and newer",
+    "INT8": "T4, A10G, A100, H100, CPU",
+    "W8A8": "T4, A10G, A100, H100, CPU",
+    "W4A16_ASYM": "Ampere and newer",
+    "W4AFP8": "H100, H200",
+    "MXFP8A16": "B200, MI350",
+    "MXFP8": "B200, MI350",
+    "MXFP4": "B200, MI350",
+    "MXFP4XFP8": "B200, MI350",
+    "MXFP6A16": "MI350",
+    "MXFP6A8": "MI350",
+}
+
+
+def scheme_choices() -> list[tuple[str, str]]:
+    """(label, value) pairs for the picker; every accepted preset appears exactly once."""
+    presets = accepted_presets()
+    common = [s for s in SCHEME_GPUS if s in presets]
+    rare = [s for s in presets if s not in SCHEME_GPUS]
+    return [(f"{s} · {SCHEME_GPUS[s]}", s) for s in common] + [(f"{s} · experimental", s) for s in rare]
+
 
 INTRO = """# streamer: quantize a Hub model, publish it
 Reads the source with HTTP range requests (never downloads it whole), quantizes with a
@@ -839,8 +1146,10 @@ Data-free schemes only: no calibration data needed."""
 
 
 def build_demo() -> gr.Blocks:
-    schemes = accepted_presets()
-    default_scheme = DEFAULT_SCHEME if DEFAULT_SCHEME in schemes else schemes[0]
+    choices = scheme_choices()
+    values = [v for _, v in choices]
+    default_scheme = DEFAULT_SCHEME if DEFAULT_SCHEME in values else values[0]
+    default_ignore = format_ignore(suggest_ignore(None).ignore[:2])
     with gr.Blocks(title="streamer: quantize a Hub model") as demo:
         gr.Markdown(INTRO)
         with gr.Row():
@@ -853,12 +1162,13 @@ def build_demo() -> gr.Blocks:
             revision = gr.Textbox(label="Revision (optional)", placeholder="main", elem_id="revision", scale=1)
         with gr.Row():
             with gr.Column(scale=1):
-                scheme = gr.Dropdown(schemes, value=default_scheme, label="Scheme", elem_id="scheme")
-                scheme_md = gr.Markdown(describe_scheme(default_scheme, "", "")[0], elem_id="scheme-blurb")
+                scheme = gr.Dropdown(choices, value=default_scheme, label="Scheme (the GPUs that serve it)",
+                                     elem_id="scheme")  # fmt: skip
+                scheme_md = gr.Markdown(describe_scheme(default_scheme), elem_id="scheme-blurb")
             with gr.Column(scale=1):
                 ignore = gr.Textbox(
                     label="Ignore (kept unquantized): module names or re:PATTERN, one per line",
-                    value=format_ignore(suggest_ignore(None).ignore[:2]), lines=5, max_lines=12, elem_id="ignore",
+                    value=default_ignore, lines=5, max_lines=12, elem_id="ignore",
                 )  # fmt: skip
                 notes_md = gr.Markdown("", elem_id="suggest-notes")
         with gr.Row():
@@ -866,14 +1176,16 @@ def build_demo() -> gr.Blocks:
             repo_name = gr.Textbox(label="Target repo name", placeholder="Llama-3.1-8B-Instruct-FP8_DYNAMIC",
                                    elem_id="repo-name", scale=2)  # fmt: skip
             with gr.Column(scale=1, min_width=180):
-                private = gr.Checkbox(label="Private repo", value=False, elem_id="private")
+                private = gr.Checkbox(label="Private repo (always, for a private or gated source)", value=False,
+                                      elem_id="private")  # fmt: skip
                 create_pr = gr.Checkbox(label="Open as a pull request", value=False, elem_id="create-pr")
                 skip_incompatible = gr.Checkbox(label="Keep weights the scheme cannot serve unquantized",
                                                 value=False, elem_id="skip-incompatible")  # fmt: skip
         with gr.Row():
             plan_btn = gr.Button("Plan (dry run)", variant="secondary", elem_id="plan-btn")
             convert_btn = gr.Button("Convert and publish", variant="primary", elem_id="convert-btn")
-            cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-btn")
+            # nothing to cancel until a conversion of this page runs
+            cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-btn", interactive=False)
         status = gr.HTML("", elem_id="status")
         with gr.Tabs(selected="progress") as tabs:
             with gr.Tab("Progress", id="progress", elem_id="progress-tab"):
@@ -892,27 +1204,50 @@ def build_demo() -> gr.Blocks:
                                            elem_id="plan-warnings")  # fmt: skip
 
         form = [source, revision, scheme, ignore, namespace, repo_name, private, create_pr, skip_incompatible]
+        plan_outputs = [status, overview, shards_df, tensors_df, fused_df, warnings_df]
         demo.load(on_load, None, [account_md, namespace], api_name="whoami_ui", api_visibility="private")
+
+        # The API endpoints (gradio_client) raise their error, which a program needs; the page's
+        # buttons show it once in the status line instead. The API's scheme is a plain text field,
+        # so an unknown scheme gets the app's sentence, not gradio's "not in the list of choices".
+        api_scheme = gr.Textbox(visible=False)
+        api_form = [source, revision, api_scheme, *form[3:]]
         hidden_json = gr.JSON(visible=False)
         gr.Button(visible=False).click(whoami_api, None, hidden_json, api_name="whoami")
+        gr.Button(visible=False).click(suggest, [source, revision, api_scheme], [ignore, notes_md, repo_name],
+                                       api_name="suggest", concurrency_limit=8, concurrency_id="suggest")  # fmt: skip
+        gr.Button(visible=False).click(plan, api_form, plan_outputs, api_name="plan",
+                                       concurrency_limit=4, concurrency_id="plan")  # fmt: skip
+        gr.Button(visible=False).click(run_convert, api_form, [status, progress, log_box, result_md], api_name="convert",
+                                       concurrency_limit=MAX_CONVERSIONS, concurrency_id="convert")  # fmt: skip
+        gr.Button(visible=False).click(cancel, None, status, api_name="cancel", concurrency_limit=None)
 
-        suggest_args = dict(fn=suggest, inputs=[source, revision, scheme], outputs=[ignore, notes_md, repo_name],
-                            trigger_mode="always_last", concurrency_limit=8, concurrency_id="suggest",
-                            show_progress="hidden")  # fmt: skip
-        source.submit(**suggest_args, api_name="suggest")
-        source.blur(**suggest_args, api_visibility="private")
-        revision.blur(**suggest_args, api_visibility="private")
-        scheme.change(describe_scheme, [scheme, source, revision], [scheme_md, repo_name], queue=False,
-                      api_visibility="private").then(**suggest_args, api_visibility="private")  # fmt: skip
+        # Suggestions: see suggest_ui / apply_suggestion (they never overwrite an edited field).
+        memo = gr.State({"key": None, "ignore": default_ignore, "name": ""})
+        pending = gr.State(None)
+        for trigger in (source.submit, source.blur, revision.submit, revision.blur):
+            trigger(suggest_ui, [source, revision, scheme, memo, status], [notes_md, pending, status], trigger_mode="always_last",
+                    concurrency_limit=8, concurrency_id="suggest", show_progress="hidden",
+                    api_visibility="private").then(
+                apply_suggestion, [source, revision, scheme, ignore, repo_name, pending, memo], [ignore, repo_name, memo], queue=False,
+                show_progress="hidden", api_visibility="private")  # fmt: skip
+        scheme.change(describe_scheme, scheme, scheme_md, queue=False, api_visibility="private").then(
+            suggest_ui, [source, revision, scheme, memo, status], [notes_md, pending, status], trigger_mode="always_last",
+            concurrency_limit=8, concurrency_id="suggest", show_progress="hidden", api_visibility="private").then(
+            apply_suggestion, [source, revision, scheme, ignore, repo_name, pending, memo], [ignore, repo_name, memo], queue=False,
+            show_progress="hidden", api_visibility="private")  # fmt: skip
 
         plan_btn.click(lambda: gr.Tabs(selected="plan"), None, tabs, queue=False, api_visibility="private")
-        plan_btn.click(plan, form, [status, overview, shards_df, tensors_df, fused_df, warnings_df], api_name="plan",
-                       concurrency_limit=4, concurrency_id="plan")  # fmt: skip
+        plan_btn.click(plan_ui, form, plan_outputs, api_visibility="private", concurrency_limit=4, concurrency_id="plan",
+                       show_progress="hidden")  # fmt: skip
         convert_btn.click(lambda: gr.Tabs(selected="progress"), None, tabs, queue=False, api_visibility="private")
-        convert_btn.click(run_convert, form, [status, progress, log_box, result_md], api_name="convert",
-                          concurrency_limit=MAX_CONVERSIONS, concurrency_id="convert",
-                          show_progress="minimal")  # fmt: skip
-        cancel_btn.click(cancel, None, status, api_name="cancel", concurrency_limit=None, queue=True)
+        # show_progress on the panel only: while the run waits in the queue, gradio shows its
+        # position there ("queue: 2/3"), where the user looks; no spinner on the other outputs.
+        convert_btn.click(run_convert_ui, form, [status, progress, log_box, result_md, cancel_btn],
+                          api_visibility="private", concurrency_limit=MAX_CONVERSIONS, concurrency_id="convert",
+                          show_progress="full", show_progress_on=[progress])  # fmt: skip
+        cancel_btn.click(cancel_ui, None, status, api_visibility="private", concurrency_limit=None, queue=True,
+                         show_progress="hidden")  # fmt: skip
     return demo
 
 

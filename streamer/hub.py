@@ -245,6 +245,10 @@ class HubSource(Source):
     huggingface_hub pick HF_TOKEN or the login cache.
     """
 
+    # Set by the pipeline to its cancel event: range reads in flight stop at the next block
+    # instead of running to the end of their chunk.
+    cancel: threading.Event | None = None
+
     def __init__(
         self,
         repo_id: str,
@@ -345,6 +349,7 @@ class HubSource(Source):
         got = 0
         attempt = 0
         while got < span.size:
+            self._check_cancel()
             url, headers = self._resolve(path)
             want = Span(span.start + got, span.end)
             h = {**headers, "Range": f"bytes={want.start}-{want.end - 1}", "Accept-Encoding": "identity"}
@@ -368,6 +373,7 @@ class HubSource(Source):
                     # re-chunking, and the body is exact file bytes (_check_range refused any
                     # Content-Encoding).
                     for block in r.iter_raw():
+                        self._check_cancel()
                         n = min(len(block), span.size - got)
                         out[got : got + n] = block[:n]
                         got += n
@@ -379,6 +385,10 @@ class HubSource(Source):
                 raise
             except Exception as e:  # dropped mid-body: keep what arrived, ask for the rest
                 attempt = self._backoff(attempt, f"{path}: {type(e).__name__} after {got} bytes", None, e)
+
+    def _check_cancel(self) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled("range read stopped: the run is stopping")
 
     def _check_range(self, r, path: str, want: Span) -> None:
         if r.status_code != 206:
@@ -745,6 +755,9 @@ class HubSink(Sink):
         try:
             if "repo" in created:
                 self._call(f"deleting {self.repo_id}", self.api.delete_repo, self.repo_id, missing_ok=True)
+                # The resume record names the tensors of a possibly private model, on what may be
+                # a shared machine (a Space): it goes with the repo it was for.
+                self._forget_state()
             elif "branch" in created:
                 self._call(f"deleting branch {self.revision}", self.api.delete_branch, self.repo_id, branch=self.revision)
         except Exception as e:  # best effort: the branch still holds no partial model

@@ -17,6 +17,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 import torch
@@ -370,8 +371,21 @@ class Runner:
 
     # -- driver ----------------------------------------------------------------------------
 
+    def _wait(self, fut: Future):
+        """fut.result(), but a cancel is noticed within a tenth of a second, however much of the
+        piece's transfer is left (a piece can be 256 MB: seconds to minutes on a slow link)."""
+        while True:
+            try:
+                return fut.result(timeout=0.1)
+            except FutureTimeout:
+                if self.cancel.is_set():
+                    raise KeyboardInterrupt("cancelled") from None
+
     def run(self) -> RunStats:
         t0 = time.monotonic()
+        if hasattr(self.source, "cancel"):
+            # a source that reads over the network stops its transfers in flight on a cancel
+            self.source.cancel = self.cancel
         done = set()
         if self.fingerprint is not None:
             done = self.sink.resume(self.fingerprint, [j.shard for j in self.plan.jobs])
@@ -416,7 +430,7 @@ class Runner:
                 while queue and len(pending) < depth and admit(block=not pending):
                     pass
                 piece, fut = pending.popleft()
-                raw = fut.result()
+                raw = self._wait(fut)
                 writer, offsets = writers[piece.job.shard]
                 self._quantize(piece, raw, writer, offsets)
                 del raw
@@ -425,7 +439,7 @@ class Runner:
                     closing.append(self._close(piece.job, writer))
                     del writers[piece.job.shard]
             for f in closing:
-                f.result()
+                self._wait(f)
         except BaseException:
             for _, fut in pending:
                 fut.cancel()

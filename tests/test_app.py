@@ -180,22 +180,43 @@ def browser():
             b.close()
 
 
+def _shoot(page, tmp_path, name: str) -> None:
+    """A screenshot; with STREAMER_SCREENSHOT=1 it also refreshes docs/NAME (the README's)."""
+    shot = tmp_path / name
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("STREAMER_SCREENSHOT") == "1":
+        (REPO_ROOT / "docs").mkdir(exist_ok=True)
+        shutil.copy(shot, REPO_ROOT / "docs" / name)
+
+
+def _pick_scheme(page, name: str) -> None:
+    scheme = page.locator("#scheme input")
+    scheme.click()
+    scheme.fill(name)
+    # options read "NAME · the GPUs that serve it"
+    page.get_by_role("option", name=re.compile(rf"^{re.escape(name)} ·")).click()
+
+
 def test_browser_plan_convert(browser, app_url, hub, tmp_path):
     from playwright.sync_api import expect
 
     target = "alice/tiny-llama-NVFP4A16"
-    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page = browser.new_page(viewport={"width": 1280, "height": 1000}, color_scheme="light")
     page.set_default_timeout(30_000)
-    page.goto(app_url)
+    page.goto(app_url + "?__theme=light")
     expect(page.locator("#account")).to_contain_text("alice")
+
+    # idle: nothing to cancel, no elapsed time
+    expect(page.locator('#progress [data-state="Idle"]')).to_contain_text("nothing is converting")
+    expect(page.locator("#progress")).not_to_contain_text("elapsed")
+    expect(page.locator("#cancel-btn")).to_be_disabled()
 
     # source -> suggestions (ignore list, repo name); scheme picker -> blurb and name
     page.locator("#source textarea").fill(SOURCE)
     page.locator("#source textarea").press("Enter")
-    scheme = page.locator("#scheme input")
-    scheme.click()
-    scheme.fill("NVFP4A16")
-    page.get_by_role("option", name="NVFP4A16", exact=True).click()
+    expect(page.locator("#repo-name textarea")).to_have_value("tiny-llama-FP8_DYNAMIC")
+    _pick_scheme(page, "NVFP4A16")
     expect(page.locator("#scheme-blurb")).to_contain_text("Blackwell")
     expect(page.locator("#repo-name textarea")).to_have_value("tiny-llama-NVFP4A16")
     expect(page.locator("#suggest-notes")).to_contain_text("LlamaForCausalLM")
@@ -218,17 +239,13 @@ def test_browser_plan_convert(browser, app_url, hub, tmp_path):
     try:
         page.locator("#convert-btn").click()
         expect(page.locator('#progress [data-state="Converting"]')).to_be_visible()
+        expect(page.locator("#cancel-btn")).to_be_enabled()
         # some bytes read and quantized, uploads still going: the bars are mid-way
         expect(page.locator('#progress [data-stage="quantize"] .sp-nums')).not_to_have_text(re.compile(r"^(0 B|waiting)"))
-        shot = tmp_path / "screenshot.png"
         state = page.locator("#progress [data-state]").get_attribute("data-state")
-        page.screenshot(path=str(shot), full_page=True)
+        _shoot(page, tmp_path, "screenshot.png")
         assert state == "Converting"
         expect(page.locator("#log textarea")).to_have_value(_contains("converting acme/tiny-llama"))
-        if os.environ.get("STREAMER_SCREENSHOT") == "1":
-            (REPO_ROOT / "docs").mkdir(exist_ok=True)
-            shutil.copy(shot, REPO_ROOT / "docs" / "screenshot.png")
-        assert shot.stat().st_size > 10_000
     finally:
         hub.set_throttle(None, None)
 
@@ -236,12 +253,139 @@ def test_browser_plan_convert(browser, app_url, hub, tmp_path):
     expect(result).to_contain_text("Published", timeout=60_000)
     link = result.locator("a").first
     assert link.get_attribute("href") == f"{hub.url}/{target}"
-    card = result.get_by_text("model card")
+    card = result.get_by_text("model card", exact=True)
     assert card.get_attribute("href") == f"{hub.url}/{target}/blob/main/README.md"
+    expect(result.locator(".streamer-cmd")).to_have_text(f"vllm serve {target}")
     expect(page.locator('#progress [data-state="Done"]')).to_be_visible()
+    expect(page.locator("#cancel-btn")).to_be_disabled()
     assert TOKEN not in page.content()
     page.close()
     _check_published(hub, target, "NVFP4A16")
+
+
+def test_browser_never_overwrites_edits(browser, app_url):
+    """Suggestions fill only fields the user has not edited, and only when the source, revision
+    or scheme really changed: leaving a field unchanged suggests nothing."""
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.set_default_timeout(30_000)
+    page.goto(app_url)
+    expect(page.locator("#account")).to_contain_text("alice")
+    source, revision = page.locator("#source textarea"), page.locator("#revision textarea")
+    name, ignore = page.locator("#repo-name textarea"), page.locator("#ignore textarea")
+    source.fill("acme/odd")
+    source.press("Enter")
+    expect(name).to_have_value("odd-FP8_DYNAMIC")
+    expect(page.locator("#suggest-notes")).to_contain_text("Detected")
+    name.fill("my-own-name")
+    ignore.fill("lm_head")
+    # focus in and out of Source and Revision without changing them: nothing is re-suggested
+    for _ in range(2):
+        source.click()
+        revision.click()
+        page.locator("#ignore textarea").click()
+    page.wait_for_timeout(1500)
+    expect(name).to_have_value("my-own-name")
+    expect(ignore).to_have_value("lm_head")
+    # another scheme: its notes come, the edited fields stay as typed
+    _pick_scheme(page, "W4A16")
+    expect(page.locator("#suggest-notes")).to_contain_text("W4A16 cannot quantize any weight")
+    page.wait_for_timeout(500)
+    expect(name).to_have_value("my-own-name")
+    expect(ignore).to_have_value("lm_head")
+    # a field emptied by the user is the app's to fill again
+    name.fill("")
+    source.fill(SOURCE)
+    source.press("Enter")
+    expect(name).to_have_value("tiny-llama-W4A16")
+    expect(ignore).to_have_value("lm_head")
+    page.close()
+
+
+def _colors(page, selector: str) -> tuple[float, float]:
+    """Relative luminance (0 black … 1 white) of the element's background and text colour."""
+    return page.eval_on_selector(selector, """el => {
+        // "rgb(r, g, b)" in 0..255, or "color(srgb r g b)" in 0..1 (what color-mix computes to)
+        const lum = c => { const scale = c.startsWith('color(') ? 1 : 255;
+            const m = c.match(/[\\d.]+/g).map(Number);
+            const [r, g, b] = m.slice(0, 3).map(v => { v /= scale; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; });
+            return 0.2126 * r + 0.7152 * g + 0.0722 * b; };
+        let bg = el, c = getComputedStyle(el).backgroundColor;
+        while (c === 'rgba(0, 0, 0, 0)' && bg.parentElement) { bg = bg.parentElement; c = getComputedStyle(bg).backgroundColor; }
+        return [lum(c), lum(getComputedStyle(el).color)];
+    }""")
+
+
+def _readable(page, selector: str, dark: bool) -> None:
+    bg, fg = _colors(page, selector)
+    contrast = (max(bg, fg) + 0.05) / (min(bg, fg) + 0.05)
+    assert contrast >= 4.5, (selector, bg, fg)
+    assert (bg < fg) == dark, (selector, "dark" if dark else "light", bg, fg)
+
+
+@pytest.mark.parametrize("theme", ["dark", "light"])
+def test_browser_error_cancel_phone(browser, app_url, hub, tmp_path, theme):
+    """On a 390 px phone, in each theme: an error shows once (no badge on every output), Cancel
+    stops a slow run within about a second and its message is not wiped, stale ETAs go, and
+    every box is readable (the theme's colours, none hard-coded)."""
+    from playwright.sync_api import expect
+
+    dark = theme == "dark"
+    page = browser.new_page(viewport={"width": 390, "height": 844}, color_scheme=theme, device_scale_factor=1)
+    page.set_default_timeout(30_000)
+    page.goto(f"{app_url}?__theme={theme}")
+    expect(page.locator("#account")).to_contain_text("alice")
+    expect(page.locator("#cancel-btn")).to_be_disabled()
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390  # nothing wider than the phone
+
+    # one error, shown once, where the user looks
+    page.locator("#source textarea").fill("acme/no-such-model")
+    page.locator("#plan-btn").click()
+    alert = page.locator("#status .streamer-error")
+    expect(alert).to_contain_text("acme/no-such-model not found")
+    page.wait_for_timeout(500)
+    assert page.get_by_text("not found, or it is private").count() == 1
+    assert page.locator(".toast-body").count() == 0  # no gr.Error toast
+    assert page.get_by_text("Error", exact=True).count() == 0  # no badge stamped on the outputs
+    _readable(page, "#status .streamer-error", dark)
+
+    # a slow conversion, cancelled mid-transfer
+    target = f"alice/cancel-{theme}"
+    page.locator("#source textarea").fill(SOURCE)
+    page.locator("#repo-name textarea").fill(f"cancel-{theme}")
+    hub.set_throttle(down_bytes_per_s=150_000, up_bytes_per_s=150_000)
+    try:
+        page.locator("#convert-btn").click()
+        expect(page.locator('#progress [data-state="Converting"]')).to_be_visible()
+        expect(page.locator('#progress [data-stage="read"] .sp-nums')).to_contain_text(" / ")
+        page.wait_for_timeout(1500)  # range reads in flight (each takes many seconds at this rate)
+        # the rows reflow on the phone: the bar gets the width, nothing runs off the screen
+        bar = page.locator('#progress [data-stage="read"] .sp-bar').bounding_box()
+        assert bar["width"] > 250 and bar["x"] + bar["width"] <= 390, bar
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        _readable(page, "#progress .sp-head", dark)
+        t0 = time.monotonic()
+        page.locator("#cancel-btn").click()
+        expect(page.locator("#status")).to_contain_text("Cancelling the conversion to " + target)
+        expect(page.locator('#progress [data-state="Cancelled"]')).to_be_visible(timeout=10_000)
+        took = time.monotonic() - t0
+        read = page.locator('#progress [data-stage="read"] .sp-nums').inner_text()
+    finally:
+        hub.set_throttle(None, None)
+    # whole shards take ~4 s each at this rate: the transfers in flight were cut, not finished
+    assert took < 2.5, f"cancel took {took:.1f} s"
+    total = read.split(" / ")[1]
+    assert not read.startswith(total), read  # the reads were cut, not run to the end
+    result = page.locator("#result .streamer-cancelled")
+    expect(result).to_contain_text("nothing was committed")
+    expect(page.locator("#progress")).not_to_contain_text("ETA")  # no stale promises
+    expect(page.locator("#progress")).not_to_contain_text("left")
+    expect(page.locator("#cancel-btn")).to_be_disabled()
+    _readable(page, "#result .streamer-cancelled", dark)
+    assert not hub.repo_exists(target)  # created for the run, removed with it
+    _shoot(page, tmp_path, f"screenshot-phone-{theme}.png")
+    page.close()
 
 
 def _contains(text: str):
@@ -282,6 +426,9 @@ def test_client_plan_and_convert(client, hub):
     assert status == ""
     assert 'data-state="Done"' in progress
     assert f'href="{hub.url}/{target}"' in result and "model card" in result
+    assert f"vllm serve {target}</code>" in result
+    assert "Model card preview" in result and "FP8_DYNAMIC" in result.split("Model card preview")[1]
+    assert "private" not in result.split("Model card preview")[0]  # a public repo: no private note
     assert "converting acme/tiny-llama" in log
     _check_published(hub, target, "FP8_DYNAMIC")
     # again, as a pull request: main is left alone
@@ -289,10 +436,16 @@ def test_client_plan_and_convert(client, hub):
     *_, result = client.predict(*_form(namespace="acme", create_pr=True), api_name="/convert")
     assert "Already up to date" in result  # same settings, same bytes: nothing to propose
     *_, result = client.predict(*_form(namespace="acme", ignore="lm_head", create_pr=True), api_name="/convert")
-    assert "pull request" in result and "/discussions/" in result
+    assert "Pull request opened" in result and "/discussions/" in result
     assert f"{hub.url}/{target}/blob/refs%2Fpr%2F" in result
+    assert re.search(rf"vllm serve {re.escape(target)} --revision refs/pr/\d+", result)
     assert hub.commits(target)[0].sha == main_before
-    assert hub.refs(target)["prs"]
+    prs = hub.refs(target)["prs"]
+    assert prs
+    # the same source commit and settings again: the open PR already proposes it, none is added
+    *_, result = client.predict(*_form(namespace="acme", ignore="lm_head", create_pr=True), api_name="/convert")
+    assert "Already proposed" in result and "/discussions/" in result
+    assert hub.refs(target)["prs"] == prs
 
 
 def test_client_bad_source(client):
@@ -474,12 +627,28 @@ def test_space_never_acts_with_its_own_token(space, visitor, endpoint):
     assert TOKEN not in shown
     if visitor is None:
         assert users <= {None}
-        expected = "not found, or it is private" if endpoint == "suggest" else "Sign in with Hugging Face"
+        # planning needs no sign-in (anonymous reads: private repos stay invisible); converting does
+        expected = "Sign in with Hugging Face" if endpoint == "convert" else "not found, or it is private"
     else:
         assert users <= {"bob", None} and "bob" in users
         expected = "not found, or it is private"
     assert expected in shown, shown
     assert not hub.repo_exists("bob/secret-copy")
+
+
+def test_space_signed_out_may_plan_a_public_model(space, checkpoint):
+    """A signed-out visitor plans a public model (read anonymously) and is told to sign in to
+    convert it; converting it signed out is refused before anything is read or written."""
+    app, hub = space
+    hub.seed_repo("acme/open", checkpoint("llama"))
+    hub.clear_log()
+    shown = _call(app.plan, **{**FORM, "source": "acme/open"}, oauth_token=None)
+    assert "weights quantized" in shown and "Sign in with Hugging Face to convert it" in shown
+    assert {r.user for r in hub.request_log} <= {None}
+    hub.clear_log()
+    shown = _call(app.run_convert, **{**FORM, "source": "acme/open"}, oauth_token=None)
+    assert "Sign in with Hugging Face" in shown and "weights quantized" not in shown
+    assert not hub.request_log and not hub.repo_exists("acme/secret-copy")
 
 
 def test_space_token_negative_control(space, monkeypatch):
