@@ -751,9 +751,13 @@ def stacked_lines(plan: Plan) -> list[str]:
             f"({scheme.format}): {shown}"
         )
     if plan.dequantizer.stacking:
+        dq = plan.dequantizer
+        requant = [q.module for j in plan.jobs for q in j.quantize if dq.transforms(q.tensor)]
+        names = [_split_count(n) for n in collapse_names(requant)]
+        shown = (": " + ", ".join(names[:3]) + (", …" if len(names) > 3 else "")) if names else ""
         lines.append(
-            f"  expanded and re-quantized: {plan.n_requantized} weight(s) the source stored "
-            f"quantized and {plan.recipe.name} targets. Modules the scheme does not target (or "
+            f"  expanded and re-quantized: {len(requant)} weight(s) the source stored quantized "
+            f"and {plan.recipe.name} targets{shown}. Modules the scheme does not target (or "
             "--ignore) are kept as stored; target them to re-quantize them"
         )
     return lines

@@ -280,7 +280,8 @@ def test_targeted_quantized_modules_are_requantized_as_today(stage1, work):
     out, ref = work / "requant", work / "requant-from-dense"
     res = convert(str(src), str(out), scheme="FP8_DYNAMIC", device="cpu")
     assert res.plan.stacked == {} and res.plan.n_requantized == 8
-    assert "expanded and re-quantized: 8 weight(s)" in render(res.plan)
+    assert "expanded and re-quantized: 8 weight(s) the source stored quantized and FP8_DYNAMIC targets: " \
+        "model.layers.{0..1}.self_attn.k_proj, " in render(res.plan)
     dense = dequantize_checkpoint(src, work / "attn-dense")  # compressed-tensors' decompressors
     convert(str(dense), str(ref), scheme="FP8_DYNAMIC", device="cpu")
     assert compare_checkpoints(out, ref) == []
