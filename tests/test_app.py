@@ -708,3 +708,15 @@ def test_space_files(tmp_path):
     for pkg in ("torch", "compressed-tensors", "safetensors", "huggingface_hub", "authlib", "itsdangerous"):
         assert re.search(rf"^{re.escape(pkg)}\b", reqs, re.M), pkg
     assert not list(staged.rglob("__pycache__"))
+    # what a Space never runs is not shipped; the app still imports without it
+    assert not (staged / "streamer" / "localhub").exists()
+    assert not (staged / "streamer" / "demo.py").exists() and not (staged / "streamer" / "webhook.py").exists()
+    check = subprocess.run([sys.executable, "-c", "import app"], cwd=staged, capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": str(staged)}, timeout=120)  # fmt: skip
+    assert check.returncode == 0, check.stderr[-2000:]
+    # CPU hardware (the default): torch's CPU build; --gpu: PyPI's CUDA build on GPU hardware
+    assert re.search(r"^--extra-index-url https://download.pytorch.org/whl/cpu$", reqs, re.M)
+    gpu = deploy.stage(tmp_path / "gpu", gpu=True)
+    assert "download.pytorch.org" not in (gpu / "requirements.txt").read_text()
+    assert re.search(r"^torch\b", (gpu / "requirements.txt").read_text(), re.M)
+    assert yaml.safe_load((gpu / "README.md").read_text().split("---\n")[1])["suggested_hardware"] == "l4x1"
