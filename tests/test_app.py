@@ -651,6 +651,27 @@ def test_space_signed_out_may_plan_a_public_model(space, checkpoint):
     assert not hub.request_log and not hub.repo_exists("acme/secret-copy")
 
 
+def test_failed_run_says_the_created_repo_is_there(space, monkeypatch):
+    """Every upload fails: the repo the run created stays (empty: nothing committed), and the one
+    error says so plainly and that converting again resumes; the next run does publish."""
+    import streamer.hub
+
+    app, hub = space
+    monkeypatch.setattr(streamer.hub, "ATTEMPTS", 1)  # the first server error is final: a fast test
+    hub.set_faults(every=1, kinds=("500",), only_paths="preupload|info/lfs|xet|cas")
+    try:
+        shown = _call(app.run_convert, **{**FORM, "repo_name": "fails-once"}, oauth_token=_visitor(TOKEN))
+    finally:
+        hub.set_faults(None)
+    assert shown.count("streamer-error") == 1, shown
+    assert "was created for this run and is still there, empty (nothing was committed)" in shown
+    assert "Convert again with the same settings to resume" in shown
+    assert hub.repo_exists("alice/fails-once") and not [f for f in hub.files("alice/fails-once") if f.endswith(".safetensors")]
+    shown = _call(app.run_convert, **{**FORM, "repo_name": "fails-once"}, oauth_token=_visitor(TOKEN))
+    assert "Published" in shown and "streamer-error" not in shown
+    assert "is <b>private</b>" in shown  # FORM asks for a private repo: the result says so
+
+
 def test_space_token_negative_control(space, monkeypatch):
     """Off Spaces the app does use the machine's token (a workstation): the same /suggest then
     reads the private repo as alice, so the test above would see a leak if there were one."""
