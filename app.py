@@ -103,12 +103,25 @@ def for_web(message: str) -> str:
         # engine hints that name a CLI flag or syntax, in the form's words
         (". Pass --force to dequantize and quantize it again anyway", "; pick another scheme"),
         ("check the branch, tag or commit after '@'", "check the branch, tag or commit in “Revision”"),
+        (" (pass --public to publish it)", " (this Space keeps such a copy private)"),
+        (", or pass --nonfinite passthrough to quantize it anyway", ""),
+        ("(or --ignore)", "(or in the ignore list)"),
+        ("kept by --skip-incompatible", "kept by “Keep weights the scheme cannot serve unquantized”"),
     ]
     for old, new in swaps:
         message = message.replace(old, new)
+    # What the table does not know: a parenthesis or clause that names a command-line option
+    # (which the form does not have) is dropped rather than shown as a flag the user cannot pass.
+    message = _CLI_PAREN.sub("", message)
+    message = _CLI_CLAUSE.sub("", message)
+    message = message.replace("--max-memory ", "the memory budget of ")  # the Space sets it itself
     if endpoint() != "https://huggingface.co":
         message = message.replace("https://huggingface.co/", endpoint() + "/")
     return message
+
+
+_CLI_PAREN = re.compile(r"\s*\([^()]*--[a-z][\w-]*[^()]*\)")
+_CLI_CLAUSE = re.compile(r"(?:[,;]\s*(?:or )?(?:pass |use )?|\s+(?:or )?(?:pass|use) )--[a-z][\w-]*[^.;,)\n]*")
 
 
 def sentence(e: BaseException) -> str:
@@ -905,7 +918,7 @@ def _convert(source, revision, scheme, ignore, namespace, repo_name, private, cr
                 if ev is None:
                     finished = True
                 elif ev.stage == "log":
-                    say(ev.message)
+                    say(for_web(ev.message))  # the engine's notes speak CLI too
                 else:
                     stages[ev.stage] = ev
                     if t_bytes is None and ev.done:

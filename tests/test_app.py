@@ -457,6 +457,13 @@ def test_client_bad_source(client):
     assert "is not a Hub repo id" in msg
 
 
+def test_client_unknown_scheme(client):
+    """Through the API too, an unknown scheme gets the app's sentence, not gradio's choice check."""
+    msg = _app_error(client, *_form(scheme="FP9_MAGIC"), api_name="/plan")
+    assert "Unknown scheme “FP9_MAGIC”" in msg and "FP8_DYNAMIC" in msg
+    assert "not in the list of choices" not in msg
+
+
 def test_client_gated_source(client, hub):
     msg = _app_error(client, *_form(source="evil/gated-model"), api_name="/plan")
     assert "gated" in msg and f"{hub.url}/evil/gated-model" in msg
@@ -696,6 +703,22 @@ def test_sentences(app_module, monkeypatch):
     msg = app.sentence(PlanError(problems + ["x.weight: name clash between a and b"]))
     assert "model.layers.{0..3}.mlp.down_proj.weight" in msg and msg.count("in_features 100") == 1
     assert "add this module to the ignore list" in msg and "name clash" in msg
+    # engine hints that name command-line options or syntax, worded for the form (no flags)
+    for engine, web in [
+        ("revision not found in a/b: check the branch, tag or commit after '@'", "in “Revision”"),
+        ("target a/b will be created as a private repo because the source is private or gated "
+         "(pass --public to publish it)", "this Space keeps such a copy private"),
+        ("the source is already quantized with FP8, which is what FP8_DYNAMIC writes: nothing to "
+         "convert. Pass --force to dequantize and quantize it again anyway", "pick another scheme"),
+        ("To keep them unquantized, add these ignore entries: a, b (--ignore each), or pass "
+         "--skip-incompatible to keep them unquantized automatically", "tick “Keep weights"),
+        ("x.weight holds 3 NaN value(s). Fix the checkpoint, keep the module unquantized with --ignore "
+         "x, or pass --nonfinite passthrough to quantize it anyway", "Fix the checkpoint"),
+        ("--max-memory 1 MB is too small: a piece needs 3 MB; pass --max-memory 4 MB or more", "too small"),
+        ("    embeddings (2): a, b — lookup tables (--no-default-ignore quantizes them)", "lookup tables"),
+    ]:  # fmt: skip
+        msg = app.for_web(engine)
+        assert web in msg and "--" not in msg and "@" not in msg, msg
     msg = app.sentence(RuntimeError("secret internals /root/.cache"))
     assert "Something went wrong on our side (RuntimeError)" in msg and "secret" not in msg
     with pytest.raises(app.UserError, match="not a Hub repo id"):
