@@ -21,7 +21,6 @@ import random
 import tempfile
 import threading
 import time
-import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import quote
@@ -56,7 +55,6 @@ BACKOFF_FIRST = 0.5
 BACKOFF_CAP = 8.0
 RETRY_AFTER_CAP = 60.0  # a 429's Retry-After is honoured up to this many seconds
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
-RETRIES = ATTEMPTS  # kept for callers of the old name
 
 
 def _network_error_types() -> tuple[type[BaseException], ...]:
@@ -248,6 +246,10 @@ class HubSource(Source):
     # Set by the pipeline to its cancel event: range reads in flight stop at the next block
     # instead of running to the end of their chunk.
     cancel: threading.Event | None = None
+    # Set by the pipeline: told about bytes as they arrive (in steps of REPORT_BYTES), so that
+    # progress moves with the transfer and not once per piece of up to 256 MB.
+    on_bytes = None
+    REPORT_BYTES = 1 << 20
 
     def __init__(
         self,
@@ -315,7 +317,7 @@ class HubSource(Source):
                 hf_raise_for_status(r)
             return r
 
-        r = hub_call(f"reading {path} from {self.repo_id}", once, where=self.endpoint)
+        r = hub_call(f"reading {path} from {self.repo_id}", once, where=self.endpoint, cancel=self.cancel)
         if r.status_code >= 400:
             self._raise(r, path)
         return r
@@ -341,13 +343,18 @@ class HubSource(Source):
             raise HubError(f"giving up after {attempt} tries {what} ({why}); retry later")
         delay = backoff_delay(attempt, _parse_retry_after(retry_after) if retry_after else None)
         log.debug("retry %d in %.1fs: %s", attempt, delay, why)
-        time.sleep(delay)
+        if self.cancel is not None:  # a cancel does not wait out a retry's backoff
+            if self.cancel.wait(delay):
+                raise Cancelled("range read stopped: the run is stopping")
+        else:
+            time.sleep(delay)
         return attempt
 
     def _fetch(self, path: str, span: Span, out: memoryview) -> None:
         """One range request, resumed where it broke off on a dropped connection."""
         got = 0
         attempt = 0
+        unreported = 0  # bytes that arrived but were not yet passed to on_bytes
         while got < span.size:
             self._check_cancel()
             url, headers = self._resolve(path)
@@ -379,12 +386,18 @@ class HubSource(Source):
                         got += n
                         with self._lock:
                             self.bytes_fetched += n
+                        unreported += n
+                        if unreported >= self.REPORT_BYTES and self.on_bytes is not None:
+                            self.on_bytes(unreported)
+                            unreported = 0
                     if got < span.size:
                         raise ConnectionError("body ended early")
             except (HubError, InputError):
                 raise
             except Exception as e:  # dropped mid-body: keep what arrived, ask for the rest
                 attempt = self._backoff(attempt, f"{path}: {type(e).__name__} after {got} bytes", None, e)
+        if unreported and self.on_bytes is not None:
+            self.on_bytes(unreported)
 
     def _check_cancel(self) -> None:
         if self.cancel is not None and self.cancel.is_set():
