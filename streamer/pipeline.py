@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import json
 import logging
 import math
@@ -241,6 +242,7 @@ class Runner:
         self.pin = device.type == "cuda"
         self.stats = RunStats()
         self.fingerprint = fingerprint  # identifies the exact output, so a rerun can resume
+        self._read_streamed = False  # the source reports "read" bytes itself (see run)
 
     # -- stages ----------------------------------------------------------------------------
 
@@ -256,7 +258,8 @@ class Runner:
             for (span, members), buf in zip(groups, bufs):
                 for t in members:
                     views[_key(t)] = buf[t.span.start - span.start : t.span.end - span.start]
-            self.progress.advance("read", sum(s.size for s, _ in groups))
+            if not self._read_streamed:
+                self.progress.advance("read", sum(s.size for s, _ in groups))
             self.stats.bytes_read += sum(s.size for s, _ in groups)
         return views
 
@@ -386,6 +389,10 @@ class Runner:
         if hasattr(self.source, "cancel"):
             # a source that reads over the network stops its transfers in flight on a cancel
             self.source.cancel = self.cancel
+        if hasattr(self.source, "on_bytes"):
+            # ... and reports its bytes as they arrive (else "read" moves once per piece)
+            self.source.on_bytes = functools.partial(self.progress.advance, "read")
+            self._read_streamed = True
         done = set()
         if self.fingerprint is not None:
             done = self.sink.resume(self.fingerprint, [j.shard for j in self.plan.jobs])

@@ -728,6 +728,37 @@ def test_sentences(app_module, monkeypatch):
     assert app._spec("acme/x", None) == "hub://acme/x"
 
 
+def test_rates_over_a_window(app_module):
+    """Rates come from the last seconds, not from the first burst, and decay when a transfer stalls."""
+    from streamer.progress import ProgressEvent
+
+    w = app_module.RateWindow()
+    w.add(0.0, {"read": ProgressEvent("read", done=0, total=100)})
+    w.add(0.5, {"read": ProgressEvent("read", done=50, total=100)})  # a first piece lands at once
+    assert w.rates(0.5) == {}  # too short a span to say anything honest
+    for t in range(1, 12):
+        w.add(float(t), {"read": ProgressEvent("read", done=50 + t, total=100)})
+    assert w.rates(11.0)["read"] == pytest.approx(1.0, rel=0.2)  # 1 B/s, the burst aged out
+    html = app_module.progress_html({"read": ProgressEvent("read", done=61, total=100)}, 11, "Converting", w.rates(11.0))
+    assert "ETA" in html and "1 B/s" in html.replace(".00", "")
+    assert "ETA" not in app_module.progress_html({"read": ProgressEvent("read", 61, 100)}, 11, "Cancelled", w.rates(11.0))
+
+
+def test_range_reads_report_bytes_as_they_arrive(hub, monkeypatch):
+    """A range read tells the pipeline about its bytes as they arrive, not once per piece."""
+    from streamer.hub import HubSource
+    from streamer.source import Span
+
+    monkeypatch.setattr(HubSource, "REPORT_BYTES", 64 << 10)
+    with HubSource(SOURCE, token=TOKEN, endpoint=hub.url) as src:
+        name, size = max(src.files().items(), key=lambda kv: kv[1] if kv[0].endswith(".safetensors") else 0)
+        seen = []
+        src.on_bytes = seen.append
+        out = bytearray(size)
+        src.read_into(name, Span(0, size), memoryview(out))
+    assert sum(seen) == size and len(seen) >= 4  # in steps of about 64 kB, not once at the end
+
+
 def test_space_files(tmp_path):
     """space/ + app.py make a Space: front matter, requirements, the app and the engine."""
     import importlib.util
