@@ -380,11 +380,11 @@ def check_job(job: Job, *, token: str | None = None, endpoint: str | None = None
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
-    from .hub import _endpoint, explain
+    from .hub import _endpoint, explain, hub_call
 
     api = HfApi(endpoint=_endpoint(endpoint), token=token)
     try:
-        info = api.model_info(job.source, revision=job.source_revision)
+        info = hub_call(f"reading {job.source}'s commit", api.model_info, job.source, revision=job.source_revision)
     except HfHubHTTPError as e:
         raise explain(e, job.source, what="source repo") from None
     sha = info.sha
@@ -410,8 +410,10 @@ def check_job(job: Job, *, token: str | None = None, endpoint: str | None = None
 def _pr_refs(api, repo_id: str, limit: int = 20) -> list[str]:
     from huggingface_hub.errors import HfHubHTTPError
 
+    from .hub import hub_call
+
     try:
-        refs = api.list_repo_refs(repo_id, include_pull_requests=True)
+        refs = hub_call(f"listing {repo_id}'s pull requests", api.list_repo_refs, repo_id, include_pull_requests=True)
     except HfHubHTTPError:
         return []  # no target yet
     prs = [r.ref for r in (refs.pull_requests or []) if r.ref.startswith("refs/pr/")]

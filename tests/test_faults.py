@@ -443,3 +443,23 @@ def test_ctrl_c_cancels_uploads_in_flight(hub, llama_ckpt):
     assert "Traceback" not in err
     assert elapsed < 8, f"took {elapsed:.1f} s to stop"  # the uploads in flight need > 25 s
     assert _streamer_commits(hub, "alice/interrupted") == []
+
+
+@pytest.mark.parametrize("kind", ["drop", "503", "429"])
+def test_mirror_check_is_retried(hub, kind):
+    """A mirroring tick reads the source's commit and the target's pull requests: one fault on
+    either is retried, and the check still says the target is up to date."""
+    from streamer.mirror import check_job, parse_jobs
+
+    assert run_cli(SOURCE, "alice/mirrored", "--scheme", "FP8_DYNAMIC", "--create-pr") == 0
+    (job,) = parse_jobs({"job": [{"name": "j", "source": SOURCE, "target": "alice/mirrored",
+                                  "scheme": "FP8_DYNAMIC", "create_pr": True}]})
+    for pattern in (r"^/api/models/acme/tiny-llama", r"^/api/models/alice/mirrored/refs"):
+        hub.clear_log()
+        hub.set_faults(every=1, kinds=(kind,), only_paths=pattern, max_faults=1)
+        try:
+            check = check_job(job, token=ALICE, endpoint=hub.url)
+        finally:
+            hub.set_faults(None)
+        assert [r.path for r in hub.request_log if r.fault], f"no fault on {pattern}"
+        assert check.up_to_date, check.reason
