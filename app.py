@@ -768,6 +768,8 @@ def progress_html(stages: dict[str, ProgressEvent], elapsed: float, state: str,
         )
     if state == "Idle":
         head = "Idle: nothing is converting. Fill in the form and click <b>Convert and publish</b>."
+    elif state == "Queued":
+        head = "Queued: waiting for a free conversion slot (your place in the queue is shown on the right)."
     else:
         head = f"{html.escape(state)}{'…' if state == 'Cancelling' else ''} · elapsed {_duration(elapsed)}"
     if state == "Converting" and left and None not in left:
@@ -1277,12 +1279,15 @@ def build_demo() -> gr.Blocks:
         plan_btn.click(lambda: gr.Tabs(selected="plan"), None, tabs, queue=False, api_visibility="private")
         plan_btn.click(plan_ui, form, plan_outputs, api_visibility="private", concurrency_limit=4, concurrency_id="plan",
                        show_progress="hidden")  # fmt: skip
-        convert_btn.click(lambda: gr.Tabs(selected="progress"), None, tabs, queue=False, api_visibility="private")
-        # show_progress on the panel only: while the run waits in the queue, gradio shows its
-        # position there ("queue: 2/3"), where the user looks; no spinner on the other outputs.
-        convert_btn.click(run_convert_ui, form, [status, progress, log_box, result_md, cancel_btn],
-                          api_visibility="private", concurrency_limit=MAX_CONVERSIONS, concurrency_id="convert",
-                          show_progress="full", show_progress_on=[progress])  # fmt: skip
+        # First (unqueued, at once) the panel says the run is queued and the last run's result
+        # and messages go; then the run itself, queued. show_progress on the panel only: while
+        # the run waits, gradio shows its place there ("queue: 2/3"), where the user looks.
+        convert_btn.click(lambda: (gr.Tabs(selected="progress"), progress_html({}, 0, "Queued"), "", "", ""), None,
+                          [tabs, progress, result_md, status, log_box], queue=False, api_visibility="private",
+                          show_progress="hidden").then(
+            run_convert_ui, form, [status, progress, log_box, result_md, cancel_btn],
+            api_visibility="private", concurrency_limit=MAX_CONVERSIONS, concurrency_id="convert",
+            show_progress="full", show_progress_on=[progress])  # fmt: skip
         cancel_btn.click(cancel_ui, None, status, api_visibility="private", concurrency_limit=None, queue=True,
                          show_progress="hidden")  # fmt: skip
     return demo

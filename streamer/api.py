@@ -217,18 +217,21 @@ def convert(
             raise StreamerError("no destination given")
         if plan.unexpected:  # the default policy is off: say once what is about to go wrong
             log.warning("%s", plan.unexpected_note)
+        runner = Runner(
+            plan, source, sink, device=dev,
+            max_memory=max_memory or default_memory_budget(), budget=budget,
+            fetch_workers=workers, progress=progress, cancel=cancel,
+            fingerprint=fingerprint(plan, source),
+        )  # fmt: skip
+        # A budget that some tensor cannot fit in is known from the headers: refuse it before
+        # begin() creates the target repo, which a failure later would leave behind empty.
+        runner.check_memory(plan.jobs)
         try:
             sink.begin()
             progress.message(
                 f"converting {plan.source} -> {sink.label}: {len(plan.jobs)} shard(s), "
                 f"{plan.n_quantized} weights with {plan.recipe.name} on {dev}"
             )
-            runner = Runner(
-                plan, source, sink, device=dev,
-                max_memory=max_memory or default_memory_budget(), budget=budget,
-                fetch_workers=workers, progress=progress, cancel=cancel,
-                fingerprint=fingerprint(plan, source),
-            )  # fmt: skip
             stats = runner.run()
             _write_small_files(plan, source, sink, target=sink.label, record=record)
             message = f"Quantize {_source_label(plan, source)} with {plan.recipe.name} (streamer)"

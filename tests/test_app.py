@@ -10,6 +10,7 @@ it skips. STREAMER_SCREENSHOT=1 also writes the mid-conversion screenshot to doc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -69,14 +70,9 @@ def hub(tmp_path_factory, checkpoint):
         yield h
 
 
-@pytest.fixture(scope="module")
-def app_url(hub, tmp_path_factory):
-    try:
-        import gradio  # noqa: F401
-        import gradio_client  # noqa: F401
-    except ImportError:
-        _missing("gradio / gradio_client")
-    work = tmp_path_factory.mktemp("app")
+@contextlib.contextmanager
+def _running_app(hub, work: Path, **extra_env):
+    """`python app.py` against HUB, as a workstation runs it; yields its URL."""
     port = _free_port()
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("HF_", "HUGGINGFACE_", "OAUTH_", "SPACE_", "GRADIO_"))}  # fmt: skip
@@ -90,6 +86,7 @@ def app_url(hub, tmp_path_factory):
         GRADIO_ANALYTICS_ENABLED="False",
         STREAMER_DEFAULT_SCHEME="FP8_DYNAMIC",
         PYTHONUNBUFFERED="1",
+        **extra_env,
     )
     log_path = work / "app.log"
     with open(log_path, "wb") as log:
@@ -121,6 +118,17 @@ def app_url(hub, tmp_path_factory):
             proc.wait()
     # The user's token never reaches the server's log.
     assert TOKEN not in log_path.read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def app_url(hub, tmp_path_factory):
+    try:
+        import gradio  # noqa: F401
+        import gradio_client  # noqa: F401
+    except ImportError:
+        _missing("gradio / gradio_client")
+    with _running_app(hub, tmp_path_factory.mktemp("app")) as url:
+        yield url
 
 
 @pytest.fixture
@@ -386,6 +394,42 @@ def test_browser_error_cancel_phone(browser, app_url, hub, tmp_path, theme):
     assert not hub.repo_exists(target)  # created for the run, removed with it
     _shoot(page, tmp_path, f"screenshot-phone-{theme}.png")
     page.close()
+
+
+def test_browser_queued_conversion_shows_its_place(browser, hub, tmp_path):
+    """With every conversion slot taken, a conversion started on the page waits in the queue and
+    the progress panel shows its place there."""
+    from gradio_client import Client
+    from playwright.sync_api import expect
+
+    with _running_app(hub, tmp_path, STREAMER_MAX_CONVERSIONS="1") as url:
+        hub.set_throttle(down_bytes_per_s=200_000)
+        try:
+            busy = Client(url, verbose=False).submit(*_form(repo_name="queue-first"), api_name="/convert")
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.set_default_timeout(30_000)
+            page.goto(url)
+            expect(page.locator("#account")).to_contain_text("alice")
+            deadline = time.monotonic() + 30
+            while not any('data-state="Converting"' in (out[1] or "") for out in busy.outputs()):
+                assert time.monotonic() < deadline, busy.status()
+                time.sleep(0.1)
+            page.locator("#source textarea").fill(SOURCE)
+            page.locator("#repo-name textarea").fill("queue-second")
+            page.locator("#convert-btn").click()
+            expect(page.locator('#progress [data-state="Queued"]')).to_contain_text("waiting for a free conversion slot")
+            expect(page.locator("#progress-tab")).to_contain_text(re.compile(r"queue:?\s*1\s*/\s*1", re.I))
+            _shoot(page, tmp_path, "screenshot-queued.png")
+            Client(url, verbose=False).predict(api_name="/cancel")  # the first one stops ...
+            busy.result(timeout=60)
+            # ... and the queued one starts (alice's one slot is free again), and is cancelled too
+            expect(page.locator('#progress [data-state="Converting"]')).to_be_visible()
+            page.locator("#cancel-btn").click()
+            expect(page.locator('#progress [data-state="Cancelled"]')).to_be_visible()
+            page.close()
+        finally:
+            hub.set_throttle(None, None)
+    assert not hub.repo_exists("alice/queue-first") and not hub.repo_exists("alice/queue-second")
 
 
 def _contains(text: str):
@@ -677,6 +721,18 @@ def test_failed_run_says_the_created_repo_is_there(space, monkeypatch):
     shown = _call(app.run_convert, **{**FORM, "repo_name": "fails-once"}, oauth_token=_visitor(TOKEN))
     assert "Published" in shown and "streamer-error" not in shown
     assert "is <b>private</b>" in shown  # FORM asks for a private repo: the result says so
+
+
+def test_too_small_a_budget_creates_nothing(space):
+    """An error the headers already show (no tensor fits the memory budget) is refused before
+    the target repo is created, so a failed run leaves no empty repo behind."""
+    from streamer.api import convert
+    from streamer.errors import StreamerError
+
+    app, hub = space
+    with pytest.raises(StreamerError, match="is too small"):
+        convert("hub://acme/secret", "hub://alice/too-small", scheme="FP8_DYNAMIC", token=TOKEN, max_memory=1000)
+    assert not hub.repo_exists("alice/too-small")
 
 
 def test_space_token_negative_control(space, monkeypatch):
