@@ -225,7 +225,11 @@ def convert(
         )  # fmt: skip
         # A budget that some tensor cannot fit in is known from the headers: refuse it before
         # begin() creates the target repo, which a failure later would leave behind empty.
-        runner.check_memory(plan.jobs)
+        try:
+            runner.check_memory(plan.jobs)
+        except BaseException:
+            sink.close()  # nothing was started: just let go of the sink's upload threads
+            raise
         try:
             sink.begin()
             progress.message(
