@@ -121,13 +121,19 @@ def _running_app(hub, work: Path, **extra_env):
 
 
 @pytest.fixture(scope="module")
-def app_url(hub, tmp_path_factory):
+def app_work(tmp_path_factory) -> Path:
+    """The app's working folder; its HF_HOME is app_work / "hf-home"."""
+    return tmp_path_factory.mktemp("app")
+
+
+@pytest.fixture(scope="module")
+def app_url(hub, app_work):
     try:
         import gradio  # noqa: F401
         import gradio_client  # noqa: F401
     except ImportError:
         _missing("gradio / gradio_client")
-    with _running_app(hub, tmp_path_factory.mktemp("app")) as url:
+    with _running_app(hub, app_work) as url:
         yield url
 
 
@@ -558,6 +564,40 @@ def test_client_cancel_leaves_target_untouched(app_url, client, hub):
     assert not hub.repo_exists("alice/second")
     # the slot is free again
     assert client.predict(api_name="/cancel") == "No conversion of yours is running."
+
+
+def test_client_cancel_during_uploads_is_prompt(client, hub, app_work):
+    """Cancel while shards are uploading on a slow uplink: the run ends within about a second
+    (uploads in flight are stopped, not waited for), the repo created for it is removed, and no
+    resume record of it stays on the server's disk."""
+    from gradio_client import Client
+
+    target = "alice/cancel-upload"
+    records = app_work / "hf-home" / "streamer" / "uploads"
+    earlier = set(records.glob("*.json"))  # another test's cancel may have kept its own record
+    hub.set_throttle(up_bytes_per_s=100_000)
+    try:
+        job = client.submit(*_form(repo_name="cancel-upload"), api_name="/convert")
+        deadline = time.monotonic() + 40
+        # every byte read and some quantized shards handed to the uploads, which crawl
+        while not any(re.search(r'data-stage="read".*?done</span>', out[1] or "") for out in job.outputs()):
+            assert time.monotonic() < deadline, job.status()
+            time.sleep(0.1)
+        # ... and at least one shard uploaded, so a resume record exists
+        while not set(records.glob("*.json")) - earlier:
+            assert time.monotonic() < deadline, job.status()
+            time.sleep(0.1)
+        t0 = time.monotonic()
+        assert Client(client.src, verbose=False).predict(api_name="/cancel").startswith("Cancelling")
+        status, progress, log, result = job.result(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        hub.set_throttle(None, None)
+    assert 'data-state="Cancelled"' in progress and "nothing was committed" in result
+    assert took < 2.5, f"cancel took {took:.1f} s"
+    assert not hub.repo_exists(target)
+    # the record of what was uploaded (tensor names of a possibly private model) went with it
+    assert not set(records.glob("*.json")) - earlier
 
 
 # --------------------------------------------------------------------------------------------
