@@ -824,6 +824,21 @@ def test_sentences(app_module, monkeypatch):
     assert app._spec("acme/x", None) == "hub://acme/x"
 
 
+def test_scheme_picker_order(app_module):
+    """The picker lists what people use first, each with the GPUs that serve it; every accepted
+    preset appears once, and the rarely served ones come last, marked experimental."""
+    from streamer.schemes import accepted_presets
+
+    choices = app_module.scheme_choices()
+    values = [v for _, v in choices]
+    assert values[:7] == ["FP8_DYNAMIC", "FP8_BLOCK", "W4A16", "NVFP4A16", "MXFP4A16", "W8A16", "INT8"]
+    assert sorted(values) == sorted(accepted_presets())
+    labels = dict((v, label) for label, v in choices)
+    assert "H100" in labels["FP8_DYNAMIC"] and "B200" in labels["NVFP4A16"]
+    rare = [v for v in values if "experimental" in labels[v]]
+    assert {"W2A4", "W3A8"} <= set(rare) and values[-len(rare):] == rare
+
+
 def test_rates_over_a_window(app_module):
     """Rates come from the last seconds, not from the first burst, and decay when a transfer stalls."""
     from streamer.progress import ProgressEvent
