@@ -844,3 +844,17 @@ def test_a_client_resetting_its_connection_is_not_a_traceback(hub, capfd):
     assert raw(hub, "GET", "/api/models/none/such")[0] == 401  # still serving
     err = capfd.readouterr().err
     assert "Traceback" not in err and "ConnectionResetError" not in err
+
+
+def test_hostile_small_files_do_not_break_the_repo_api(hub, api, tmp_path):
+    """A repo whose config.json or card nests past Python's recursion limit still answers
+    model_info (without the parsed config or card data), instead of a 500 and a traceback."""
+    files = {
+        "config.json": b"[" * 100_000 + b"]" * 100_000,
+        "README.md": b"---\nx: " + b"[" * 50_000 + b"]" * 50_000 + b"\n---\n",
+        "model.safetensors": random_bytes(1024),
+    }
+    hub.seed_repo("acme/nested", make_folder(tmp_path / "nested", files))
+    info = api.model_info("acme/nested")
+    assert {s.rfilename for s in info.siblings} >= {"config.json", "README.md"}
+    assert not info.config and not info.card_data

@@ -67,7 +67,7 @@ def card_data(text: str) -> dict | None:
         return None
     try:
         data = yaml.safe_load(block)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):  # a hostile card must not break the repo's API
         return None
     return data if isinstance(data, dict) else None
 
@@ -75,7 +75,7 @@ def card_data(text: str) -> dict | None:
 def _config_subset(text: str) -> dict | None:
     try:
         config = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # deeply nested JSON is a repo's problem, not the server's
         return None
     if not isinstance(config, dict):
         return None
