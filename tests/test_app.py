@@ -577,7 +577,9 @@ def test_client_cancel_during_uploads_is_prompt(client, hub, app_work):
     earlier = set(records.glob("*.json"))  # another test's cancel may have kept its own record
     hub.set_throttle(up_bytes_per_s=100_000)
     try:
-        job = client.submit(*_form(repo_name="cancel-upload"), api_name="/convert")
+        # a scheme no other test here converts to: the Hub must not already hold these bytes
+        # (uploads of content it has are skipped, and the run would end at once)
+        job = client.submit(*_form(scheme="W8A16", repo_name="cancel-upload"), api_name="/convert")
         deadline = time.monotonic() + 40
         # every byte read and some quantized shards handed to the uploads, which crawl
         while not any(re.search(r'data-stage="read".*?done</span>', out[1] or "") for out in job.outputs()):
