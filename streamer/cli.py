@@ -7,7 +7,9 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 
 from . import __version__
 from .errors import StreamerError
@@ -100,8 +102,52 @@ def _setup_logging(quiet: bool, verbose: bool, json: bool = False) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _exit_while_starting)  # a real process: until the engine is up
+    try:
+        return _main(argv)
+    except Exception as e:
+        if not _caused_by_interrupt(e):
+            raise
+    except KeyboardInterrupt:
+        pass
+    # Ctrl-C before a run is under way (the engine's imports alone take seconds): nothing has
+    # been written yet, so a sentence, not a traceback from deep inside torch.
+    print("interrupted: nothing was published", file=sys.stderr)
+    return 130
+
+
+def _exit_while_starting(signum, frame) -> None:
+    # Ctrl-C while the engine imports (seconds on a small machine): nothing is written yet, and a
+    # KeyboardInterrupt raised inside torch's or numpy's own imports escapes as tracebacks and
+    # "cannot load module more than once" errors, so leave at once.
+    sys.stderr.write("interrupted: nothing was published\n")
+    sys.stderr.flush()
+    os._exit(130)
+
+
+def _engine_started() -> None:
+    """From here on Ctrl-C raises KeyboardInterrupt, which a run turns into a clean abort."""
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGINT) is _exit_while_starting:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _caused_by_interrupt(e: BaseException) -> bool:
+    """transformers' lazy imports turn a Ctrl-C into ModuleNotFoundError; look down the chain."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
+        _engine_started()  # mirror and demo handle Ctrl-C themselves
         cmd, rest = argv[0], argv[1:]
         if cmd == "mirror":
             from .mirror import main as mirror_main
@@ -136,16 +182,17 @@ def _close(bars) -> None:
 
 def run_convert(args) -> int:
     from .api import convert
+    from .pipeline import nonfinite_policy
     from .plan import render
     from .progress import Progress
+
+    _engine_started()
 
     if args.dst is None and not args.dry_run:
         print("error: give a destination (folder or repo id), or --dry-run", file=sys.stderr)
         return 2
     progress = Progress()
     bars = _progress_bars(args, progress)
-    from .pipeline import nonfinite_policy
-
     policy = nonfinite_policy(args.nonfinite)
     policy.__enter__()  # what a NaN/Inf weight does, for this command only (undone in `finally`)
     try:

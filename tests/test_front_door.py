@@ -162,3 +162,32 @@ def test_help_does_not_import_the_engine():
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("heavy: []"), proc.stdout[-2000:]
+
+
+def test_ctrl_c_while_starting_is_one_sentence(tmp_path):
+    """Ctrl-C during the seconds the engine's imports take prints a sentence, not a traceback
+    from inside torch, numpy or transformers (whose lazy imports re-raise it as other errors)."""
+    import signal
+    import time
+
+    from streamer.demo import write_tiny_llama
+
+    src = write_tiny_llama(tmp_path / "src", hidden=128, intermediate=256, layers=2, vocab=256, heads=4, kv_heads=2)
+    # the console script's and `python -m streamer`'s entry: main() reading sys.argv
+    entry = "import sys; from streamer.cli import main; print('ready', flush=True); sys.exit(main())"
+    interrupted = 0
+    for i, delay in enumerate((0.05, 0.2, 0.5, 1.0, 2.0)):
+        out = tmp_path / f"out{i}"
+        proc = subprocess.Popen([sys.executable, "-c", entry, str(src), str(out), "--scheme", "FP8_DYNAMIC",
+                                 "--device", "cpu", "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stdout.readline() == "ready\n"
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=120)[1]
+        assert "Traceback" not in err and "Exception ignored" not in err, err[-2000:]
+        if proc.returncode == 0:  # it finished first
+            continue
+        assert proc.returncode == 130 and err.strip() == "interrupted: nothing was published", err
+        assert not out.exists()
+        interrupted += 1
+    assert interrupted, "every run finished before Ctrl-C: nothing was tested"
