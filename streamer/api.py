@@ -230,6 +230,10 @@ def convert(
         except BaseException:
             sink.close()  # nothing was started: just let go of the sink's upload threads
             raise
+        # The plan's warnings (an ignore entry that matches nothing, a fused partner left out…)
+        # matter as much in a real run as in --dry-run, where the plan prints them.
+        for warning in plan.warnings:
+            log.warning("warning: %s", warning)
         try:
             sink.begin()
             progress.message(

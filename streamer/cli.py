@@ -60,7 +60,7 @@ def convert_parser() -> argparse.ArgumentParser:
         help="keep weights whose shape the scheme cannot serve unquantized, instead of stopping",
     )  # fmt: skip
     p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda or cuda:N")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and stop; nothing is read or written")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and stop; only headers are read, nothing is written")
     p.add_argument("--max-memory", type=parse_size, help="byte budget for buffered data (default: half the free RAM)")
     p.add_argument(
         "--nonfinite", choices=["refuse", "passthrough"], default="refuse",
@@ -68,7 +68,7 @@ def convert_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--workers", type=int, default=4, help="pieces fetched concurrently (default 4)")
     p.add_argument("--token", help="Hugging Face token (default: HF_TOKEN, then the huggingface_hub login)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty destination that streamer did not write (one it wrote is refreshed without it)")
     vis = p.add_mutually_exclusive_group()
     vis.add_argument("--private", action="store_true",
                      help="create the target repo as private (the default when the source is private or gated)")
@@ -78,7 +78,7 @@ def convert_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", help="target branch on the Hub (default main)")
     p.add_argument("--dequant-dtype", choices=["bfloat16", "float16", "float32"], help="dtype a quantized source is expanded to")
     p.add_argument("--force", action="store_true", help="convert even if the source already has the requested scheme")
-    p.add_argument("--json", action="store_true", help="print a machine-readable summary at the end")
+    p.add_argument("--json", action="store_true", help="print only a JSON summary on stdout (warnings and errors on stderr)")
     p.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging, tracebacks on errors")
     p.add_argument("--version", action="version", version=f"streamer {__version__}")
@@ -223,7 +223,7 @@ def run_convert(args) -> int:
     finally:
         policy.__exit__(None, None, None)
         _close(bars)
-    if args.dry_run:
+    if args.dry_run and not args.json:  # --json: stdout holds the JSON alone
         print(render(result.plan))
     if args.json:
         print(json.dumps(result.summary(), indent=2))

@@ -455,6 +455,9 @@ class Runner:
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+            if self._read_streamed:
+                # the small files read after the run (tokenizer, config…) are not tensor reads
+                self.source.on_bytes = None
         self.stats.seconds = time.monotonic() - t0
         self.stats.stage_seconds = self.progress.stage_seconds()
         self.stats.peak_budget = self.budget.peak

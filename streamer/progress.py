@@ -285,7 +285,7 @@ class TqdmListener:
                 return  # a burst of events: tqdm's own rule, one redraw per 0.1 s
             bar, stats = self._bars[event.stage], bar_stats(event)
             # a stage with nothing to do (every shard resumed) is full, not an empty unknown
-            total, n = (event.total, event.done) if event.total else (1, 1)
+            total, n = (event.total, min(event.done, event.total)) if event.total else (1, 1)
             if (bar.total, bar.n, bar.stats) == (total, n, stats):
                 return  # nothing new to see (a finished stage, on the clock)
             bar.total, bar.n, bar.stats = total, n, stats

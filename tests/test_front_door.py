@@ -191,3 +191,26 @@ def test_ctrl_c_while_starting_is_one_sentence(tmp_path):
         assert not out.exists()
         interrupted += 1
     assert interrupted, "every run finished before Ctrl-C: nothing was tested"
+
+
+def test_json_is_alone_on_stdout_and_plan_warnings_reach_a_real_run(tmp_path):
+    import json
+
+    from streamer.demo import write_tiny_llama
+
+    src = write_tiny_llama(tmp_path / "src", hidden=128, intermediate=256, layers=2, vocab=256, heads=4, kv_heads=2)
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "streamer", str(src), *args, "--scheme", "FP8_DYNAMIC",
+                               "--device", "cpu", "--ignore", "lm-head", "--json"],
+                              capture_output=True, text=True, timeout=300)
+
+    plan = cli("--dry-run")
+    assert plan.returncode == 0, plan.stderr
+    assert json.loads(plan.stdout)["dry_run"] is True  # the plan's text stays off stdout
+    run = cli(str(tmp_path / "out"))
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout)
+    typo = [w for w in summary["warnings"] if "'lm-head'" in w]
+    assert typo and "lm_head" in typo[0]  # the closest module name is suggested
+    assert f"warning: {typo[0]}" in run.stderr, run.stderr  # said in the run, not only in --dry-run
