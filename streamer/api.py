@@ -215,8 +215,11 @@ def convert(
             return Result(plan=plan, dry_run=True)
         if sink is None:
             raise StreamerError("no destination given")
-        if plan.unexpected:  # the default policy is off: say once what is about to go wrong
-            log.warning("%s", plan.unexpected_note)
+        # The plan's warnings (an ignore entry that matches nothing, a fused partner left out, with
+        # the default policy off what is about to go wrong…) matter as much in a real run as in
+        # --dry-run, where the plan prints them. Each is said once.
+        for warning in plan.warnings:
+            log.warning("%s", warning)
         runner = Runner(
             plan, source, sink, device=dev,
             max_memory=max_memory or default_memory_budget(), budget=budget,
@@ -230,10 +233,6 @@ def convert(
         except BaseException:
             sink.close()  # nothing was started: just let go of the sink's upload threads
             raise
-        # The plan's warnings (an ignore entry that matches nothing, a fused partner left out…)
-        # matter as much in a real run as in --dry-run, where the plan prints them.
-        for warning in plan.warnings:
-            log.warning("warning: %s", warning)
         try:
             sink.begin()
             progress.message(
