@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "convert", "quantize", "model_free_ptq"]
 
 # A public name must never be the name of a submodule: importing `streamer.X` sets the package
-# attribute X to the module, so a function of that name would be replaced by it (tests/test_api_names.py).
+# attribute X to the module, so a function of that name would be replaced by it (tests/test_front_door.py).
 
 
 def __getattr__(name):

@@ -220,15 +220,15 @@ def convert(
         # --dry-run, where the plan prints them. Each is said once.
         for warning in plan.warnings:
             log.warning("%s", warning)
-        runner = Runner(
-            plan, source, sink, device=dev,
-            max_memory=max_memory or default_memory_budget(), budget=budget,
-            fetch_workers=workers, progress=progress, cancel=cancel,
-            fingerprint=fingerprint(plan, source),
-        )  # fmt: skip
         # A budget that some tensor cannot fit in is known from the headers: refuse it before
         # begin() creates the target repo, which a failure later would leave behind empty.
         try:
+            runner = Runner(
+                plan, source, sink, device=dev,
+                max_memory=default_memory_budget() if max_memory is None else max_memory, budget=budget,
+                fetch_workers=workers, progress=progress, cancel=cancel,
+                fingerprint=fingerprint(plan, source),
+            )  # fmt: skip
             runner.check_memory(plan.jobs)
         except BaseException:
             sink.close()  # nothing was started: just let go of the sink's upload threads

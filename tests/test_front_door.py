@@ -214,3 +214,16 @@ def test_json_is_alone_on_stdout_and_plan_warnings_reach_a_real_run(tmp_path):
     typo = [w for w in summary["warnings"] if "'lm-head'" in w]
     assert typo and "lm_head" in typo[0]  # the closest module name is suggested
     assert run.stderr.count(typo[0]) == 1, run.stderr  # said once in the run, not only in --dry-run
+
+
+def test_api_refuses_a_zero_memory_budget_instead_of_the_default(tmp_path):
+    import pytest
+
+    import streamer
+    from streamer.demo import write_tiny_llama
+    from streamer.errors import StreamerError
+
+    src = write_tiny_llama(tmp_path / "src", hidden=128, intermediate=256, layers=2, vocab=256, heads=4, kv_heads=2)
+    with pytest.raises(StreamerError, match="at least 1"):
+        streamer.convert(str(src), str(tmp_path / "out"), scheme="FP8_DYNAMIC", max_memory=0, device="cpu")
+    assert not (tmp_path / "out").exists()
