@@ -46,6 +46,7 @@ __all__ = [
     "PROMPT_IDS",
     "CORRUPTIONS",
     "CORRUPTION_TARGET",
+    "CORRUPTION_WORDS",
     "build_checkpoint",
     "load_logits",
     "dequantize_checkpoint",
@@ -642,6 +643,22 @@ CORRUPTIONS = [
     "index_not_json",            # model.safetensors.index.json is not JSON
     "header_not_object",         # the header is valid JSON but an array, not an object
 ]
+
+#: a word the error for each corruption must contain (the tests check streamer names the damage)
+CORRUPTION_WORDS = {
+    "truncated_header": "truncated",
+    "header_len_past_eof": "past the end",
+    "overlapping_offsets": "overlap",
+    "out_of_bounds_offsets": "outside",
+    "dtype_size_mismatch": "needs",
+    "absurd_header_len": "limit",
+    "non_utf8_header": "UTF-8",
+    "missing_shard": "does not have",
+    "unknown_dtype": "unknown dtype",
+    "duplicate_tensor_across_shards": "both",
+    "index_not_json": "not valid JSON",
+    "header_not_object": "JSON object",
+}
 
 #: header-level corruptions damage the file holding this tensor (see ``target_shard``)
 CORRUPTION_TARGET = "model.layers.0.self_attn.q_proj.weight"

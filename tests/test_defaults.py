@@ -28,7 +28,7 @@ from streamer.card import front_matter, read_provenance
 from streamer.errors import PlanError
 from streamer.mirror import Job, compare, parse_jobs
 from streamer.plan import INCOMPATIBLE, plan_summary, render, schemes_that_fit
-from streamer.source import LocalSource
+from test_engine import CountingSource
 from test_hub import SOURCE, hub  # noqa: F401  (the localhub fixture)
 
 
@@ -50,16 +50,6 @@ def qconfig(folder: Path) -> dict:
 
 def stored_quantized(folder: Path) -> set[str]:
     return {k.rsplit(".", 1)[0] for k in tensors_of(folder) if k.endswith(".weight_scale")}
-
-
-class CountingSource(LocalSource):
-    def __init__(self, root):
-        super().__init__(root)
-        self.reads: list[tuple[str, int, int]] = []
-
-    def read_into(self, path, span, out):
-        self.reads.append((path, span.start, span.end))
-        super().read_into(path, span, out)
 
 
 def _only_headers_read(src: CountingSource) -> bool:

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fixtures import CORRUPTIONS, corrupt_checkpoint, weight_map
+from fixtures import CORRUPTION_WORDS, CORRUPTIONS, corrupt_checkpoint, weight_map
 from streamer import cli
 from streamer.api import convert, prepare
 from streamer.errors import InputError, PlanError, SchemeError, StreamerError, TargetError
@@ -344,20 +344,7 @@ def test_malformed_checkpoints_fail_cleanly(llama_ckpt, tmp_path, kind, capsys):
     assert len(err.strip().splitlines()) <= 3, err
     assert not dst.exists()
     assert not list(tmp_path.glob(".out.streamer-*"))
-    expected_word = {
-        "truncated_header": "truncated",
-        "header_len_past_eof": "past the end",
-        "overlapping_offsets": "overlap",
-        "out_of_bounds_offsets": "outside",
-        "dtype_size_mismatch": "needs",
-        "absurd_header_len": "limit",
-        "non_utf8_header": "UTF-8",
-        "missing_shard": "does not have",
-        "unknown_dtype": "unknown dtype",
-        "duplicate_tensor_across_shards": "both",
-        "index_not_json": "not valid JSON",
-        "header_not_object": "JSON object",
-    }[kind]
+    expected_word = CORRUPTION_WORDS[kind]
     assert expected_word in err, err
 
 

@@ -24,7 +24,7 @@ from typing import Callable
 import pytest
 import yaml
 
-from fixtures import CORRUPTION_TARGET, CORRUPTIONS, corrupt_checkpoint, read_header, weight_map, write_header
+from fixtures import CORRUPTION_TARGET, CORRUPTION_WORDS, corrupt_checkpoint, read_header, weight_map, write_header
 from streamer import cli
 from streamer.api import convert
 
@@ -222,20 +222,7 @@ CASES: dict[str, Case] = {
     # byte-level damage (fixtures.CORRUPTIONS)
     **{
         f"corrupt_{kind}": Case(corruption(kind), (word,))
-        for kind, word in {
-            "truncated_header": "truncated",
-            "header_len_past_eof": "past the end",
-            "overlapping_offsets": "overlap",
-            "out_of_bounds_offsets": "outside",
-            "dtype_size_mismatch": "needs",
-            "absurd_header_len": "limit",
-            "non_utf8_header": "UTF-8",
-            "missing_shard": "does not have",
-            "unknown_dtype": "unknown dtype",
-            "duplicate_tensor_across_shards": "both",
-            "index_not_json": "not valid JSON",
-            "header_not_object": "JSON object",
-        }.items()
+        for kind, word in CORRUPTION_WORDS.items()
     },
     # config.json of the wrong type (issue 14)
     "config_list": Case(config([1, 2, 3]), ("config.json", "JSON object", "a list")),

@@ -138,34 +138,32 @@ def _load_liblz4():
 _LZ4_USING_DICT = _load_liblz4()
 
 
+def _lz4_length(src: bytes, i: int, length: int) -> tuple[int, int]:
+    """An LZ4 length whose 4-bit nibble is 15 continues in bytes until one below 255."""
+    if length == 15:
+        while True:
+            b = src[i]
+            i += 1
+            length += b
+            if b != 255:
+                break
+    return length, i
+
+
 def _lz4_block_py(src: bytes, out: bytearray, limit: int) -> None:
     """Decode one LZ4 block, appending to `out`, whose earlier bytes are the match history."""
     i, n = 0, len(src)
     while i < n:
         token = src[i]
         i += 1
-        length = token >> 4
-        if length == 15:
-            while True:
-                b = src[i]
-                i += 1
-                length += b
-                if b != 255:
-                    break
+        length, i = _lz4_length(src, i, token >> 4)
         out += src[i : i + length]
         i += length
         if i >= n:
             break  # the last sequence is literals only
         offset = src[i] | (src[i + 1] << 8)
         i += 2
-        length = token & 15
-        if length == 15:
-            while True:
-                b = src[i]
-                i += 1
-                length += b
-                if b != 255:
-                    break
+        length, i = _lz4_length(src, i, token & 15)
         length += 4
         if not 0 < offset <= len(out) or len(out) + length > limit:
             raise ValueError("LZ4 match out of range")
