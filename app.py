@@ -35,15 +35,15 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import build_hf_headers, disable_progress_bars, get_session, hf_raise_for_status
 
-from streamer.api import convert
-from streamer.catalog import build_catalog
+from streamer.engine.convert import convert
+from streamer.io.catalog import build_catalog
 from streamer.errors import HubError, PlanError, StreamerError
-from streamer.hub import RETRY_STATUS, HubSource, explain, hub_call
-from streamer.pipeline import default_memory_budget
-from streamer.plan import INCOMPATIBLE, collapse_names, expand_inputs, human_bytes, plan_summary
-from streamer.progress import STAGES, Progress, ProgressEvent
-from streamer.schemes import accepted_presets
-from streamer.suggest import (
+from streamer.io.hub import RETRY_STATUS, HubSource, explain, hub_call
+from streamer.engine.pipeline import default_memory_budget
+from streamer.engine.plan import INCOMPATIBLE, collapse_names, expand_inputs, human_bytes, plan_summary
+from streamer.engine.progress import STAGES, Progress, ProgressEvent
+from streamer.quant.schemes import accepted_presets
+from streamer.engine.suggest import (
     architecture,
     format_ignore,
     parse_ignore,
@@ -849,7 +849,7 @@ def _existing_pr(repo, rev, target, scheme, ignore_list, skip_incompatible, toke
     """The URL of a pull request on TARGET that already proposes this exact conversion (same
     source commit and settings, as its model card records them), or None. Mirroring uses the
     same check so that it never opens the same PR twice; neither does the form."""
-    from streamer.mirror import Job, check_job
+    from streamer.mirror.main import Job, check_job
 
     job = Job(name="space", source=repo, target=target, scheme=scheme, ignore=tuple(ignore_list), source_revision=rev,
               create_pr=True, skip_incompatible=bool(skip_incompatible))  # fmt: skip

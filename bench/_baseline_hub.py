@@ -3,7 +3,7 @@
     HF_ENDPOINT=... HF_TOKEN=... python bench/_baseline_hub.py SRC_REPO DST_REPO WORKDIR SCHEME
 
 1. `huggingface_hub.snapshot_download(SRC_REPO, local_dir=WORKDIR/snapshot)` (the whole repo)
-2. quantize WORKDIR/snapshot -> WORKDIR/quantized with streamer's local engine (`streamer.api.convert`)
+2. quantize WORKDIR/snapshot -> WORKDIR/quantized with streamer's local engine (`streamer.engine.convert.convert`)
 3. `HfApi.upload_folder(WORKDIR/quantized -> DST_REPO)` (one commit)
 
 Prints `@@RESULT {"download": s, "quantize": s, "upload": s, "total": s, "disk_bytes": ...}`, where
@@ -29,7 +29,7 @@ def main() -> None:
     snap, out = work / "snapshot", work / "quantized"
     from huggingface_hub import HfApi, snapshot_download
 
-    from streamer.api import convert  # imported before the clock starts, like the phases it times
+    from streamer.engine.convert import convert  # imported before the clock starts, like the phases it times
 
     t0 = time.perf_counter()
     snapshot_download(src_repo, local_dir=snap)

@@ -1,4 +1,4 @@
-"""Run streamer.api.convert once and print how long the call took (imports excluded).
+"""Run streamer.engine.convert.convert once and print how long the call took (imports excluded).
 
     python bench/_timed_convert.py SRC DST SCHEME [--device cpu] [--max-memory BYTES] [--workers N]
 
@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 t_import = time.perf_counter()
 import torch  # noqa: E402
 
-from streamer.api import convert  # noqa: E402
+from streamer.engine.convert import convert  # noqa: E402
 
 t_import = time.perf_counter() - t_import
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from streamer.hub import HubSink, HubSource  # noqa: E402
-from streamer.source import Span  # noqa: E402
+from streamer.io.hub import HubSink, HubSource  # noqa: E402
+from streamer.io.source import Span  # noqa: E402
 
 
 def main() -> None:

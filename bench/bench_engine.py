@@ -4,7 +4,7 @@
     python bench/bench_engine.py --device cuda --gb 9  # GPU machine: the Llama-8B-shaped ~9 GB checkpoint
 
 For each scheme: the source's page cache is warmed (every file read once), streamer runs
-(bench/_timed_convert.py: `streamer.api.convert` in a fresh process), the cache is warmed again,
+(bench/_timed_convert.py: `streamer.engine.convert.convert` in a fresh process), the cache is warmed again,
 then the reference runs (bench/_ref_timed.py: llm-compressor's `model_free_ptq`, the same call as
 tests/refscripts/model_free_ptq.py, with tests/reference.py's python and environment). Both times
 are the library call only, interpreter start-up and imports excluded, timed inside each process

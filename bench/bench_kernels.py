@@ -1,4 +1,4 @@
-"""Throughput of streamer.kernels.quantize_weight vs the compressed-tensors module path.
+"""Throughput of streamer.quant.kernels.quantize_weight vs the compressed-tensors module path.
 
 The module path is what llm-compressor's model_free_ptq does per weight: build an nn.Linear,
 ``initialize_module_for_quantization``, min/max observation of the flattened weight,
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the co
 from compressed_tensors.quantization import preset_name_to_scheme  # noqa: E402
 
 from ct_oracle import ct_module_path as module_path  # noqa: E402
-from streamer.kernels import global_scale, quantize_weight  # noqa: E402
+from streamer.quant.kernels import global_scale, quantize_weight  # noqa: E402
 
 DEFAULT_SCHEMES = [
     "FP8_DYNAMIC",

@@ -12,8 +12,8 @@ budget's share a Hub upload may hold, so jobs must be cut into pieces). Then
          Hub sink holds each output shard in memory until it is uploaded
 
 and the child's exact peak RSS (ru_maxrss from wait4) is compared with the budget plus the fixed
-overhead: the peak RSS of an idle `python -c "import streamer.api, torch"` (local) or
-`... streamer.hub` (hub). Target: the larger model stays within budget + overhead, and its peak is
+overhead: the peak RSS of an idle `python -c "import streamer.engine.convert, torch"` (local) or
+`... streamer.io.hub` (hub). Target: the larger model stays within budget + overhead, and its peak is
 not larger than the smaller model's by more than noise (peak RSS independent of model size).
 """
 
@@ -30,7 +30,7 @@ from _common import GB, MB, PY, REPO, WORK, load_line, make_checkpoint, rm, run,
 
 def parse_size(text: str) -> int:
     sys.path.insert(0, str(REPO))
-    from streamer.cli import parse_size as ps
+    from streamer.cli.main import parse_size as ps
 
     return ps(text)
 
@@ -56,8 +56,8 @@ def main(argv=None) -> int:
         base_env["OMP_NUM_THREADS"] = str(args.threads)
 
     overhead = {
-        "local": run([PY, "-c", "import streamer.api, torch"], cwd=REPO, env=base_env).check().maxrss,
-        "hub": run([PY, "-c", "import streamer.api, streamer.hub, torch, huggingface_hub"], cwd=REPO, env=base_env).check().maxrss,
+        "local": run([PY, "-c", "import streamer.engine.convert, torch"], cwd=REPO, env=base_env).check().maxrss,
+        "hub": run([PY, "-c", "import streamer.engine.convert, streamer.io.hub, torch, huggingface_hub"], cwd=REPO, env=base_env).check().maxrss,
     }
     print(f"# budget {budget / MB:,.0f} MB; fixed overhead (idle imports): local {overhead['local'] / MB:,.0f} MB, "
           f"hub {overhead['hub'] / MB:,.0f} MB; {load_line()}", flush=True)

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vllm_smoke: skipped: {reason}")
         return 0
 
-    from streamer.api import convert
+    from streamer.engine.convert import convert
 
     schemes = [s.strip().upper() for s in args.schemes.split(",") if s.strip()]
     root = Path(args.work) / "streamer-vllm-smoke"

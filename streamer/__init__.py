@@ -14,11 +14,11 @@ def __getattr__(name):
     # `streamer.localhub` and `--help` start fast. Once resolved, the function is cached on the
     # package so later lookups skip this hook.
     if name in ("convert", "quantize"):
-        from . import api
+        from streamer.engine import convert as engine
 
-        value = getattr(api, name)
+        value = getattr(engine, name)
     elif name == "model_free_ptq":
-        from .compat import model_free_ptq as value
+        from streamer.compat import model_free_ptq as value
     else:
         raise AttributeError(f"module 'streamer' has no attribute {name!r}")
     globals()[name] = value

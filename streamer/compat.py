@@ -4,7 +4,7 @@ Switching is one import:
 
     from streamer import model_free_ptq        # was: from llmcompressor import model_free_ptq
 
-It is a thin wrapper over `streamer.api.convert`, so the output is exactly what
+It is a thin wrapper over `streamer.engine.convert.convert`, so the output is exactly what
 `python -m streamer` writes for the same arguments, with one difference the drop-in owes to the
 reference: streamer's default ignore policy (embeddings, lm_head, MoE routers and vision/audio
 towers kept unquantized) is off, as the reference has none; the conversion logs one warning
@@ -24,8 +24,8 @@ from collections.abc import Iterable
 
 import torch
 
-from .api import Result, convert
-from .errors import StreamerError
+from streamer.engine.convert import Result, convert
+from streamer.errors import StreamerError
 
 log = logging.getLogger("streamer")
 

@@ -748,10 +748,10 @@ def test_space_signed_out_may_plan_a_public_model(space, checkpoint):
 def test_failed_run_says_the_created_repo_is_there(space, monkeypatch):
     """Every upload fails: the repo the run created stays (empty: nothing committed), and the one
     error says so plainly and that converting again resumes; the next run does publish."""
-    import streamer.hub
+    import streamer.io.hub
 
     app, hub = space
-    monkeypatch.setattr(streamer.hub, "ATTEMPTS", 1)  # the first server error is final: a fast test
+    monkeypatch.setattr(streamer.io.hub, "ATTEMPTS", 1)  # the first server error is final: a fast test
     hub.set_faults(every=1, kinds=("500",), only_paths="preupload|info/lfs|xet|cas")
     try:
         shown = _call(app.run_convert, **{**FORM, "repo_name": "fails-once"}, oauth_token=_visitor(TOKEN))
@@ -769,7 +769,7 @@ def test_failed_run_says_the_created_repo_is_there(space, monkeypatch):
 def test_too_small_a_budget_creates_nothing(space):
     """An error the headers already show (no tensor fits the memory budget) is refused before
     the target repo is created, so a failed run leaves no empty repo behind."""
-    from streamer.api import convert
+    from streamer.engine.convert import convert
     from streamer.errors import StreamerError
 
     app, hub = space
@@ -830,7 +830,7 @@ def test_sentences(app_module, monkeypatch):
 def test_scheme_picker_order(app_module):
     """The picker lists what people use first, each with the GPUs that serve it; every accepted
     preset appears once, and the rarely served ones come last, marked experimental."""
-    from streamer.schemes import accepted_presets
+    from streamer.quant.schemes import accepted_presets
 
     choices = app_module.scheme_choices()
     values = [v for _, v in choices]
@@ -844,7 +844,7 @@ def test_scheme_picker_order(app_module):
 
 def test_rates_over_a_window(app_module):
     """Rates come from the last seconds, not from the first burst, and decay when a transfer stalls."""
-    from streamer.progress import ProgressEvent
+    from streamer.engine.progress import ProgressEvent
 
     w = app_module.RateWindow()
     w.add(0.0, {"read": ProgressEvent("read", done=0, total=100)})
@@ -860,8 +860,8 @@ def test_rates_over_a_window(app_module):
 
 def test_range_reads_report_bytes_as_they_arrive(hub, monkeypatch):
     """A range read tells the pipeline about its bytes as they arrive, not once per piece."""
-    from streamer.hub import HubSource
-    from streamer.source import Span
+    from streamer.io.hub import HubSource
+    from streamer.io.source import Span
 
     monkeypatch.setattr(HubSource, "REPORT_BYTES", 64 << 10)
     with HubSource(SOURCE, token=TOKEN, endpoint=hub.url) as src:
@@ -891,8 +891,8 @@ def test_space_files(tmp_path):
     assert meta["hf_oauth"] is True
     assert {"read-repos", "write-repos", "manage-repos"} <= set(meta["hf_oauth_scopes"])
     assert meta["suggested_hardware"]
-    assert (staged / "app.py").is_file() and (staged / "streamer" / "api.py").is_file()
-    assert (staged / "streamer" / "suggest.py").is_file()
+    assert (staged / "app.py").is_file() and (staged / "streamer" / "engine" / "convert.py").is_file()
+    assert (staged / "streamer" / "engine" / "suggest.py").is_file()
     reqs = (staged / "requirements.txt").read_text()
     for pkg in ("torch", "compressed-tensors", "safetensors", "huggingface_hub", "authlib", "itsdangerous"):
         assert re.search(rf"^{re.escape(pkg)}\b", reqs, re.M), pkg

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from streamer import cli, model_free_ptq
+from streamer import model_free_ptq
+from streamer.cli import main as cli
 from streamer.errors import StreamerError
 from test_hub import ALICE, SOURCE, hub  # noqa: F401  (the localhub fixture)
 

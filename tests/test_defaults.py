@@ -1,7 +1,7 @@
 """Safe by default: one policy for every front door, and outputs that say what they did.
 
 A default conversion keeps embeddings, the output head, MoE routers and vision/audio towers
-unquantized (found by role, see streamer/suggest.py); the plan, the --json summary, the model
+unquantized (found by role, see streamer/engine/suggest.py); the plan, the --json summary, the model
 card and config.json's quantization_config.ignore all say so; shapes a scheme cannot serve stop
 the run before any tensor is read, unless --skip-incompatible keeps them unquantized. The drop-in
 `model_free_ptq` keeps the reference's semantics and warns. (Loading with transformers, per
@@ -22,12 +22,13 @@ from compressed_tensors.utils.match import match_name
 from safetensors import safe_open
 
 from ct_oracle import ct_module_path
-from streamer import cli, model_free_ptq
-from streamer.api import convert, prepare, quantize
-from streamer.card import front_matter, read_provenance
+from streamer import model_free_ptq
+from streamer.cli import main as cli
+from streamer.engine.convert import convert, prepare, quantize
+from streamer.engine.card import front_matter, read_provenance
 from streamer.errors import PlanError
-from streamer.mirror import Job, compare, parse_jobs
-from streamer.plan import INCOMPATIBLE, plan_summary, render, schemes_that_fit
+from streamer.mirror.main import Job, compare, parse_jobs
+from streamer.engine.plan import INCOMPATIBLE, plan_summary, render, schemes_that_fit
 from test_engine import CountingSource
 from test_hub import SOURCE, hub  # noqa: F401  (the localhub fixture)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import huggingface_hub.constants as hf
 
-from streamer import demo
+from streamer.cli import demo
 
 
 def test_demo_converts_hub_to_hub(monkeypatch, capsys, tmp_path):

@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from fixtures import dequantize_checkpoint
 from reference import _env, compare_checkpoints, require_reference, tensor_records
-from streamer.api import convert, prepare
-from streamer.cli import main as cli_main
+from streamer.engine.convert import convert, prepare
+from streamer.cli.main import main as cli_main
 from streamer.errors import PlanError, SchemeError
 
 FP8_QCONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",

@@ -13,10 +13,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fixtures import CORRUPTION_WORDS, CORRUPTIONS, corrupt_checkpoint, weight_map
-from streamer import cli
-from streamer.api import convert, prepare
+from streamer.cli import main as cli
+from streamer.engine.convert import convert, prepare
 from streamer.errors import InputError, PlanError, SchemeError, StreamerError, TargetError
-from streamer.source import LocalSource
+from streamer.io.source import LocalSource
 
 
 def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
@@ -376,7 +376,7 @@ def test_index_names_that_escape_are_refused(llama_ckpt, tmp_path):
 
 
 def test_failed_run_leaves_no_destination_and_keeps_existing(llama_ckpt, tmp_path, monkeypatch):
-    import streamer.pipeline as pipeline
+    import streamer.engine.pipeline as pipeline
 
     calls = {"n": 0}
     real = pipeline.quantize_weight
@@ -430,7 +430,7 @@ def test_bad_device_is_a_clear_error(llama_ckpt, tmp_path):
 
 
 def test_header_parser_rejects_trailing_garbage_lengths():
-    from streamer.catalog import parse_header
+    from streamer.io.catalog import parse_header
 
     header = json.dumps({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
     raw = struct.pack("<Q", len(header)) + header + b"\0" * 8

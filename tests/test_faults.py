@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from streamer import hub as hubmod
+from streamer.io import hub as hubmod
 from test_hub import ALICE, SOURCE, _streamer_commits, hub, run_cli  # noqa: F401  (hub: fixture)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -116,7 +116,7 @@ def _load_app():
 def test_small_reads_are_retried(hub, capsys, kind):
     """The small GETs outside HfApi: a mirror job's card read (mirror.read_card), the target's
     card read before replacing a conversion (HubSink.read_text), the Space's config read."""
-    from streamer.mirror import read_card
+    from streamer.mirror.main import read_card
 
     assert run_cli(SOURCE, "alice/card", "--scheme", "W8A16") == 0
 
@@ -399,7 +399,7 @@ def test_failed_upload_stops_the_others_and_exits_promptly(hub, llama_ckpt, tmp_
                 raise PermissionError("storage refused the object (injected)")
             return real(self, repo_id, additions, **kw)
         HfApi.preupload_lfs_files = preupload
-        from streamer.cli import main
+        from streamer.cli.main import main
         sys.exit(main([{SOURCE!r}, "alice/fails", "--scheme", "W8A16", "--device", "cpu", "-q"]))
     """))
     assert _upload_seconds(hub, llama_ckpt) > 25
@@ -449,7 +449,7 @@ def test_ctrl_c_cancels_uploads_in_flight(hub, llama_ckpt):
 def test_mirror_check_is_retried(hub, kind):
     """A mirroring tick reads the source's commit and the target's pull requests: one fault on
     either is retried, and the check still says the target is up to date."""
-    from streamer.mirror import check_job, parse_jobs
+    from streamer.mirror.main import check_job, parse_jobs
 
     assert run_cli(SOURCE, "alice/mirrored", "--scheme", "FP8_DYNAMIC", "--create-pr") == 0
     (job,) = parse_jobs({"job": [{"name": "j", "source": SOURCE, "target": "alice/mirrored",

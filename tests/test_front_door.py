@@ -114,7 +114,7 @@ _API_SCRIPT = textwrap.dedent(
         assert now is value, f"streamer.{name} became {now!r} after importing the submodules"
         assert name == "__version__" or (callable(now) and not isinstance(now, types.ModuleType)), name
 
-    from streamer.demo import write_tiny_llama
+    from streamer.cli.demo import write_tiny_llama
     tmp = Path(sys.argv[1])
     src = write_tiny_llama(tmp / "src", hidden=128, intermediate=256, layers=2, vocab=256, heads=4, kv_heads=2)
     for i in range(2):
@@ -149,7 +149,7 @@ def test_help_does_not_import_the_engine():
     script = textwrap.dedent(
         """
         import sys
-        from streamer.cli import main
+        from streamer.cli.main import main
         for argv in (["--help"], ["mirror", "--help"], ["demo", "--help"]):
             try:
                 main(argv)
@@ -170,11 +170,11 @@ def test_ctrl_c_while_starting_is_one_sentence(tmp_path):
     import signal
     import time
 
-    from streamer.demo import write_tiny_llama
+    from streamer.cli.demo import write_tiny_llama
 
     src = write_tiny_llama(tmp_path / "src", hidden=128, intermediate=256, layers=2, vocab=256, heads=4, kv_heads=2)
     # the console script's and `python -m streamer`'s entry: main() reading sys.argv
-    entry = "import sys; from streamer.cli import main; print('ready', flush=True); sys.exit(main())"
+    entry = "import sys; from streamer.cli.main import main; print('ready', flush=True); sys.exit(main())"
     interrupted = 0
     for i, delay in enumerate((0.05, 0.2, 0.5, 1.0, 2.0)):
         out = tmp_path / f"out{i}"
@@ -196,7 +196,7 @@ def test_ctrl_c_while_starting_is_one_sentence(tmp_path):
 def test_json_is_alone_on_stdout_and_plan_warnings_reach_a_real_run(tmp_path):
     import json
 
-    from streamer.demo import write_tiny_llama
+    from streamer.cli.demo import write_tiny_llama
 
     src = write_tiny_llama(tmp_path / "src", hidden=128, intermediate=256, layers=2, vocab=256, heads=4, kv_heads=2)
 
@@ -220,7 +220,7 @@ def test_api_refuses_a_zero_memory_budget_instead_of_the_default(tmp_path):
     import pytest
 
     import streamer
-    from streamer.demo import write_tiny_llama
+    from streamer.cli.demo import write_tiny_llama
     from streamer.errors import StreamerError
 
     src = write_tiny_llama(tmp_path / "src", hidden=128, intermediate=256, layers=2, vocab=256, heads=4, kv_heads=2)

@@ -14,7 +14,7 @@ import huggingface_hub
 import pytest
 
 from fixtures import load_logits
-from streamer import cli
+from streamer.cli import main as cli
 from streamer.localhub import LocalHub
 
 ALICE = "hf_alice_token_0123456789"
@@ -72,7 +72,7 @@ def test_hub_to_hub_equals_local_to_local(hub, llama_ckpt, tmp_path):
     log = hub.request_log
     gets = _safetensors_gets(log)
     assert gets and all(r.range is not None and r.status == 206 for r in gets), "a full-file GET happened"
-    from streamer.api import prepare
+    from streamer.engine.convert import prepare
 
     _, plan = prepare(str(llama_ckpt), scheme="NVFP4A16")
     needed = plan.catalog.header_bytes + plan.bytes_in
@@ -220,7 +220,7 @@ def test_errors_are_sentences_and_write_nothing(hub, llama_ckpt, monkeypatch, ca
 
 
 def test_range_answered_with_200_is_refused(hub, monkeypatch):
-    from streamer.hub import HubSource, RangeError
+    from streamer.io.hub import HubSource, RangeError
 
     src = HubSource(SOURCE, token=ALICE, endpoint=hub.url)
 
@@ -229,7 +229,7 @@ def test_range_answered_with_200_is_refused(hub, monkeypatch):
         headers = {"content-length": "10"}
 
     with pytest.raises(RangeError, match="refusing to download whole files"):
-        from streamer.source import Span
+        from streamer.io.source import Span
 
         src._check_range(FakeResponse(), "model.safetensors", Span(0, 10))
 

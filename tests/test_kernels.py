@@ -1,4 +1,4 @@
-"""streamer.kernels against its two oracles, byte for byte.
+"""streamer.quant.kernels against its two oracles, byte for byte.
 
 (a) compressed-tensors' own module path (tests/ct_oracle.py), in this venv (compressed-tensors 0.20): an nn.Linear,
     ``initialize_module_for_quantization``, min/max statistics the way llm-compressor's
@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from ct_oracle import ct_module_path
 
-from streamer.kernels import (
+from streamer.quant.kernels import (
     ShapeError,
     compression_format,
     dequantize_weight,
@@ -45,7 +45,7 @@ from streamer.kernels import (
     quantize_weight,
 )
 
-import streamer.kernels as Q  # noqa: E402  (private helpers are tested against the oracles)
+import streamer.quant.kernels as Q  # noqa: E402  (private helpers are tested against the oracles)
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 DT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}

@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fixtures import PROMPT_IDS, load_logits
-from streamer.api import convert
-from streamer.schemes import accepted_presets
+from streamer.engine.convert import convert
+from streamer.quant.schemes import accepted_presets
 
 THRESHOLDS = {  # minimum cosine similarity of the logits with the bf16 model's
     8: 0.99,

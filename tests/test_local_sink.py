@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from streamer import cli, sink as sink_mod
-from streamer.api import convert
+from streamer.cli import main as cli
+from streamer.io import sink as sink_mod
+from streamer.engine.convert import convert
 from streamer.errors import InputError, TargetError
-from streamer.sink import LocalSink, written_by_streamer
-from streamer.source import LocalSource
+from streamer.io.sink import LocalSink, written_by_streamer
+from streamer.io.source import LocalSource
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,7 +109,7 @@ def test_refresh_uses_an_atomic_exchange(llama_ckpt, tmp_path, monkeypatch):
 _KILLED_MID_SWAP = textwrap.dedent(
     """
     import errno, os, signal, sys
-    import streamer.sink as sink
+    import streamer.io.sink as sink
     def no_exchange(a, b):
         raise OSError(errno.ENOSYS, "renameat2 is not available")
     sink._exchange = no_exchange
@@ -118,7 +119,7 @@ _KILLED_MID_SWAP = textwrap.dedent(
         if str(a) == sys.argv[2]:  # DST was just moved aside: die before the new one moves in
             os.kill(os.getpid(), signal.SIGKILL)
     sink.os.rename = rename
-    from streamer.api import convert
+    from streamer.engine.convert import convert
     convert(sys.argv[1], sys.argv[2], scheme="W4A16", device="cpu")
     """
 )
@@ -178,8 +179,8 @@ def test_fallback_swap_interrupted_between_renames_puts_the_old_folder_back(llam
 _KILLABLE = textwrap.dedent(
     """
     import sys, time
-    import streamer.pipeline as pipeline
-    from streamer.api import convert
+    import streamer.engine.pipeline as pipeline
+    from streamer.engine.convert import convert
     real = pipeline.quantize_weight
     calls = []
     def slow(*a, **k):

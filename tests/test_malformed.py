@@ -25,8 +25,8 @@ import pytest
 import yaml
 
 from fixtures import CORRUPTION_TARGET, CORRUPTION_WORDS, corrupt_checkpoint, read_header, weight_map, write_header
-from streamer import cli
-from streamer.api import convert
+from streamer.cli import main as cli
+from streamer.engine.convert import convert
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERNORM = "model.layers.0.input_layernorm.weight"  # 1-D, always passed through
@@ -431,10 +431,10 @@ def test_memory_refusal_names_the_largest_need_and_its_suggestion_works(llama_ck
 
     import torch
 
-    from streamer.api import prepare
-    from streamer.pipeline import Runner
-    from streamer.progress import human_bytes
-    from streamer.sink import LocalSink
+    from streamer.engine.convert import prepare
+    from streamer.engine.pipeline import Runner
+    from streamer.engine.progress import human_bytes
+    from streamer.io.sink import LocalSink
 
     source, plan = prepare(str(llama_ckpt), scheme="NVFP4A16")
     source.close()
@@ -457,7 +457,7 @@ def test_memory_suggestion_works_for_a_sink_that_buffers_shards(llama_ckpt, tmp_
     import threading
 
     from streamer.errors import StreamerError
-    from streamer.sink import LocalSink
+    from streamer.io.sink import LocalSink
 
     class Buffering(LocalSink):
         buffers_shards = True

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from huggingface_hub import constants
 
-from streamer.card import read_provenance
+from streamer.engine.card import read_provenance
 from streamer.localhub import LocalHub
-from streamer.mirror import (
+from streamer.mirror.main import (
     Job,
     JobsFileError,
     load_jobs,
@@ -26,7 +26,7 @@ from streamer.mirror import (
     render_table,
     JobResult,
 )
-from streamer.webhook import match_payload
+from streamer.mirror.webhook import match_payload
 
 ALICE = "hf_alice_token"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -442,7 +442,7 @@ def test_serve_requires_a_secret(tmp_path, monkeypatch, capsys):
 
 def test_listener_queue_coalesces_triggers():
     """Triggers for a queued job are merged; a trigger while it runs makes it run once more."""
-    from streamer.webhook import WebhookListener
+    from streamer.mirror.webhook import WebhookListener
 
     gate = threading.Event()
     calls: list[str] = []

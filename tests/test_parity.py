@@ -14,7 +14,7 @@ from compressed_tensors.quantization import QuantizationConfig
 
 from reference import compare_checkpoints
 from streamer import model_free_ptq
-from streamer.schemes import accepted_presets
+from streamer.quant.schemes import accepted_presets
 
 # Presets that compressed-tensors 0.19 (pinned by llm-compressor 0.14.0.1) does not define yet:
 # the reference refuses them by name, so they are checked against compressed-tensors' own

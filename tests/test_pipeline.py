@@ -11,10 +11,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from streamer import cli, pipeline
-from streamer.api import convert
-from streamer.progress import Progress, ProgressEvent
-from streamer.source import LocalSource
+from streamer.cli import main as cli
+from streamer.engine import pipeline
+from streamer.engine.convert import convert
+from streamer.engine.progress import Progress, ProgressEvent
+from streamer.io.source import LocalSource
 
 
 def tensor_bytes(folder) -> dict[str, bytes]:
@@ -144,8 +145,8 @@ def test_json_summary_and_quiet(llama_ckpt, tmp_path, capsys):
 
 @pytest.mark.parametrize("encoding", ["gzip", "br"])
 def test_range_reads_refuse_encoded_bodies(encoding):
-    from streamer.hub import HubSource, RangeError
-    from streamer.source import Span
+    from streamer.io.hub import HubSource, RangeError
+    from streamer.io.source import Span
 
     class Response:
         status_code = 206
@@ -159,7 +160,7 @@ def test_range_reads_refuse_encoded_bodies(encoding):
 def test_default_budget_counts_reclaimable_page_cache():
     import os
 
-    from streamer.budget import available_memory, default_memory_budget
+    from streamer.engine.budget import available_memory, default_memory_budget
 
     free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     # MemAvailable includes the page cache the kernel would drop; free pages alone do not

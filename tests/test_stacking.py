@@ -19,10 +19,11 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
 from fixtures import dequantize_checkpoint
 from reference import _env, compare_checkpoints, reference_python, tensor_records
-from streamer import cli, model_free_ptq
-from streamer.api import convert, prepare
+from streamer import model_free_ptq
+from streamer.cli import main as cli
+from streamer.engine.convert import convert, prepare
 from streamer.errors import PlanError, SchemeError
-from streamer.plan import render
+from streamer.engine.plan import render
 from test_hub import hub  # noqa: F401  (the localhub fixture)
 
 IGNORE = ["model.embed_tokens", "lm_head"]

@@ -1,4 +1,4 @@
-"""streamer.suggest: default ignore lists per architecture, repo names, scheme blurbs."""
+"""streamer.engine.suggest: default ignore lists per architecture, repo names, scheme blurbs."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import re
 
 import pytest
 
-from streamer.catalog import build_catalog
-from streamer.plan import expand_inputs
-from streamer.schemes import accepted_presets, make_recipe
-from streamer.source import LocalSource
-from streamer.suggest import (
+from streamer.io.catalog import build_catalog
+from streamer.engine.plan import expand_inputs
+from streamer.quant.schemes import accepted_presets, make_recipe
+from streamer.io.source import LocalSource
+from streamer.engine.suggest import (
     architecture,
     format_ignore,
     is_moe,
@@ -101,7 +101,7 @@ def test_fixture_architectures(checkpoint, arch, router):
 
 def test_every_default_plans(checkpoint):
     """The suggested list for NVFP4A16 makes a plan that quantizes something, for every fixture."""
-    from streamer.api import prepare
+    from streamer.engine.convert import prepare
 
     for arch in ("llama", "qwen3_moe", "mixtral", "deepseek_v3", "tied"):
         path = checkpoint(arch)
@@ -172,7 +172,7 @@ def test_every_accepted_scheme_has_a_blurb():
 
 # --- the default policy: found by role, not by model name ------------------------------------------
 
-from streamer.suggest import EMBEDDING, HEAD, ROUTER, TOWER, close_modules, default_kept, ignore_entries  # noqa: E402
+from streamer.engine.suggest import EMBEDDING, HEAD, ROUTER, TOWER, close_modules, default_kept, ignore_entries  # noqa: E402
 
 
 def _w(*specs, vocab=1000, hidden=64):

@@ -219,7 +219,7 @@ def test_a_terminal_shows_each_line_once_above_three_bars(hub, env, tmp_path):
 
 def test_rate_and_eta_follow_a_window_from_the_stage_start(monkeypatch):
     """Bytes arrive in whole pieces: a rate must span time, never one piece over microseconds."""
-    from streamer import progress as p
+    from streamer.engine import progress as p
 
     clock = [100.0]
     monkeypatch.setattr(p.time, "monotonic", lambda: clock[0])
@@ -250,7 +250,7 @@ def test_rate_and_eta_follow_a_window_from_the_stage_start(monkeypatch):
 
 
 def test_bar_shows_no_eta_until_steady():
-    from streamer.progress import ProgressEvent, bar_stats
+    from streamer.engine.progress import ProgressEvent, bar_stats
 
     early = ProgressEvent("read", 1_000_000, 9_000_000, 1e6, 8.0, steady=False)
     later = ProgressEvent("read", 5_000_000, 9_000_000, 1e6, 4.0, steady=True)

@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from streamer import webhook
-from streamer.mirror import JobResult, parse_jobs
-from streamer.webhook import WebhookListener, match_payload, parse_payload
+from streamer.mirror import webhook
+from streamer.mirror.main import JobResult, parse_jobs
+from streamer.mirror.webhook import WebhookListener, match_payload, parse_payload
 
 SECRET = "s3cret"
 

@@ -23,14 +23,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .budget import Budget, default_memory_budget  # noqa: F401  (re-exported)
-from .catalog import TensorInfo
-from .errors import InputError, StreamerError
-from .plan import ST_DTYPES, TORCH_DTYPES, Job, OutTensor, Plan, human_bytes
-from .progress import Progress
-from .kernels import global_scale, quantize_weight
-from .sink import ShardWriter, Sink
-from .source import Source, Span
+from streamer.engine.budget import Budget, default_memory_budget  # noqa: F401  (re-exported)
+from streamer.io.catalog import TensorInfo
+from streamer.errors import InputError, StreamerError
+from streamer.engine.plan import ST_DTYPES, TORCH_DTYPES, Job, OutTensor, Plan, human_bytes
+from streamer.engine.progress import Progress
+from streamer.quant.kernels import global_scale, quantize_weight
+from streamer.io.sink import ShardWriter, Sink
+from streamer.io.source import Source, Span
 
 log = logging.getLogger("streamer")
 

@@ -15,11 +15,11 @@ Every run is idempotent. Before a single tensor byte is read, each job compares 
 current commit (`HfApi.model_info`) and the job's settings with the provenance that streamer
 wrote into the target's model card (`streamer:` block of README.md's front matter, fetched with
 one small GET, nothing written to the HF cache). A job whose target already holds that exact
-conversion is skipped; otherwise `streamer.api.convert` publishes a new commit (or PR).
+conversion is skipped; otherwise `streamer.engine.convert.convert` publishes a new commit (or PR).
 
 Jobs are independent: one failing does not stop the others; the exit code is 1 if any failed.
 Trigger modes: cron/CI (run the command), Hugging Face Jobs (`hf jobs scheduled run …`), and a
-webhook listener (`--serve`, see streamer/webhook.py). See examples/ for each.
+webhook listener (`--serve`, see streamer/mirror/webhook.py). See examples/ for each.
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
-from .card import Provenance, policy_flags, read_provenance
-from .errors import HubError, StreamerError, TargetError
-from .progress import human_bytes
+from streamer.engine.card import Provenance, policy_flags, read_provenance
+from streamer.errors import HubError, StreamerError, TargetError
+from streamer.engine.progress import human_bytes
 
 try:  # Python >= 3.11
     import tomllib
@@ -50,7 +50,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     except ModuleNotFoundError:
         tomllib = None  # type: ignore[assignment]
 
-log = logging.getLogger("streamer.mirror")
+log = logging.getLogger("streamer.mirror.main")
 
 # --------------------------------------------------------------------------------------------
 # the jobs file
@@ -190,7 +190,7 @@ def _split_repo(spec: str, key: str) -> tuple[str | None, str | None, str | None
 
 def parse_jobs(data: dict, *, origin: str = "jobs file") -> list[Job]:
     """Validate the parsed TOML document and build the jobs (see the module docstring)."""
-    from .schemes import make_recipe
+    from streamer.quant.schemes import make_recipe
 
     problems: list[str] = []
     for key in data:
@@ -332,7 +332,7 @@ def read_card(repo_id: str, revision: str = "main", *, token: str | None = None,
 
     Under the Hub retry policy of every streamer call (hub.hub_call): a dropped connection, a
     5xx or a 429 is tried again; one that persists is a sentence naming the Hub."""
-    from .hub import _endpoint, hub_get
+    from streamer.io.hub import _endpoint, hub_get
 
     url = f"{_endpoint(endpoint)}/{repo_id}/resolve/{quote(revision, safe='')}/README.md"
     r = hub_get(f"reading {repo_id}'s model card", url, token=token, endpoint=endpoint)
@@ -380,7 +380,7 @@ def check_job(job: Job, *, token: str | None = None, endpoint: str | None = None
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
-    from .hub import _endpoint, explain, hub_call
+    from streamer.io.hub import _endpoint, explain, hub_call
 
     api = HfApi(endpoint=_endpoint(endpoint), token=token)
     try:
@@ -410,7 +410,7 @@ def check_job(job: Job, *, token: str | None = None, endpoint: str | None = None
 def _pr_refs(api, repo_id: str, limit: int = 20) -> list[str]:
     from huggingface_hub.errors import HfHubHTTPError
 
-    from .hub import hub_call
+    from streamer.io.hub import hub_call
 
     try:
         refs = hub_call(f"listing {repo_id}'s pull requests", api.list_repo_refs, repo_id, include_pull_requests=True)
@@ -474,7 +474,7 @@ class MirrorRunner:
         workers: int = 4,
         endpoint: str | None = None,
     ):
-        from .pipeline import default_memory_budget
+        from streamer.engine.pipeline import default_memory_budget
 
         if parallel < 1:
             raise StreamerError("--parallel must be at least 1")
@@ -486,7 +486,7 @@ class MirrorRunner:
         self.workers = workers
         self.endpoint = endpoint
         self.cancel = threading.Event()
-        from .pipeline import Budget
+        from streamer.engine.pipeline import Budget
 
         self.budget = Budget(self.max_memory)
 
@@ -531,7 +531,7 @@ class MirrorRunner:
         # Pin the commit that was checked, so the card records exactly what was converted.
         source = f"{job.source}@{check.source_commit}"
         if self.dry_run:
-            from .api import prepare
+            from streamer.engine.convert import prepare
 
             src, plan = prepare(source, scheme=job.scheme, ignore=job.ignore, token=self.token,
                                 dequant_dtype=job.dequant_dtype, **job.policy_kwargs)
@@ -544,8 +544,8 @@ class MirrorRunner:
             )
             log.info("[%s] would convert: %s", job.name, res.reason)
             return
-        from .api import convert
-        from .progress import Progress
+        from streamer.engine.convert import convert
+        from streamer.engine.progress import Progress
 
         log.info("[%s] converting %s -> %s: %s", job.name, job.source_spec, job.target_spec, check.reason)
         result = convert(
@@ -647,7 +647,7 @@ def render_table(results: list[JobResult]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import parse_size
+    from streamer.cli.main import parse_size
 
     p = argparse.ArgumentParser(
         prog="python -m streamer mirror",
@@ -717,13 +717,13 @@ def _load_payload(spec: str | None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import _setup_logging
+    from streamer.cli.main import _setup_logging
 
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     _setup_logging(args.quiet, args.verbose, json=args.json)  # --quiet: the summary and errors only
-    if not args.verbose:  # per-job lines come from streamer.mirror; the engine's chatter stays quiet
+    if not args.verbose:  # per-job lines come from streamer.mirror.main; the engine's chatter stays quiet
         logging.getLogger("streamer").setLevel(logging.WARNING if not (args.quiet or args.json) else logging.ERROR)
-        logging.getLogger("streamer.mirror").setLevel(logging.WARNING if (args.quiet or args.json) else logging.INFO)
+        logging.getLogger("streamer.mirror.main").setLevel(logging.WARNING if (args.quiet or args.json) else logging.INFO)
         for noisy in ("httpx", "httpx2", "httpcore"):  # one INFO line per HTTP request otherwise
             logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
@@ -743,13 +743,13 @@ def main(argv: list[str] | None = None) -> int:
                     "--serve needs a webhook secret: --secret-env VAR (or set WEBHOOK_SECRET), "
                     "the same value as in the Hub webhook's settings"
                 )
-            from .webhook import WebhookListener
+            from streamer.mirror.webhook import WebhookListener
 
             listener = WebhookListener(jobs, runner, secret=secret, host=args.host, port=args.port,
                                        json_lines=args.json)
             return listener.serve_forever(catch_up=args.catch_up)
         if args.webhook_payload or args.payload_file:
-            from .webhook import match_payload
+            from streamer.mirror.webhook import match_payload
 
             jobs, why = match_payload(jobs, _load_payload(args.payload_file))
             log.info("webhook payload: %s%s", why, f" -> {', '.join(j.name for j in jobs)}" if jobs else "")

@@ -399,9 +399,9 @@ def suggest_ignore(
 
 def _shape_problems(weights: list[WeightInfo], ignore: list[str], scheme: str) -> tuple[list[str], str]:
     """Modules the scheme would quantize but cannot serve (shape), and the first reason."""
-    from .errors import StreamerError
-    from .plan import TORCH_DTYPES, shape_problem
-    from .schemes import make_recipe
+    from streamer.errors import StreamerError
+    from streamer.engine.plan import TORCH_DTYPES, shape_problem
+    from streamer.quant.schemes import make_recipe
 
     try:
         recipe = make_recipe(scheme, ignore=ignore)

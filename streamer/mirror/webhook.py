@@ -33,9 +33,9 @@ from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-from .mirror import _SHA, Job, JobResult, MirrorRunner
+from streamer.mirror.main import _SHA, Job, JobResult, MirrorRunner
 
-log = logging.getLogger("streamer.mirror")
+log = logging.getLogger("streamer.mirror.main")
 
 MAX_BODY = 1 << 20  # Hub payloads are a few kB
 MAX_DEPTH = 32  # a Hub payload nests 4 levels; deeper JSON is refused before it is looked at

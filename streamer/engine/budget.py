@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 
-from .errors import StreamerError
+from streamer.errors import StreamerError
 
 
 class Budget:

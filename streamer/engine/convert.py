@@ -15,15 +15,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .card import Provenance, model_card
-from .catalog import CONFIG_NAME, INDEX_NAME, build_catalog
-from .errors import StreamerError
-from .plan import Plan, Policy, make_plan
-from .pipeline import RunStats, Runner, default_memory_budget
-from .progress import Progress
-from .schemes import make_recipe
-from .sink import LocalSink, Sink, dumps_json
-from .source import Source, is_hub_spec, open_source, split_revision
+from streamer.engine.card import Provenance, model_card
+from streamer.io.catalog import CONFIG_NAME, INDEX_NAME, build_catalog
+from streamer.errors import StreamerError
+from streamer.engine.plan import Plan, Policy, make_plan
+from streamer.engine.pipeline import RunStats, Runner, default_memory_budget
+from streamer.engine.progress import Progress
+from streamer.quant.schemes import make_recipe
+from streamer.io.sink import LocalSink, Sink, dumps_json
+from streamer.io.source import Source, is_hub_spec, open_source, split_revision
 
 log = logging.getLogger("streamer")
 
@@ -85,7 +85,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 def open_sink(dst, *, token=None, overwrite=False, private=False, create_pr=False, revision=None) -> Sink:
     dst = os.fspath(dst)
     if is_hub_spec(dst):
-        from .hub import HubSink
+        from streamer.io.hub import HubSink
 
         repo_id, rev = split_revision(dst)
         return HubSink(
@@ -117,13 +117,13 @@ def prepare(
     """Open the source and build the complete plan (reads headers only).
 
     default_ignore: keep embeddings, the output head, MoE routers and vision/audio towers
-      unquantized besides IGNORE (streamer.suggest.RULES); False quantizes what the scheme
+      unquantized besides IGNORE (streamer.engine.suggest.RULES); False quantizes what the scheme
       targets, as llm-compressor's model_free_ptq does.
     quantize_towers: quantize vision/audio towers and multimodal projectors anyway.
     skip_incompatible: keep weights whose shape the scheme cannot serve unquantized, instead of
       refusing the conversion.
     stack: on a compressed-tensors source, keep the modules the scheme does not target as
-      stored and declare both quantizations; False expands them dense (streamer/dequant.py).
+      stored and declare both quantizations; False expands them dense (streamer/quant/dequant.py).
     """
     policy = Policy(default_ignore=default_ignore, quantize_towers=quantize_towers, skip_incompatible=skip_incompatible)
     try:
@@ -137,7 +137,7 @@ def prepare(
         catalog = build_catalog(source)
         dequant = None
         try:
-            from .dequant import detect_dequantizer
+            from streamer.quant.dequant import detect_dequantizer
         except ImportError:  # dequantization of quantized sources is optional
             detect_dequantizer = None
         if detect_dequantizer is not None:
@@ -259,7 +259,7 @@ def fingerprint(plan: Plan, source: Source) -> str | None:
         return None
     import hashlib
 
-    from . import __version__
+    from streamer import __version__
 
     blob = json.dumps(
         {

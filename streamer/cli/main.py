@@ -11,8 +11,8 @@ import signal
 import sys
 import threading
 
-from . import __version__
-from .errors import StreamerError
+from streamer import __version__
+from streamer.errors import StreamerError
 
 SUBCOMMANDS = ("mirror", "demo")
 
@@ -89,7 +89,7 @@ def _setup_logging(quiet: bool, verbose: bool, json: bool = False) -> None:
     """Log lines on stderr, printed above the progress bars, never through them. --quiet: errors
     only; --json: warnings and errors (stdout carries the JSON alone); --verbose: debug too.
     huggingface_hub's own bars are turned off: streamer reports the bytes itself."""
-    from .progress import hide_hub_bars, install_terminal_logging
+    from streamer.engine.progress import hide_hub_bars, install_terminal_logging
 
     shown = logging.ERROR if quiet else logging.DEBUG if verbose else logging.WARNING if json else logging.INFO
     install_terminal_logging(shown)
@@ -150,11 +150,11 @@ def _main(argv: list[str] | None) -> int:
         _engine_started()  # mirror and demo handle Ctrl-C themselves
         cmd, rest = argv[0], argv[1:]
         if cmd == "mirror":
-            from .mirror import main as mirror_main
+            from streamer.mirror.main import main as mirror_main
 
             return mirror_main(rest)
         if cmd == "demo":
-            from .demo import main as demo_main
+            from streamer.cli.demo import main as demo_main
 
             return demo_main(rest)
     args = convert_parser().parse_args(argv)
@@ -165,8 +165,8 @@ def _main(argv: list[str] | None) -> int:
 def _progress_bars(args, progress):
     """Three bars (read, quantized, uploaded or written) on a terminal's stderr; none when stderr
     is a file or a pipe, on a dumb terminal, or with --quiet, --json or --dry-run."""
-    from .progress import TqdmListener
-    from .source import is_hub_spec
+    from streamer.engine.progress import TqdmListener
+    from streamer.io.source import is_hub_spec
 
     if args.quiet or args.json or args.dry_run or not sys.stderr.isatty() or os.environ.get("TERM") == "dumb":
         return None
@@ -181,10 +181,10 @@ def _close(bars) -> None:
 
 
 def run_convert(args) -> int:
-    from .api import convert
-    from .pipeline import nonfinite_policy
-    from .plan import render
-    from .progress import Progress
+    from streamer.engine.convert import convert
+    from streamer.engine.pipeline import nonfinite_policy
+    from streamer.engine.plan import render
+    from streamer.engine.progress import Progress
 
     _engine_started()
 

@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError
+from streamer.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -235,7 +235,7 @@ def open_source(spec: str | os.PathLike, *, token: str | None = None, **hub_opti
     spec = os.fspath(spec)
     if not is_hub_spec(spec):
         return LocalSource(os.path.expanduser(spec))
-    from .hub import HubSource  # imported lazily: local runs need no HTTP machinery
+    from streamer.io.hub import HubSource  # imported lazily: local runs need no HTTP machinery
 
     repo_id, revision = split_revision(spec)
     return HubSource(repo_id, revision=revision, token=token, **hub_options)

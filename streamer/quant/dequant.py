@@ -16,7 +16,7 @@ Two source formats are understood, detected from ``config.json``:
   with each block's scale broadcast over the block (edge blocks simply cover fewer elements).
 * ``quant_method: compressed-tensors``: every format compressed-tensors itself decompresses
   (pack-quantized INT4/INT8, float-quantized FP8, int-quantized, nvfp4 / mxfp4 / mxfp8 …), with
-  the library's own decompressor (:func:`streamer.kernels.dequantize_weight`), as its
+  the library's own decompressor (:func:`streamer.quant.kernels.dequantize_weight`), as its
   ``CompressedTensorsDequantizer`` does. Which modules are quantized follows the config's groups
   (targets) and ignore list, checked against the tensors actually stored.
 
@@ -39,9 +39,9 @@ import math
 
 import torch
 
-from .catalog import Catalog, TensorInfo
-from .plan import TORCH_DTYPES as _TORCH
-from .errors import PlanError, SchemeError, StreamerError
+from streamer.io.catalog import Catalog, TensorInfo
+from streamer.engine.plan import TORCH_DTYPES as _TORCH
+from streamer.errors import PlanError, SchemeError, StreamerError
 
 DEQUANT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _ST_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -527,7 +527,7 @@ class CompressedTensorsDequantizer(Dequantizer):
         return entries, consumed
 
     def _same_scheme_refusal(self, same: list[tuple[str, str]]) -> str:
-        from .plan import collapse_names
+        from streamer.engine.plan import collapse_names
 
         label = _args_label(self.groups[same[0][1]].weights)
         names = collapse_names([m for m, _ in same])
@@ -544,7 +544,7 @@ class CompressedTensorsDequantizer(Dequantizer):
         return {g: s for g, s in self.groups.items() if g in used}
 
     def _dense(self, e, parts):
-        from .kernels import dequantize_weight
+        from streamer.quant.kernels import dequantize_weight
 
         return dequantize_weight(parts, e.scheme, self.dtype)
 

@@ -14,14 +14,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .card import policy_flags
-from .catalog import DTYPE_SIZES, Catalog, TensorInfo
-from .errors import PlanError
-from .progress import human_bytes  # noqa: F401  (plan summaries use it; re-exported)
-from .kernels import ShapeError, needs_global_scale, output_layout
-from .schemes import Recipe, accepted_presets, make_recipe
-from .source import Span
-from .suggest import HEAD, LM_HEAD, RULES, TOWER, close_modules, default_kept, ignore_entries, matches
+from streamer.engine.card import policy_flags
+from streamer.io.catalog import DTYPE_SIZES, Catalog, TensorInfo
+from streamer.errors import PlanError
+from streamer.engine.progress import human_bytes  # noqa: F401  (plan summaries use it; re-exported)
+from streamer.quant.kernels import ShapeError, needs_global_scale, output_layout
+from streamer.quant.schemes import Recipe, accepted_presets, make_recipe
+from streamer.io.source import Span
+from streamer.engine.suggest import HEAD, LM_HEAD, RULES, TOWER, close_modules, default_kept, ignore_entries, matches
 
 # The torch dtype of each safetensors dtype name, for viewing raw bytes as tensors.
 TORCH_DTYPES = {
@@ -258,7 +258,7 @@ def make_plan(
 
     if dequant is not None:
         # A quantized source: the dequantizer says which tensors become dense weights and which
-        # (scales, packed data) are consumed; see streamer/dequant.py.
+        # (scales, packed data) are consumed; see streamer/quant/dequant.py.
         by_name, consumed = dequant.plan_inputs(by_name)
     else:
         consumed = set()

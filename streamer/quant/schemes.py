@@ -22,8 +22,8 @@ from compressed_tensors.quantization import (
 from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES, preset_name_to_scheme
 from compressed_tensors.utils.match import match_name
 
-from .errors import SchemeError
-from .kernels import compression_format
+from streamer.errors import SchemeError
+from streamer.quant.kernels import compression_format
 
 
 def _needs_calibration(scheme: QuantizationScheme) -> str | None:
@@ -370,7 +370,7 @@ def _check_buildable(config: QuantizationConfig) -> None:
 
     import torch
 
-    from .kernels import global_scale, needs_global_scale, output_layout, quantize_weight
+    from streamer.quant.kernels import global_scale, needs_global_scale, output_layout, quantize_weight
 
     for i, item in enumerate(config.ignore or []):
         if item.startswith("re:"):

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=0)
     args = p.parse_args(argv)
 
-    from .localhub import LocalHub
+    from streamer.localhub import LocalHub
 
     with tempfile.TemporaryDirectory(prefix="streamer-demo-") as tmp:
         root = Path(args.root or tmp)
@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
 
             hf.ENDPOINT = hub.url
             hf.HUGGINGFACE_CO_URL_TEMPLATE = hub.url + "/{repo_id}/resolve/{revision}/{filename}"
-            from .api import convert
-            from .cli import _setup_logging
+            from streamer.engine.convert import convert
+            from streamer.cli.main import _setup_logging
 
             _setup_logging(quiet=False, verbose=False)
             hub.clear_log()

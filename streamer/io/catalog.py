@@ -14,8 +14,8 @@ import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .errors import InputError
-from .source import Source, Span
+from streamer.errors import InputError
+from streamer.io.source import Source, Span
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

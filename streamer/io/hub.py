@@ -35,10 +35,10 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
-from .card import read_provenance
-from .errors import HubError, InputError, TargetError
-from .sink import ShardWriter, Sink, check_relpath
-from .source import Source, Span
+from streamer.engine.card import read_provenance
+from streamer.errors import HubError, InputError, TargetError
+from streamer.io.sink import ShardWriter, Sink, check_relpath
+from streamer.io.source import Source, Span
 
 log = logging.getLogger("streamer")
 

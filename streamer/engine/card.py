@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from . import __version__
-from .progress import human_bytes
+from streamer import __version__
+from streamer.engine.progress import human_bytes
 
 if TYPE_CHECKING:  # the plan brings torch and compressed-tensors; reading a card needs neither
-    from .plan import Plan
+    from streamer.engine.plan import Plan
 
 
 def policy_flags(default_ignore: bool = True, quantize_towers: bool = False, skip_incompatible: bool = False) -> tuple[str, ...]:
@@ -125,7 +125,7 @@ def card_metadata(prov: Provenance, scheme: str, source_card: str | None) -> dic
 
 
 def _policy_rows(plan: Plan) -> list[str]:
-    from .plan import INCOMPATIBLE
+    from streamer.engine.plan import INCOMPATIBLE
 
     rows = []
     defaults = [r for r in plan.kept_by_policy if r.rule != INCOMPATIBLE]

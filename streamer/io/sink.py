@@ -24,8 +24,8 @@ try:
 except ImportError:  # not POSIX: staging folders are not locked, and none is ever removed
     fcntl = None
 
-from .card import read_provenance
-from .errors import TargetError
+from streamer.engine.card import read_provenance
+from streamer.errors import TargetError
 
 log = logging.getLogger("streamer")
 

@@ -1,0 +1,1 @@
+"""The conversion engine, stage by stage: catalog -> plan -> pipeline -> card."""

@@ -1,0 +1,140 @@
+"""Facts about names and numbers every layer shares, each written once: safetensors dtypes, Hub repo
+ids, output paths, sizes and durations. Nothing here imports torch (front ends start fast), so
+torch dtypes are looked up by name when asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+
+# --- safetensors dtypes --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DType:
+    """One safetensors dtype: its name in headers, bytes per element, and torch's name for it."""
+
+    name: str
+    size: int
+    torch_name: str
+    is_float: bool = False  # a floating-point weight dtype a scheme quantizes from
+
+
+# Every dtype the safetensors format defines that a plan can size. Sub-byte dtypes (F4, F6) are
+# not listed: no Hugging Face checkpoint stores them as tensors.
+DTYPES: dict[str, DType] = {d.name: d for d in (
+    DType("F64", 8, "float64"), DType("F32", 4, "float32", True),
+    DType("F16", 2, "float16", True), DType("BF16", 2, "bfloat16", True),
+    DType("I64", 8, "int64"), DType("I32", 4, "int32"), DType("I16", 2, "int16"), DType("I8", 1, "int8"),
+    DType("U64", 8, "uint64"), DType("U32", 4, "uint32"), DType("U16", 2, "uint16"), DType("U8", 1, "uint8"),
+    DType("BOOL", 1, "bool"),
+    DType("F8_E4M3", 1, "float8_e4m3fn"), DType("F8_E5M2", 1, "float8_e5m2"), DType("F8_E8M0", 1, "float8_e8m0fnu"),
+)}  # fmt: skip
+FLOAT_DTYPES = frozenset(d.name for d in DTYPES.values() if d.is_float)
+# The dense dtypes a quantized source can be dequantized to, by the names users give them.
+DEQUANT_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+
+
+def dtype_size(name: str) -> int:
+    """Bytes per element of the safetensors dtype NAME (KeyError for an unknown one)."""
+    return DTYPES[name].size
+
+
+def torch_dtype(name: str):
+    """The torch dtype of the safetensors dtype NAME."""
+    import torch
+
+    return getattr(torch, DTYPES[name].torch_name)
+
+
+def safetensors_name(dtype) -> str:
+    """The safetensors name of the torch DTYPE (KeyError when safetensors has none)."""
+    wanted = str(dtype).removeprefix("torch.")
+    for d in DTYPES.values():
+        if d.torch_name == wanted:
+            return d.name
+    raise KeyError(str(dtype))
+
+
+# --- Hub repo ids --------------------------------------------------------------------------------
+
+# `org/name`: what the Hub accepts as a model repo id (each part at most 96 characters).
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9_.][\w.-]{0,95}")
+
+
+def is_repo_id(text: str) -> bool:
+    """TEXT is a Hub repo id `org/name` (no revision)."""
+    return REPO_ID.fullmatch(text) is not None and ".." not in text
+
+
+def split_revision(spec: str) -> tuple[str, str | None]:
+    """`org/name@rev` -> ("org/name", "rev"); no `@` (or nothing after it) gives None. `hub://` is dropped."""
+    spec = spec.removeprefix("hub://")
+    repo, _, rev = spec.partition("@")
+    return repo, (rev or None)
+
+
+def is_repo_spec(spec: str) -> bool:
+    """SPEC reads as `org/name[@revision]` (whether a local folder of that name exists is not asked)."""
+    repo, rev = split_revision(spec.strip())
+    if "@" in spec and rev is None:
+        return False
+    return is_repo_id(repo) and (rev is None or not any(c.isspace() for c in rev))
+
+
+# --- output paths --------------------------------------------------------------------------------
+
+
+def safe_relpath(path: str) -> str | None:
+    """PATH normalized, or None when it would land outside the folder it is relative to."""
+    if not path or "\x00" in path or os.path.isabs(path) or path.startswith(("/", "\\")):
+        return None
+    norm = os.path.normpath(path)
+    if norm == ".." or norm.startswith(".." + os.sep) or norm.startswith("../"):
+        return None
+    return norm
+
+
+# --- sizes and durations -------------------------------------------------------------------------
+
+
+def human_bytes(n: float) -> str:
+    """N bytes for people: decimal units, two decimals above a kilobyte ("2.09 GB")."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+def human_duration(seconds: float) -> str:
+    """SECONDS as m:ss, or h:mm:ss from an hour."""
+    s = int(round(seconds))
+    h, rest = divmod(s, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+def parse_size(text: str) -> int:
+    """A size such as `8GB`, `512MiB` or `1e9`-free `1000000` in bytes (ValueError naming the problem)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?i?b?)?\s*", str(text).lower())
+    if not m:
+        raise ValueError(f"{text!r} is not a size (try 8GB, 512MiB)")
+    num = float(m.group(1))
+    unit = (m.group(2) or "b").rstrip("b") or ""
+    base = 1024 if unit.endswith("i") else 1000
+    power = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}[unit.rstrip("i")]
+    size = int(num * base**power)
+    if size < 1:  # 0 (or 0.5 bytes) used to mean "the default budget" without a word
+        raise ValueError(
+            f"{text!r} is less than one byte: a budget must hold at least one tensor; give a "
+            "size such as 8GB, or leave the option out for half the free memory"
+        )
+    return size
+
+
+def dumps_json(data) -> bytes:
+    """DATA as the JSON files streamer writes: indented, keys sorted, one trailing newline."""
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()

@@ -1,0 +1,1 @@
+"""Bytes in and out: sources, sinks and the Hub, local folders alike."""

@@ -1,0 +1,1 @@
+"""Mirroring: jobs files, the up-to-date check, the runner and the webhook."""

@@ -1,0 +1,1 @@
+"""The math: scheme specs, quantization kernels, codecs and dequantizers. No I/O."""
