@@ -17,9 +17,10 @@ import torch
 
 from streamer.engine.card import Provenance, model_card
 from streamer.io.catalog import CONFIG_NAME, INDEX_NAME, build_catalog
-from streamer.errors import StreamerError
+from streamer.errors import Hint, StreamerError
 from streamer.engine.plan import Plan, Policy, make_plan
-from streamer.engine.pipeline import RunStats, Runner, default_memory_budget
+from streamer.engine.budget import Budget, default_memory_budget
+from streamer.engine.pipeline import RunStats, Runner
 from streamer.engine.progress import Progress
 from streamer.quant.schemes import make_recipe
 from streamer.io.sink import LocalSink, Sink, dumps_json
@@ -30,6 +31,8 @@ log = logging.getLogger("streamer")
 
 @dataclass
 class Result:
+    """What a conversion did: its plan, run statistics (None for a dry run) and where it published."""
+
     plan: Plan
     stats: RunStats | None = None
     url: str | None = None  # local path, commit URL or PR URL
@@ -37,6 +40,7 @@ class Result:
     extra: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
+        """The result as plain data: what `--json` prints and mirroring reports."""
         out = {
             "source": self.plan.source,
             "scheme": self.plan.recipe.name,
@@ -67,22 +71,31 @@ class Result:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The torch device to quantize on: DEVICE ("cpu", "cuda", "cuda:N"), or for None/"auto" the
+    first GPU when there is one, else the CPU. Refuses a device this machine does not have."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise StreamerError(f"device {device!r} is not one streamer runs on", hints=(Hint("device", ("cpu", "cuda", "cuda:N")),))
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise StreamerError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+            raise StreamerError(f"device {device!r}: no CUDA GPU is available here", hints=(Hint("device", "cpu"),))
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise StreamerError(
-                f"--device {device}: only {torch.cuda.device_count()} GPU(s) are visible"
+                f"device {device!r}: only {torch.cuda.device_count()} GPU(s) are visible",
+                hints=(Hint("device", "cuda"),),
             )
-    elif dev.type != "cpu":
-        raise StreamerError(f"--device {device}: use cpu, cuda or cuda:N")
     return dev
 
 
 def open_sink(dst, *, token=None, overwrite=False, private=False, create_pr=False, revision=None) -> Sink:
+    """The sink for DST: a Hub repo id `org/name` (a `HubSink`: TOKEN, PRIVATE for a repo it
+    creates, CREATE_PR, REVISION the branch to commit to) or a local folder (a `LocalSink`).
+    OVERWRITE allows replacing what is already there."""
     dst = os.fspath(dst)
     if is_hub_spec(dst):
         from streamer.io.hub import HubSink
@@ -159,8 +172,7 @@ def convert(
     ignore=(),
     device: str | None = "auto",
     dry_run: bool = False,
-    max_memory: int | None = None,
-    budget=None,
+    max_memory: int | Budget | None = None,
     workers: int = 4,
     token: str | None = None,
     overwrite: bool = False,
@@ -177,12 +189,48 @@ def convert(
     record: str = "requested",
     stack: bool = True,
 ) -> Result:
-    """Convert SRC into DST (see `prepare` for the policy flags).
+    """Convert the checkpoint SRC into a compressed-tensors checkpoint at DST, in one commit.
 
-    record: which policy flags the model card's settings record: "requested" (what was asked;
-      mirroring compares it on its next run) or "effective" (only the flags that changed the
-      output: the drop-in model_free_ptq, which has no such knobs, is described by the shortest
-      CLI command that reproduces its output).
+    Reads only the safetensors headers to plan, then streams each output shard's bytes through
+    the quantizer to the sink. Any failure aborts the sink: DST is left as it was.
+
+    Source and destination:
+      src: a local folder, a Hub repo id `org/name[@revision]`, or an open `Source`.
+      dst: a local folder, a Hub repo id `org/name`, an open `Sink`, or None (with dry_run only).
+      revision: the branch of DST to commit to (Hub only); `create_pr` opens a pull request
+        instead of committing to it.
+      token: the Hugging Face token for both ends (default: HF_TOKEN or the saved login).
+      overwrite: replace what DST already holds (a model that streamer did not write, another
+        scheme's shards); without it such a destination is refused.
+      private: the visibility of a repo DST creates; None makes it private exactly when the
+        source is private or gated.
+
+    What to quantize and how:
+      scheme: a compressed-tensors preset name (FP8_DYNAMIC, FP8_BLOCK, W4A16, NVFP4A16, …).
+      scheme_file: a JSON/YAML file holding a scheme or a quantization config (instead of scheme).
+      config: the same as a dict, for callers that build one.
+      ignore: modules to keep unquantized: exact module names or `re:PATTERN` (re.match).
+      default_ignore, quantize_towers, skip_incompatible, stack: the policy (see `prepare`).
+      dequant_dtype: the dtype a quantized source (FP8-block, compressed-tensors) is expanded to
+        before re-quantizing ("bfloat16", "float16", "float32"; default: the source's own).
+      force: re-quantize a source already quantized with the requested scheme.
+
+    Running:
+      device: "auto" (the first GPU, else the CPU), "cpu", "cuda" or "cuda:N".
+      max_memory: the byte budget for model bytes held at once (default: half the available
+        memory); a `Budget` object shares one budget between conversions running together.
+      workers: parallel range reads (or file reads) per source.
+      progress: a `Progress` that receives bytes read, quantized and uploaded, and log lines.
+      cancel: an Event; once set, the run stops within about a second, publishes nothing and
+        raises `streamer.errors.Cancelled`.
+      dry_run: plan only (headers are read, nothing is written); the plan is in the Result.
+      record: which policy flags the model card's settings record: "requested" (what was asked;
+        mirroring compares it on its next run) or "effective" (only the flags that changed the
+        output: the drop-in model_free_ptq, which has no such knobs, is described by the
+        shortest CLI command that reproduces its output).
+
+    Returns a `Result` (plan, run statistics, the URL or folder published). Raises a
+    `StreamerError` naming the problem, with hints on what to change.
     """
     if record not in ("requested", "effective"):
         raise StreamerError(f"record must be 'requested' or 'effective', not {record!r}")
@@ -206,7 +254,7 @@ def convert(
                 create_pr=create_pr, revision=revision,
             )  # fmt: skip
             if getattr(sink, "repo_id", None) and sink.repo_id == getattr(source, "repo_id", None):
-                raise StreamerError("the target repo is the source repo: choose another target")
+                raise StreamerError("the target repo is the source repo", hints=(Hint("target"),))
             sink.check()
             note = sink.visibility_note(source_private) if hasattr(sink, "visibility_note") else None
             if note:
@@ -214,7 +262,7 @@ def convert(
         if dry_run:
             return Result(plan=plan, dry_run=True)
         if sink is None:
-            raise StreamerError("no destination given")
+            raise StreamerError("no destination given", hints=(Hint("target"),))
         # The plan's warnings (an ignore entry that matches nothing, a fused partner left out, with
         # the default policy off what is about to go wrong…) matter as much in a real run as in
         # --dry-run, where the plan prints them. Each is said once.
@@ -225,7 +273,7 @@ def convert(
         try:
             runner = Runner(
                 plan, source, sink, device=dev,
-                max_memory=default_memory_budget() if max_memory is None else max_memory, budget=budget,
+                **_budget_args(max_memory),
                 fetch_workers=workers, progress=progress, cancel=cancel,
                 fingerprint=fingerprint(plan, source),
             )  # fmt: skip
@@ -250,6 +298,13 @@ def convert(
             raise
         finally:
             sink.close()
+
+
+def _budget_args(max_memory: int | Budget | None) -> dict:
+    """The runner's budget settings for convert's one MAX_MEMORY setting."""
+    if isinstance(max_memory, Budget):  # shared with other conversions running now
+        return {"max_memory": max_memory.limit, "budget": max_memory}
+    return {"max_memory": default_memory_budget() if max_memory is None else max_memory}
 
 
 def fingerprint(plan: Plan, source: Source) -> str | None:
@@ -291,6 +346,8 @@ def _commit_description(plan: Plan, source: Source) -> str:
 
 
 def provenance(plan: Plan, source: Source, *, record: str = "requested") -> Provenance:
+    """Where the output came from and the settings that made it, as the model card records them
+    (RECORD: see `convert`)."""
     dq = plan.dequantizer
     flags = plan.policy.flags() if record == "requested" else plan.effective_flags()
     return Provenance(

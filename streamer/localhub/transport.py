@@ -13,14 +13,10 @@ import socket
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from . import errors
 from .throttle import TokenBucket
-
-if TYPE_CHECKING:
-    from .server import HubState
 
 logger = logging.getLogger("streamer.localhub")
 
@@ -143,7 +139,7 @@ class TransportHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "localhub/1.0"
 
-    state: "HubState"
+    state: object  # the server's HubState (server.py builds on this module, not the reverse)
     record: RequestRecord
     body: BodyReader | None
     fault: str | None
