@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -703,6 +704,27 @@ def test_throttle(hub, tmp_path):
     assert time.monotonic() - started >= 0.3
     assert hub.read_file("acme/slow", "up.safetensors") == other
     hub.set_throttle()
+
+
+def test_throttle_per_client_gives_each_link_its_own_buckets(tmp_path):
+    """With per_client, clients dialling different loopback addresses (the nodes of a local
+    cluster) are paced by separate buckets at the full rate each; without it they share one."""
+    data = random_bytes(300_000, seed=5)
+    with LocalHub(tmp_path / "hub", host="0.0.0.0") as hub:
+        hub.seed_repo("acme/w", make_folder(tmp_path / "s", {"w.safetensors": data}))
+        hub.set_throttle(down_bytes_per_s=50_000_000, per_client=True)
+        throttle = hub.state.throttle
+        for host in ("127.0.0.2", "127.0.0.3", "127.0.0.2"):
+            url = f"http://{host}:{hub.port}/acme/w/resolve/main/w.safetensors"
+            with urllib.request.urlopen(url) as r:
+                assert r.read() == data
+        links = throttle.links("down")
+        assert [link.split(">")[1] for link in links] == ["127.0.0.2", "127.0.0.3"]
+        buckets = [throttle.bucket("down", link) for link in links]
+        assert buckets[0] is not buckets[1] and all(b.rate == 50_000_000 for b in buckets)
+        assert throttle.bucket("down", links[0]) is buckets[0]  # one link, one bucket, kept
+        hub.set_throttle(down_bytes_per_s=50_000_000)  # shared again: one link for everyone
+        assert throttle.bucket("down", links[0]) is throttle.bucket("down", links[1]) is throttle.down
 
 
 # --------------------------------------------------------------------------- misc

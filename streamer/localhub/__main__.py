@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gated", action="store_true", help="repos created by --seed are gated")
     p.add_argument("--throttle-down", type=float, metavar="MBPS", help="download limit, MB/s (10^6 bytes/s)")
     p.add_argument("--throttle-up", type=float, metavar="MBPS", help="upload limit, MB/s (10^6 bytes/s)")
+    p.add_argument("--throttle-per-client", action="store_true",
+                   help="apply the limits to each client link separately (with --host 0.0.0.0, clients "
+                   "dialling 127.0.0.2, 127.0.0.3 … each get their own link, like the machines of a cluster)")
     p.add_argument("--fault-every", type=int, metavar="N", help="every Nth matching request gets a fault")
     p.add_argument("--fault-kinds", default="drop", help=f"comma-separated, cycled: {','.join(KINDS)}")
     p.add_argument("--fault-paths", default="resolve", help="regex on the URL path selecting requests ('' = all)")
@@ -81,6 +84,7 @@ def build_hub(args: argparse.Namespace) -> LocalHub:
     hub.set_throttle(
         args.throttle_down * MB if args.throttle_down else None,
         args.throttle_up * MB if args.throttle_up else None,
+        per_client=args.throttle_per_client,
     )
     if args.fault_every:
         hub.set_faults(

@@ -263,9 +263,13 @@ class LocalHub:
     def clear_log(self) -> None:
         self.state.clear_log()
 
-    def set_throttle(self, down_bytes_per_s: float | None = None, up_bytes_per_s: float | None = None) -> None:
-        """Limit aggregate bandwidth per direction (response bodies / request bodies); None = unlimited."""
-        self.state.throttle.set(down_bytes_per_s, up_bytes_per_s)
+    def set_throttle(self, down_bytes_per_s: float | None = None, up_bytes_per_s: float | None = None, *,
+                     per_client: bool = False) -> None:
+        """Limit bandwidth per direction (response bodies / request bodies); None = unlimited.
+
+        The limit is shared by every client, or with PER_CLIENT applies to each client address
+        separately (one link per machine of a cluster on loopback: 127.0.0.2, 127.0.0.3 …)."""
+        self.state.throttle.set(down_bytes_per_s, up_bytes_per_s, per_client=per_client)
 
     def set_faults(
         self,

@@ -64,6 +64,7 @@ class BodyReader:
         self._rfile = handler.rfile
         self._record = handler.record
         self._state = handler.state
+        self._client = handler.link
         self.chunked = "chunked" in handler.headers.get("Transfer-Encoding", "").lower()
         length = handler.headers.get("Content-Length")
         self.length: int | None = None if self.chunked else int(length or 0)
@@ -95,7 +96,7 @@ class BodyReader:
             self._next_chunk()
             if self.done:
                 return b""
-        bucket: TokenBucket | None = self._state.throttle.up
+        bucket: TokenBucket | None = self._state.throttle.bucket("up", self._client)
         if bucket is not None:
             n = min(n, bucket.chunk_size)
         data = self._rfile.read(min(n, self._left))
@@ -138,6 +139,18 @@ class BodyReader:
 class TransportHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "localhub/1.0"
+
+    @property
+    def link(self) -> str:
+        """The client's link for a per-client throttle: its address and the address it dialled.
+
+        On loopback every peer is 127.0.0.1, so the nodes of a local cluster are told apart by
+        the address each one uses as its endpoint (127.0.0.2, 127.0.0.3 … with --host 0.0.0.0)."""
+        try:
+            local = self.connection.getsockname()[0]
+        except OSError:
+            local = ""
+        return f"{self.client_address[0]}>{local}"
 
     state: object  # the server's HubState (server.py builds on this module, not the reverse)
     record: RequestRecord
@@ -253,7 +266,7 @@ class TransportHandler(BaseHTTPRequestHandler):
         view = memoryview(body)
         sent = 0
         while sent < limit:
-            bucket = self.state.throttle.down
+            bucket = self.state.throttle.bucket("down", self.link)
             n = min(limit - sent, bucket.chunk_size if bucket else limit)
             if bucket is not None:
                 bucket.consume(n)
@@ -275,7 +288,7 @@ class TransportHandler(BaseHTTPRequestHandler):
             limit = self._drop_limit(length)
             sent = 0
             while sent < limit:
-                bucket = self.state.throttle.down  # re-read: the limit may change mid-transfer
+                bucket = self.state.throttle.bucket("down", self.link)  # re-read: the limit may change mid-transfer
                 want = min(bucket.chunk_size if bucket else SENDFILE_CHUNK, limit - sent)
                 if bucket is not None:
                     bucket.consume(want)  # paced, then sent zero-copy like a real file server
