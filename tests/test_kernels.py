@@ -1,4 +1,4 @@
-"""streamer.quant.kernels against its two oracles, byte for byte.
+"""streamer.quant (kernels, spec, codecs, workers) against its two oracles, byte for byte.
 
 (a) compressed-tensors' own module path (tests/ct_oracle.py), in this venv (compressed-tensors 0.20): an nn.Linear,
     ``initialize_module_for_quantization``, min/max statistics the way llm-compressor's
@@ -35,17 +35,13 @@ from safetensors.torch import load_file, save_file
 
 from ct_oracle import ct_module_path
 
-from streamer.quant.kernels import (
-    ShapeError,
-    compression_format,
-    dequantize_weight,
-    global_scale,
-    needs_global_scale,
-    output_layout,
-    quantize_weight,
-)
+from streamer.quant.kernels import dequantize_weight, global_scale, quantize_weight
+from streamer.quant.spec import ShapeError, compression_format, needs_global_scale, output_layout, weight_spec
 
-import streamer.quant.kernels as Q  # noqa: E402  (private helpers are tested against the oracles)
+# private helpers are tested against the oracles
+import streamer.quant.codecs as C  # noqa: E402
+import streamer.quant.kernels as Q  # noqa: E402
+import streamer.quant.workers as W  # noqa: E402
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 DT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -444,7 +440,7 @@ def _finite(v):
 def test_fp4_code_table_exhaustive(dtype):
     v = _all16(dtype)
     keep = _finite(v)
-    mine = Q._encode(v, "fp4")[keep]
+    mine = C.encode(v, "fp4")[keep]
     assert torch.equal(mine, _ct_fp4_nibble(v.float())[keep])
 
 
@@ -452,7 +448,7 @@ def test_fp4_code_table_exhaustive(dtype):
 def test_fp6_code_table_exhaustive(dtype):
     v = _all16(dtype)
     keep = _finite(v)
-    assert torch.equal(Q._encode(v, "fp6")[keep], _ct_fp6_code(v.float())[keep])
+    assert torch.equal(C.encode(v, "fp6")[keep], _ct_fp6_code(v.float())[keep])
 
 
 def _near(points, ulps=4):
@@ -473,13 +469,13 @@ def _near(points, ulps=4):
 
 def test_fp32_round_to_odd_keys_are_exact():
     fp4_points = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 0.5, 1.0, 2.0, 4.0]
-    fp6_points = sorted({(a + b) / 2 for a, b in zip(Q._E2M3, Q._E2M3[1:])} | set(Q._E2M3) | {7.5, 7.75})
+    fp6_points = sorted({(a + b) / 2 for a, b in zip(C._E2M3, C._E2M3[1:])} | set(C._E2M3) | {7.5, 7.75})
     v4 = _near(fp4_points)
-    assert torch.equal(Q._encode(v4, "fp4"), _ct_fp4_nibble(v4))
+    assert torch.equal(C.encode(v4, "fp4"), _ct_fp4_nibble(v4))
     v6 = _near(fp6_points)
-    assert torch.equal(Q._encode(v6, "fp6"), _ct_fp6_code(v6))
+    assert torch.equal(C.encode(v6, "fp6"), _ct_fp6_code(v6))
     # float64 takes the direct path
-    assert torch.equal(Q._encode(v4.double(), "fp4"), _ct_fp4_nibble(v4))
+    assert torch.equal(C.encode(v4.double(), "fp4"), _ct_fp4_nibble(v4))
 
 
 @pytest.mark.parametrize("name", PRESETS + list(CUSTOM))
@@ -488,7 +484,7 @@ def test_qparams_match_calculate_qparams(name, dt):
     """The scale / zero-point math against compressed-tensors' calculate_qparams directly, on
     statistics with zeros, tiny and huge values (and a global scale for TENSOR_GROUP)."""
     scheme = scheme_of(name)
-    spec = Q._spec(scheme)
+    spec = weight_spec(scheme)
     g = torch.Generator().manual_seed(7)
     mx = (torch.rand(64, 8, generator=g) * torch.logspace(-12, 4, 64).unsqueeze(1)).to(dt)
     mn = -(torch.rand(64, 8, generator=g) * torch.logspace(4, -12, 64).unsqueeze(1)).to(dt)
@@ -514,7 +510,7 @@ def test_int32_packing_matches_library(bits, cols):
 
     g = torch.Generator().manual_seed(bits * 1000 + cols)
     q = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (5, cols), generator=g, dtype=torch.int8)
-    assert torch.equal(Q._pack_int32(q, bits), pack_to_int32(q, bits))
+    assert torch.equal(C.pack_int32(q, bits), pack_to_int32(q, bits))
 
 
 # --------------------------------------------------------------------------------------------
@@ -625,7 +621,7 @@ def test_input_is_not_modified_and_may_be_a_view():
 
 
 def test_large_weight_spans_many_chunks(monkeypatch):
-    monkeypatch.setattr(Q, "_CPU_CHUNK", 1 << 12)  # force many row chunks, partial last chunk
+    monkeypatch.setattr(W, "_CPU_CHUNK", 1 << 12)  # force many row chunks, partial last chunk
     for name in ("FP8_BLOCK", "W4A16_ASYM", "NVFP4A16", "MXFP6A16", "W3A16"):
         scheme = preset_name_to_scheme(name, ["Linear"])
         w = make_weight((333, 256), torch.bfloat16)
@@ -636,10 +632,10 @@ def test_worker_pool_matches_and_leaves_thread_settings(monkeypatch):
     """With several torch threads the chunks run on worker threads (single-threaded ops)."""
     import threading
 
-    monkeypatch.setattr(Q, "_CPU_CHUNK", 1 << 12)
+    monkeypatch.setattr(W, "_CPU_CHUNK", 1 << 12)
     torch.set_num_threads(2)
     try:
-        assert Q._pool() is not None
+        assert W._pool() is not None
         for name in ("FP8_BLOCK", "W4A16_ASYM", "NVFP4A16", "MXFP4A16", "W8A8", "int8_tensor"):
             scheme = scheme_of(name)
             w = make_weight((333, 256), torch.bfloat16)

@@ -23,7 +23,7 @@ from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES, preset_
 from compressed_tensors.utils.match import match_name
 
 from streamer.errors import SchemeError
-from streamer.quant.kernels import compression_format
+from streamer.quant.spec import compression_format
 
 
 def _needs_calibration(scheme: QuantizationScheme) -> str | None:
@@ -370,7 +370,8 @@ def _check_buildable(config: QuantizationConfig) -> None:
 
     import torch
 
-    from streamer.quant.kernels import global_scale, needs_global_scale, output_layout, quantize_weight
+    from streamer.quant.kernels import global_scale, quantize_weight
+    from streamer.quant.spec import needs_global_scale, output_layout
 
     for i, item in enumerate(config.ignore or []):
         if item.startswith("re:"):
