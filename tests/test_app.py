@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from streamer.errors import SETTINGS, Hint
 from streamer.localhub import LocalHub
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -609,59 +610,55 @@ def test_client_cancel_during_uploads_is_prompt(client, hub, app_work):
 
 
 @pytest.fixture(scope="module")
-def app_module():
+def web():
+    """The package streamer.web, each of its modules imported (the app, short of launching it)."""
     try:
         import gradio  # noqa: F401
     except ImportError:
         _missing("gradio")
-    import importlib.util
+    import streamer.web.layout  # imports every other module of the app
 
-    spec = importlib.util.spec_from_file_location("streamer_space_app", REPO_ROOT / "app.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return streamer.web
 
 
-def test_token_resolution(app_module, monkeypatch):
+def test_token_resolution(web, monkeypatch):
     import gradio as gr
 
-    app = app_module
+    auth, settings = web.auth, web.settings
     monkeypatch.setenv("HF_TOKEN", "hf_server_token")
     user = gr.OAuthToken(token="hf_user_token", scope="openid", expires_at=0)
-    mock = gr.OAuthToken(token=app._MOCK_TOKEN, scope="openid", expires_at=0)
+    mock = gr.OAuthToken(token=settings.MOCK_TOKEN, scope="openid", expires_at=0)
     # a workstation / localhub: the machine's token, unless a caller brings their own
-    monkeypatch.setattr(app, "ON_SPACES", False)
-    assert app.resolve_token(None) == "hf_server_token"
-    assert app.resolve_token(mock) == "hf_server_token"  # gradio's local stand-in is never sent
-    assert app.resolve_token(user) == "hf_user_token"
-    assert not app.build_demo().expects_oauth
+    monkeypatch.setattr(settings, "ON_SPACES", False)
+    assert auth.resolve_token(None) == "hf_server_token"
+    assert auth.resolve_token(mock) == "hf_server_token"  # gradio's local stand-in is never sent
+    assert auth.resolve_token(user) == "hf_user_token"
+    assert not web.layout.build_demo().expects_oauth
     # a Space: the signed-in user's token or nothing, never the Space's own secret
-    monkeypatch.setattr(app, "ON_SPACES", True)
-    assert app.resolve_token(user) == "hf_user_token"
+    monkeypatch.setattr(settings, "ON_SPACES", True)
+    assert auth.resolve_token(user) == "hf_user_token"
     # False, not None: huggingface_hub sends HF_TOKEN (the Space's own secret) for a None token
-    assert app.resolve_token(None) is False
-    with pytest.raises(app.UserError, match="Sign in with Hugging Face"):
-        app.require_token(None)
+    assert auth.resolve_token(None) is False
+    with pytest.raises(web.wording.UserError, match="Sign in with Hugging Face"):
+        auth.require_token(None)
     import gradio.routes
 
     # gradio would wire the real OAuth routes here (needs the Space's OAUTH_* variables)
     monkeypatch.setattr(gradio.routes, "attach_oauth", lambda fastapi_app: None)
-    assert app.build_demo().expects_oauth  # the LoginButton is there
-    monkeypatch.setattr(app, "ALLOW_SERVER_TOKEN", True)
-    assert app.resolve_token(None) == "hf_server_token"
+    assert web.layout.build_demo().expects_oauth  # the LoginButton is there
+    monkeypatch.setattr(settings, "ALLOW_SERVER_TOKEN", True)
+    assert auth.resolve_token(None) == "hf_server_token"
 
 
 BOB = "hf_bob_token_0123456789"
 
 
 @pytest.fixture
-def space(app_module, tmp_path, monkeypatch, checkpoint):
+def space(web, tmp_path, monkeypatch, checkpoint):
     """The app as a Space (SPACE_ID set) that holds alice's token as its own HF_TOKEN secret, in
     front of a localhub where acme/secret is private to alice's organization."""
     import huggingface_hub
 
-    app = app_module
     with LocalHub(tmp_path / "hub") as h:
         h.add_user("alice", TOKEN, orgs=["acme"])
         h.add_user("bob", BOB)
@@ -672,11 +669,11 @@ def space(app_module, tmp_path, monkeypatch, checkpoint):
         monkeypatch.setattr(huggingface_hub.constants, "HF_HOME", str(tmp_path / "hf-home"))
         monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", h.url)
         monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
-        monkeypatch.setattr(app, "ON_SPACES", True)
-        monkeypatch.setattr(app, "ALLOW_SERVER_TOKEN", False)
-        app._whoami_cache.clear()
-        yield app, h
-        app._whoami_cache.clear()
+        monkeypatch.setattr(web.settings, "ON_SPACES", True)
+        monkeypatch.setattr(web.settings, "ALLOW_SERVER_TOKEN", False)
+        web.auth.forget_accounts()
+        yield web, h
+        web.auth.forget_accounts()
 
 
 def _visitor(token):
@@ -707,13 +704,13 @@ FORM = dict(source="acme/secret", revision="", scheme="FP8_DYNAMIC", ignore="lm_
 def test_space_never_acts_with_its_own_token(space, visitor, endpoint):
     """/suggest, /plan and /convert on a private repo: a signed-out visitor sends no token, a
     signed-in one only theirs; neither learns anything the Space's own token could read."""
-    app, hub = space
+    web, hub = space
     hub.clear_log()
     if endpoint == "suggest":
-        shown = _call(app.suggest, source="acme/secret", revision="", scheme="FP8_DYNAMIC",
+        shown = _call(web.suggestions.suggest, source="acme/secret", revision="", scheme="FP8_DYNAMIC",
                       oauth_token=_visitor(visitor))  # fmt: skip
     else:
-        fn = app.plan if endpoint == "plan" else app.run_convert
+        fn = web.plan.plan if endpoint == "plan" else web.convert.run_convert
         shown = _call(fn, **FORM, oauth_token=_visitor(visitor))
     users = {r.user for r in hub.request_log}
     assert "alice" not in users, [(r.method, r.path, r.user) for r in hub.request_log]
@@ -733,14 +730,14 @@ def test_space_never_acts_with_its_own_token(space, visitor, endpoint):
 def test_space_signed_out_may_plan_a_public_model(space, checkpoint):
     """A signed-out visitor plans a public model (read anonymously) and is told to sign in to
     convert it; converting it signed out is refused before anything is read or written."""
-    app, hub = space
+    web, hub = space
     hub.seed_repo("acme/open", checkpoint("llama"))
     hub.clear_log()
-    shown = _call(app.plan, **{**FORM, "source": "acme/open"}, oauth_token=None)
+    shown = _call(web.plan.plan, **{**FORM, "source": "acme/open"}, oauth_token=None)
     assert "weights quantized" in shown and "Sign in with Hugging Face to convert it" in shown
     assert {r.user for r in hub.request_log} <= {None}
     hub.clear_log()
-    shown = _call(app.run_convert, **{**FORM, "source": "acme/open"}, oauth_token=None)
+    shown = _call(web.convert.run_convert, **{**FORM, "source": "acme/open"}, oauth_token=None)
     assert "Sign in with Hugging Face" in shown and "weights quantized" not in shown
     assert not hub.request_log and not hub.repo_exists("acme/secret-copy")
 
@@ -748,20 +745,20 @@ def test_space_signed_out_may_plan_a_public_model(space, checkpoint):
 def test_failed_run_says_the_created_repo_is_there(space, monkeypatch):
     """Every upload fails: the repo the run created stays (empty: nothing committed), and the one
     error says so plainly and that converting again resumes; the next run does publish."""
-    import streamer.io.hub
+    import streamer.io.hub_http
 
-    app, hub = space
-    monkeypatch.setattr(streamer.io.hub, "ATTEMPTS", 1)  # the first server error is final: a fast test
+    web, hub = space
+    monkeypatch.setattr(streamer.io.hub_http, "ATTEMPTS", 1)  # the first server error is final: a fast test
     hub.set_faults(every=1, kinds=("500",), only_paths="preupload|info/lfs|xet|cas")
     try:
-        shown = _call(app.run_convert, **{**FORM, "repo_name": "fails-once"}, oauth_token=_visitor(TOKEN))
+        shown = _call(web.convert.run_convert, **{**FORM, "repo_name": "fails-once"}, oauth_token=_visitor(TOKEN))
     finally:
         hub.set_faults(None)
     assert shown.count("streamer-error") == 1, shown
     assert "was created for this run and is still there, empty (nothing was committed)" in shown
     assert "Convert again with the same settings to resume" in shown
     assert hub.repo_exists("alice/fails-once") and not [f for f in hub.files("alice/fails-once") if f.endswith(".safetensors")]
-    shown = _call(app.run_convert, **{**FORM, "repo_name": "fails-once"}, oauth_token=_visitor(TOKEN))
+    shown = _call(web.convert.run_convert, **{**FORM, "repo_name": "fails-once"}, oauth_token=_visitor(TOKEN))
     assert "Published" in shown and "streamer-error" not in shown
     assert "is <b>private</b>" in shown  # FORM asks for a private repo: the result says so
 
@@ -772,7 +769,7 @@ def test_too_small_a_budget_creates_nothing(space):
     from streamer.engine.convert import convert
     from streamer.errors import StreamerError
 
-    app, hub = space
+    web, hub = space
     with pytest.raises(StreamerError, match="is too small"):
         convert("hub://acme/secret", "hub://alice/too-small", scheme="FP8_DYNAMIC", token=TOKEN, max_memory=1000)
     assert not hub.repo_exists("alice/too-small")
@@ -781,25 +778,25 @@ def test_too_small_a_budget_creates_nothing(space):
 def test_space_token_negative_control(space, monkeypatch):
     """Off Spaces the app does use the machine's token (a workstation): the same /suggest then
     reads the private repo as alice, so the test above would see a leak if there were one."""
-    app, hub = space
-    monkeypatch.setattr(app, "ON_SPACES", False)
+    web, hub = space
+    monkeypatch.setattr(web.settings, "ON_SPACES", False)
     hub.clear_log()
-    shown = _call(app.suggest, source="acme/secret", revision="", scheme="FP8_DYNAMIC", oauth_token=None)
+    shown = _call(web.suggestions.suggest, source="acme/secret", revision="", scheme="FP8_DYNAMIC", oauth_token=None)
     assert "LlamaForCausalLM" in shown
     assert "alice" in {r.user for r in hub.request_log}
 
 
-def test_sentences(app_module, monkeypatch):
+def test_sentences(web, monkeypatch):
     from streamer.errors import PlanError, TargetError
 
-    app = app_module
-    monkeypatch.setattr(app, "ON_SPACES", True)
-    msg = app.sentence(TargetError("target a/b already holds files that streamer did not write (x…); "
+    wording, forms = web.wording, web.forms
+    monkeypatch.setattr(web.settings, "ON_SPACES", True)
+    msg = wording.sentence(TargetError("target a/b already holds files that streamer did not write (x…); "
                                    "choose another repo or pass --overwrite"))  # fmt: skip
     assert "--" not in msg and "pull request" in msg
     problems = [f"model.layers.{i}.mlp.down_proj.weight: weight of shape [64, 100]: in_features 100 is not "
                 "divisible by group_size 16; ignore this module with --ignore" for i in range(4)]  # fmt: skip
-    msg = app.sentence(PlanError(problems + ["x.weight: name clash between a and b"]))
+    msg = wording.sentence(PlanError(problems + ["x.weight: name clash between a and b"]))
     assert "model.layers.{0..3}.mlp.down_proj.weight" in msg and msg.count("in_features 100") == 1
     assert "add this module to the ignore list" in msg and "name clash" in msg
     # engine hints that name command-line options or syntax, worded for the form (no flags)
@@ -816,23 +813,62 @@ def test_sentences(app_module, monkeypatch):
         ("--max-memory 1 MB is too small: a piece needs 3 MB; pass --max-memory 4 MB or more", "too small"),
         ("    embeddings (2): a, b — lookup tables (--no-default-ignore quantizes them)", "lookup tables"),
     ]:  # fmt: skip
-        msg = app.for_web(engine)
+        msg = wording.for_web(engine)
         assert web in msg and "--" not in msg and "@" not in msg, msg
-    msg = app.sentence(RuntimeError("secret internals /root/.cache"))
+    msg = wording.sentence(RuntimeError("secret internals /root/.cache"))
     assert "Something went wrong on our side (RuntimeError)" in msg and "secret" not in msg
-    with pytest.raises(app.UserError, match="not a Hub repo id"):
-        app.parse_source("/etc/passwd", "")
-    assert app.parse_source("acme/x@v1", "") == ("acme/x", "v1")
-    assert app.parse_source("acme/x@v1", "main") == ("acme/x", "main")
-    assert app._spec("acme/x", None) == "hub://acme/x"
+    with pytest.raises(wording.UserError, match="not a Hub repo id"):
+        forms.parse_source("/etc/passwd", "")
+    assert forms.parse_source("acme/x@v1", "") == ("acme/x", "v1")
+    assert forms.parse_source("acme/x@v1", "main") == ("acme/x", "main")
+    assert forms.source_spec("acme/x", None) == "hub://acme/x"
 
 
-def test_scheme_picker_order(app_module):
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+def test_every_hint_setting_has_words_on_the_form(web, monkeypatch, setting):
+    """Each setting a hint can name is worded for the page (on a Space and off it), never as a flag."""
+    for on_spaces in (True, False):
+        monkeypatch.setattr(web.settings, "ON_SPACES", on_spaces)
+        for hint in (Hint(setting), Hint(setting, "x"), Hint(setting, ("a", "b"))):
+            words = web.wording.web_words(hint)
+            assert words and "--" not in words, (hint, words)
+
+
+def test_hints_in_the_forms_words(web, monkeypatch):
+    from streamer.errors import PlanError, StreamerError
+
+    wording = web.wording
+    monkeypatch.setattr(web.settings, "ON_SPACES", True)
+    e = StreamerError("the weight of model.x cannot be quantized", hints=(Hint("ignore", "model.x"), Hint("skip_incompatible")))
+    assert wording.sentence(e) == (
+        "the weight of model.x cannot be quantized: add model.x to the ignore list "
+        "or tick “Keep weights the scheme cannot serve unquantized”"
+    )
+    assert wording.sentence(StreamerError("no access", hints=(Hint("token"),))) == "no access: sign in with Hugging Face"
+    monkeypatch.setattr(web.settings, "ON_SPACES", False)
+    assert "HF_TOKEN" in wording.sentence(StreamerError("no access", hints=(Hint("token"),)))
+    # a plan's problems are listed first, the ways past them after
+    msg = wording.sentence(PlanError(["a.weight: too wide"], hints=(Hint("ignore", "a"),)))
+    assert msg.splitlines()[-2:] == ["- a.weight: too wide", "To convert it anyway: add a to the ignore list"]
+
+
+def test_space_plan_of_a_shape_the_scheme_cannot_serve(space, checkpoint):
+    """The engine's own error (a shape W4A16 cannot serve), through the app's plan: the form's
+    words for what to change, no command-line flag."""
+    web, hub = space
+    hub.seed_repo("acme/odd", checkpoint("odd"))
+    shown = _call(web.plan.plan, **{**FORM, "source": "acme/odd", "scheme": "W4A16"}, oauth_token=_visitor(TOKEN))
+    assert "cannot be converted with these settings" in shown and "not divisible by group_size 128" in shown
+    assert "to the ignore list" in shown, shown
+    assert "--" not in shown.replace("<!--", "").replace("-->", ""), shown
+
+
+def test_scheme_picker_order(web):
     """The picker lists what people use first, each with the GPUs that serve it; every accepted
     preset appears once, and the rarely served ones come last, marked experimental."""
     from streamer.quant.schemes import accepted_presets
 
-    choices = app_module.scheme_choices()
+    choices = web.layout.scheme_choices()
     values = [v for _, v in choices]
     assert values[:7] == ["FP8_DYNAMIC", "FP8_BLOCK", "W4A16", "NVFP4A16", "MXFP4A16", "W8A16", "INT8"]
     assert sorted(values) == sorted(accepted_presets())
@@ -842,25 +878,25 @@ def test_scheme_picker_order(app_module):
     assert {"W2A4", "W3A8"} <= set(rare) and values[-len(rare):] == rare
 
 
-def test_rates_over_a_window(app_module):
+def test_rates_over_a_window(web):
     """Rates come from the last seconds, not from the first burst, and decay when a transfer stalls."""
     from streamer.engine.progress import ProgressEvent
 
-    w = app_module.RateWindow()
+    w = web.progress.RateWindow()
     w.add(0.0, {"read": ProgressEvent("read", done=0, total=100)})
     w.add(0.5, {"read": ProgressEvent("read", done=50, total=100)})  # a first piece lands at once
     assert w.rates(0.5) == {}  # too short a span to say anything honest
     for t in range(1, 12):
         w.add(float(t), {"read": ProgressEvent("read", done=50 + t, total=100)})
     assert w.rates(11.0)["read"] == pytest.approx(1.0, rel=0.2)  # 1 B/s, the burst aged out
-    html = app_module.progress_html({"read": ProgressEvent("read", done=61, total=100)}, 11, "Converting", w.rates(11.0))
+    html = web.progress.progress_html({"read": ProgressEvent("read", done=61, total=100)}, 11, "Converting", w.rates(11.0))
     assert "ETA" in html and "1 B/s" in html.replace(".00", "")
-    assert "ETA" not in app_module.progress_html({"read": ProgressEvent("read", 61, 100)}, 11, "Cancelled", w.rates(11.0))
+    assert "ETA" not in web.progress.progress_html({"read": ProgressEvent("read", 61, 100)}, 11, "Cancelled", w.rates(11.0))
 
 
 def test_range_reads_report_bytes_as_they_arrive(hub, monkeypatch):
     """A range read tells the pipeline about its bytes as they arrive, not once per piece."""
-    from streamer.io.hub import HubSource
+    from streamer.io.hub_source import HubSource
     from streamer.io.source import Span
 
     monkeypatch.setattr(HubSource, "REPORT_BYTES", 64 << 10)
@@ -893,6 +929,7 @@ def test_space_files(tmp_path):
     assert meta["suggested_hardware"]
     assert (staged / "app.py").is_file() and (staged / "streamer" / "engine" / "convert.py").is_file()
     assert (staged / "streamer" / "engine" / "suggest.py").is_file()
+    assert (staged / "streamer" / "web" / "layout.py").is_file()  # app.py is only the entry point
     reqs = (staged / "requirements.txt").read_text()
     for pkg in ("torch", "compressed-tensors", "safetensors", "huggingface_hub", "authlib", "itsdangerous"):
         assert re.search(rf"^{re.escape(pkg)}\b", reqs, re.M), pkg

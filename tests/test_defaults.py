@@ -345,28 +345,18 @@ def test_card_of_a_hub_source_links_its_base_model(hub, llama_ckpt, tmp_path):  
 # --- the Space shows the same policy, and offers the shape choice ---------------------------------
 
 
-def _space_app():
-    """app.py as a module, the way tests/test_app.py imports it."""
-    import importlib.util
-    import sys
-
-    pytest.importorskip("gradio")
-    spec = importlib.util.spec_from_file_location("streamer_space_app", Path(__file__).parents[1] / "app.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_space_plan_shows_the_rules_and_offers_to_keep_unservable_shapes(checkpoint):
-    app = _space_app()
+    pytest.importorskip("gradio")
+    from streamer.web.tables import plan_tables
+    from streamer.web.wording import sentence
+
     src = str(checkpoint("llama", intermediate_size=320))
     with pytest.raises(PlanError) as err:
         prepare(src, scheme="W4A16")
-    message = app.sentence(err.value)
+    message = sentence(err.value)
     assert "--" not in message and "tick “Keep weights the scheme cannot serve unquantized”" in message
     _, plan = prepare(src, scheme="W4A16", skip_incompatible=True)
-    overview, _, tensors, _, _ = app.plan_tables(plan)
+    overview, _, tensors, _, _ = plan_tables(plan)
     assert "Kept unquantized beyond the ignore list: output head (1), embeddings (1), shapes the scheme cannot serve (2)" in overview
     why = {row[0]: row[3] for row in tensors.values.tolist() if row[2] == "keep"}
     assert why["lm_head.weight"].startswith("kept by default (output head)")

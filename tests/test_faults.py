@@ -101,17 +101,6 @@ def test_one_fault_on_each_hub_call(hub, capsys, call, kind):
     assert len(_streamer_commits(hub, "alice/t")) == 1  # never committed twice
 
 
-def _load_app():
-    pytest.importorskip("gradio")
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("streamer_space_app_faults", REPO_ROOT / "app.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("kind", ["drop", "503", "429"])
 def test_small_reads_are_retried(hub, capsys, kind):
     """The small GETs outside HfApi: a mirror job's card read (mirror.read_card), the target's
@@ -137,9 +126,11 @@ def test_small_reads_are_retried(hub, capsys, kind):
     assert faulted() == ["/alice/card/resolve/main/README.md"]
     assert "FP8_DYNAMIC" in hub.read_file("alice/card", "README.md").decode()
 
-    app = _load_app()
+    pytest.importorskip("gradio")
+    from streamer.web.suggestions import fetch_config
+
     one_fault_on(r"^/acme/tiny-llama/resolve/main/config\.json$")
-    assert app.fetch_config(SOURCE, None, ALICE)["architectures"] == ["LlamaForCausalLM"]
+    assert fetch_config(SOURCE, None, ALICE)["architectures"] == ["LlamaForCausalLM"]
     assert faulted() == ["/acme/tiny-llama/resolve/main/config.json"]
 
 

@@ -1,0 +1,202 @@
+"""Prefilling the form: the ignore list and repo name a source and scheme suggest.
+
+Two reads: config.json first (one small GET, for a quick answer), then the tensor headers (for the
+shapes the scheme cannot serve). The page never overwrites what the user typed: see suggest_ui and
+apply_suggestion, and the memo they share.
+"""
+
+from __future__ import annotations
+
+import html
+from urllib.parse import quote, urljoin, urlparse
+
+import gradio as gr
+from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+from streamer.engine.plan import expand_inputs
+from streamer.engine.suggest import architecture, format_ignore, scheme_blurb, suggest_ignore, suggest_repo_name
+from streamer.errors import HubError, StreamerError
+from streamer.io.catalog import build_catalog
+from streamer.io.hub_http import RETRY_STATUS, explain, hub_call
+from streamer.io.hub_source import HubSource
+from streamer.web import settings
+from streamer.web.auth import resolve_token
+from streamer.web.forms import check_scheme, parse_source
+from streamer.web.wording import UserError, error_box, sentence
+
+
+def fetch_config(repo: str, revision: str | None, token: str | bool | None) -> dict | None:
+    """The source's config.json, in one small HTTP read; None when the repo has none.
+
+    Under streamer's Hub retry policy: a dropped connection, 5xx or 429 is tried again before the
+    visitor hears about it.
+
+    repo: the source repo id.
+    revision: a branch, tag or commit (None: main).
+    token: the visitor's token; False reads anonymously (see resolve_token)."""
+    endpoint = settings.endpoint()
+    url = f"{endpoint}/{repo}/resolve/{quote(revision or 'main', safe='')}/config.json"
+    ranged = {"Range": f"bytes=0-{settings.CONFIG_MAX_BYTES - 1}"}
+
+    def once():
+        r = get_session().get(url, headers={**build_hf_headers(token=token), **ranged}, follow_redirects=False)
+        if r.status_code in (301, 302, 303, 307, 308) and r.headers.get("location"):
+            # a renamed repo (same host) keeps the token; a CDN (another host) never gets it
+            where = urljoin(url, r.headers["location"])
+            same_host = urlparse(where).netloc == urlparse(url).netloc
+            headers = {**build_hf_headers(token=token), **ranged} if same_host else ranged
+            r = get_session().get(where, headers=headers, follow_redirects=False)
+        if r.status_code in RETRY_STATUS:
+            hf_raise_for_status(r)  # retried by hub_call
+        return r
+
+    try:
+        r = hub_call(f"reading {repo}'s config.json", once, where=endpoint)
+    except StreamerError:
+        raise
+    except Exception as e:  # not a network error (those are retried, then explained): a bad URL …
+        raise HubError(f"cannot reach the Hub at {endpoint} ({type(e).__name__}); try again in a moment") from None
+    if r.status_code == 404 and r.headers.get("x-error-code") == "EntryNotFound":
+        return None
+    try:
+        hf_raise_for_status(r)
+    except HfHubHTTPError as e:
+        raise explain(e, repo, what="source repo") from None
+    try:
+        data = r.json()
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _weights(catalog) -> list[tuple[str, tuple[int, ...], str]]:
+    inputs, _ = expand_inputs(catalog)
+    return [(t.name[: -len(".weight")], t.shape, t.dtype) for t in inputs if t.name.endswith(".weight")]
+
+
+def _notes_md(arch: str, notes: list[str], extra: str = "") -> str:
+    # The list shows what streamer's default policy keeps unquantized anyway (the same policy as
+    # the command line's), so that what lands in quantization_config.ignore is in plain sight.
+    lines = [
+        f"Detected **{html.escape(arch)}**. Kept unquantized by default, whatever the list says "
+        "(add entries to keep more):"
+    ]
+    lines += [f"- {html.escape(n)}" for n in notes]
+    if extra:
+        lines.append(extra)
+    return "\n".join(lines)
+
+
+def suggest(source: str, revision: str, scheme: str, oauth_token: gr.OAuthToken | None = None):
+    """The /suggest endpoint: the ignore list, notes (Markdown) and repo name for this source and
+    scheme. Yields twice: a quick answer from config.json, then one from the tensor headers.
+
+    source, revision, scheme: the form's fields.
+    oauth_token: what gradio passes for the signed-in visitor (None when signed out)."""
+    if not (source or "").strip():
+        yield gr.update(), "", gr.update()
+        return
+    try:
+        repo, rev = parse_source(source, revision)
+        scheme = check_scheme(scheme)
+        token = resolve_token(oauth_token)
+        config = fetch_config(repo, rev, token)
+    except Exception as e:
+        yield gr.update(), error_box(sentence(e)), gr.update()
+        return
+    name = suggest_repo_name(repo, scheme)
+    quick = suggest_ignore(config)
+    yield format_ignore(quick.ignore), _notes_md(architecture(config), [], "_Reading tensor shapes…_"), name
+    try:
+        with HubSource(repo, revision=rev, token=token) as src:
+            catalog = build_catalog(src)
+        full = suggest_ignore(catalog.config or config, _weights(catalog), scheme)
+    except Exception as e:
+        yield format_ignore(quick.ignore), error_box(sentence(e)), name
+        return
+    yield format_ignore(full.ignore), _notes_md(architecture(catalog.config or config), full.notes), name
+
+
+def describe_scheme(scheme: str) -> str:
+    """One line of Markdown on SCHEME, shown under the picker.
+
+    scheme: a preset name."""
+    return f"`{html.escape(scheme or '')}`: {html.escape(scheme_blurb(scheme))}"
+
+
+# What the form suggests is remembered per browser session (a gr.State):
+#   {"key": [repo, revision, scheme] the suggestion was made for,
+#    "ignore": the ignore text the app last put in the field, "name": the repo name it last put}.
+# A field whose value is no longer what the app put there was edited by the user, and is never
+# overwritten; a suggestion runs only when the source, revision or scheme really changed.
+
+
+def suggest_key(source: str, revision: str, scheme: str) -> list | None:
+    """What a suggestion depends on: [repo, revision, scheme], or None for a source that does not parse.
+
+    source, revision, scheme: the form's fields."""
+    try:
+        repo, rev = parse_source(source, revision)
+    except UserError:
+        return None
+    return [repo, rev or "", (scheme or "").strip().upper()]
+
+
+def suggest_ui(source: str, revision: str, scheme: str, memo: dict | None, status: str = "",
+               oauth_token: gr.OAuthToken | None = None):  # fmt: skip
+    """The page's suggestion step: notes as they come, then the proposal in a State that
+    apply_suggestion merges into the fields (reading their values at that moment, not now).
+
+    A problem with the source goes to the status line, the one place errors are shown (a Plan
+    right after would say the same thing there again, replacing it rather than adding to it).
+
+    source, revision, scheme: the form's fields.
+    memo: the session's memo (see above).
+    status: the status line as it is now.
+    oauth_token: what gradio passes for the signed-in visitor (None when signed out)."""
+    key = suggest_key(source, revision, scheme)
+    if key is None or key == (memo or {}).get("key"):
+        yield gr.update(), None, gr.update()  # nothing really changed: leave the form alone
+        return
+    last, error = None, None
+    for ignore, notes, name in suggest(source, revision, scheme, oauth_token=oauth_token):
+        last = (ignore, name)
+        if isinstance(notes, str) and "streamer-error" in notes:
+            error, notes = notes, ""
+        yield notes, gr.update(), gr.update()
+    ignore, name = last or (None, None)
+    # an error shown by an earlier suggestion is cleared once the source reads fine
+    clear = "" if error is None and "streamer-error" in (status or "") else gr.update()
+    yield gr.update(), {
+        "key": key,
+        "ignore": ignore if isinstance(ignore, str) else None,
+        "name": name if isinstance(name, str) else None,
+    }, error or clear
+
+
+def apply_suggestion(source: str, revision: str, scheme: str, ignore_now: str, name_now: str,
+                     pending: dict | None, memo: dict | None):  # fmt: skip
+    """Fill only the fields the user has not edited (empty, or still what the app put there);
+    returns the ignore field, the repo name field and the memo.
+
+    source, revision, scheme: the form's fields now.
+    ignore_now, name_now: the ignore and repo name fields now.
+    pending: the proposal suggest_ui made (None: nothing to apply).
+    memo: the session's memo (see above)."""
+    memo = dict(memo or {})
+    if not pending or pending.get("key") != suggest_key(source, revision, scheme):
+        # nothing to apply, or a suggestion for a source/scheme the form no longer shows (two
+        # suggestions raced, and this one lost): never let it land over the current one
+        return gr.update(), gr.update(), memo
+    out = []
+    for field_name, now in (("ignore", ignore_now), ("name", name_now)):
+        new = pending.get(field_name)
+        untouched = not (now or "").strip() or now == memo.get(field_name)
+        if new is not None and untouched:
+            out.append(new)
+            memo[field_name] = new
+        else:
+            out.append(gr.update())
+    memo["key"] = pending["key"]
+    return out[0], out[1], memo

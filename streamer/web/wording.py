@@ -1,0 +1,195 @@
+"""Errors as the page shows them: one sentence, in the form's words, never a traceback.
+
+The engine's errors carry hints (`streamer.errors.Hint`): `web_words` says each as the field of the
+form to change, or, for what the form does not offer, what the Space does instead.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import re
+import time
+
+import gradio as gr
+from huggingface_hub.errors import HfHubHTTPError
+
+from streamer.engine.plan import collapse_names
+from streamer.errors import Hint, PlanError, StreamerError, with_hints
+from streamer.web import settings
+
+log = logging.getLogger("streamer.app")
+
+SKIP_INCOMPATIBLE_LABEL = "Keep weights the scheme cannot serve unquantized"
+CREATE_PR_LABEL = "Open as a pull request"
+
+
+class UserError(Exception):
+    """A sentence for the user, raised by the app itself (bad input, not signed in …)."""
+
+
+def sign_in_words() -> str:
+    """How this visitor gives the app a token: the sign-in button on a Space, else the machine's token."""
+    if settings.ON_SPACES:
+        return "sign in with Hugging Face"
+    return "set HF_TOKEN or run `hf auth login` where the app runs"
+
+
+# The settings the form has no field for: the Space decides them itself (the command line offers
+# them), so the hint says what the Space does rather than name a switch the visitor cannot reach.
+_ELSEWHERE = {
+    "default_ignore": "the command line can quantize them too (this Space keeps them unquantized)",
+    "quantize_towers": "the command line can quantize vision/audio towers too (this Space keeps them unquantized)",
+    "scheme_file": "the command line takes a custom scheme (this Space offers the listed ones)",
+    "force": "pick another scheme",
+    "public": "this Space keeps such a copy private",
+}
+
+
+def web_words(hint: Hint) -> str:
+    """HINT in the form's words: the field to change and, where known, what to put in it.
+
+    hint: one way past an error (its setting is one of `streamer.errors.SETTINGS`)."""
+    v = hint.values
+    s = hint.setting
+    if s == "ignore":
+        return f"add {', '.join(v)} to the ignore list" if v else "add the module to the ignore list"
+    if s == "skip_incompatible":
+        return f"tick “{SKIP_INCOMPATIBLE_LABEL}”"
+    if s in ("create_pr", "overwrite"):  # the Space never replaces a repo: a pull request proposes it
+        return f"open the conversion as a pull request (tick “{CREATE_PR_LABEL}”)"
+    if s == "scheme":
+        return "pick " + " or ".join(v) + " as the scheme" if v else "pick another scheme"
+    if s == "target":
+        return "choose another target repo name"
+    if s == "token":
+        return sign_in_words()
+    if s == "revision":
+        return "check the branch, tag or commit in “Revision”"
+    if s == "source":
+        return "check the repo id in “Source model”"
+    if s == "retry":
+        return "try again in a moment"
+    if s == "max_memory":  # the Space shares its memory among the conversions it runs at once
+        need = f" of {v[0]} or more" if v else ""
+        return f"convert it with the command line and a memory budget{need} (this Space sets its own)"
+    if s == "device":
+        return f"convert it with the command line on {' or '.join(v)}" if v else "convert it with the command line on another device"
+    if s == "nonfinite":
+        return f"the command line can quantize it anyway (non-finite policy {' or '.join(v)})" if v else "the command line can quantize it anyway"
+    if s == "dequant_dtype":
+        return f"the command line can dequantize to {' or '.join(v)}" if v else "the command line can dequantize to another dtype"
+    return _ELSEWHERE[s]
+
+
+def for_web(message: str) -> str:
+    """MESSAGE (an engine's or the app's) as the page shows it: links to this app's Hub, and
+    what the engine still says in the command line's words ("--ignore", "HF_TOKEN") in the form's.
+
+    message: the text to show."""
+    sign_in = sign_in_words()
+    swaps = [
+        ("(pass --token or set HF_TOKEN)", f"({sign_in})"),
+        ("pass --token or set HF_TOKEN", sign_in),
+        ("check --token / HF_TOKEN", sign_in),
+        ("(check --token / HF_TOKEN)", f"({sign_in})"),
+        ("ignore this module with --ignore", "add this module to the ignore list"),
+        ("ignore it with --ignore", "add it to the ignore list"),
+        ("add --ignore", "add to the ignore list"),
+        ("with --ignore", "with the ignore list"),
+        ("choose another repo or pass --overwrite", "choose another repo name, or open the conversion as a pull request"),
+        (" (--ignore each), or pass --skip-incompatible to keep them unquantized automatically",
+         f", or tick “{SKIP_INCOMPATIBLE_LABEL}”"),
+        (" (or --scheme-file for a custom one)", ""),
+        ("run again with that account's token", "try again"),
+        (". Pass --force to dequantize and quantize it again anyway", "; pick another scheme"),
+        ("check the branch, tag or commit after '@'", "check the branch, tag or commit in “Revision”"),
+        (" (pass --public to publish it)", " (this Space keeps such a copy private)"),
+        (", or pass --nonfinite passthrough to quantize it anyway", ""),
+        ("(or --ignore)", "(or in the ignore list)"),
+        ("kept by --skip-incompatible", f"kept by “{SKIP_INCOMPATIBLE_LABEL}”"),
+    ]  # fmt: skip
+    for old, new in swaps:
+        message = message.replace(old, new)
+    # What the table does not know: a parenthesis or clause that names a command-line option
+    # (which the form does not have) is dropped rather than shown as a flag the user cannot pass.
+    message = _CLI_PAREN.sub("", message)
+    message = _CLI_CLAUSE.sub("", message)
+    message = message.replace("--max-memory ", "the memory budget of ")  # the Space sets it itself
+    if settings.endpoint() != "https://huggingface.co":
+        message = message.replace("https://huggingface.co/", settings.endpoint() + "/")
+    return message
+
+
+_CLI_PAREN = re.compile(r"\s*\([^()]*--[a-z][\w-]*[^()]*\)")
+_CLI_CLAUSE = re.compile(r"(?:[,;]\s*(?:or )?(?:pass |use )?|\s+(?:or )?(?:pass|use) )--[a-z][\w-]*[^.;,)\n]*")
+
+
+def sentence(e: BaseException) -> str:
+    """What to tell the user about an error. Unexpected errors get a generic sentence (logged here).
+
+    e: the error a request ended with."""
+    if isinstance(e, PlanError):
+        # the hints go on a line of their own, after the list of problems they answer
+        ways = with_hints("To convert it anyway", e.hints, web_words) if e.hints else ""
+        return for_web(plan_problems(e.problems) + (f"\n{ways}" if ways else ""))
+    if isinstance(e, StreamerError):
+        return for_web(with_hints(e.message, e.hints, web_words))
+    if isinstance(e, UserError):
+        return for_web(str(e))
+    if isinstance(e, HfHubHTTPError):
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status in (401, 403):
+            return "The Hub refused this with your sign-in (no access, or the token expired): sign in again."
+        return f"The Hub could not answer ({status or type(e).__name__}); try again in a moment."
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    log.error("unexpected %s at %s", type(e).__name__, stamp, exc_info=(type(e), e, e.__traceback__))
+    return (
+        f"Something went wrong on our side ({type(e).__name__}); nothing was published. "
+        f"Try again, and if it happens again report it with this time: {stamp}."
+    )
+
+
+def plan_problems(problems: list[str], limit: int = 8) -> str:
+    """A PlanError's problems grouped by reason: one line per reason, with the tensors it hits.
+
+    problems: "tensor: why" lines, as PlanError.problems holds them.
+    limit: at most this many reasons are listed, then how many more there are."""
+    groups: dict[str, list[str]] = {}
+    for p in problems:
+        name, sep, why = p.partition(": ")
+        if not sep or " " in name:
+            name, why = "", p
+        why = re.sub(r"^weight of shape \[[\d, ]*\]: ", "", why)
+        groups.setdefault(why, []).append(name)
+    lines = []
+    for why, names in list(groups.items())[:limit]:
+        names = [n for n in names if n]
+        if names:
+            shown = collapse_names(names)
+            where = ", ".join(shown[:6]) + (f", … ({len(shown) - 6} more)" if len(shown) > 6 else "")
+            lines.append(f"- {where}: {why}")
+        else:
+            lines.append(f"- {why}")
+    if len(groups) > limit:
+        lines.append(f"- … and {len(groups) - limit} more problems")
+    return "This model cannot be converted with these settings:\n" + "\n".join(lines)
+
+
+def fail(e: BaseException) -> gr.Error:
+    """The error an API endpoint raises for E, so that gradio_client callers get its sentence.
+
+    e: the error the request ended with."""
+    return gr.Error(sentence(e), duration=15, title="Cannot do that", print_exception=False)
+
+
+_URL = re.compile(r"(https?://[^\s<>\"')]+[^\s<>\"').,;:])")
+
+
+def error_box(message: str) -> str:
+    """The one place an error is shown: a single alert in the status line (never gr.Error in the
+    page, which stamps a badge on every output and repeats the sentence).
+
+    message: the sentence (plain text; links become clickable)."""
+    text = _URL.sub(r'<a href="\1" target="_blank" rel="noopener">\1</a>', html.escape(message))
+    return f'<div class="streamer-error" role="alert">{"<br>".join(text.split(chr(10)))}</div>'
