@@ -30,7 +30,7 @@ from _common import GB, MB, PY, REPO, WORK, load_line, make_checkpoint, rm, run,
 
 def parse_size(text: str) -> int:
     sys.path.insert(0, str(REPO))
-    from streamer.cli.main import parse_size as ps
+    from streamer.formats import parse_size as ps
 
     return ps(text)
 

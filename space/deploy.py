@@ -21,8 +21,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SPACE = ROOT / "space"
-# The Space imports streamer.engine.convert (and streamer.mirror.main's skip check); the loopback Hub, the demo
-# and the webhook listener are only imported lazily by the CLI and `mirror --serve`.
+# The Space imports streamer.engine.convert and mirroring's skip check (streamer/mirror/check.py
+# and jobs.py); the loopback Hub, the demo and the webhook listener are only imported lazily by the
+# CLI and `mirror --serve`.
 SKIP = shutil.ignore_patterns("__pycache__", "*.pyc", "localhub", "demo.py", "webhook.py")
 CPU_TORCH = "--extra-index-url https://download.pytorch.org/whl/cpu"
 GPU_HARDWARE = "l4x1"

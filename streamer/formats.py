@@ -37,6 +37,19 @@ FLOAT_DTYPES = frozenset(d.name for d in DTYPES.values() if d.is_float)
 # The dense dtypes a quantized source can be dequantized to, by the names users give them.
 DEQUANT_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
+# --- schemes -------------------------------------------------------------------------------------
+
+# compressed-tensors' preset schemes that quantize without calibration data (every one streamer
+# accepts), named so that a jobs file can be checked without importing compressed-tensors (and
+# torch). A preset missing here is still checked by compressed-tensors itself; tests/test_startup.py
+# keeps this set equal to streamer.quant.schemes.accepted_presets().
+DATA_FREE_SCHEMES = frozenset({
+    "FP8_BLOCK", "FP8_DYNAMIC", "INT8", "MXFP4", "MXFP4A16", "MXFP4XFP8", "MXFP6A16", "MXFP6A8",
+    "MXFP8", "MXFP8A16", "NVFP4A16", "W2A16", "W2A4", "W2A8", "W3A16", "W3A4", "W3A8", "W4A16",
+    "W4A16_ASYM", "W4A4", "W4A8", "W4AFP8", "W5A16", "W5A8", "W6A16", "W6A8", "W7A16", "W7A8",
+    "W8A16", "W8A8",
+})  # fmt: skip
+
 
 def dtype_size(name: str) -> int:
     """Bytes per element of the safetensors dtype NAME (KeyError for an unknown one)."""
@@ -75,6 +88,11 @@ def split_revision(spec: str) -> tuple[str, str | None]:
     spec = spec.removeprefix("hub://")
     repo, _, rev = spec.partition("@")
     return repo, (rev or None)
+
+
+def is_commit_sha(text: str) -> bool:
+    """TEXT is a full commit sha (40 lowercase hex digits), as the Hub names commits."""
+    return re.fullmatch(r"[0-9a-f]{40}", text) is not None
 
 
 def is_repo_spec(spec: str) -> bool:

@@ -433,7 +433,7 @@ def test_memory_refusal_names_the_largest_need_and_its_suggestion_works(llama_ck
 
     from streamer.engine.convert import prepare
     from streamer.engine.pipeline import Runner
-    from streamer.engine.progress import human_bytes
+    from streamer.formats import human_bytes, parse_size
     from streamer.io.sink import LocalSink
 
     source, plan = prepare(str(llama_ckpt), scheme="NVFP4A16")
@@ -443,7 +443,7 @@ def test_memory_refusal_names_the_largest_need_and_its_suggestion_works(llama_ck
     # the largest need (not the first tensor that does not fit), with its size
     assert any(what in err for n, what in needs if n == largest)
     assert human_bytes(largest) in err
-    assert cli.parse_size(suggested) >= largest
+    assert parse_size(suggested) >= largest
 
     # the suggestion works, and a byte less than the largest need is refused in turn
     assert cli.main([str(llama_ckpt), str(tmp_path / "b"), "--scheme", "NVFP4A16", "--device", "cpu", "-q", "--max-memory", suggested]) == 0
@@ -457,6 +457,7 @@ def test_memory_suggestion_works_for_a_sink_that_buffers_shards(llama_ckpt, tmp_
     import threading
 
     from streamer.errors import StreamerError
+    from streamer.formats import parse_size
     from streamer.io.sink import LocalSink
 
     class Buffering(LocalSink):
@@ -466,7 +467,7 @@ def test_memory_suggestion_works_for_a_sink_that_buffers_shards(llama_ckpt, tmp_
         convert(str(llama_ckpt), Buffering(tmp_path / "a"), scheme="FP8_DYNAMIC", device="cpu", max_memory=100_000)
     message = str(err.value)
     assert "beside its output shard" in message
-    suggested = cli.parse_size(re.search(r"pass --max-memory (\S+) or more", message).group(1))
+    suggested = parse_size(re.search(r"pass --max-memory (\S+) or more", message).group(1))
     done = []
     t = threading.Thread(target=lambda: done.append(convert(
         str(llama_ckpt), Buffering(tmp_path / "b"), scheme="FP8_DYNAMIC", device="cpu", max_memory=suggested)))

@@ -15,17 +15,12 @@ from pathlib import Path
 import pytest
 from huggingface_hub import constants
 
-from streamer.engine.card import read_provenance
+from streamer.io.provenance import read_provenance
 from streamer.localhub import LocalHub
-from streamer.mirror.main import (
-    Job,
-    JobsFileError,
-    load_jobs,
-    main,
-    parse_jobs,
-    render_table,
-    JobResult,
-)
+from streamer.mirror.cli import main
+from streamer.mirror.jobs import JobsFileError, MirrorJob, load_jobs, parse_jobs
+from streamer.mirror.report import render_table
+from streamer.mirror.runner import JobResult
 from streamer.mirror.webhook import match_payload
 
 ALICE = "hf_alice_token"
@@ -264,7 +259,7 @@ ignore = "lm_head"
 def test_jobs_file_format(tmp_path):
     jobs = load_jobs(write_jobs(tmp_path / "jobs.toml", JOBS))
     a, b = jobs
-    assert a == Job(name="a-fp8", source="org/llama-a", target="acme/llama-a-FP8", scheme="FP8_DYNAMIC",
+    assert a == MirrorJob(name="a-fp8", source="org/llama-a", target="acme/llama-a-FP8", scheme="FP8_DYNAMIC",
                     ignore=("lm_head",), source_revision="main", device="cpu")
     assert b.scheme == "W8A16" and b.ignore == ("lm_head", "re:.*embed_tokens$") and not b.create_pr
     example = REPO_ROOT / "examples" / "jobs.toml"

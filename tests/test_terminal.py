@@ -250,7 +250,8 @@ def test_rate_and_eta_follow_a_window_from_the_stage_start(monkeypatch):
 
 
 def test_bar_shows_no_eta_until_steady():
-    from streamer.engine.progress import ProgressEvent, bar_stats
+    from streamer.cli.terminal import bar_stats
+    from streamer.engine.progress import ProgressEvent
 
     early = ProgressEvent("read", 1_000_000, 9_000_000, 1e6, 8.0, steady=False)
     later = ProgressEvent("read", 5_000_000, 9_000_000, 1e6, 4.0, steady=True)

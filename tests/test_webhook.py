@@ -12,7 +12,8 @@ import time
 import pytest
 
 from streamer.mirror import webhook
-from streamer.mirror.main import JobResult, parse_jobs
+from streamer.mirror.jobs import parse_jobs
+from streamer.mirror.runner import JobResult
 from streamer.mirror.webhook import WebhookListener, match_payload, parse_payload
 
 SECRET = "s3cret"

@@ -18,7 +18,12 @@ DEMO_TOKEN = "hf_demo_local_only_token"
 
 
 def write_tiny_llama(dst: Path, *, hidden=512, intermediate=1408, layers=4, vocab=4096, heads=8, kv_heads=4, seed=0) -> Path:
-    """A random Llama checkpoint (real tensor names and config), sharded with an index."""
+    """A random Llama checkpoint (real tensor names and config) in DST, in three shards with an
+    index; returns DST.
+
+    :param dst: the folder to write (created).
+    :param hidden, intermediate, layers, vocab, heads, kv_heads: the model's shape.
+    :param seed: the random weights' seed."""
     import torch
     from safetensors.torch import save_file
 
@@ -71,6 +76,9 @@ def write_tiny_llama(dst: Path, *, hidden=512, intermediate=1408, layers=4, voca
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the demo; returns the exit code.
+
+    :param argv: the arguments after `demo` (default: the process's)."""
     p = argparse.ArgumentParser(prog="python -m streamer demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--scheme", default="NVFP4A16")
     p.add_argument("--root", help="keep localhub's data in this folder (default: a temp folder)")
@@ -93,10 +101,10 @@ def main(argv: list[str] | None = None) -> int:
 
             hf.ENDPOINT = hub.url
             hf.HUGGINGFACE_CO_URL_TEMPLATE = hub.url + "/{repo_id}/resolve/{revision}/{filename}"
+            from streamer.cli.terminal import setup_logging
             from streamer.engine.convert import convert
-            from streamer.cli.main import _setup_logging
 
-            _setup_logging(quiet=False, verbose=False)
+            setup_logging(quiet=False, verbose=False)
             hub.clear_log()
             print(f"$ python -m streamer {source} {target} --scheme {args.scheme}")
             result = convert(source, target, scheme=args.scheme, device="auto")

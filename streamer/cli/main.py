@@ -4,37 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
-import re
 import signal
 import sys
 import threading
 
 from streamer import __version__
-from streamer.errors import StreamerError
+from streamer.cli.terminal import setup_logging, size_arg
+from streamer.cli.wording import describe
+from streamer.errors import Cancelled, StreamerError
 
 SUBCOMMANDS = ("mirror", "demo")
 
 
-def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?i?b?)?\s*", text.lower())
-    if not m:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (try 8GB, 512MiB)")
-    num = float(m.group(1))
-    unit = (m.group(2) or "b").rstrip("b") or ""
-    base = 1024 if unit.endswith("i") else 1000
-    power = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}[unit.rstrip("i")]
-    size = int(num * base**power)
-    if size < 1:  # 0 (or 0.5 bytes) used to mean "the default budget" without a word
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is less than one byte: a budget must hold at least one tensor; give a "
-            "size such as 8GB, or leave the option out for half the free memory"
-        )
-    return size
-
-
 def convert_parser() -> argparse.ArgumentParser:
+    """The argument parser of the conversion command (`python -m streamer SRC DST …`)."""
     p = argparse.ArgumentParser(
         prog="python -m streamer",
         description="Quantize a Hugging Face checkpoint (local folder or Hub repo) into a "
@@ -61,7 +45,7 @@ def convert_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda or cuda:N")
     p.add_argument("--dry-run", action="store_true", help="print the plan and stop; only headers are read, nothing is written")
-    p.add_argument("--max-memory", type=parse_size, help="byte budget for buffered data (default: half the free RAM)")
+    p.add_argument("--max-memory", type=size_arg, help="byte budget for buffered data (default: half the free RAM)")
     p.add_argument(
         "--nonfinite", choices=["refuse", "passthrough"], default="refuse",
         help="a weight holding NaN/Inf: refuse (default) or quantize it anyway, with a warning",
@@ -85,23 +69,13 @@ def convert_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _setup_logging(quiet: bool, verbose: bool, json: bool = False) -> None:
-    """Log lines on stderr, printed above the progress bars, never through them. --quiet: errors
-    only; --json: warnings and errors (stdout carries the JSON alone); --verbose: debug too.
-    huggingface_hub's own bars are turned off: streamer reports the bytes itself."""
-    from streamer.engine.progress import hide_hub_bars, install_terminal_logging
-
-    shown = logging.ERROR if quiet else logging.DEBUG if verbose else logging.WARNING if json else logging.INFO
-    install_terminal_logging(shown)
-    # --quiet filters at the handler: warnings still exist as records for a host's own handlers
-    logging.getLogger("streamer").setLevel(min(shown, logging.WARNING))
-    if not verbose:  # one line per HTTP request drowns the events that matter
-        for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "huggingface_hub"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
-    hide_hub_bars()
-
-
 def main(argv: list[str] | None = None) -> int:
+    """Run `python -m streamer` (a conversion, or the `mirror` / `demo` command); returns the
+    exit code: 0, 1 for an unexpected failure, 2 for an error the user can fix, 130 when
+    interrupted.
+
+    :param argv: the arguments (default: the process's); when None in the main thread, Ctrl-C
+        during the engine's imports exits at once with one sentence."""
     if argv is None and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _exit_while_starting)  # a real process: until the engine is up
     try:
@@ -150,7 +124,7 @@ def _main(argv: list[str] | None) -> int:
         _engine_started()  # mirror and demo handle Ctrl-C themselves
         cmd, rest = argv[0], argv[1:]
         if cmd == "mirror":
-            from streamer.mirror.main import main as mirror_main
+            from streamer.mirror.cli import main as mirror_main
 
             return mirror_main(rest)
         if cmd == "demo":
@@ -158,15 +132,15 @@ def _main(argv: list[str] | None) -> int:
 
             return demo_main(rest)
     args = convert_parser().parse_args(argv)
-    _setup_logging(args.quiet, args.verbose, json=args.json)
+    setup_logging(args.quiet, args.verbose, json=args.json)
     return run_convert(args)
 
 
 def _progress_bars(args, progress):
     """Three bars (read, quantized, uploaded or written) on a terminal's stderr; none when stderr
     is a file or a pipe, on a dumb terminal, or with --quiet, --json or --dry-run."""
-    from streamer.engine.progress import TqdmListener
-    from streamer.io.source import is_hub_spec
+    from streamer.cli.terminal import TqdmListener
+    from streamer.io.locations import is_hub_spec
 
     if args.quiet or args.json or args.dry_run or not sys.stderr.isatty() or os.environ.get("TERM") == "dumb":
         return None
@@ -181,6 +155,10 @@ def _close(bars) -> None:
 
 
 def run_convert(args) -> int:
+    """Run the conversion ARGS (from `convert_parser`) asks for, printing what the user should
+    see; returns the exit code.
+
+    :param args: the parsed arguments."""
     from streamer.engine.convert import convert
     from streamer.engine.pipeline import nonfinite_policy
     from streamer.engine.plan import render
@@ -206,14 +184,14 @@ def run_convert(args) -> int:
             default_ignore=args.default_ignore, quantize_towers=args.quantize_towers,
             skip_incompatible=args.skip_incompatible,
         )  # fmt: skip
-    except StreamerError as e:
-        _close(bars)  # the bars end above the error line, not around it
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
+    except (Cancelled, KeyboardInterrupt):  # Ctrl-C arrives as KeyboardInterrupt, a stop as Cancelled
         _close(bars)
         print("interrupted: nothing was published", file=sys.stderr)
         return 130
+    except StreamerError as e:
+        _close(bars)  # the bars end above the error line, not around it
+        print(f"error: {describe(e)}", file=sys.stderr)
+        return e.exit_code
     except Exception as e:  # a bug or an unexpected environment problem; still no traceback by default
         _close(bars)
         if args.verbose:

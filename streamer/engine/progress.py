@@ -1,7 +1,8 @@
 """Progress of a run: bytes read, quantized and written/uploaded, with rates and ETA.
 
-One Progress object counts; listeners turn its events into tqdm bars (terminal), log lines,
-or UI updates (the Gradio app). Listeners are called from worker threads and must be quick.
+One Progress object counts; listeners turn its events into bars (the command line's, in
+streamer/cli/terminal.py), log lines, or UI updates (the web app). Listeners are called from
+worker threads and must be quick.
 
 Rates are measured over a sliding window (WINDOW_S) from the moment a stage could start, not
 from its first bytes: bytes arrive in whole pieces, so a rate counted from the first piece
@@ -11,7 +12,6 @@ from its first bytes: bytes arrive in whole pieces, so a rate counted from the f
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 from collections import deque
@@ -25,22 +25,10 @@ WINDOW_S = 20.0  # rates cover about the last 20 s: recent enough to follow the 
 STEADY_S = 3.0  # an ETA is worth showing only after this long and two advances (see ProgressEvent.steady)
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n:.2f} TB"
-
-
-def human_duration(seconds: float) -> str:
-    s = int(round(seconds))
-    h, rest = divmod(s, 3600)
-    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
-
-
 @dataclass(frozen=True)
 class ProgressEvent:
+    """One stage's numbers at one moment (or, with stage "log", a message for people)."""
+
     stage: str  # one of STAGES, or "log" for a human-readable message
     done: int = 0  # bytes so far in this stage
     total: int = 0  # bytes expected in this stage
@@ -99,6 +87,9 @@ class _Counter:
 
 @dataclass
 class Progress:
+    """The counts of one run, per stage (`STAGES`); every change is sent to each of `listeners`
+    as a ProgressEvent. Thread-safe: the pipeline's workers report into it concurrently."""
+
     listeners: list[Callable[[ProgressEvent], None]] = field(default_factory=list)
 
     def __post_init__(self):
@@ -107,6 +98,10 @@ class Progress:
         self.t0 = time.monotonic()
 
     def set_total(self, stage: str, total: int) -> None:
+        """The bytes STAGE will move in all (TOTAL); the stage's rate counts from now.
+
+        :param stage: one of STAGES.
+        :param total: bytes expected."""
         with self._lock:
             c = self._counters[stage]
             c.total = total
@@ -114,6 +109,10 @@ class Progress:
         self._emit(stage)
 
     def advance(self, stage: str, n: int) -> None:
+        """N more bytes done in STAGE.
+
+        :param stage: one of STAGES.
+        :param n: bytes just done."""
         now = time.monotonic()
         with self._lock:
             c = self._counters[stage]
@@ -122,11 +121,17 @@ class Progress:
         self._emit(stage)
 
     def message(self, text: str) -> None:
+        """Log TEXT (logger "streamer", INFO) and send it to the listeners as a "log" event.
+
+        :param text: a line for people."""
         log.info(text)
         for fn in list(self.listeners):
             fn(ProgressEvent("log", message=text))
 
     def snapshot(self, stage: str) -> ProgressEvent:
+        """STAGE's numbers now: done, total, the windowed rate and the ETA.
+
+        :param stage: one of STAGES."""
         now = time.monotonic()
         with self._lock:
             c = self._counters[stage]
@@ -135,6 +140,7 @@ class Progress:
             return ProgressEvent(stage, c.done, c.total, rate, eta, steady=c.steady(now))
 
     def stage_seconds(self) -> dict[str, float]:
+        """Seconds each stage has taken, from its first bytes to its last (or to now)."""
         with self._lock:
             return {
                 s: round((c.finished or time.monotonic()) - c.started, 3) if c.started else 0.0
@@ -147,176 +153,3 @@ class Progress:
         event = self.snapshot(stage)
         for fn in list(self.listeners):
             fn(event)
-
-
-# --------------------------------------------------------------------------------------------
-# the terminal
-# --------------------------------------------------------------------------------------------
-
-
-class TerminalLogHandler(logging.Handler):
-    """Log records as whole lines on stderr, above the progress bars.
-
-    tqdm.write takes the bars' lock, clears them, prints the line and redraws them, so a line
-    is never cut by a bar being redrawn from another thread. Without bars it is a plain write.
-    """
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            from tqdm import tqdm
-
-            stream = sys.stderr  # looked up now: callers may swap it
-            tqdm.write(self.format(record), file=stream)
-            stream.flush()  # as logging.StreamHandler does: a line in a log file shows up at once
-        except RecursionError:
-            raise
-        except Exception:
-            self.handleError(record)
-
-
-def install_terminal_logging(level: int) -> bool:
-    """Route log records and Python warnings to stderr through TerminalLogHandler, printing
-    those at `level` or above. Leaves a root logger that someone else configured alone (as
-    logging.basicConfig does), and replaces its own handler when called again. True if installed."""
-    root = logging.getLogger()
-    ours = [h for h in root.handlers if isinstance(h, TerminalLogHandler)]
-    if len(ours) != len(root.handlers):
-        return False
-    for h in ours:
-        root.removeHandler(h)
-    handler = TerminalLogHandler(level)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    root.addHandler(handler)
-    root.setLevel(level)
-    logging.captureWarnings(True)  # a library's warnings.warn would otherwise cut a bar, or break --quiet
-    _adopt_hub_logging()
-    return True
-
-
-def _adopt_hub_logging() -> None:
-    """huggingface_hub gives its logger a handler of its own on stderr ("Retrying in 1s …"); its
-    records also reach the root's, so each line was printed twice, once straight through the
-    bars. Leave them to the root's handler alone (shown at its level, above the bars)."""
-    from huggingface_hub.utils import logging as hub_logging
-
-    hub = hub_logging.get_logger()  # the library's root logger, "huggingface_hub"
-    for h in list(hub.handlers):
-        if type(h) is logging.StreamHandler and h.stream in (sys.stderr, sys.__stderr__):
-            hub.removeHandler(h)
-
-
-def hide_hub_bars() -> None:
-    """Turn off huggingface_hub's own tqdm bars (one per uploaded file, "Upload 0 LFS files")
-    for this process: streamer reports the bytes itself, and --quiet/--json must stay silent.
-    An explicit HF_HUB_DISABLE_PROGRESS_BARS=0 wins (huggingface_hub would only warn)."""
-    from huggingface_hub import constants
-    from huggingface_hub.utils import disable_progress_bars
-
-    if constants.HF_HUB_DISABLE_PROGRESS_BARS is not False:
-        disable_progress_bars()
-
-
-def _bar_class():
-    from tqdm import tqdm
-
-    class Bar(tqdm):
-        """A tqdm bar that shows our numbers: bytes, the windowed rate and a steady ETA."""
-
-        monitor_interval = 0  # no tqdm monitor thread: we redraw on our own clock
-        stats = ""
-
-        @property
-        def format_dict(self):
-            return {**super().format_dict, "stats": self.stats}
-
-    return Bar
-
-
-def bar_stats(event: ProgressEvent) -> str:
-    """`1.20 GB / 9.08 GB · 12.3 MB/s · ETA 10:41`; no ETA until the estimate is steady."""
-    rate = f"{human_bytes(event.rate)}/s" if event.rate > 0 else "–"
-    if event.done >= event.total:  # 0 of 0 too: every shard was resumed
-        eta = "done"
-    elif event.steady and event.eta is not None:
-        eta = f"ETA {human_duration(event.eta)}"
-    else:
-        eta = "ETA –"
-    # fixed widths, so the three bars stay the same length and line up
-    return f"{human_bytes(event.done):>9} / {human_bytes(event.total):<9} · {rate:>11} · {eta:<12}"
-
-
-class TqdmListener:
-    """Three bars on stderr: read, quantized, and uploaded (or written), with bytes, rate and ETA.
-
-    Log events are left to logging (see TerminalLogHandler), so each line is printed once.
-    Given the Progress, the bars are also redrawn every `refresh_s` seconds, so a stalled stage
-    shows its rate falling instead of a frozen estimate. The bars appear with the run's totals,
-    after the plan's log lines.
-    """
-
-    def __init__(self, progress: Progress | None = None, *, upload_label: str = "written", refresh_s: float = 1.0):
-        labels = {"read": "read", "quantize": "quantized", "upload": upload_label}
-        width = max(map(len, labels.values()))
-        self._labels = {s: label.ljust(width) for s, label in labels.items()}
-        self._bars: dict = {}
-        self._drawn = {s: 0.0 for s in STAGES}
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._progress = progress
-        self._ticker = None
-        if progress is not None:
-            self._ticker = threading.Thread(target=self._tick, args=(refresh_s,), daemon=True, name="streamer-bars")
-            self._ticker.start()
-
-    def __call__(self, event: ProgressEvent) -> None:
-        if event.stage in STAGES:
-            self._show(event)
-
-    def _show(self, event: ProgressEvent, force: bool = False) -> None:
-        """Redraw a stage's bar; `force` (the clock, the last draw) passes the stop and the 0.1 s rule."""
-        now = time.monotonic()
-        final = event.total > 0 and event.done >= event.total
-        with self._lock:
-            if self._stop.is_set() and not force:
-                return
-            if not self._bars:
-                self._open()
-            if not (force or final) and now - self._drawn[event.stage] < 0.1:
-                return  # a burst of events: tqdm's own rule, one redraw per 0.1 s
-            bar, stats = self._bars[event.stage], bar_stats(event)
-            # a stage with nothing to do (every shard resumed) is full, not an empty unknown
-            total, n = (event.total, min(event.done, event.total)) if event.total else (1, 1)
-            if (bar.total, bar.n, bar.stats) == (total, n, stats):
-                return  # nothing new to see (a finished stage, on the clock)
-            bar.total, bar.n, bar.stats = total, n, stats
-            bar.refresh()
-            self._drawn[event.stage] = now
-
-    def _open(self) -> None:
-        bar = _bar_class()
-        self._bars = {
-            s: bar(total=0, desc=self._labels[s], position=i, leave=True, file=sys.stderr,
-                   bar_format="{desc} {percentage:3.0f}%|{bar}| {stats}", dynamic_ncols=True)
-            for i, s in enumerate(STAGES)
-        }  # fmt: skip
-
-    def _tick(self, every: float) -> None:
-        while not self._stop.wait(every):
-            if self._bars:
-                for s in STAGES:
-                    self._show(self._progress.snapshot(s), force=True)
-
-    def close(self) -> None:
-        """Stop redrawing and leave the bars on screen, with their last numbers (once: the CLI
-        closes them before printing an error, and again on its way out)."""
-        if self._stop.is_set():
-            return
-        self._stop.set()
-        if self._ticker is not None:
-            self._ticker.join()
-        if self._progress is not None and self._bars:
-            for s in STAGES:
-                self._show(self._progress.snapshot(s), force=True)
-        with self._lock:
-            for bar in self._bars.values():
-                bar.close()

@@ -33,9 +33,11 @@ from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-from streamer.mirror.main import _SHA, Job, JobResult, MirrorRunner
+from streamer.formats import is_commit_sha
+from streamer.mirror.jobs import MirrorJob
+from streamer.mirror.runner import JobResult, MirrorRunner
 
-log = logging.getLogger("streamer.mirror.main")
+log = logging.getLogger(__name__)
 
 MAX_BODY = 1 << 20  # Hub payloads are a few kB
 MAX_DEPTH = 32  # a Hub payload nests 4 levels; deeper JSON is refused before it is looked at
@@ -65,7 +67,9 @@ def _too_deep(value, limit: int) -> bool:
 
 
 def parse_payload(body: bytes) -> tuple[dict | None, str | None]:
-    """(payload, None), or (None, why it is refused) for a body that is not a sane JSON object."""
+    """(payload, None), or (None, why it is refused) for a body that is not a sane JSON object.
+
+    :param body: the request's body, as received."""
     try:
         payload = json.loads(body)
     except (UnicodeDecodeError, ValueError):
@@ -79,8 +83,11 @@ def parse_payload(body: bytes) -> tuple[dict | None, str | None]:
     return payload, None
 
 
-def match_payload(jobs: list[Job], payload: dict) -> tuple[list[Job], str]:
-    """The jobs a Hub webhook payload should start, and a sentence saying why (or why none)."""
+def match_payload(jobs: list[MirrorJob], payload: dict) -> tuple[list[MirrorJob], str]:
+    """The jobs a Hub webhook payload should start, and a sentence saying why (or why none).
+
+    :param jobs: the jobs of the jobs file.
+    :param payload: the webhook's JSON body (version 3), untrusted: every field's type is checked."""
     event = payload.get("event")
     repo = payload.get("repo")
     if not isinstance(event, dict) or not isinstance(repo, dict):
@@ -99,7 +106,7 @@ def match_payload(jobs: list[Job], payload: dict) -> tuple[list[Job], str]:
     matching = [j for j in jobs if j.source.lower() == name.lower()]
     if not matching:
         return [], f"no job has {name} as its source"
-    followed = [j for j in matching if not _SHA.match(j.source_revision or "")]
+    followed = [j for j in matching if not is_commit_sha(j.source_revision or "")]
     if not followed:
         return [], f"jobs on {name} are pinned to a commit"
     refs = payload.get("updatedRefs")
@@ -108,7 +115,7 @@ def match_payload(jobs: list[Job], payload: dict) -> tuple[list[Job], str]:
     if refs:
         updated = {r["ref"] for r in refs if isinstance(r, dict) and isinstance(r.get("ref"), str)}
 
-        def follows(job: Job) -> bool:
+        def follows(job: MirrorJob) -> bool:
             rev = job.source_revision or "main"
             return bool({rev, f"refs/heads/{rev}", f"refs/tags/{rev}"} & updated)
 
@@ -254,13 +261,20 @@ class _Server(ThreadingHTTPServer):
 class WebhookListener:
     """Serve the webhook endpoint and run triggered jobs in the background.
 
+    :param jobs: the jobs a webhook may start.
+    :param runner: runs them (`parallel` of them at once, each after its up-to-date check).
+    :param secret: the value the Hub sends as X-Webhook-Secret (required).
+    :param host: the address to listen on.
+    :param port: the port to listen on (0: a free one, then in `port`).
+    :param json_lines: print each job's result as one JSON line on stdout.
+
     >>> listener = WebhookListener(jobs, MirrorRunner(token=...), secret="…", port=0).start()
     >>> listener.url, listener.wait_idle(timeout=60), listener.results
     """
 
     def __init__(
         self,
-        jobs: list[Job],
+        jobs: list[MirrorJob],
         runner: MirrorRunner,
         *,
         secret: str,
@@ -290,6 +304,7 @@ class WebhookListener:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> "WebhookListener":
+        """Listen and start the worker threads; returns the listener (its `url` is now known)."""
         handler = type("Handler", (_Handler,), {"listener": self})
         self._server = _Server((self.host, self.port), handler)
         self.port = self._server.server_address[1]
@@ -304,11 +319,16 @@ class WebhookListener:
 
     @property
     def url(self) -> str:
+        """The URL the Hub's webhook should POST to."""
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
         return f"http://{host}:{self.port}{WEBHOOK_PATHS[0]}"
 
     def stop(self, *, cancel: bool = True, timeout: float = 30.0) -> None:
-        """Stop listening; cancel running conversions (nothing half-done is published)."""
+        """Stop listening and the workers; running conversions are cancelled (nothing half-done
+        is published).
+
+        :param cancel: cancel running conversions (False: let them finish).
+        :param timeout: seconds to wait for each worker thread."""
         with self._cv:
             self._stopping = True
             self._queue.clear()
@@ -323,7 +343,9 @@ class WebhookListener:
             t.join(timeout)
 
     def serve_forever(self, *, catch_up: bool = False) -> int:
-        """Start, optionally queue every job once, and block until SIGINT/SIGTERM."""
+        """Start, and block until SIGINT/SIGTERM; returns the exit code (0).
+
+        :param catch_up: queue every job once at startup (up-to-date ones are skipped cheaply)."""
         self.start()
         print(f"streamer mirror: listening on {self.url} for {len(self.jobs)} job(s): "
               f"{', '.join(self.by_name)}", file=sys.stderr, flush=True)
@@ -348,7 +370,11 @@ class WebhookListener:
     # -- the queue ----------------------------------------------------------------------------
 
     def submit(self, names: list[str], why: str = "") -> list[str]:
-        """Queue jobs by name; a job already queued is not queued twice, a running one reruns once."""
+        """Queue jobs by name; a job already queued is not queued twice, a running one reruns once.
+
+        :param names: the jobs' names (KeyError for an unknown one).
+        :param why: what triggered them, for the log.
+        Returns NAMES."""
         with self._cv:
             for name in names:
                 if name not in self.by_name:
@@ -386,11 +412,15 @@ class WebhookListener:
                 self._cv.notify_all()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
-        """Block until no job is queued or running; False on timeout."""
+        """Block until no job is queued or running; False on timeout.
+
+        :param timeout: seconds to wait at most (None: no limit)."""
         with self._cv:
             return self._cv.wait_for(lambda: not self._state, timeout)
 
     def status(self) -> dict:
+        """Each job's state (idle, queued, running, running+queued) and last result, and the
+        recent results (what GET /jobs answers)."""
         with self._cv:
             return {
                 "jobs": {
