@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from streamer.io.hub import HubSink, HubSource  # noqa: E402
+from streamer.io.hub_sink import HubSink  # noqa: E402
+from streamer.io.hub_source import HubSource  # noqa: E402
 from streamer.io.source import Span  # noqa: E402
 
 

@@ -168,7 +168,7 @@ def main(argv=None) -> int:
             cmd += ["--workers", str(args.workers)]
         if args.max_memory:
             cmd += ["--max-memory", args.max_memory]
-        imp = run([PY, "-c", "import streamer.engine.convert, streamer.io.hub"], env=env, cwd=REPO).check()
+        imp = run([PY, "-c", "import streamer.engine.convert, streamer.io.hub_sink, streamer.io.hub_source"], env=env, cwd=REPO).check()
         srv_cpu = server.cpu()
         p = run(cmd, env=env, cwd=REPO).check()
         srv_cpu = server.cpu() - srv_cpu

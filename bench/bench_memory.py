@@ -13,8 +13,9 @@ budget's share a Hub upload may hold, so jobs must be cut into pieces). Then
 
 and the child's exact peak RSS (ru_maxrss from wait4) is compared with the budget plus the fixed
 overhead: the peak RSS of an idle `python -c "import streamer.engine.convert, torch"` (local) or
-`... streamer.io.hub` (hub). Target: the larger model stays within budget + overhead, and its peak is
-not larger than the smaller model's by more than noise (peak RSS independent of model size).
+`... streamer.io.hub_sink, streamer.io.hub_source` (hub). Target: the larger model stays within
+budget + overhead, and its peak is not larger than the smaller model's by more than noise (peak RSS
+independent of model size).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
 
     overhead = {
         "local": run([PY, "-c", "import streamer.engine.convert, torch"], cwd=REPO, env=base_env).check().maxrss,
-        "hub": run([PY, "-c", "import streamer.engine.convert, streamer.io.hub, torch, huggingface_hub"], cwd=REPO, env=base_env).check().maxrss,
+        "hub": run([PY, "-c", "import streamer.engine.convert, streamer.io.hub_sink, streamer.io.hub_source, torch, huggingface_hub"], cwd=REPO, env=base_env).check().maxrss,
     }
     print(f"# budget {budget / MB:,.0f} MB; fixed overhead (idle imports): local {overhead['local'] / MB:,.0f} MB, "
           f"hub {overhead['hub'] / MB:,.0f} MB; {load_line()}", flush=True)

@@ -107,8 +107,11 @@ def is_repo_spec(spec: str) -> bool:
 
 
 def safe_relpath(path: str) -> str | None:
-    """PATH normalized, or None when it would land outside the folder it is relative to."""
-    if not path or "\x00" in path or os.path.isabs(path) or path.startswith(("/", "\\")):
+    """PATH normalized, or None when it would land outside the folder it is relative to.
+
+    A backslash anywhere is refused too: it separates folders on Windows, where `..\\x` escapes.
+    """
+    if not path or "\x00" in path or "\\" in path or os.path.isabs(path) or path.startswith("/"):
         return None
     norm = os.path.normpath(path)
     if norm == ".." or norm.startswith(".." + os.sep) or norm.startswith("../"):

@@ -25,7 +25,7 @@ from ct_oracle import ct_module_path
 from streamer import model_free_ptq
 from streamer.cli import main as cli
 from streamer.engine.convert import convert, prepare, quantize
-from streamer.engine.card import front_matter, read_provenance
+from streamer.io.provenance import front_matter, read_provenance
 from streamer.errors import PlanError
 from streamer.mirror.main import Job, compare, parse_jobs
 from streamer.engine.plan import INCOMPATIBLE, plan_summary, render, schemes_that_fit

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from streamer.io import hub as hubmod
+from streamer.io import hub_http
+from streamer.io.hub_sink import HubSink
+from streamer.io.upload_journal import UploadJournal
 from test_hub import ALICE, SOURCE, _streamer_commits, hub, run_cli  # noqa: F401  (hub: fixture)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -37,8 +39,8 @@ def _same_output(hub, a: str, b: str, revision: str = "main") -> None:
 @pytest.fixture
 def quick_retries(monkeypatch):
     """Retries as many, waits much shorter: a persistent fault costs a second, not half a minute."""
-    monkeypatch.setattr(hubmod, "BACKOFF_FIRST", 0.02)
-    monkeypatch.setattr(hubmod, "BACKOFF_CAP", 0.1)
+    monkeypatch.setattr(hub_http, "BACKOFF_FIRST", 0.02)
+    monkeypatch.setattr(hub_http, "BACKOFF_CAP", 0.1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,7 +107,7 @@ def test_one_fault_on_each_hub_call(hub, capsys, call, kind):
 def test_small_reads_are_retried(hub, capsys, kind):
     """The small GETs outside HfApi: a mirror job's card read (mirror.read_card), the target's
     card read before replacing a conversion (HubSink.read_text), the Space's config read."""
-    from streamer.mirror.main import read_card
+    from streamer.mirror.check import read_card
 
     assert run_cli(SOURCE, "alice/card", "--scheme", "W8A16") == 0
 
@@ -118,7 +120,7 @@ def test_small_reads_are_retried(hub, capsys, kind):
         return [r.path for r in hub.request_log if r.fault]
 
     one_fault_on(r"^/alice/card/resolve/main/README\.md$")
-    assert "streamer" in read_card("alice/card", token=ALICE, endpoint=hub.url)
+    assert "streamer" in read_card("alice/card", "main", token=ALICE, endpoint=hub.url)
     assert faulted() == ["/alice/card/resolve/main/README.md"]
 
     one_fault_on(r"^/alice/card/resolve/main/README\.md$")
@@ -203,7 +205,7 @@ def test_rerun_on_identical_target_makes_no_commit(hub, capsys, monkeypatch):
         raise PermissionError("crashed before committing, for this test")
 
     with monkeypatch.context() as m:
-        m.setattr(hubmod.HubSink, "commit", crash)
+        m.setattr(HubSink, "commit", crash)
         assert run_cli(SOURCE, "alice/same", "--scheme", "W8A16") != 0
     records = list((Path(os.environ["HF_HOME"]) / "streamer" / "uploads").glob("*.json"))
     assert records, "the failed run left no resume record"
@@ -245,7 +247,7 @@ def test_whoami_dropped_every_time_is_not_a_token_problem(hub, capsys, llama_ckp
     err = capsys.readouterr().err
     assert code != 0
     assert "needs a token" not in err
-    assert f"could not reach the Hub at {hub.url}: checking the token (whoami) failed {hubmod.ATTEMPTS} times" in err
+    assert f"could not reach the Hub at {hub.url}: checking the token (whoami) failed {hub_http.ATTEMPTS} times" in err
     assert not hub.repo_exists("alice/x")
 
 
@@ -259,13 +261,13 @@ def test_persistent_server_errors_name_the_status(hub, capsys, quick_retries):
     assert code != 0
     assert "answered HTTP 503 to reading acme/tiny-llama's file list" in err and "retry" in err
     n = len([r for r in hub.request_log if r.fault])
-    assert n == hubmod.ATTEMPTS  # bounded: no endless retrying
+    assert n == hub_http.ATTEMPTS  # bounded: no endless retrying
 
 
 def test_retry_after_is_honoured(monkeypatch):
     """A 429's Retry-After sets the wait (up to a cap); other waits grow exponentially, capped."""
     sleeps: list[float] = []
-    monkeypatch.setattr(hubmod.time, "sleep", sleeps.append)
+    monkeypatch.setattr(hub_http.time, "sleep", sleeps.append)
 
     class Response:
         status_code = 429
@@ -282,12 +284,12 @@ def test_retry_after_is_honoured(monkeypatch):
             raise HfHubHTTPError("429 Too Many Requests", response=Response())
         return "ok"
 
-    assert hubmod.hub_call("testing", flaky) == "ok"
+    assert hub_http.hub_call("testing", flaky) == "ok"
     assert sleeps == [7.0, 7.0]
-    delays = [hubmod.backoff_delay(n) for n in range(1, 12)]
-    assert all(d <= hubmod.BACKOFF_CAP for d in delays) and delays[-1] >= hubmod.BACKOFF_CAP / 2
-    assert hubmod.backoff_delay(1, retry_after=1e6) == 1e6  # the caller caps Retry-After
-    assert hubmod._parse_retry_after("100000") == hubmod.RETRY_AFTER_CAP
+    delays = [hub_http.backoff_delay(n) for n in range(1, 12)]
+    assert all(d <= hub_http.BACKOFF_CAP for d in delays) and delays[-1] >= hub_http.BACKOFF_CAP / 2
+    assert hub_http.backoff_delay(1, retry_after=1e6) == 1e6  # the caller caps Retry-After
+    assert hub_http.parse_retry_after("100000") == hub_http.RETRY_AFTER_CAP
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,29 +325,28 @@ def test_resume_record_survives_concurrent_writers(tmp_path, monkeypatch):
     from huggingface_hub import constants as hf_constants
 
     monkeypatch.setattr(hf_constants, "HF_HOME", str(tmp_path))
-    sinks = [hubmod.HubSink("alice/race", token="x", endpoint="http://127.0.0.1:9") for _ in range(3)]
-    for s in sinks:
-        s._state = s._state_path("fingerprint")
-    assert len({s._state for s in sinks}) == 1
+    # one journal per run, as each run's HubSink keeps its own
+    journals = [UploadJournal.for_plan("http://127.0.0.1:9", "alice/race", "main", "fingerprint") for _ in range(3)]
+    assert len({j.path for j in journals}) == 1
     op = CommitOperationAdd(path_in_repo="a.safetensors", path_or_fileobj=b"abc")
     errors: list[BaseException] = []
 
-    def write(sink: hubmod.HubSink, n: int) -> None:
+    def write(journal: UploadJournal, n: int) -> None:
         try:
             for i in range(150):
-                sink._remember(f"shard-{n}-{i % 5}.safetensors", op)
+                journal.add(f"shard-{n}-{i % 5}.safetensors", op.upload_info)
         except BaseException as e:  # noqa: BLE001 - collected for the assert
             errors.append(e)
 
-    threads = [threading.Thread(target=write, args=(s, n)) for n, s in enumerate(sinks) for _ in range(2)]
+    threads = [threading.Thread(target=write, args=(j, n)) for n, j in enumerate(journals) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert not errors, errors[:3]
-    record = json.loads(sinks[0]._state.read_text())
+    record = json.loads(journals[0].path.read_text())
     assert record and all(v["sha256"] == op.upload_info.sha256.hex() for v in record.values())
-    assert not list(sinks[0]._state.parent.glob("*.tmp")), "temp files left behind"
+    assert not list(journals[0].path.parent.glob("*.tmp")), "temp files left behind"
 
 
 # --------------------------------------------------------------------------------------------
@@ -440,7 +441,8 @@ def test_ctrl_c_cancels_uploads_in_flight(hub, llama_ckpt):
 def test_mirror_check_is_retried(hub, kind):
     """A mirroring tick reads the source's commit and the target's pull requests: one fault on
     either is retried, and the check still says the target is up to date."""
-    from streamer.mirror.main import check_job, parse_jobs
+    from streamer.mirror.check import check_job
+    from streamer.mirror.jobs import parse_jobs
 
     assert run_cli(SOURCE, "alice/mirrored", "--scheme", "FP8_DYNAMIC", "--create-pr") == 0
     (job,) = parse_jobs({"job": [{"name": "j", "source": SOURCE, "target": "alice/mirrored",

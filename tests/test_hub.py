@@ -220,7 +220,7 @@ def test_errors_are_sentences_and_write_nothing(hub, llama_ckpt, monkeypatch, ca
 
 
 def test_range_answered_with_200_is_refused(hub, monkeypatch):
-    from streamer.io.hub import HubSource, RangeError
+    from streamer.io.hub_source import HubSource, RangeError
 
     src = HubSource(SOURCE, token=ALICE, endpoint=hub.url)
 
@@ -265,3 +265,28 @@ def test_private_source_makes_private_target(hub, llama_ckpt, caplog):
     caplog.clear()
     assert cli.main(["acme/secret", "alice/open", "--scheme", "FP8_DYNAMIC", "--dry-run"]) == 0
     assert "alice/open exists and is public, and the source is private or gated" in caplog.text
+
+
+def test_uploaded_operation_matches_huggingface_hub():
+    """hub_sink.uploaded_operation, the one use of huggingface_hub's private fields, still does
+    what a resumed commit needs on the installed huggingface_hub (1.x and 2.x are supported): the
+    operation is neither uploaded again nor asked about, and is committed as a pointer to its
+    LFS/Xet content."""
+    import dataclasses
+
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub._commit_api import _prepare_commit_payload
+    from huggingface_hub.lfs import UploadInfo
+
+    from streamer.io.hub_sink import uploaded_operation
+
+    fields = {f.name for f in dataclasses.fields(CommitOperationAdd)}
+    assert {"_upload_mode", "_is_uploaded", "upload_info"} <= fields, huggingface_hub.__version__
+    info = UploadInfo.from_bytes(b"shard content")
+    op = uploaded_operation("model-00001-of-00002.safetensors", info)
+    assert op._upload_mode == "lfs" and op._is_uploaded is True and op.upload_info is info
+    # Nothing to upload: a Hub that is not there is never called (it would raise).
+    HfApi(endpoint="http://127.0.0.1:9", token="x").preupload_lfs_files("alice/x", [op])
+    payload = list(_prepare_commit_payload([op], files_to_copy={}, commit_message="m"))
+    lfs = [p["value"] for p in payload if p["key"] == "lfsFile"]
+    assert lfs == [{"path": op.path_in_repo, "algo": "sha256", "oid": info.sha256.hex(), "size": info.size}]

@@ -145,7 +145,7 @@ def test_json_summary_and_quiet(llama_ckpt, tmp_path, capsys):
 
 @pytest.mark.parametrize("encoding", ["gzip", "br"])
 def test_range_reads_refuse_encoded_bodies(encoding):
-    from streamer.io.hub import HubSource, RangeError
+    from streamer.io.hub_source import HubSource, RangeError
     from streamer.io.source import Span
 
     class Response:

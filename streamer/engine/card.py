@@ -7,87 +7,15 @@ block back to decide whether a target is already up to date.
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import yaml
 
-from streamer import __version__
 from streamer.engine.progress import human_bytes
+from streamer.io.provenance import Provenance, front_matter
 
 if TYPE_CHECKING:  # the plan brings torch and compressed-tensors; reading a card needs neither
     from streamer.engine.plan import Plan
-
-
-def policy_flags(default_ignore: bool = True, quantize_towers: bool = False, skip_incompatible: bool = False) -> tuple[str, ...]:
-    """The non-default choices of the default policy, as the CLI flags that ask for them."""
-    return tuple(
-        flag
-        for flag, on in (
-            ("--no-default-ignore", not default_ignore),
-            ("--quantize-towers", quantize_towers),
-            ("--skip-incompatible", skip_incompatible),
-        )
-        if on
-    )
-
-
-@dataclass(frozen=True)
-class Provenance:
-    source: str  # repo id or local path
-    source_commit: str | None
-    scheme: str
-    ignore: tuple[str, ...]
-    streamer_version: str = __version__
-    dequant_dtype: str | None = None
-    # non-default choices of the default policy, as flag names: no-default-ignore,
-    # quantize-towers, skip-incompatible (empty: embeddings, head, routers, towers kept)
-    policy: tuple[str, ...] = ()
-
-    def settings_key(self) -> str:
-        """What must match for an existing conversion to count as up to date.
-
-        The policy is always part of it, so conversions written before streamer kept
-        embeddings, heads and routers unquantized by default count as out of date once."""
-        blob = json.dumps(
-            {
-                "scheme": self.scheme,
-                "ignore": list(self.ignore),
-                "dequant_dtype": self.dequant_dtype,
-                "policy": list(self.policy),
-            },
-            sort_keys=True,
-        )
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["ignore"] = list(self.ignore)
-        d["policy"] = list(self.policy)
-        d["settings"] = self.settings_key()
-        return d
-
-
-def front_matter(readme: str | None) -> dict:
-    """The YAML front matter of a model card, or {} when it has none or it is not a mapping."""
-    if not readme or not readme.startswith("---"):
-        return {}
-    end = readme.find("\n---", 3)
-    if end < 0:
-        return {}
-    try:
-        meta = yaml.safe_load(readme[3:end])
-    except yaml.YAMLError:
-        return {}
-    return meta if isinstance(meta, dict) else {}
-
-
-def read_provenance(readme: str) -> dict | None:
-    """The `streamer` block of a model card's front matter, or None."""
-    block = front_matter(readme).get("streamer")
-    return block if isinstance(block, dict) else None
 
 
 # Front-matter keys of the source's model card that describe the model itself, not this copy:

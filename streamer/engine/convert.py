@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from streamer.engine.card import Provenance, model_card
+from streamer.engine.card import model_card
+from streamer.io.provenance import Provenance
 from streamer.io.catalog import CONFIG_NAME, INDEX_NAME, build_catalog
 from streamer.errors import Hint, StreamerError
 from streamer.engine.plan import Plan, Policy, make_plan
@@ -23,8 +24,10 @@ from streamer.engine.budget import Budget, default_memory_budget
 from streamer.engine.pipeline import RunStats, Runner
 from streamer.engine.progress import Progress
 from streamer.quant.schemes import make_recipe
-from streamer.io.sink import LocalSink, Sink, dumps_json
-from streamer.io.source import Source, is_hub_spec, open_source, split_revision
+from streamer.formats import dumps_json, split_revision
+from streamer.io.locations import is_hub_spec, open_source
+from streamer.io.sink import LocalSink, Sink
+from streamer.io.source import Source
 
 log = logging.getLogger("streamer")
 
@@ -98,7 +101,7 @@ def open_sink(dst, *, token=None, overwrite=False, private=False, create_pr=Fals
     OVERWRITE allows replacing what is already there."""
     dst = os.fspath(dst)
     if is_hub_spec(dst):
-        from streamer.io.hub import HubSink
+        from streamer.io.hub_sink import HubSink
 
         repo_id, rev = split_revision(dst)
         return HubSink(
@@ -244,7 +247,7 @@ def convert(
     with source:
         # A private or gated source is not republished publicly unless the caller says so
         # (private=False, the CLI's --public).
-        source_private = bool(getattr(source, "private", False) or getattr(source, "gated", False))
+        source_private = source.private or source.gated
         if private is None:
             private = source_private
         sink = None
@@ -253,10 +256,10 @@ def convert(
                 dst, token=token, overwrite=overwrite, private=private,
                 create_pr=create_pr, revision=revision,
             )  # fmt: skip
-            if getattr(sink, "repo_id", None) and sink.repo_id == getattr(source, "repo_id", None):
+            if sink.repo_id and sink.repo_id == source.repo_id:
                 raise StreamerError("the target repo is the source repo", hints=(Hint("target"),))
             sink.check()
-            note = sink.visibility_note(source_private) if hasattr(sink, "visibility_note") else None
+            note = sink.visibility_note(source_private)
             if note:
                 progress.message(note)
         if dry_run:
@@ -397,7 +400,7 @@ def _write_small_files(plan: Plan, source: Source, sink: Sink, *, target: str, r
 
 def _target_name(label: str, sink: Sink) -> str:
     """The target as a card names it: the repo id, or a local folder's name (never its path)."""
-    return getattr(sink, "repo_id", None) or os.path.basename(os.path.normpath(label))
+    return sink.repo_id or os.path.basename(os.path.normpath(label))
 
 
 # The name users know from the README; `convert` is the engine's verb.

@@ -475,7 +475,7 @@ class Runner:
 
     def _writer_cost(self, job: Job) -> int:
         # A Hub sink holds a whole output shard until it is uploaded; a file sink holds nothing.
-        return job.bytes_out + 4096 if getattr(self.sink, "buffers_shards", False) else 0
+        return job.bytes_out + 4096 if self.sink.buffers_shards else 0
 
     def _open(self, job: Job) -> tuple[ShardWriter, dict[str, int]]:
         header, offsets = shard_header(job)

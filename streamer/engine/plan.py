@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from streamer.engine.card import policy_flags
+from streamer.io.provenance import policy_flags
 from streamer.io.catalog import DTYPE_SIZES, Catalog, TensorInfo
 from streamer.errors import PlanError
 from streamer.engine.progress import human_bytes  # noqa: F401  (plan summaries use it; re-exported)

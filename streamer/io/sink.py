@@ -1,15 +1,14 @@
-"""Where the output goes: a local folder (staging folder + atomic swap) or a Hub repo (hub.py).
+"""Where the output goes: the Sink interface, and LocalSink (staging folder + atomic swap).
 
 A sink receives output shards as they are produced and small files at the end, and makes them
 visible all at once in `commit`. Until then nothing at the destination changes, and `abort`
-leaves it as it was.
+leaves it as it was. HubSink (hub_sink.py) publishes to a Hub repo in one commit.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
-import json
 import logging
 import os
 import shutil
@@ -24,20 +23,25 @@ try:
 except ImportError:  # not POSIX: staging folders are not locked, and none is ever removed
     fcntl = None
 
-from streamer.engine.card import read_provenance
-from streamer.errors import TargetError
+from streamer.errors import Hint, TargetError
+from streamer.formats import safe_relpath
+from streamer.io.provenance import read_provenance
 
 log = logging.getLogger("streamer")
 
 
 class ShardWriter:
-    """One output shard being assembled; pieces arrive in any order at known offsets."""
+    """One output shard being assembled; pieces arrive in any order at known offsets.
+
+    NAME is the shard's path inside the destination, SIZE its final size in bytes.
+    """
 
     def __init__(self, name: str, size: int):
         self.name = name
         self.size = size
 
     def write_at(self, offset: int, data) -> None:
+        """Put DATA (any buffer) at byte OFFSET of the shard."""
         raise NotImplementedError
 
     def close(self) -> Future:
@@ -45,43 +49,59 @@ class ShardWriter:
         raise NotImplementedError
 
     def discard(self) -> None:
-        pass
+        """Drop the shard unfinished (the run is failing): free what it holds."""
 
 
 class Sink:
-    label: str = ""
+    """Interface of every destination; the engine uses nothing of a sink that is not declared here."""
+
+    label: str = ""  # how logs name the destination: a path, or a repo id
     url: str | None = None  # where the result can be seen, once committed
+    repo_id: str | None = None  # the Hub repo written to; None for a local folder
+    # Whether an open shard is held in memory until it is delivered: the memory budget then
+    # counts each open shard whole.
+    buffers_shards: bool = False
 
     def check(self) -> None:
         """Refuse a destination that must not be written, before any work starts."""
+
+    def visibility_note(self, source_private: bool = False) -> str | None:
+        """One sentence on who will see the result (after check()); None when there is nothing to say.
+
+        SOURCE_PRIVATE: the source is private or gated."""
+        return None
 
     def begin(self) -> None:
         """Called once the run really starts (not for a dry run): create what uploads need."""
 
     def resume(self, fingerprint: str, shards: list[str]) -> set[str]:
-        """Shards an interrupted run of the same plan already delivered: the run skips them."""
+        """The SHARDS an interrupted run of the plan FINGERPRINT already delivered: the run skips them."""
         return set()
 
     def open_shard(self, name: str, size: int) -> ShardWriter:
+        """A writer for the output shard NAME of SIZE bytes."""
         raise NotImplementedError
 
     def put_file(self, path: str, data: bytes) -> None:
+        """Write the small file PATH (config, card …) with the bytes DATA."""
         raise NotImplementedError
 
     def commit(self, message: str, description: str = "") -> str:
+        """Make everything written visible at once; MESSAGE and DESCRIPTION describe the change
+        where the destination keeps a history. Returns where the result is (a path or a URL)."""
         raise NotImplementedError
 
     def abort(self, *, cancelled: bool = False) -> None:
-        pass
+        """Leave the destination as it was. CANCELLED: the user stopped the run (not a failure)."""
 
     def close(self) -> None:
-        pass
+        """Let go of what the sink holds (threads, locks); after commit or abort."""
 
 
 def check_relpath(path: str) -> str:
-    """Refuse an output file name that would land outside the destination folder."""
-    norm = os.path.normpath(path)
-    if os.path.isabs(path) or norm == ".." or norm.startswith(".." + os.sep) or "\x00" in path:
+    """PATH, an output file name, normalized; TargetError when it would land outside the destination."""
+    norm = safe_relpath(path)
+    if norm is None:
         raise TargetError(f"refusing to write {path!r}: the name would escape the destination folder")
     return norm
 
@@ -113,7 +133,7 @@ class _FileShardWriter(ShardWriter):
             self._fd = -1
 
 
-# The model card streamer writes; its front matter says streamer made the folder (card.py).
+# The model card streamer writes; its front matter says streamer made the folder (provenance.py).
 CARD_NAME = "README.md"
 # A model card is a few kB; a larger README.md is read only this far to look for the block.
 _CARD_READ_LIMIT = 1_000_000
@@ -193,14 +213,16 @@ class LocalSink(Sink):
         return f".{self.dst.name}.streamer-"
 
     def check(self) -> None:
+        """Refuse a destination that is not a folder, holds files streamer did not write (unless
+        overwrite), or cannot be created."""
         if self.dst.exists():
             if not self.dst.is_dir():
                 raise TargetError(f"destination {self.dst} exists and is not a folder")
             if any(self.dst.iterdir()) and not self.overwrite and not written_by_streamer(self.dst):
                 raise TargetError(
                     f"destination {self.dst} is not empty and streamer did not write it (no "
-                    f"{CARD_NAME} with streamer's provenance); choose another folder or pass "
-                    "--overwrite to replace it"
+                    f"{CARD_NAME} with streamer's provenance)",
+                    hints=(Hint("target"), Hint("overwrite")),
                 )
         parent = self.dst.parent
         while not parent.exists():
@@ -324,14 +346,18 @@ class LocalSink(Sink):
     # -- writing ----------------------------------------------------------------------------
 
     def open_shard(self, name: str, size: int) -> ShardWriter:
+        """A writer for shard NAME of SIZE bytes, written straight into the staging folder."""
         return _FileShardWriter(name, size, self._staging() / check_relpath(name))
 
     def put_file(self, path: str, data: bytes) -> None:
+        """Write the small file PATH with DATA into the staging folder."""
         target = self._staging() / check_relpath(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
 
     def commit(self, message: str = "", description: str = "") -> str:
+        """Swap the staging folder into place in one step (MESSAGE and DESCRIPTION are not kept:
+        a folder has no history); the replaced folder is removed. Returns the destination path."""
         staging = self._staging()
         if os.path.lexists(self.dst):
             try:
@@ -357,6 +383,7 @@ class LocalSink(Sink):
         return str(self.dst)
 
     def abort(self, *, cancelled: bool = False) -> None:
+        """Remove the staging folder and the parents this run created; the destination is untouched."""
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
@@ -369,10 +396,8 @@ class LocalSink(Sink):
         self._made.clear()
 
     def close(self) -> None:
+        """Drop this run's lock, if commit or abort did not already."""
         # Normally commit or abort released the lock already; this covers a caller that did
         # neither. The staging folder is left for the next run's remove_stale().
         self._release()
 
-
-def dumps_json(data) -> bytes:
-    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()

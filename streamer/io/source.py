@@ -1,13 +1,13 @@
-"""Where checkpoint bytes come from: a local folder, or a Hub repo read with HTTP range requests.
+"""Where checkpoint bytes come from: the Source interface, and LocalSource for a folder on this machine.
 
 A Source answers three questions: which files exist (with sizes), give me bytes [start, end) of a
-file, and give me a whole small file. Everything above this module is the same for both kinds.
+file, and give me a whole small file. Everything above this module is the same for every kind;
+HubSource (hub_source.py) reads a Hub repo, and locations.open_source picks one by name.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import stat
 import threading
 from dataclasses import dataclass
@@ -25,15 +25,19 @@ class Span:
 
     @property
     def size(self) -> int:
+        """The number of bytes in the span."""
         return self.end - self.start
 
 
 class Source:
-    """Interface shared by LocalSource and HubSource."""
+    """Interface shared by LocalSource and HubSource: the checkpoint's files, read by byte range."""
 
     label: str = ""  # how logs and model cards name the source: a path, or "org/name@sha"
     repo_id: str | None = None
     commit: str | None = None  # the exact source commit on the Hub, None for a local folder
+    # Who may read the source: a private or gated one makes a private target unless asked otherwise.
+    private: bool = False
+    gated: bool = False
 
     def files(self) -> dict[str, int]:
         """Relative path (POSIX) -> size in bytes, for every file of the checkpoint."""
@@ -49,15 +53,17 @@ class Source:
             self.read_into(path, span, out)
 
     def read(self, path: str, span: Span) -> bytearray:
+        """Bytes SPAN of file PATH, in a new buffer."""
         out = bytearray(span.size)
         self.read_into(path, span, memoryview(out))
         return out
 
     def read_file(self, path: str) -> bytes:
+        """The whole file PATH (a small one: config, tokenizer …)."""
         return self.read(path, Span(0, self.files()[path]))
 
     def close(self) -> None:
-        pass
+        """Let go of what the source holds (files, connections)."""
 
     def __enter__(self):
         return self
@@ -83,7 +89,7 @@ def _kind(mode: int) -> str:
 
 
 class LocalSource(Source):
-    """A checkpoint folder on this machine.
+    """The checkpoint folder ROOT on this machine.
 
     Every file read from it (shards and the small files copied to the output) must be a regular
     file inside the folder once links are resolved; anything else is refused when the folder is
@@ -134,6 +140,7 @@ class LocalSource(Source):
         return str(real), st
 
     def files(self) -> dict[str, int]:
+        """Relative path -> size of every file in the folder, checked once (see the class)."""
         if self._files is None:
             found: dict[str, int] = {}
             for dirpath, dirnames, filenames in os.walk(self.root):  # never follows linked folders
@@ -186,6 +193,7 @@ class LocalSource(Source):
         return fd
 
     def read_into(self, path: str, span: Span, out: memoryview) -> None:
+        """Fill OUT (exactly span.size bytes) with bytes SPAN of file PATH."""
         fd = self._fd(path)
         view = out.cast("B") if out.format != "B" else out
         got = 0
@@ -200,42 +208,8 @@ class LocalSource(Source):
             got += n
 
     def close(self) -> None:
+        """Close the files opened for reading."""
         with self._lock:
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
-
-
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[^\s]+)?$")
-
-
-def is_hub_spec(spec: str) -> bool:
-    """`org/name[@rev]` that is not an existing local path is a Hub repo id.
-
-    Anything that exists on disk, starts with `/`, `.` or `~`, or does not have exactly one `/`
-    before the optional `@revision`, is a local folder.
-    """
-    if spec.startswith("hub://"):
-        return True
-    if os.path.exists(spec) or spec.startswith(("/", ".", "~")):
-        return False
-    return _REPO_ID.match(spec) is not None
-
-
-def split_revision(spec: str) -> tuple[str, str | None]:
-    spec = spec.removeprefix("hub://")
-    if "@" in spec:
-        repo, rev = spec.split("@", 1)
-        return repo, (rev or None)
-    return spec, None
-
-
-def open_source(spec: str | os.PathLike, *, token: str | None = None, **hub_options) -> Source:
-    """A local folder if SPEC exists on disk, else a Hub repo id `org/name[@revision]`."""
-    spec = os.fspath(spec)
-    if not is_hub_spec(spec):
-        return LocalSource(os.path.expanduser(spec))
-    from streamer.io.hub import HubSource  # imported lazily: local runs need no HTTP machinery
-
-    repo_id, revision = split_revision(spec)
-    return HubSource(repo_id, revision=revision, token=token, **hub_options)

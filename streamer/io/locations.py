@@ -1,0 +1,40 @@
+"""Where a run reads from, as the user names it: a local folder, or a Hub repo `org/name[@revision]`.
+
+The one place that tells the two apart and opens the matching Source; source.py and hub_source.py
+each know only their own kind.
+"""
+
+from __future__ import annotations
+
+import os
+
+from streamer.formats import is_repo_spec, split_revision
+from streamer.io.source import LocalSource, Source
+
+
+def is_hub_spec(spec: str) -> bool:
+    """Whether SPEC (a source or destination as the user wrote it) names a Hub repo.
+
+    `hub://…` always does. Anything that exists on disk or starts with `/`, `.` or `~` is a local
+    folder; the rest is a Hub repo when it reads as `org/name[@revision]` (streamer.formats).
+    """
+    if spec.startswith("hub://"):
+        return True
+    if os.path.exists(spec) or spec.startswith(("/", ".", "~")):
+        return False
+    return spec == spec.strip() and is_repo_spec(spec)
+
+
+def open_source(spec: str | os.PathLike, *, token: str | bool | None = None, **hub_options) -> Source:
+    """The Source SPEC names: a LocalSource for a folder, else a HubSource for `org/name[@revision]`.
+
+    TOKEN is the Hub token (False: none at all, None: huggingface_hub's default); HUB_OPTIONS go
+    to HubSource (endpoint, connections, chunk_bytes). A local folder ignores both.
+    """
+    spec = os.fspath(spec)
+    if not is_hub_spec(spec):
+        return LocalSource(os.path.expanduser(spec))
+    from streamer.io.hub_source import HubSource  # imported lazily: local runs need no HTTP machinery
+
+    repo_id, revision = split_revision(spec)
+    return HubSource(repo_id, revision=revision, token=token, **hub_options)
