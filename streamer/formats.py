@@ -159,3 +159,37 @@ def parse_size(text: str) -> int:
 def dumps_json(data) -> bytes:
     """DATA as the JSON files streamer writes: indented, keys sorted, one trailing newline."""
     return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+
+
+# --- tensor and module names ---------------------------------------------------------------------
+
+
+def natural_key(name: str) -> list:
+    """A sort key that orders NAME's numbers by value (`layers.2` before `layers.10`)."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def collapse_names(names: list[str]) -> list[str]:
+    """NAMES with layer indices folded: `model.layers.{0..31}.mlp.up_proj.weight  (32)` instead of
+    32 lines. Each pattern counts its names when there are several; sorted naturally."""
+    groups: dict[str, list[tuple[int, ...]]] = {}
+    for n in names:
+        nums = tuple(int(x) for x in re.findall(r"(?<=\.)\d+(?=\.|$)", n))
+        pattern = re.sub(r"(?<=\.)\d+(?=\.|$)", "{}", n)
+        groups.setdefault(pattern, []).append(nums)
+    out = []
+    for pattern, nums in groups.items():
+        if not nums[0]:
+            out.append(pattern)
+            continue
+        slots = [_ranges(sorted({t[i] for t in nums})) for i in range(len(nums[0]))]
+        out.append(pattern.format(*slots) + (f"  ({len(nums)})" if len(nums) > 1 else ""))
+    return sorted(out, key=natural_key)
+
+
+def _ranges(vals: list[int]) -> str:
+    if len(vals) == 1:
+        return str(vals[0])
+    if vals == list(range(vals[0], vals[-1] + 1)):
+        return f"{{{vals[0]}..{vals[-1]}}}"
+    return "{" + ",".join(map(str, vals)) + "}"

@@ -26,7 +26,7 @@ from streamer import model_free_ptq
 from streamer.cli import main as cli
 from streamer.engine.convert import convert, prepare, quantize
 from streamer.io.provenance import front_matter, read_provenance
-from streamer.errors import PlanError
+from streamer.errors import Hint, PlanError
 from streamer.mirror.main import Job, compare, parse_jobs
 from streamer.engine.plan import INCOMPATIBLE, plan_summary, render, schemes_that_fit
 from test_engine import CountingSource
@@ -219,7 +219,7 @@ def test_incompatible_shapes_stop_before_reading_and_print_the_fix(checkpoint, t
             convert(src, str(tmp_path / "out"), scheme=scheme, device="cpu")
         head = err.value.problems[0]
         assert "2 weight(s) have shapes" in head and "model.layers.{0..1}.mlp.down_proj" in head
-        assert r"'re:model\.layers\.\d+\.mlp\.down_proj$'" in head and "--skip-incompatible" in head
+        assert r"'re:model\.layers\.\d+\.mlp\.down_proj$'" in head and Hint("skip_incompatible") in err.value.hints
         assert {p.split(":")[0] for p in err.value.problems[1:]} == {
             "model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight",
         }  # fmt: skip

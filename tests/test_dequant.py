@@ -21,7 +21,7 @@ from fixtures import dequantize_checkpoint
 from reference import _env, compare_checkpoints, require_reference, tensor_records
 from streamer.engine.convert import convert, prepare
 from streamer.cli.main import main as cli_main
-from streamer.errors import PlanError, SchemeError
+from streamer.errors import Hint, PlanError, SchemeError
 
 FP8_QCONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                "weight_block_size": [128, 128]}
@@ -307,8 +307,9 @@ def test_plan_consumes_scales_and_passes_dense_tensors(ds_fp8):
 
 
 def test_same_scheme_refused_unless_forced(ds_fp8, work):
-    with pytest.raises(SchemeError, match="already quantized with fp8 block 128x128.*--force"):
+    with pytest.raises(SchemeError, match="already quantized with fp8 block 128x128") as e:
         prepare(str(ds_fp8), scheme="FP8_BLOCK")
+    assert Hint("force") in e.value.hints
     assert cli_main([str(ds_fp8), str(work / "refused"), "--scheme", "FP8_BLOCK", "-q"]) == 2
     assert not (work / "refused").exists() or not any((work / "refused").iterdir())
     out = work / "fp8block-forced"

@@ -22,7 +22,7 @@ from reference import _env, compare_checkpoints, reference_python, tensor_record
 from streamer import model_free_ptq
 from streamer.cli import main as cli
 from streamer.engine.convert import convert, prepare
-from streamer.errors import PlanError, SchemeError
+from streamer.errors import Hint, PlanError, SchemeError
 from streamer.engine.plan import render
 from test_hub import hub  # noqa: F401  (the localhub fixture)
 
@@ -292,8 +292,9 @@ def test_targeted_quantized_modules_are_requantized_as_today(stage1, work):
 
 def test_same_scheme_on_targeted_modules_refused_unless_forced(stage1, work):
     src = stage1["qwen3"]
-    with pytest.raises(SchemeError, match=r"8 module\(s\) the scheme targets are already quantized with int4 group 16.*--force"):
+    with pytest.raises(SchemeError, match=r"8 module\(s\) the scheme targets are already quantized with int4 group 16") as e:
         prepare(str(src), scheme=attn_w4a16(), ignore=IGNORE)
+    assert Hint("force") in e.value.hints
     source, plan = prepare(str(src), scheme=attn_w4a16(), ignore=IGNORE, force=True)
     source.close()
     assert plan.n_requantized == 8 and plan.stacked == {}

@@ -1,4 +1,4 @@
-"""streamer.engine.suggest: default ignore lists per architecture, repo names, scheme blurbs."""
+"""streamer.engine.suggest and .policy: default ignore lists per architecture, repo names, scheme blurbs."""
 
 from __future__ import annotations
 
@@ -10,11 +10,10 @@ from streamer.io.catalog import build_catalog
 from streamer.engine.plan import expand_inputs
 from streamer.quant.schemes import accepted_presets, make_recipe
 from streamer.io.source import LocalSource
+from streamer.engine.policy import is_moe, is_multimodal
 from streamer.engine.suggest import (
     architecture,
     format_ignore,
-    is_moe,
-    is_multimodal,
     parse_ignore,
     scheme_blurb,
     suggest_ignore,
@@ -172,7 +171,7 @@ def test_every_accepted_scheme_has_a_blurb():
 
 # --- the default policy: found by role, not by model name ------------------------------------------
 
-from streamer.engine.suggest import EMBEDDING, HEAD, ROUTER, TOWER, close_modules, default_kept, ignore_entries  # noqa: E402
+from streamer.engine.policy import EMBEDDING, HEAD, ROUTER, TOWER, close_modules, default_kept, ignore_entries  # noqa: E402
 
 
 def _w(*specs, vocab=1000, hidden=64):

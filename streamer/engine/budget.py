@@ -1,11 +1,11 @@
-"""The byte budget every stage that holds model bytes in memory draws from (`--max-memory`)."""
+"""The byte budget every stage that holds model bytes in memory draws from (`max_memory`)."""
 
 from __future__ import annotations
 
 import os
 import threading
 
-from streamer.errors import StreamerError
+from streamer.errors import Hint, StreamerError
 
 
 class Budget:
@@ -14,10 +14,11 @@ class Budget:
     def __init__(self, limit: int):
         # 0 or a fraction of a byte used to fall back to the default budget without a word;
         # a budget that holds nothing is a mistake to report, not to reinterpret.
+        """limit: the bytes the budget holds (a whole number, at least 1)."""
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise StreamerError(
-                f"the memory budget must be a whole number of bytes, at least 1; got {limit!r} "
-                "(give a size such as --max-memory 8GB)"
+                f"the memory budget must be a whole number of bytes, at least 1; got {limit!r}",
+                hints=(Hint("max_memory"),),
             )
         self.limit = limit
         self.used = 0
@@ -29,6 +30,7 @@ class Budget:
         return self.used + n <= self.limit or self.used == 0
 
     def try_acquire(self, n: int) -> bool:
+        """Take N bytes if they fit now; whether they were taken."""
         with self._cv:
             if not self._fits(n):
                 return False
@@ -49,6 +51,7 @@ class Budget:
         self.peak = max(self.peak, self.used)
 
     def release(self, n: int) -> None:
+        """Give N bytes back, waking those waiting for them."""
         with self._cv:
             self.used -= n
             self._cv.notify_all()

@@ -23,14 +23,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from streamer.engine.budget import Budget, default_memory_budget  # noqa: F401  (re-exported)
-from streamer.io.catalog import TensorInfo
-from streamer.errors import InputError, StreamerError
-from streamer.engine.plan import ST_DTYPES, TORCH_DTYPES, Job, OutTensor, Plan, human_bytes
+from streamer.engine.budget import Budget
+from streamer.engine.plan import Job, OutTensor, Plan
 from streamer.engine.progress import Progress
-from streamer.quant.kernels import global_scale, quantize_weight
+from streamer.errors import Cancelled, Hint, InputError, StreamerError
+from streamer.formats import human_bytes, safetensors_name
+from streamer.io.catalog import TensorInfo
 from streamer.io.sink import ShardWriter, Sink
 from streamer.io.source import Source, Span
+from streamer.quant.kernels import global_scale, quantize_weight
 
 log = logging.getLogger("streamer")
 
@@ -55,9 +56,15 @@ _NONFINITE: contextvars.ContextVar[str] = contextvars.ContextVar("streamer_nonfi
 
 @contextlib.contextmanager
 def nonfinite_policy(policy: str):
-    """`with nonfinite_policy("passthrough"): convert(...)` lets NaN/Inf weights through."""
+    """`with nonfinite_policy("passthrough"): convert(...)` lets NaN/Inf weights through.
+
+    policy: one of NONFINITE_POLICIES, for the conversions run inside the block (this context
+    only: other threads and tasks keep theirs)."""
     if policy not in NONFINITE_POLICIES:
-        raise StreamerError(f"--nonfinite {policy!r}: use one of {', '.join(NONFINITE_POLICIES)}")
+        raise StreamerError(
+            f"unknown policy for NaN/Inf weights {policy!r}: the choices are {', '.join(NONFINITE_POLICIES)}",
+            hints=(Hint("nonfinite", NONFINITE_POLICIES),),
+        )
     token = _NONFINITE.set(policy)
     try:
         yield
@@ -85,6 +92,8 @@ def is_finite(w: torch.Tensor) -> bool:
 
 @dataclass
 class Piece:
+    """A part of a job fetched, quantized and written together (see split_job)."""
+
     job: Job
     inputs: list[TensorInfo]
     outputs: list[OutTensor]
@@ -96,16 +105,20 @@ class Piece:
 
     @property
     def bytes_in(self) -> int:
+        """Bytes the piece reads."""
         return sum(t.nbytes for t in self.inputs)
 
     @property
     def cost(self) -> int:
+        """Bytes the piece holds at most: its reads, its outputs and the quantizer's temporaries."""
         work = sum(t.nbytes for t in self.inputs if t.name in {q.tensor for q in self.quantize})
         return self.bytes_in + sum(o.nbytes for o in self.outputs) + WORK_FACTOR * work + self.extra
 
 
 @dataclass
 class RunStats:
+    """What a run did: bytes, shards, time per stage, the budget's peak."""
+
     bytes_read: int = 0
     bytes_written: int = 0
     shards: list[str] = field(default_factory=list)
@@ -134,16 +147,14 @@ def shard_header(job: Job) -> tuple[bytes, dict[str, int]]:
 
 
 def split_job(job: Job, plan: Plan, limit: int) -> list[Piece]:
-    """Cut a job into pieces of at most LIMIT bytes of working memory, fused sets kept whole."""
-    inputs_of: dict[str, list[TensorInfo]] = {}
-    for t in job.inputs:
-        inputs_of.setdefault(t.name, []).append(t)
+    """Cut JOB of PLAN into pieces of at most LIMIT bytes of working memory, fused sets kept
+    whole (a unit larger than LIMIT is a piece of its own).
+    """
     outputs_of: dict[str, list[OutTensor]] = {}
     for o in job.outputs:
         outputs_of.setdefault(o.origin, []).append(o)
-    if plan.dequantizer is not None:
-        # a dequantized weight is read from several stored tensors (packed data, scales …)
-        inputs_of = {name: plan_inputs for name, plan_inputs in _dequant_inputs(job, plan).items()}
+    # a dequantized weight is read from several stored tensors (packed data, scales …)
+    inputs_of = _inputs_of(job, plan)
 
     ops = {q.tensor: q for q in job.quantize}
     units: list[list[str]] = []
@@ -168,8 +179,7 @@ def split_job(job: Job, plan: Plan, limit: int) -> list[Piece]:
             [ops[n] for n in unit if n in ops],
             [n for n in unit if n not in ops],
         )
-        if plan.dequantizer is not None:
-            piece.extra = sum(plan.dequantizer.work_bytes(n) for n in unit)
+        piece.extra = sum(plan.dequantizer.work_bytes(n) for n in unit)
         if current is not None and current.cost + piece.cost <= limit:
             current.inputs += piece.inputs
             current.outputs += piece.outputs
@@ -186,7 +196,9 @@ def split_job(job: Job, plan: Plan, limit: int) -> list[Piece]:
     return pieces
 
 
-def _dequant_inputs(job: Job, plan: Plan) -> dict[str, list[TensorInfo]]:
+def _inputs_of(job: Job, plan: Plan) -> dict[str, list[TensorInfo]]:
+    """name -> the stored tensors of JOB read to produce it (its own bytes, or a quantized
+    weight's data and scales)."""
     by_name = {t.name: t for t in job.inputs}
     dq = plan.dequantizer
     return {
@@ -210,6 +222,8 @@ def _merge(inputs: list[TensorInfo]) -> list[tuple[str, Span, list[TensorInfo]]]
 
 
 class Runner:
+    """Runs a plan: fetch, quantize and write pieces at once within a byte budget."""
+
     def __init__(
         self,
         plan: Plan,
@@ -225,6 +239,13 @@ class Runner:
         fingerprint: str | None = None,
         allow_nonfinite: bool | None = None,
     ):
+        """plan: what to do; source: where the tensors are read; sink: where the shards go;
+        device: where quantization runs; max_memory: the byte budget (ignored when BUDGET, one
+        shared by several runners, is given); fetch_workers: parallel reads; progress: where bytes
+        are reported; cancel: an Event that stops the run (Cancelled); fingerprint: identifies the
+        output, so a rerun resumes the shards delivered; allow_nonfinite: quantize NaN/Inf weights
+        (None: the calling context's nonfinite_policy).
+        """
         self.plan = plan
         # None: the policy of the calling context (see nonfinite_policy), refuse by default
         self.allow_nonfinite = (
@@ -257,7 +278,7 @@ class Runner:
             self.source.read_spans_into(file, [s for s, _ in groups], [memoryview(b.numpy()) for b in bufs])
             for (span, members), buf in zip(groups, bufs):
                 for t in members:
-                    views[_key(t)] = buf[t.span.start - span.start : t.span.end - span.start]
+                    views[t.key] = buf[t.span.start - span.start : t.span.end - span.start]
             if not self._read_streamed:
                 self.progress.advance("read", sum(s.size for s, _ in groups))
             self.stats.bytes_read += sum(s.size for s, _ in groups)
@@ -273,21 +294,14 @@ class Runner:
         def put(out: OutTensor, data: torch.Tensor) -> None:
             writer.write_at(offsets[out.name], _as_bytes(data))
 
-        def dense(name: str) -> torch.Tensor:
-            if dq is not None and dq.transforms(name):
-                return dq.dense(name, raw, self.device)
-            info = stored[name]
-            t = raw[_key(info)].view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
-            return t.to(self.device, non_blocking=True)
-
         for name in piece.passthrough:
             (out,) = out_of[name]
-            if dq is not None and dq.transforms(name):
-                put(out, dense(name).cpu())
+            if dq.transforms(name):
+                put(out, dq.dense(name, raw, self.device).cpu())
             else:
-                put(out, raw[_key(stored[name])])  # byte for byte, never through a dtype
+                put(out, raw[stored[name].key])  # byte for byte, never through a dtype
 
-        weights = {q.tensor: dense(q.tensor) for q in piece.quantize}
+        weights = {q.tensor: dq.dense(q.tensor, raw, self.device) for q in piece.quantize}
         for name, w in weights.items():
             # NaN/Inf would silently become NaN scales (and garbage weights) in the output
             if not is_finite(w):
@@ -306,7 +320,7 @@ class Runner:
             for suffix, tensor in result.items():
                 out = planned[base + suffix]
                 tensor = tensor.cpu()
-                if ST_DTYPES[tensor.dtype] != out.dtype or tuple(tensor.shape) != out.shape:
+                if safetensors_name(tensor.dtype) != out.dtype or tuple(tensor.shape) != out.shape:
                     raise RuntimeError(
                         f"internal error: {out.name} came out {tensor.dtype}{list(tensor.shape)}, "
                         f"planned {out.dtype}{list(out.shape)}"
@@ -322,21 +336,22 @@ class Runner:
         module = name[: -len(".weight")] if name.endswith(".weight") else name
         if self.allow_nonfinite:
             log.warning(
-                "warning: %s%s holds %s value(s) of %d; quantized as asked (--nonfinite "
-                "passthrough): its scales are not finite", name, where, what, w.numel(),
+                "warning: %s%s holds %s value(s) of %d; quantized as asked (NaN/Inf weights "
+                "passed through): its scales are not finite", name, where, what, w.numel(),
             )  # fmt: skip
             self.stats.nonfinite.append(name)
             return
+        # besides fixing the checkpoint: keep the module unquantized, or quantize it anyway
         raise InputError(
             f"tensor {name}{where} holds {what} value(s) of {w.numel()}; quantizing it would "
-            f"write NaN scales. Fix the checkpoint, keep the module unquantized with --ignore "
-            f"{module}, or pass --nonfinite passthrough to quantize it anyway"
+            "write NaN scales. Fix the checkpoint",
+            hints=(Hint("ignore", module), Hint("nonfinite", "passthrough")),
         )
 
     # -- memory ----------------------------------------------------------------------------
 
     def memory_needs(self, jobs: list[Job]) -> list[tuple[int, str]]:
-        """(bytes, what) for everything that must fit in the budget at once, whatever its size:
+        """(bytes, what) for everything of JOBS that must fit in the budget at once, whatever its size:
         each tensor (or fused set, quantized together) with its working memory, and, for a sink
         that buffers whole shards, the output shard it is written into, held until uploaded
         (a tensor that cannot fit beside its shard would wait for memory forever)."""
@@ -356,8 +371,8 @@ class Runner:
         return needs
 
     def check_memory(self, jobs: list[Job]) -> None:
-        """Refuse a budget that some tensor cannot fit in, naming the largest need of the plan
-        and a --max-memory that then works (checked once for the whole plan, before any read)."""
+        """Refuse a budget that some tensor of JOBS cannot fit in, naming the largest need of the
+        plan and a max_memory that then works (checked once for the whole plan, before any read)."""
         limit = self.budget.limit
         needs = self.memory_needs(jobs)
         if not needs:
@@ -367,9 +382,10 @@ class Runner:
             return
         over = sum(1 for n, _ in needs if n > limit)
         raise StreamerError(
-            f"--max-memory {human_bytes(limit)} is too small: {what} needs {human_bytes(largest)} "
-            f"of working memory, the largest need of this plan ({over} item(s) do not fit); "
-            f"pass --max-memory {suggest_size(largest)} or more"
+            f"the memory budget of {human_bytes(limit)} is too small: {what} needs "
+            f"{human_bytes(largest)} of working memory, the largest need of this plan ({over} "
+            "item(s) do not fit)",
+            hints=(Hint("max_memory", suggest_size(largest)),),
         )
 
     # -- driver ----------------------------------------------------------------------------
@@ -382,9 +398,14 @@ class Runner:
                 return fut.result(timeout=0.1)
             except FutureTimeout:
                 if self.cancel.is_set():
-                    raise KeyboardInterrupt("cancelled") from None
+                    raise Cancelled() from None
 
     def run(self) -> RunStats:
+        """Convert every job of the plan not already delivered; the run's RunStats.
+
+        Raises Cancelled once the cancel event is set, InputError for a bad tensor, StreamerError for
+        a budget no tensor fits in (before any read); what was written is discarded on any failure.
+        """
         t0 = time.monotonic()
         if hasattr(self.source, "cancel"):
             # a source that reads over the network stops its transfers in flight on a cancel
@@ -399,11 +420,10 @@ class Runner:
             self.stats.resumed = sorted(done)
         jobs = [j for j in self.plan.jobs if j.shard not in done]
         self.check_memory(jobs)
-        pieces = [p for job in jobs for p in split_job(job, self.plan, self._piece_limit(job))]
+        pieces = self.pieces(jobs)
         self.stats.pieces = len(pieces)
-        self.progress.set_total("read", sum(sum(s.size for _, s, _ in _merge(p.inputs)) for p in pieces))
-        self.progress.set_total("quantize", sum(p.bytes_in for p in pieces))
-        self.progress.set_total("upload", sum(j.bytes_out for j in jobs))
+        for stage, total in self.totals(jobs).items():
+            self.progress.set_total(stage, total)
 
         pool = ThreadPoolExecutor(self.fetch_workers, thread_name_prefix="streamer-fetch")
         pending: deque[tuple[Piece, Future]] = deque()
@@ -433,7 +453,7 @@ class Runner:
         try:
             while queue or pending:
                 if self.cancel.is_set():
-                    raise KeyboardInterrupt("cancelled")
+                    raise Cancelled()
                 while queue and len(pending) < depth and admit(block=not pending):
                     pass
                 piece, fut = pending.popleft()
@@ -463,6 +483,19 @@ class Runner:
         self.stats.peak_budget = self.budget.peak
         self.stats.shards = [j.shard for j in self.plan.jobs]
         return self.stats
+
+    def pieces(self, jobs: list[Job]) -> list[Piece]:
+        """JOBS cut into the pieces this runner reads and quantizes one at a time."""
+        return [p for job in jobs for p in split_job(job, self.plan, self._piece_limit(job))]
+
+    def totals(self, jobs: list[Job]) -> dict[str, int]:
+        """The bytes each stage moves to run JOBS: what the progress bars count up to."""
+        pieces = self.pieces(jobs)
+        return {
+            "read": sum(sum(s.size for _, s, _ in _merge(p.inputs)) for p in pieces),
+            "quantize": sum(p.bytes_in for p in pieces),
+            "upload": sum(j.bytes_out for j in jobs),
+        }
 
     def _piece_limit(self, job: Job) -> int:
         """Working memory per piece: at most a third of the budget, so fetch, quantize and write
@@ -501,15 +534,11 @@ class Runner:
 
 
 def suggest_size(n: int) -> str:
-    """N bytes rounded up to a --max-memory value that parses back to at least N: whole kB below
+    """N bytes rounded up to a max_memory size that parses back to at least N: whole kB below
     10 MB, whole MB above (integers, so no float rounding can make it smaller)."""
     if n < 10_000_000:
         return f"{math.ceil(n / 1000)}kB"
     return f"{math.ceil(n / 1_000_000)}MB"
-
-
-def _key(t: TensorInfo) -> tuple:
-    return (t.file, t.span.start, t.span.end)
 
 
 def _as_bytes(t: torch.Tensor) -> memoryview:

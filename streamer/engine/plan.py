@@ -14,26 +14,25 @@ from dataclasses import dataclass, field
 
 import torch
 
+from streamer.engine.policy import (
+    HEAD,
+    LM_HEAD,
+    RULES,
+    TOWER,
+    close_modules,
+    default_kept,
+    ignore_entries,
+    matches,
+    not_quantizable,
+)
+from streamer.errors import Hint, PlanError
+from streamer.formats import FLOAT_DTYPES, collapse_names, dtype_size, human_bytes, natural_key, safetensors_name, torch_dtype
+from streamer.io.catalog import Catalog, TensorInfo
 from streamer.io.provenance import policy_flags
-from streamer.io.catalog import DTYPE_SIZES, Catalog, TensorInfo
-from streamer.errors import PlanError
-from streamer.engine.progress import human_bytes  # noqa: F401  (plan summaries use it; re-exported)
-from streamer.quant.kernels import ShapeError, needs_global_scale, output_layout
-from streamer.quant.schemes import Recipe, accepted_presets, make_recipe
 from streamer.io.source import Span
-from streamer.engine.suggest import HEAD, LM_HEAD, RULES, TOWER, close_modules, default_kept, ignore_entries, matches
-
-# The torch dtype of each safetensors dtype name, for viewing raw bytes as tensors.
-TORCH_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "F8_E8M0": torch.float8_e8m0fnu,
-}  # fmt: skip
-
-ST_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
-FLOAT_DTYPES = {"F32", "F16", "BF16"}
+from streamer.quant.dequant import Dequantizer, PassThrough
+from streamer.quant.schemes import Recipe, accepted_presets, make_recipe
+from streamer.quant.spec import ShapeError, needs_global_scale, output_layout
 
 # Sibling modules that vLLM fuses into one kernel when it loads the model, so that schemes with a
 # global scale (NVFP4) must give them one shared scale. Order matters: the first member present
@@ -55,9 +54,9 @@ _EXPERT_SPLITS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_
 
 @dataclass(frozen=True)
 class Policy:
-    """What a conversion keeps unquantized besides the user's ignore list (see suggest.py)."""
+    """What a conversion keeps unquantized besides the user's ignore list (see policy.py)."""
 
-    default_ignore: bool = True  # embeddings, output head, MoE routers, towers (suggest.RULES)
+    default_ignore: bool = True  # embeddings, output head, MoE routers, towers (policy.RULES)
     quantize_towers: bool = False  # quantize vision/audio towers and projectors anyway
     skip_incompatible: bool = False  # keep weights of shapes the scheme cannot serve, instead of refusing
 
@@ -74,13 +73,15 @@ INCOMPATIBLE = "shapes the scheme cannot serve"
 class KeptRule:
     """Modules one rule of the policy kept unquantized (or, defaults off, let through)."""
 
-    rule: str  # a key of suggest.RULES, or INCOMPATIBLE
+    rule: str  # a key of policy.RULES, or INCOMPATIBLE
     why: str
     modules: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class QuantOp:
+    """One weight to quantize: its tensor, module, config group and fused set (if any)."""
+
     tensor: str  # input tensor name, "<module>.weight"
     module: str
     group: str  # config group name in the recipe
@@ -89,6 +90,8 @@ class QuantOp:
 
 @dataclass(frozen=True)
 class OutTensor:
+    """One tensor of an output shard, and the input tensor it is made from."""
+
     name: str
     dtype: str  # safetensors dtype name
     shape: tuple[int, ...]
@@ -96,11 +99,14 @@ class OutTensor:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
+        """Bytes the tensor takes in its output file."""
+        return math.prod(self.shape) * dtype_size(self.dtype)
 
 
 @dataclass(frozen=True)
 class FusedSet:
+    """Weights vLLM fuses, quantized with one shared global scale into one output shard."""
+
     id: int
     family: str  # e.g. "q_proj+k_proj+v_proj"
     parent: str  # module path the members share
@@ -121,15 +127,19 @@ class Job:
 
     @property
     def bytes_in(self) -> int:
+        """Bytes the job reads."""
         return sum(t.nbytes for t in self.inputs)
 
     @property
     def bytes_out(self) -> int:
+        """Bytes the job writes."""
         return sum(o.nbytes for o in self.outputs)
 
 
 @dataclass
 class Plan:
+    """Everything a conversion will do, decided before any tensor byte is read (see make_plan)."""
+
     source: str
     recipe: Recipe
     catalog: Catalog
@@ -137,7 +147,7 @@ class Plan:
     fused_sets: list[FusedSet]
     kept_weights: list[tuple[str, str]]  # (.weight tensor left unquantized, why) worth listing
     warnings: list[str]
-    dequantizer: object | None = None  # dequant.Dequantizer when the source is already quantized
+    dequantizer: Dequantizer = field(default_factory=PassThrough)  # expands a quantized source
     policy: Policy = field(default_factory=Policy)
     kept_by_policy: list[KeptRule] = field(default_factory=list)  # beyond the user's ignore list
     # defaults off: what the default rules would have kept and is quantized instead
@@ -159,8 +169,7 @@ class Plan:
     @property
     def n_requantized(self) -> int:
         """Weights the source stored quantized that are expanded and quantized again."""
-        dq = self.dequantizer
-        return sum(dq.transforms(q.tensor) for j in self.jobs for q in j.quantize) if dq is not None else 0
+        return sum(self.dequantizer.transforms(q.tensor) for j in self.jobs for q in j.quantize)
 
     def effective_flags(self) -> tuple[str, ...]:
         """The policy flags that changed this output (the shortest command that reproduces it)."""
@@ -177,22 +186,26 @@ class Plan:
     @property
     def dequant(self) -> str | None:
         """How the quantized source is expanded on the fly, for the plan and the model card."""
-        return self.dequantizer.describe() if self.dequantizer is not None else None
+        return self.dequantizer.describe()
 
     @property
     def bytes_in(self) -> int:
+        """Bytes the conversion reads."""
         return sum(j.bytes_in for j in self.jobs)
 
     @property
     def bytes_out(self) -> int:
+        """Bytes the conversion writes."""
         return sum(j.bytes_out for j in self.jobs)
 
     @property
     def weight_map(self) -> dict[str, str]:
+        """Output tensor name -> the shard it is written to (the output index's weight_map)."""
         return {o.name: j.shard for j in self.jobs for o in j.outputs}
 
     @property
     def n_quantized(self) -> int:
+        """Weights quantized."""
         return sum(len(j.quantize) for j in self.jobs)
 
 
@@ -210,7 +223,7 @@ def _split_experts(info: TensorInfo) -> list[TensorInfo] | None:
     if rows % len(parts):
         raise PlanError([f"{info.name}: shape {list(info.shape)} cannot be split into {parts}"])
     part_rows = rows // len(parts)
-    isz = DTYPE_SIZES[info.dtype]
+    isz = dtype_size(info.dtype)
     prefix = base[: -len(leaf)]
     views = []
     for e in range(experts):
@@ -229,7 +242,9 @@ def _split_experts(info: TensorInfo) -> list[TensorInfo] | None:
 
 
 def expand_inputs(catalog: Catalog) -> tuple[list[TensorInfo], list[str]]:
-    """Catalog tensors with 3-D fused experts replaced by per-expert views."""
+    """The tensors of CATALOG with 3-D fused experts replaced by per-expert views, and a note
+    per tensor split.
+    """
     out, notes = [], []
     for info in catalog.tensors.values():
         views = _split_experts(info)
@@ -242,9 +257,22 @@ def expand_inputs(catalog: Catalog) -> tuple[list[TensorInfo], list[str]]:
 
 
 def make_plan(
-    catalog: Catalog, recipe: Recipe, *, source: str = "", dequant=None, policy: Policy | None = None
+    catalog: Catalog,
+    recipe: Recipe,
+    *,
+    source: str = "",
+    dequant: Dequantizer | None = None,
+    policy: Policy | None = None,
 ) -> Plan:
+    """The plan of converting CATALOG with RECIPE; PlanError naming every problem found.
+
+    source: the source's label, for the plan's rendering; dequant: the source's Dequantizer
+    (streamer.quant.dequant.detect_dequantizer; None: a dense source, read as stored);
+    policy: what is kept unquantized besides the recipe's ignore list (None: the defaults).
+    """
+    dequant = dequant if dequant is not None else PassThrough()
     problems: list[str] = []
+    hints: list[Hint] = []
     warnings: list[str] = list(catalog.notices)
     kept: list[tuple[str, str]] = []
 
@@ -256,12 +284,9 @@ def make_plan(
             problems.append(f"{info.name}: name clash between {by_name[info.name].file} and {info.file}")
         by_name[info.name] = info
 
-    if dequant is not None:
-        # A quantized source: the dequantizer says which tensors become dense weights and which
-        # (scales, packed data) are consumed; see streamer/quant/dequant.py.
-        by_name, consumed = dequant.plan_inputs(by_name)
-    else:
-        consumed = set()
+    # A quantized source: the dequantizer says which tensors become dense weights and which
+    # (scales, packed data) are consumed; see streamer/quant/dequant.py.
+    by_name, consumed = dequant.plan_inputs(by_name)
 
     # 1. decide what happens to every tensor
     policy = policy or Policy()
@@ -274,22 +299,23 @@ def make_plan(
     policy_kept: dict[str, str] = {}  # module -> rule, beyond the user's ignore list
     unexpected: dict[str, str] = {}  # defaults off: module -> the rule that would have kept it
     incompatible: dict[str, str] = {}  # module -> why the scheme cannot serve its shape
+    not_float: list[str] = []  # modules whose weights are stored in no float dtype
     ops: dict[str, QuantOp] = {}
     layouts: dict[str, dict] = {}
     for name, info in by_name.items():
         if name in consumed:
             continue
         module, _, param = name.rpartition(".")
-        if param != "weight" or module.endswith("norm"):
-            continue
-        if dequant is not None and dequant.keeps(module):
+        if param != "weight" or dequant.keeps(module):
             continue  # stacked: kept quantized as the source stores it
         matched = recipe.match(module)
         if matched is None:
             continue
         group, scheme = matched
-        if len(info.shape) != 2:
-            kept.append((name, f"{len(info.shape)}-D, not a Linear weight"))
+        why = not_quantizable(module, info.shape)
+        if why is not None:
+            if why:
+                kept.append((name, why))
             continue
         rule = by_role.get(module)
         if rule is not None:
@@ -298,35 +324,37 @@ def make_plan(
             elif not (rule == TOWER and policy.quantize_towers):
                 policy_kept[module] = rule
                 continue
-        src_dtype = dequant.dense_dtype(name) if dequant is not None else info.dtype
+        src_dtype = dequant.dense_dtype(name)
         if src_dtype not in FLOAT_DTYPES:
             problems.append(
                 f"{name}: dtype {src_dtype} is not a float weight (already quantized?); "
-                "ignore it with --ignore or convert a dense source"
+                "keep it unquantized or convert a dense source"
             )
+            not_float.append(module)
             continue
-        why = shape_problem(info.shape, TORCH_DTYPES[src_dtype], scheme)
+        why = shape_problem(info.shape, torch_dtype(src_dtype), scheme)
         if why is not None:
             incompatible[module] = why
             continue
-        layouts[name] = output_layout(info.shape, TORCH_DTYPES[src_dtype], scheme)
+        layouts[name] = output_layout(info.shape, torch_dtype(src_dtype), scheme)
         ops[name] = QuantOp(tensor=name, module=module, group=group)
 
     if policy.default_ignore and by_role.get(LM_HEAD) == HEAD and LM_HEAD + ".weight" not in by_name:
         if recipe.match(LM_HEAD) is not None:  # a tied head: loaders still build an lm_head Linear
             policy_kept[LM_HEAD] = HEAD
-    if getattr(dequant, "stacking", False):
+    if dequant.keep_stored(set(ops)):
         # A targeted module the plan leaves unquantized (default policy, shape) would be written
-        # dense from the dequantized values: keep it as the source stores it instead.
-        lost = {dequant.entries[n].module for n in dequant.entries if n not in ops}
-        if lost:
-            dequant.also_keep |= lost
-            return make_plan(catalog, recipe, source=source, dequant=dequant, policy=policy)
+        # dense from the dequantized values: it is kept as the source stores it instead.
+        return make_plan(catalog, recipe, source=source, dequant=dequant, policy=policy)
     quantized = {op.module for op in ops.values()}
     towers_quantized = sum(by_role.get(m) == TOWER for m in quantized) if policy.default_ignore else 0
+    if not_float:
+        hints.append(Hint("ignore", tuple(not_float)))
     if incompatible and (not policy.skip_incompatible or not ops):
-        # refused by default; with --skip-incompatible only when nothing at all would be quantized
-        problems[:0] = _incompatible_problems(incompatible, quantized, recipe, weights)
+        # refused by default; with skip_incompatible only when nothing at all would be quantized
+        refusal, fixes = _incompatible_problems(incompatible, quantized, recipe, weights)
+        problems[:0] = refusal
+        hints[:0] = fixes
     for module in incompatible:
         policy_kept[module] = INCOMPATIBLE
     unexpected = {m: r for m, r in unexpected.items() if m in quantized}
@@ -337,28 +365,30 @@ def make_plan(
     kept_rules = _kept_rules(policy_kept, incompatible, recipe)
     config_ignore = _config_ignore(recipe, policy_kept, quantized)
     kept_groups, stacked = {}, {}
-    if dequant is not None and dequant.kept:
+    if dequant.kept:
         kept_groups = dequant.kept_groups()
-        for module, group in sorted(dequant.kept.items(), key=lambda kv: _natural(kv[0])):
+        for module, group in sorted(dequant.kept.items(), key=lambda kv: natural_key(kv[0])):
             stacked.setdefault(group, []).append(module)
         dense = {
             n[: -len(".weight")] for n, i in by_name.items()
-            if n not in consumed and n.endswith(".weight") and len(i.shape) == 2
-            and not n[: -len(".weight")].endswith("norm") and n not in ops and not dequant.keeps(n[: -len(".weight")])
+            if n not in consumed and n.endswith(".weight") and not_quantizable(n[: -len(".weight")], i.shape) is None
+            and n not in ops and not dequant.keeps(n[: -len(".weight")])
         }  # fmt: skip
         new = dict(zip(recipe.groups, list(recipe.output_groups(kept_groups))[len(kept_groups) :]))
         stored = {**dequant.kept, **{op.module: new[op.group] for op in ops.values()}}
         config_ignore, stack_problems = stacked_ignore(
-            recipe.output_groups(kept_groups), config_ignore, list(getattr(dequant, "ignore", [])), stored, dense
+            recipe.output_groups(kept_groups), config_ignore, list(dequant.ignore), stored, dense
         )
         problems += stack_problems
+        if stack_problems:
+            hints.append(Hint("scheme_file"))
 
     # 2. fused sets share a global scale and an output shard
     fused_sets = _fused_sets(ops, recipe, by_name, dequant, warnings)
     for fs in fused_sets:
         for member in fs.members:
             ops[member] = QuantOp(**{**ops[member].__dict__, "fused": fs.id})
-    shard_of = {name: (dequant.shard_of(name) if dequant else info.file) for name, info in by_name.items()}
+    shard_of = {name: dequant.shard_of(name) for name in by_name}
     for fs in fused_sets:
         for member in fs.members:
             shard_of[member] = fs.shard
@@ -372,12 +402,11 @@ def make_plan(
         if name in ops:
             base = name[: -len("weight")]
             outs = [
-                OutTensor(base + suffix, ST_DTYPES[dt], tuple(shape), name)
+                OutTensor(base + suffix, safetensors_name(dt), tuple(shape), name)
                 for suffix, (dt, shape) in layouts[name].items()
             ]
         else:
-            dtype = dequant.dense_dtype(name) if dequant is not None else info.dtype
-            outs = [OutTensor(name, dtype, info.shape, name)]
+            outs = [OutTensor(name, dequant.dense_dtype(name), info.shape, name)]
         for o in outs:
             if o.name in produced:
                 problems.append(
@@ -388,17 +417,17 @@ def make_plan(
         outputs_of[name] = outs
 
     if problems:
-        raise PlanError(problems)
+        raise PlanError(problems, hints=hints)
     if not ops:
         warnings.append("no tensor matches the scheme: the output would be a copy of the source")
 
     # 4. one job per output shard, in source shard order
     jobs: dict[str, Job] = {s: Job(s, [], [], [], []) for s in catalog.shards}
-    for name, info in by_name.items():
+    for name in by_name:
         if name in consumed:
             continue
         job = jobs[shard_of[name]]
-        job.inputs.extend(dequant.inputs_for(name) if dequant else [info])
+        job.inputs.extend(dequant.inputs_for(name))
         if name in ops:
             job.quantize.append(ops[name])
         else:
@@ -408,7 +437,7 @@ def make_plan(
         jobs[fs.shard].fused.append(fs.id)
     for job in jobs.values():
         # Widest dtypes first, as safetensors itself orders them, so every tensor is aligned.
-        job.outputs.sort(key=lambda o: (-DTYPE_SIZES[o.dtype], o.name))
+        job.outputs.sort(key=lambda o: (-dtype_size(o.dtype), o.name))
         job.inputs = list({(t.file, t.span.start, t.name): t for t in job.inputs}.values())
         job.inputs.sort(key=lambda t: (t.file, t.span.start))
     empty = [s for s, j in jobs.items() if not j.outputs]
@@ -458,8 +487,8 @@ def stacked_ignore(
     """(ignore list, problems) for an output holding GROUPS, where STORED maps each quantized
     module to the group it is stored with and DENSE names the unquantized Linear weights.
 
-    The ignore list is the plan's, then those of the source's entries that still keep a dense
-    module the others do not, less every entry that matches a module stored quantized (the
+    The ignore list is IGNORE (the plan's), then those of SOURCE_IGNORE (the source's entries)
+    that still keep a dense module the others do not, less every entry that matches a module stored quantized (the
     global list would unquantize it for every group), plus the exact name of any dense module
     a group would still claim. A quantized module that the loaders would load with another
     group, or could load with two, is a problem: the config would lie."""
@@ -469,7 +498,7 @@ def stacked_ignore(
             continue
         if any(matches(m, entry) and not any(matches(m, e) for e in out) for m in dense):
             out.append(entry)
-    out += sorted((m for m in dense if loader_groups(m, groups, out)), key=_natural)
+    out += sorted((m for m in dense if loader_groups(m, groups, out)), key=natural_key)
     wrong: dict[tuple[str, str], list[str]] = defaultdict(list)
     for module, group in stored.items():
         got = loader_groups(module, groups, out)
@@ -479,8 +508,8 @@ def stacked_ignore(
         f"stacking on the source's quantization: {', '.join(collapse_names(ms))} are stored with "
         f"config group {group!r}, but compressed-tensors and vLLM would load them with {got}: "
         "the targets of the new scheme and of the groups kept from the source overlap. Give the "
-        "new scheme targets that name only the modules it quantizes (a --scheme-file with `re:` "
-        "targets), or target the kept modules too to re-quantize them"
+        "new scheme targets that name only the modules it quantizes (`re:` targets in a scheme "
+        "described in a file), or target the kept modules too to re-quantize them"
         for (group, got), ms in wrong.items()
     ]
     return out, problems
@@ -507,59 +536,63 @@ def _serving_problem(shape: tuple[int, ...], scheme) -> str | None:
     return (
         f"weight of shape {list(shape)}: in_features {cols} is not a multiple of {gs}: activations "
         f"are quantized per token in groups of {gs} along the input, so this Linear cannot run "
-        "(transformers and vLLM need whole groups); ignore this module with --ignore"
+        "(transformers and vLLM need whole groups)"
     )
 
 
 def shape_problem(shape, dtype: torch.dtype, scheme) -> str | None:
-    """Why SCHEME cannot quantize and serve a weight of SHAPE, or None when it can."""
+    """Why SCHEME cannot quantize and serve a weight of SHAPE and (torch) DTYPE, or None when it can."""
     try:
         output_layout(shape, dtype, scheme)
     except ShapeError as e:
-        return str(e)
+        return e.message
     return _serving_problem(tuple(shape), scheme)
 
 
 def schemes_that_fit(shapes: list[tuple[tuple[int, ...], str]]) -> list[str]:
-    """Accepted presets that quantize and serve every (shape, safetensors dtype), common ones first."""
+    """Accepted presets that quantize and serve every (shape, safetensors dtype) of SHAPES, common ones first."""
     shapes = list({(tuple(s), d) for s, d in shapes if d in FLOAT_DTYPES})
     names = accepted_presets()
     ordered = [n for n in _COMMON_SCHEMES if n in names] + [n for n in names if n not in _COMMON_SCHEMES]
     out = []
     for name in ordered:
         scheme = next(iter(make_recipe(name).groups.values()))
-        if all(shape_problem(s, TORCH_DTYPES[d], scheme) is None for s, d in shapes):
+        if all(shape_problem(s, torch_dtype(d), scheme) is None for s, d in shapes):
             out.append(name)
     return out
 
 
-def _incompatible_problems(incompatible: dict[str, str], quantized: set[str], recipe: Recipe, weights) -> list[str]:
+def _incompatible_problems(
+    incompatible: dict[str, str], quantized: set[str], recipe: Recipe, weights
+) -> tuple[list[str], list[Hint]]:
     """The refusal: a summary that names every module and the ignore entries that fix it, then
-    one line per weight (the Space groups those by reason)."""
-    modules = sorted(incompatible, key=_natural)
+    one line per weight (the Space groups those by reason); and the hints that get past it."""
+    modules = sorted(incompatible, key=natural_key)
     shown = ", ".join(_split_count(n) for n in collapse_names(modules))
     first = next(iter(incompatible.values())).split("; ")[0]
     first = re.sub(r"^weight of shape \[[\d, ]*\]: ", "", first)
     if not quantized:
         shapes = {m: (tuple(s), d) for m, s, d in weights}
         fits = schemes_that_fit([shapes[m] for m in modules if m in shapes])
-        hint = (
-            f"schemes that fit every weight: {', '.join(fits[:6])}"
-            if fits
-            else "no preset fits every weight: ignore the modules above, or use --scheme-file with another group size"
-        )
+        if fits:
+            hint = f"schemes that fit every weight: {', '.join(fits[:6])}"
+            hints = [Hint("scheme", tuple(fits[:6]))]
+        else:  # keep the modules above unquantized, or describe a scheme with another group size
+            hint = "no preset fits every weight"
+            hints = [Hint("ignore"), Hint("scheme_file")]
         head = (
             f"{recipe.name} cannot quantize any weight of this checkpoint: {len(modules)} weight(s) have "
             f"shapes it cannot serve ({first}): {shown}. Choose another scheme; {hint}"
         )
     else:
-        entries = " ".join(f"'{e}'" for e in ignore_entries({m: INCOMPATIBLE for m in modules}, quantized))
+        entries = ignore_entries({m: INCOMPATIBLE for m in modules}, quantized)
+        quoted = " ".join(f"'{e}'" for e in entries)
         head = (
             f"{len(modules)} weight(s) have shapes {recipe.name} cannot serve ({first}): {shown}. "
-            f"To keep them unquantized, add these ignore entries: {entries} (--ignore each), "
-            "or pass --skip-incompatible to keep them unquantized automatically"
+            f"The ignore entries {quoted} keep them unquantized"
         )
-    return [head] + [f"{m}.weight: {incompatible[m]}" for m in modules]
+        hints = [Hint("ignore", tuple(entries)), Hint("skip_incompatible")]
+    return [head] + [f"{m}.weight: {incompatible[m]}" for m in modules], hints
 
 
 # --- what the policy kept, and the ignore list loaders read ------------------------------------
@@ -568,7 +601,7 @@ def _incompatible_problems(incompatible: dict[str, str], quantized: set[str], re
 def _kept_rules(kept: dict[str, str], incompatible: dict[str, str], recipe: Recipe) -> list[KeptRule]:
     out = []
     for rule in [*RULES, INCOMPATIBLE]:
-        modules = tuple(sorted((m for m, r in kept.items() if r == rule), key=_natural))
+        modules = tuple(sorted((m for m, r in kept.items() if r == rule), key=natural_key))
         if not modules:
             continue
         if rule == INCOMPATIBLE:
@@ -589,11 +622,13 @@ def _config_ignore(recipe: Recipe, kept: dict[str, str], quantized: set[str]) ->
 
 
 def unexpected_warning(unexpected: dict[str, str], quantized: set[str]) -> str:
-    """Defaults off: what is quantized that serving engines expect unquantized, and the ignore
-    entries that would keep it so (the drop-in model_free_ptq logs this before it runs)."""
+    """Defaults off: what is quantized that serving engines expect unquantized (UNEXPECTED:
+    module -> the rule that would have kept it; QUANTIZED: every module quantized), and the
+    ignore entries that would keep it so (the drop-in model_free_ptq logs this before it runs).
+    """
     parts = []
     for rule in RULES:
-        modules = sorted((m for m, r in unexpected.items() if r == rule), key=_natural)
+        modules = sorted((m for m, r in unexpected.items() if r == rule), key=natural_key)
         if modules:
             names = [_split_count(n) for n in collapse_names(modules)]
             parts.append(f"{rule} ({len(modules)}: {', '.join(names[:3])}{', …' if len(names) > 3 else ''})")
@@ -631,7 +666,7 @@ def _fused_sets(ops, recipe: Recipe, by_name, dequant, warnings: list[str]) -> l
             families[(parent, fam, op.group)][leaf] = name
 
     sets: list[FusedSet] = []
-    for (parent, fam, _group), members in sorted(families.items(), key=lambda kv: _natural(kv[0][0])):
+    for (parent, fam, _group), members in sorted(families.items(), key=lambda kv: natural_key(kv[0][0])):
         present = tuple(members[leaf] for leaf in fam if leaf in members)
         absent = [leaf for leaf in fam if leaf not in members]
         if absent:
@@ -647,47 +682,18 @@ def _fused_sets(ops, recipe: Recipe, by_name, dequant, warnings: list[str]) -> l
         if len(present) < 2:
             continue
         primary = present[0]
-        shard = dequant.shard_of(primary) if dequant else by_name[primary].file
+        shard = dequant.shard_of(primary)
         sets.append(FusedSet(len(sets), "+".join(l for l in fam if l in members), parent, present, shard))
     return sets
-
-
-def _natural(s: str):
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", s)]
 
 
 # --- rendering -------------------------------------------------------------------------------
 
 
-def collapse_names(names: list[str]) -> list[str]:
-    """`model.layers.{0..31}.mlp.up_proj.weight` instead of 32 lines."""
-    groups: dict[str, list[tuple[int, ...]]] = defaultdict(list)
-    for n in names:
-        nums = tuple(int(x) for x in re.findall(r"(?<=\.)\d+(?=\.|$)", n))
-        pattern = re.sub(r"(?<=\.)\d+(?=\.|$)", "{}", n)
-        groups[pattern].append(nums)
-    out = []
-    for pattern, nums in groups.items():
-        if not nums[0]:
-            out.append(pattern)
-            continue
-        slots = []
-        for i in range(len(nums[0])):
-            vals = sorted({t[i] for t in nums})
-            slots.append(_ranges(vals))
-        out.append(pattern.format(*slots) + (f"  ({len(nums)})" if len(nums) > 1 else ""))
-    return sorted(out, key=_natural)
-
-
-def _ranges(vals: list[int]) -> str:
-    if len(vals) == 1:
-        return str(vals[0])
-    if vals == list(range(vals[0], vals[-1] + 1)):
-        return f"{{{vals[0]}..{vals[-1]}}}"
-    return "{" + ",".join(map(str, vals)) + "}"
-
-
 def render(plan: Plan) -> str:
+    """PLAN as the command line prints it: shards, what is quantized and passed through, fused
+    sets, what is kept and why, warnings.
+    """
     lines = [
         f"plan: {plan.source or '(source)'} with {plan.recipe.name}",
         f"  {len(plan.jobs)} output shard(s), {plan.n_quantized} weights quantized, "
@@ -738,8 +744,10 @@ def render(plan: Plan) -> str:
 
 
 def stacked_lines(plan: Plan) -> list[str]:
-    """A compressed-tensors source: what is kept as stored, what is re-quantized, how to choose."""
-    if plan.dequantizer is None or plan.dequantizer.kind != "compressed-tensors":
+    """Rendering lines for PLAN on a compressed-tensors source: what is kept as stored, what is
+    re-quantized, how to choose.
+    """
+    if plan.dequantizer.kind != "compressed-tensors":
         return []
     lines = []
     for group, modules in plan.stacked.items():
@@ -764,7 +772,9 @@ def stacked_lines(plan: Plan) -> list[str]:
 
 
 def policy_lines(plan: Plan) -> list[str]:
-    """What the policy kept beyond the user's ignore list: one line per rule, with a count."""
+    """Rendering lines for what PLAN's policy kept beyond the user's ignore list: one line per
+    rule, with a count.
+    """
     if not plan.kept_by_policy:
         return []
     lines = ["  kept unquantized beyond the ignore list:"]
@@ -788,7 +798,7 @@ def _rule_dict(rule: KeptRule) -> dict:
 
 
 def plan_summary(plan: Plan) -> dict:
-    """Plain data for the UI and --json."""
+    """PLAN as plain data, for the web app and the command line's --json."""
     return {
         "source": plan.source,
         "scheme": plan.recipe.name,

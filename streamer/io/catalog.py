@@ -9,26 +9,17 @@ from __future__ import annotations
 
 import json
 import math
-import posixpath
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from streamer.errors import InputError
+from streamer.formats import DTYPES, dtype_size, safe_relpath
 from streamer.io.source import Source, Span
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-
-# Bytes per element of every dtype the safetensors format defines. Sub-byte dtypes (F4, F6) are
-# not listed: no Hugging Face checkpoint stores them as tensors, and a plan cannot size them.
-DTYPE_SIZES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-    "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
-    "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
-}  # fmt: skip
 
 # safetensors itself refuses headers over 100 MB; a larger length field is corruption or an attack.
 MAX_HEADER_BYTES = 100_000_000
@@ -51,11 +42,19 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
+        """Bytes the tensor takes in its file."""
         return self.span.size
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        """(file, start, end): where its bytes are; the pipeline hands fetched bytes around by it."""
+        return (self.file, self.span.start, self.span.end)
 
 
 @dataclass
 class Catalog:
+    """Every tensor of a checkpoint and the files around them, from headers only."""
+
     tensors: dict[str, TensorInfo]  # name -> info, in shard order then offset order
     shards: list[str]  # weight files the index references, in index order
     copy_files: list[str]  # small files copied to the output as they are
@@ -67,15 +66,16 @@ class Catalog:
 
     @property
     def source_bytes(self) -> int:
+        """Bytes of every tensor of the checkpoint."""
         return sum(t.nbytes for t in self.tensors.values())
 
 
 def parse_header(path: str, raw: bytes, file_size: int) -> tuple[int, list[TensorInfo], dict]:
-    """Parse the header of a safetensors file from its first bytes.
+    """Parse the header of the safetensors file PATH from RAW, its first bytes.
 
-    Returns (data_start, tensors, metadata). Raises InputError for every malformation.
-    `raw` must hold at least 8 bytes; if it does not hold the whole header, the caller reads
-    more (see `header_length`).
+    file_size: the file's size (offsets are checked against it). Returns (data_start, tensors,
+    metadata). Raises InputError for every malformation. `raw` must hold at least 8 bytes; if it
+    does not hold the whole header, the caller reads more (see `header_length`).
     """
     n = header_length(path, raw, file_size)
     if len(raw) < 8 + n:
@@ -126,6 +126,9 @@ def parse_header(path: str, raw: bytes, file_size: int) -> tuple[int, list[Tenso
 
 
 def header_length(path: str, raw: bytes, file_size: int) -> int:
+    """The length of PATH's JSON header, from RAW (at least its first 8 bytes) and FILE_SIZE;
+    InputError when the length field cannot be right.
+    """
     if file_size < 8 or len(raw) < 8:
         raise InputError(f"{path}: file is {file_size} bytes, too short to hold a safetensors header")
     (n,) = struct.unpack("<Q", bytes(raw[:8]))
@@ -153,9 +156,9 @@ def _parse_entry(path: str, name: str, entry, data_start: int, data_len: int) ->
     # a Python int (bool subclasses int), so `"shape": [true]` must be refused by exact type.
     if not isinstance(dtype, str):
         raise InputError(f"{where}: dtype must be a string such as \"BF16\", found {_json_type(dtype)}")
-    if dtype not in DTYPE_SIZES:
+    if dtype not in DTYPES:
         raise InputError(
-            f"{where}: unknown dtype {dtype!r} (known: {', '.join(sorted(DTYPE_SIZES))})"
+            f"{where}: unknown dtype {dtype!r} (known: {', '.join(sorted(DTYPES))})"
         )
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
         raise InputError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
@@ -168,7 +171,7 @@ def _parse_entry(path: str, name: str, entry, data_start: int, data_len: int) ->
         raise InputError(
             f"{where}: data_offsets [{begin}, {end}] fall outside the file's {data_len} data bytes"
         )
-    expected = math.prod(shape) * DTYPE_SIZES[dtype]
+    expected = math.prod(shape) * dtype_size(dtype)
     if end - begin != expected:
         raise InputError(
             f"{where}: shape {shape} of {dtype} needs {expected} bytes but data_offsets "
@@ -191,7 +194,9 @@ def _json_type(v) -> str:
 
 
 def read_header(source: Source, path: str, size: int) -> tuple[int, list[TensorInfo], dict]:
-    """(data_start, tensors, metadata) of one file, reading exactly its header bytes."""
+    """(data_start, tensors, metadata) of file PATH (SIZE bytes) of SOURCE, reading exactly its
+    header bytes.
+    """
     raw = source.read(path, Span(0, min(size, 8)))
     n = header_length(path, raw, size)
     raw = bytes(raw) + bytes(source.read(path, Span(8, 8 + n)))
@@ -202,19 +207,15 @@ def _is_weight_file(path: str) -> bool:
     return path.endswith(WEIGHT_SUFFIXES)
 
 
-def _safe_relpath(path: str) -> bool:
-    """A path from an index or a repo listing that stays inside the output folder."""
-    if not path or path.startswith(("/", "\\")) or "\\" in path or "\x00" in path:
-        return False
-    norm = posixpath.normpath(path)
-    return not (norm.startswith("../") or norm == ".." or norm.startswith("/"))
-
-
 def build_catalog(source: Source, *, header_reader=read_header) -> Catalog:
-    """Read the index (or find the single file), then every referenced header."""
+    """The Catalog of SOURCE: read the index (or find the single file), then every referenced
+    header (HEADER_READER: how one file's header is read, read_header by default).
+
+    Raises InputError naming the file for a malformed or incomplete checkpoint.
+    """
     files = source.files()
     for path in files:
-        if not _safe_relpath(path):
+        if safe_relpath(path) is None:
             raise InputError(f"source lists a file name that would escape the output folder: {path!r}")
 
     notices: list[str] = []
@@ -247,7 +248,7 @@ def build_catalog(source: Source, *, header_reader=read_header) -> Catalog:
             )
         shards = sorted(set(weight_map.values()))
         for shard in shards:
-            if not _safe_relpath(shard):
+            if safe_relpath(shard) is None:
                 raise InputError(f"{INDEX_NAME} names a file that would escape the folder: {shard!r}")
         missing = [s for s in shards if s not in files]
         if missing:

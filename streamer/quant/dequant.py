@@ -30,21 +30,24 @@ with a dequantizer) every quantized weight is expanded, and what the recipe does
 written dense. FP8-block sources are always expanded: their format is not compressed-tensors.
 
 The result is cast to the dtype the source declares (``dtype`` / ``torch_dtype`` in config.json,
-bfloat16 when it declares none or a non-float one), or to ``--dequant-dtype``.
+bfloat16 when it declares none or a non-float one), or to the ``dequant_dtype`` asked for.
+
+A dense source has a dequantizer too, :class:`PassThrough`, which reads every tensor as it is
+stored: the plan and the pipeline call the :class:`Dequantizer` protocol and never ask whether
+the source was quantized.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 
+from streamer.errors import Hint, PlanError, SchemeError, StreamerError
+from streamer.formats import DEQUANT_DTYPES, collapse_names, torch_dtype
 from streamer.io.catalog import Catalog, TensorInfo
-from streamer.engine.plan import TORCH_DTYPES as _TORCH
-from streamer.errors import PlanError, SchemeError, StreamerError
 
-DEQUANT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-_ST_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 _FP8_STORED = ("F8_E4M3", "F8_E5M2")
 _FLOAT_STORED = ("F64", "F32", "F16", "BF16")
 SUPPORTED = "fp8 with weight_block_size (DeepSeek-V3 style) and compressed-tensors"
@@ -64,7 +67,8 @@ DENSE_WORK_FACTOR = 4
 
 
 def source_dtype_name(config: dict | None) -> str:
-    """The dense dtype a checkpoint declares (config.json `dtype` / `torch_dtype`), else bf16."""
+    """The dense dtype CONFIG (a config.json) declares (`dtype` / `torch_dtype`, nested text
+    config included) when it is one a source can be dequantized to, else "bfloat16"."""
     cfgs = [config or {}]
     if isinstance((config or {}).get("text_config"), dict):
         cfgs.append(config["text_config"])
@@ -78,12 +82,18 @@ def source_dtype_name(config: dict | None) -> str:
 
 def detect_dequantizer(
     catalog: Catalog, recipe, *, dtype: str | None = None, force: bool = False, stack: bool = True
-):
-    """A Dequantizer for a quantized source, or None for a dense one (reads config.json only).
+) -> Dequantizer:
+    """The Dequantizer of a source: one that expands a quantized source's weights, or
+    :class:`PassThrough` for a dense one (reads config.json only).
+
+    catalog: the source's catalog (its config.json and tensor names are read); recipe: the
+    conversion's Recipe; dtype: the dense dtype to expand to ("bfloat16", "float16", "float32";
+    None: the one the source declares); force: re-quantize weights that already have the recipe's
+    scheme; stack: keep the compressed-tensors modules the recipe does not target as stored (see
+    the module docstring); False expands all.
 
     Raises SchemeError for a quantization format streamer cannot expand, and when the source
-    already has the recipe's scheme (unless ``force``). stack: keep the compressed-tensors
-    modules the recipe does not target as stored (see the module docstring); False expands all.
+    already has the recipe's scheme (unless ``force``).
     """
     config = catalog.config or {}
     qc = config.get("quantization_config")
@@ -95,11 +105,14 @@ def detect_dequantizer(
                 f"{SUPPORTED}"
             )
         _refuse_unlabelled(catalog)
-        return None
+        return PassThrough()
     if not isinstance(qc, dict):
         raise SchemeError(f"config.json: quantization_config must be an object, found {type(qc).__name__}")
     if dtype is not None and dtype not in DEQUANT_DTYPES:
-        raise SchemeError(f"--dequant-dtype {dtype!r}: choose one of {', '.join(DEQUANT_DTYPES)}")
+        raise SchemeError(
+            f"cannot dequantize to {dtype!r}: the choices are {', '.join(DEQUANT_DTYPES)}",
+            hints=(Hint("dequant_dtype", tuple(DEQUANT_DTYPES)),),
+        )
     dtype_name = dtype or source_dtype_name(config)
     method = str(qc.get("quant_method") or "").lower()
     if method == "fp8" and qc.get("weight_block_size") is not None:
@@ -120,8 +133,8 @@ def detect_dequantizer(
         if same:
             raise SchemeError(
                 f"the source is already quantized with {same}, which is what {recipe.name} "
-                "writes: nothing to convert. Pass --force to dequantize and quantize it again "
-                "anyway"
+                "writes: nothing to convert",
+                hints=(Hint("force"),),
             )
     return dq
 
@@ -143,6 +156,127 @@ def _refuse_unlabelled(catalog: Catalog) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+class Dequantizer(Protocol):
+    """What the plan and the pipeline ask of a source's dequantizer; every source has one.
+
+    Tensor names are the plan's: a quantized weight goes by its dense name `<module>.weight`.
+    """
+
+    kind: str  # "dense", "fp8-block" or "compressed-tensors"
+    dtype_name: str | None  # the dense dtype quantized weights are expanded to; None: dense source
+    stacking: bool  # keeps the quantized modules the recipe does not target as stored
+    kept: dict[str, str]  # module kept as stored -> the source's config group (stacking)
+    ignore: list[str]  # the source's own quantization_config ignore list
+
+    def plan_inputs(self, by_name: dict[str, TensorInfo]) -> tuple[dict[str, TensorInfo], set[str]]:
+        """(name -> info with each quantized weight as its dense self, names consumed).
+
+        by_name: every stored tensor (3-D experts already split) by name. Consumed names are the
+        stored tensors only read to rebuild a dense weight (scales, packed data …)."""
+        ...
+
+    def keeps(self, module: str) -> bool:
+        """Whether MODULE is kept quantized as the source stores it (stacking)."""
+        ...
+
+    def kept_groups(self) -> dict[str, object]:
+        """The source's config groups that still describe stored modules, in source order."""
+        ...
+
+    def keep_stored(self, quantized: set[str]) -> bool:
+        """The plan quantizes only the dense weights named in QUANTIZED: keep the other weights
+        this dequantizer would expand as the source stores them, instead of writing them dense.
+        True when that changed anything (the plan is then made again)."""
+        ...
+
+    def dense_dtype(self, name: str) -> str:
+        """The safetensors dtype of tensor NAME once read (dense weights: the expanded dtype)."""
+        ...
+
+    def shard_of(self, name: str) -> str:
+        """The source file that places tensor NAME (its output goes to the shard of that name)."""
+        ...
+
+    def inputs_for(self, name: str) -> list[TensorInfo]:
+        """The stored tensors read to produce tensor NAME."""
+        ...
+
+    def transforms(self, name: str) -> bool:
+        """Whether tensor NAME is rebuilt from stored quantized tensors (else read as stored)."""
+        ...
+
+    def work_bytes(self, name: str) -> int:
+        """Working memory NAME needs beyond its stored bytes, for the pipeline's byte budget."""
+        ...
+
+    def dense(self, name: str, raw: dict, device: torch.device) -> torch.Tensor:
+        """Tensor NAME as a torch tensor on DEVICE, from RAW: the fetched bytes of a piece, a
+        uint8 tensor per stored tensor keyed by TensorInfo.key."""
+        ...
+
+    def describe(self) -> str | None:
+        """How the source is expanded, for the plan and the model card; None for a dense one."""
+        ...
+
+
+class PassThrough:
+    """The Dequantizer of a dense source: every tensor is read as it is stored."""
+
+    kind = "dense"
+    dtype_name = None
+    stacking = False
+
+    def __init__(self):
+        self.kept: dict[str, str] = {}
+        self.ignore: list[str] = []
+        self._stored: dict[str, TensorInfo] = {}
+
+    def plan_inputs(self, by_name: dict[str, TensorInfo]) -> tuple[dict[str, TensorInfo], set[str]]:
+        """BY_NAME as it is, nothing consumed (see Dequantizer.plan_inputs)."""
+        self._stored = dict(by_name)
+        return by_name, set()
+
+    def keeps(self, module: str) -> bool:
+        """Never: a dense source has nothing stored quantized (MODULE: any module name)."""
+        return False
+
+    def kept_groups(self) -> dict[str, object]:
+        """None: a dense source has no config groups."""
+        return {}
+
+    def keep_stored(self, quantized: set[str]) -> bool:
+        """Nothing to keep (QUANTIZED: the weights the plan quantizes)."""
+        return False
+
+    def dense_dtype(self, name: str) -> str:
+        """The stored dtype of tensor NAME."""
+        return self._stored[name].dtype
+
+    def shard_of(self, name: str) -> str:
+        """The file tensor NAME is stored in."""
+        return self._stored[name].file
+
+    def inputs_for(self, name: str) -> list[TensorInfo]:
+        """Tensor NAME itself."""
+        return [self._stored[name]]
+
+    def transforms(self, name: str) -> bool:
+        """Never: tensor NAME is read as stored."""
+        return False
+
+    def work_bytes(self, name: str) -> int:
+        """None beyond what the pipeline counts for tensor NAME itself."""
+        return 0
+
+    def dense(self, name: str, raw: dict, device: torch.device) -> torch.Tensor:
+        """Tensor NAME's stored bytes in RAW viewed as its dtype and shape, on DEVICE."""
+        return _typed(raw, self._stored[name]).to(device, non_blocking=True)
+
+    def describe(self) -> str | None:
+        """None: nothing is expanded."""
+        return None
+
+
 class _Entry:
     """One dequantized weight: the stored tensors it is made of and its dense shape."""
 
@@ -158,20 +292,24 @@ class _Entry:
         self.exact = exact  # False: in_features inferred from packing, checked at run time
 
 
-class Dequantizer:
-    """Expands a quantized source's weights; see the module docstring."""
+class ExpandingDequantizer:
+    """What the dequantizers of quantized sources share: each quantized weight is rebuilt dense
+    from its stored tensors (see the module docstring); subclasses find them (`_find`) and say
+    how to rebuild one (`_dense`). Implements :class:`Dequantizer`."""
 
     kind = "quantized"
     stacking = False  # keeps untargeted quantized modules as stored (compressed-tensors only)
 
     def __init__(self, dtype_name: str):
+        """dtype_name: the dense dtype to expand to, a key of streamer.formats.DEQUANT_DTYPES."""
         self.dtype_name = dtype_name
-        self.dtype = DEQUANT_DTYPES[dtype_name]
-        self.st_dtype = _ST_NAMES[dtype_name]
+        self.st_dtype = DEQUANT_DTYPES[dtype_name]
+        self.dtype = torch_dtype(self.st_dtype)
         self.entries: dict[str, _Entry] = {}
         self.consumed: set[str] = set()
         self._orig: dict[str, TensorInfo] = {}
         self.kept: dict[str, str] = {}  # module kept as stored -> the source's config group
+        self.ignore: list[str] = []
 
     def keeps(self, module: str) -> bool:
         """Whether MODULE is kept quantized as the source stores it (stacking)."""
@@ -181,10 +319,18 @@ class Dequantizer:
         """The source's config groups that still describe stored modules, in source order."""
         return {}
 
+    def keep_stored(self, quantized: set[str]) -> bool:
+        """Whether expanded weights the plan does not quantize (QUANTIZED: those it does) are
+        kept as stored instead: only a stacking dequantizer does (see Dequantizer)."""
+        return False
+
     # -- plan time -----------------------------------------------------------------------------
 
     def plan_inputs(self, by_name: dict[str, TensorInfo]) -> tuple[dict[str, TensorInfo], set[str]]:
-        """(name -> info with each quantized weight as its dense self, names consumed)."""
+        """(name -> info with each quantized weight as its dense self, names consumed).
+
+        by_name: every stored tensor by name. Raises PlanError naming each quantized weight
+        whose stored tensors do not fit together."""
         self._orig = dict(by_name)
         problems: list[str] = []
         self.entries, self.consumed = self._find(by_name, problems)
@@ -205,17 +351,21 @@ class Dequantizer:
         raise NotImplementedError
 
     def dense_dtype(self, name: str) -> str:
+        """The dtype tensor NAME has once read: the expanded dtype for a quantized weight."""
         return self.st_dtype if name in self.entries else self._orig[name].dtype
 
     def shard_of(self, name: str) -> str:
+        """The file that places tensor NAME (a quantized weight: its main stored tensor's)."""
         e = self.entries.get(name)
         return e.main.file if e is not None else self._orig[name].file
 
     def inputs_for(self, name: str) -> list[TensorInfo]:
+        """The stored tensors read to produce tensor NAME (data and scales of a quantized one)."""
         e = self.entries.get(name)
         return list(e.parts.values()) if e is not None else [self._orig[name]]
 
     def transforms(self, name: str) -> bool:
+        """Whether tensor NAME is a quantized weight rebuilt dense."""
         return name in self.entries
 
     def work_bytes(self, name: str) -> int:
@@ -230,7 +380,8 @@ class Dequantizer:
     # -- run time ------------------------------------------------------------------------------
 
     def dense(self, name: str, raw: dict, device: torch.device) -> torch.Tensor:
-        """The dense weight NAME from the raw stored bytes (see pipeline._key), on DEVICE."""
+        """The dense tensor NAME on DEVICE, from RAW: a piece's fetched bytes, a uint8 tensor per
+        stored tensor keyed by TensorInfo.key."""
         e = self.entries.get(name)
         if e is None:
             return _typed(raw, self._orig[name]).to(device, non_blocking=True)
@@ -247,16 +398,17 @@ class Dequantizer:
         raise NotImplementedError
 
     def describe(self) -> str:
+        """How the source is expanded, for the plan and the model card."""
         raise NotImplementedError
 
     def same_scheme_as(self, recipe) -> str | None:
-        """A label of the source's scheme when the recipe would write the same one, else None."""
+        """A label of the source's scheme when RECIPE would write the same one, else None."""
         raise NotImplementedError
 
 
 def _typed(raw: dict, info: TensorInfo) -> torch.Tensor:
-    buf = raw[(info.file, info.span.start, info.span.end)]
-    dt = _TORCH[info.dtype]
+    buf = raw[info.key]
+    dt = torch_dtype(info.dtype)
     try:
         t = buf.view(dt)
     except RuntimeError:  # a view inside a merged read that is not aligned for this dtype
@@ -269,10 +421,15 @@ def _typed(raw: dict, info: TensorInfo) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
-class FP8BlockDequantizer(Dequantizer):
+class FP8BlockDequantizer(ExpandingDequantizer):
+    """FP8 weights with block scales (`weight_scale_inv`, DeepSeek-V3 layout), expanded to dense."""
+
     kind = "fp8-block"
 
     def __init__(self, qc: dict, dtype_name: str):
+        """qc: the source's quantization_config (weight_block_size, fmt, activation_scheme);
+        dtype_name: the dense dtype to expand to (a key of streamer.formats.DEQUANT_DTYPES).
+        """
         super().__init__(dtype_name)
         block = qc.get("weight_block_size")
         if (
@@ -342,6 +499,7 @@ class FP8BlockDequantizer(Dequantizer):
         return out
 
     def describe(self) -> str:
+        """How the source is expanded, for the plan and the model card."""
         bh, bw = self.block
         return (
             f"fp8 ({self.fmt}) block {bh}x{bw} (DeepSeek-style weight_scale_inv), "
@@ -349,6 +507,7 @@ class FP8BlockDequantizer(Dequantizer):
         )
 
     def source_scheme(self):
+        """The source's quantization as a compressed-tensors QuantizationScheme."""
         from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
         weights = QuantizationArgs(
@@ -362,6 +521,7 @@ class FP8BlockDequantizer(Dequantizer):
         return QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts)
 
     def same_scheme_as(self, recipe) -> str | None:
+        """"fp8 block …" when RECIPE writes what the source stores, else None."""
         src = self.source_scheme()
         groups = list(recipe.groups.values())
         if groups and all(_same_scheme(src, g) for g in groups):
@@ -375,12 +535,17 @@ class FP8BlockDequantizer(Dequantizer):
 # ----------------------------------------------------------------------------------------------
 
 
-class CompressedTensorsDequantizer(Dequantizer):
+class CompressedTensorsDequantizer(ExpandingDequantizer):
+    """A compressed-tensors checkpoint, expanded by the library's own decompressors; stacking:
+    the modules the recipe does not target are kept as stored."""
+
     kind = "compressed-tensors"
 
     def __init__(self, qc: dict, dtype_name: str, *, recipe=None, force: bool = False):
-        """recipe: stack on the source (keep what it does not target as stored); None expands
-        every quantized weight. force: re-quantize targeted modules to the scheme they have."""
+        """qc: the source's quantization_config; dtype_name: the dense dtype to expand to (a key of
+        streamer.formats.DEQUANT_DTYPES); recipe: stack on the source (keep what it does not
+        target as stored); None expands every quantized weight. force: re-quantize targeted
+        modules to the scheme they have."""
         super().__init__(dtype_name)
         self.recipe = recipe
         self.stacking = recipe is not None
@@ -510,7 +675,7 @@ class CompressedTensorsDequantizer(Dequantizer):
             entries[dense] = _Entry(dense, module, parts[names[0]], parts, shape, scheme, exact)
             consumed.update(f"{module}.{p}" for p in leaves if p in qparams or p in names)
         if same:
-            raise SchemeError(self._same_scheme_refusal(same))
+            raise self._same_scheme_refusal(same)
         for name in by_name:
             module, _, leaf = name.rpartition(".")
             if name in consumed or f"{module}.weight" in entries or module in self.kept:
@@ -526,22 +691,31 @@ class CompressedTensorsDequantizer(Dequantizer):
                 )
         return entries, consumed
 
-    def _same_scheme_refusal(self, same: list[tuple[str, str]]) -> str:
-        from streamer.engine.plan import collapse_names
-
+    def _same_scheme_refusal(self, same: list[tuple[str, str]]) -> SchemeError:
         label = _args_label(self.groups[same[0][1]].weights)
         names = collapse_names([m for m, _ in same])
         shown = ", ".join(names[:4]) + (", …" if len(names) > 4 else "")
-        return (
+        # leaving them out of the scheme's targets keeps them as stored
+        return SchemeError(
             f"{len(same)} module(s) the scheme targets are already quantized with {label}, which "
-            f"is what {self.recipe.name} writes: {shown}. Re-quantizing them gains nothing; "
-            "leave them out of the scheme's targets (--ignore) to keep them as stored, or pass "
-            "--force to dequantize and quantize them again anyway"
+            f"is what {self.recipe.name} writes: {shown}. Re-quantizing them gains nothing",
+            hints=(Hint("ignore"), Hint("force")),
         )
 
     def kept_groups(self) -> dict[str, object]:
+        """The source's config groups that still describe stored modules, in source order."""
         used = set(self.kept.values())
         return {g: s for g, s in self.groups.items() if g in used}
+
+    def keep_stored(self, quantized: set[str]) -> bool:
+        """Stacking: the targeted weights the plan leaves unquantized (not in QUANTIZED: default
+        policy, shape) would be written dense from the dequantized values; keep them as the
+        source stores them instead. True when there were any."""
+        if not self.stacking:
+            return False
+        lost = {e.module for n, e in self.entries.items() if n not in quantized}
+        self.also_keep |= lost
+        return bool(lost)
 
     def _dense(self, e, parts):
         from streamer.quant.kernels import dequantize_weight
@@ -549,6 +723,7 @@ class CompressedTensorsDequantizer(Dequantizer):
         return dequantize_weight(parts, e.scheme, self.dtype)
 
     def describe(self) -> str:
+        """How the source is expanded, for the plan and the model card."""
         used = {}
         for e in self.entries.values():
             used[id(e.scheme)] = e.scheme
@@ -560,6 +735,7 @@ class CompressedTensorsDequantizer(Dequantizer):
         return f"compressed-tensors {label}, {len(self.entries)} weights -> {self.dtype_name}{kept}"
 
     def same_scheme_as(self, recipe) -> str | None:
+        """A label of the source's groups when RECIPE's groups quantize alike, else None."""
         src = list(self.groups.values())
         dst = list(recipe.groups.values())
         if dst and len(src) == len(dst) and all(_same_scheme(a, b) for a, b in zip(src, dst)):
@@ -647,8 +823,9 @@ def _same_scheme(a, b) -> bool:
 
 
 __all__ = [
-    "DEQUANT_DTYPES",
     "Dequantizer",
+    "PassThrough",
+    "ExpandingDequantizer",
     "FP8BlockDequantizer",
     "CompressedTensorsDequantizer",
     "detect_dequantizer",

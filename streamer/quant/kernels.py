@@ -177,8 +177,9 @@ def _gparam(amax: torch.Tensor) -> torch.Tensor:
 def global_scale(weights: Sequence[torch.Tensor], scheme: QuantizationScheme) -> torch.Tensor:
     """The fp32 (1,) global scale shared by a fused set (q/k/v, gate/up, ...).
 
-    As the reference's observer: the max |w| over every member (in the weights' dtype, promoted
-    like torch.max when members differ), then compressed-tensors' generate_gparam
+    weights: the set's dense weights (float dtypes, any devices); scheme: their TENSOR_GROUP
+    scheme. As the reference's observer: the max |w| over every member (in the weights' dtype,
+    promoted like torch.max when members differ), then compressed-tensors' generate_gparam
     (448 · 6 / amax in that dtype, zero → 1.0), stored as float32.
     """
     if not weights:

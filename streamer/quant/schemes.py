@@ -22,7 +22,7 @@ from compressed_tensors.quantization import (
 from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES, preset_name_to_scheme
 from compressed_tensors.utils.match import match_name
 
-from streamer.errors import SchemeError
+from streamer.errors import Hint, SchemeError
 from streamer.quant.spec import compression_format
 
 
@@ -38,6 +38,7 @@ def _needs_calibration(scheme: QuantizationScheme) -> str | None:
 
 
 def accepted_presets() -> list[str]:
+    """compressed-tensors' preset schemes that need no calibration data, in its order."""
     return [
         name
         for name in PRESET_SCHEMES
@@ -48,21 +49,26 @@ def accepted_presets() -> list[str]:
 def _refuse(what: str, why: str) -> SchemeError:
     return SchemeError(
         f"{what} cannot be applied without calibration data: {why}. "
-        f"Accepted schemes: {', '.join(accepted_presets())} (or --scheme-file for a custom one)"
+        f"Accepted schemes: {', '.join(accepted_presets())}",
+        hints=(Hint("scheme_file"),),
     )
 
 
 @dataclass(frozen=True)
 class Recipe:
+    """Which scheme applies to which module: a checked, data-free QuantizationConfig."""
+
     name: str  # preset name or scheme-file stem; shown in logs, plan and model card
     config: QuantizationConfig  # config_groups (with format set) + ignore, status INITIALIZED
 
     @property
     def ignore(self) -> list[str]:
+        """The recipe's ignore entries."""
         return list(self.config.ignore or [])
 
     @property
     def groups(self) -> dict[str, QuantizationScheme]:
+        """Config group name -> scheme."""
         return dict(self.config.config_groups)
 
     def match(self, module: str) -> tuple[str, QuantizationScheme] | None:
@@ -81,10 +87,10 @@ class Recipe:
         return None
 
     def output_groups(self, kept_groups: dict[str, QuantizationScheme] | None = None) -> dict[str, QuantizationScheme]:
-        """The config groups the output declares: a stacked source's groups that still describe
-        stored modules first, then the recipe's, renamed on a clash as compressed-tensors'
-        `QuantizationConfig.merge` does (config_group_0 -> config_group_1), which is what
-        llm-compressor writes when model_free_ptq runs on its own output."""
+        """The config groups the output declares: KEPT_GROUPS (a stacked source's groups that
+        still describe stored modules) first, then the recipe's, renamed on a clash as
+        compressed-tensors' `QuantizationConfig.merge` does (config_group_0 -> config_group_1),
+        which is what llm-compressor writes when model_free_ptq runs on its own output."""
         from compressed_tensors.utils.helpers import find_unique_name
 
         groups = dict(kept_groups or {})
@@ -125,8 +131,18 @@ def make_recipe(
     config: QuantizationConfig | None = None,
     ignore: list[str] | tuple[str, ...] = (),
 ) -> Recipe:
+    """The Recipe of exactly one of SCHEME (a preset name or a QuantizationScheme),
+    SCHEME_FILE (JSON/YAML: a config, a scheme or {group: scheme}) or CONFIG (a
+    QuantizationConfig), with the IGNORE entries added to its ignore list.
+
+    Raises SchemeError for an unknown scheme, a scheme that needs calibration data, a bad file
+    (naming the field) or an invalid `re:` entry.
+    """
     if sum(x is not None for x in (scheme, scheme_file, config)) != 1:
-        raise SchemeError("give exactly one of --scheme NAME or --scheme-file FILE")
+        raise SchemeError(
+            "give exactly one of a scheme, a scheme file or a quantization config",
+            hints=(Hint("scheme"), Hint("scheme_file")),
+        )
     ignore = [str(i) for i in ignore]
     _check_ignore(ignore)
 

@@ -24,6 +24,7 @@ from compressed_tensors.quantization import (
     QuantizationType,
 )
 
+from streamer.errors import Hint, StreamerError
 from streamer.formats import FLOAT_DTYPES, torch_dtype
 
 __all__ = [
@@ -38,8 +39,14 @@ __all__ = [
 ]
 
 
-class ShapeError(ValueError):
-    """A weight's shape cannot be quantized with a scheme (raised before any byte is read)."""
+class ShapeError(StreamerError, ValueError):
+    """A weight's shape (or dtype) cannot be quantized with a scheme (raised before any byte is
+    read). Its message says why, in no front end's words; its hint is to keep the module
+    unquantized (the plan names the module)."""
+
+    def __init__(self, message: str):
+        """message: why the weight cannot be quantized, in no front end's words."""
+        super().__init__(message, hints=(Hint("ignore"),))
 
 
 # formats this module writes, by compressed-tensors' CompressionFormat value
@@ -64,7 +71,8 @@ _MINMAX_OBSERVERS = (None, "minmax", "static_minmax", "memoryless_minmax")
 
 
 def compression_format(scheme: QuantizationScheme) -> str:
-    """The CompressionFormat value compress_module uses for an nn.Linear with this scheme."""
+    """The CompressionFormat value compress_module uses for an nn.Linear with SCHEME (its own
+    `format` when set, else the one compressed-tensors infers)."""
     if scheme.format is not None:
         return CompressionFormat(scheme.format).value
     from compressed_tensors.compressors.format import infer_module_format
@@ -74,6 +82,8 @@ def compression_format(scheme: QuantizationScheme) -> str:
 
 @dataclass(frozen=True)
 class WeightSpec:
+    """A scheme's weight quantization in the terms the kernels use (see weight_spec)."""
+
     fmt: str
     args: QuantizationArgs
     strategy: str
@@ -87,10 +97,13 @@ class WeightSpec:
     @property
     def uses_global_scale_in_quantize(self) -> bool:
         # NVFP4/MXFP4 compressors pass the global scale to quantize; the others ignore it
+        """Whether quantizing divides by the global scale too (NVFP4 / MXFP4 formats do)."""
         return self.tensor_group and self.fmt in FP4_FORMATS
 
 
 def weight_spec(scheme: QuantizationScheme) -> WeightSpec:
+    """SCHEME's weight quantization, checked: ValueError naming the setting streamer cannot
+    apply data-free (dynamic weights, other observers, unsupported format / bits / strategy)."""
     args = scheme.weights
     if args is None:
         raise ValueError("scheme has no weight quantization (scheme.weights is None)")
@@ -148,7 +161,8 @@ def weight_spec(scheme: QuantizationScheme) -> WeightSpec:
 
 
 def needs_global_scale(scheme: QuantizationScheme) -> bool:
-    """TENSOR_GROUP strategy (NVFP4 style): a fp32 global scale shared by fused weights."""
+    """Whether SCHEME uses the TENSOR_GROUP strategy (NVFP4 style): a fp32 global scale shared
+    by fused weights."""
     w = scheme.weights
     return w is not None and QuantizationStrategy(w.strategy) == QuantizationStrategy.TENSOR_GROUP
 
@@ -162,14 +176,16 @@ def _scheme_label(spec: WeightSpec) -> str:
 
 
 def scale_shape(spec: WeightSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of weight_scale for a weight of SHAPE quantized as SPEC; ShapeError when SPEC
+    cannot quantize that shape."""
     if len(shape) != 2:
         raise ShapeError(
             f"weight of shape {list(shape)} is not 2-D; only Linear weights (out, in) can be "
-            "quantized: ignore this module with --ignore"
+            "quantized"
         )
     rows, cols = shape
     if rows <= 0 or cols <= 0:
-        raise ShapeError(f"weight of shape {list(shape)} is empty: ignore this module with --ignore")
+        raise ShapeError(f"weight of shape {list(shape)} is empty")
     s = spec.strategy
     if s == "tensor":
         return (1,)
@@ -180,8 +196,8 @@ def scale_shape(spec: WeightSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
         if cols % gs:
             raise ShapeError(
                 f"weight of shape {list(shape)}: in_features {cols} is not divisible by "
-                f"group_size {gs} ({_scheme_label(spec)}); ignore this module with --ignore "
-                f"or use a scheme whose group size divides {cols}"
+                f"group_size {gs} ({_scheme_label(spec)}); a scheme whose group size divides "
+                f"{cols} can quantize it"
             )
         return (rows, cols // gs)
     if s == "block":
@@ -191,15 +207,17 @@ def scale_shape(spec: WeightSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def param_dtype(dtype: torch.dtype) -> torch.dtype:
-    # initialize_qparams: scales are stored in the weight's dtype when it is a float dtype
+    """The dtype scales are kept in for a weight of DTYPE: its own when it is a float dtype,
+    else float16 (compressed-tensors' initialize_qparams)."""
     return dtype if dtype in WEIGHT_DTYPES else torch.float16
 
 
 def output_layout(
     shape: Sequence[int], dtype: torch.dtype, scheme: QuantizationScheme
 ) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """suffix -> (dtype, shape) of what :func:`quantize_weight` returns, computing nothing.
+    """suffix -> (dtype, shape) of what quantize_weight returns, computing nothing.
 
+    shape, dtype: the weight's; scheme: the compressed-tensors scheme it is quantized with.
     Raises :class:`ShapeError` when a weight of this shape cannot be quantized by the scheme.
     """
     spec = weight_spec(scheme)
@@ -207,7 +225,7 @@ def output_layout(
     if dtype not in WEIGHT_DTYPES:
         raise ShapeError(
             f"weight of shape {list(shape)} is {dtype}, not a float dtype; only float weights can "
-            "be quantized: ignore this module with --ignore"
+            "be quantized"
         )
     sshape = scale_shape(spec, shape)
     rows, cols = shape
@@ -222,14 +240,14 @@ def output_layout(
         if cols % 2:
             raise ShapeError(
                 f"weight of shape {list(shape)}: in_features {cols} must be even to pack FP4 "
-                "values two per byte; ignore this module with --ignore"
+                "values two per byte"
             )
         out["weight_packed"] = (torch.uint8, (rows, cols // 2))
     elif spec.fmt == MXFP6_PACK_QUANTIZED:
         if cols % 4:
             raise ShapeError(
                 f"weight of shape {list(shape)}: in_features {cols} must be a multiple of 4 to "
-                "pack FP6 values; ignore this module with --ignore"
+                "pack FP6 values"
             )
         out["weight_packed"] = (torch.uint8, (rows, cols * 3 // 4))
 

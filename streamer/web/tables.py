@@ -8,8 +8,8 @@ import re
 import pandas as pd
 from compressed_tensors.utils.match import match_name
 
-from streamer.engine.plan import INCOMPATIBLE, collapse_names, plan_summary
-from streamer.formats import human_bytes
+from streamer.engine.plan import INCOMPATIBLE, plan_summary
+from streamer.formats import collapse_names, human_bytes
 from streamer.web.wording import for_web
 
 SHARD_COLUMNS = ["Output shard", "Read", "Written", "Quantized", "Kept as is"]

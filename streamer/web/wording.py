@@ -14,7 +14,7 @@ import time
 import gradio as gr
 from huggingface_hub.errors import HfHubHTTPError
 
-from streamer.engine.plan import collapse_names
+from streamer.formats import collapse_names
 from streamer.errors import Hint, PlanError, StreamerError, with_hints
 from streamer.web import settings
 
