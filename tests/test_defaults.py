@@ -1,7 +1,7 @@
 """Safe by default: one policy for every front door, and outputs that say what they did.
 
 A default conversion keeps embeddings, the output head, MoE routers and vision/audio towers
-unquantized (found by role, see streamer/engine/suggest.py); the plan, the --json summary, the model
+unquantized (found by role, see streamer/engine/policy.py); the plan, the --json summary, the model
 card and config.json's quantization_config.ignore all say so; shapes a scheme cannot serve stop
 the run before any tensor is read, unless --skip-incompatible keeps them unquantized. The drop-in
 `model_free_ptq` keeps the reference's semantics and warns. (Loading with transformers, per
