@@ -841,7 +841,7 @@ def test_hints_in_the_forms_words(web, monkeypatch):
     monkeypatch.setattr(web.settings, "ON_SPACES", True)
     e = StreamerError("the weight of model.x cannot be quantized", hints=(Hint("ignore", "model.x"), Hint("skip_incompatible")))
     assert wording.sentence(e) == (
-        "the weight of model.x cannot be quantized: add model.x to the ignore list "
+        "the weight of model.x cannot be quantized: add “model.x” to the ignore list "
         "or tick “Keep weights the scheme cannot serve unquantized”"
     )
     assert wording.sentence(StreamerError("no access", hints=(Hint("token"),))) == "no access: sign in with Hugging Face"
@@ -849,18 +849,22 @@ def test_hints_in_the_forms_words(web, monkeypatch):
     assert "HF_TOKEN" in wording.sentence(StreamerError("no access", hints=(Hint("token"),)))
     # a plan's problems are listed first, the ways past them after
     msg = wording.sentence(PlanError(["a.weight: too wide"], hints=(Hint("ignore", "a"),)))
-    assert msg.splitlines()[-2:] == ["- a.weight: too wide", "To convert it anyway: add a to the ignore list"]
+    assert msg.splitlines()[-2:] == ["- a.weight: too wide", "To convert it: add “a” to the ignore list"]
+    msg = wording.sentence(PlanError(["a.weight: too wide"], hints=(Hint("ignore", ("a", "re:b.*")), Hint("scheme", ("W8A16", "INT8")))))
+    assert msg.splitlines()[-1] == (
+        "To convert it: add these lines to the ignore list: “a”, “re:b.*” or pick one of W8A16, INT8 as the scheme"
+    )
 
 
 def test_space_plan_of_a_shape_the_scheme_cannot_serve(space, checkpoint):
-    """The engine's own error (a shape W4A16 cannot serve), through the app's plan: the form's
+    """The engine's own error (MLP shapes W4A16 cannot serve), through the app's plan: the form's
     words for what to change, no command-line flag."""
     web, hub = space
-    hub.seed_repo("acme/odd", checkpoint("odd"))
-    shown = _call(web.plan.plan, **{**FORM, "source": "acme/odd", "scheme": "W4A16"}, oauth_token=_visitor(TOKEN))
-    assert "cannot be converted with these settings" in shown and "not divisible by group_size 128" in shown
-    assert "to the ignore list" in shown, shown
-    assert "--" not in shown.replace("<!--", "").replace("-->", ""), shown
+    hub.seed_repo("acme/narrow", checkpoint("llama", intermediate_size=320))
+    shown = _call(web.plan.plan, **{**FORM, "source": "acme/narrow", "scheme": "W4A16"}, oauth_token=_visitor(TOKEN))
+    assert "cannot be converted with these settings" in shown and "mlp.down_proj" in shown
+    assert "to the ignore list" in shown and "tick “Keep weights the scheme cannot serve unquantized”" in shown
+    assert "--" not in shown, shown
 
 
 def test_scheme_picker_order(web):

@@ -12,83 +12,24 @@ import queue
 import re
 import threading
 import time
-from urllib.parse import quote
 
 import gradio as gr
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError
-from huggingface_hub.utils import build_hf_headers, get_session
 
 from streamer.engine.convert import convert
 from streamer.engine.budget import default_memory_budget
 from streamer.engine.progress import Progress, ProgressEvent
 from streamer.engine.suggest import parse_ignore, suggest_repo_name
 from streamer.errors import Cancelled
-from streamer.formats import human_bytes
 from streamer.mirror.check import check_job
 from streamer.mirror.jobs import MirrorJob
 from streamer.web import settings, slots
 from streamer.web.auth import Account, require_token, whoami
 from streamer.web.forms import check_scheme, parse_source, source_spec, target_of
-from streamer.web.progress import RUNNING, RateWindow, duration, progress_html
+from streamer.web.progress import RUNNING, RateWindow, progress_html
+from streamer.web.results import cancelled_html, proposed_html, published_html
 from streamer.web.wording import UserError, error_box, fail, for_web, sentence
-
-def _read_card(target: str, revision: str, token) -> str | None:
-    """The model card just committed (a few kB, straight into memory), for the preview."""
-    url = f"{settings.endpoint()}/{target}/resolve/{quote(revision, safe='')}/README.md"
-    try:
-        r = get_session().get(url, headers={**build_hf_headers(token=token), "Range": "bytes=0-65535"})
-    except Exception:  # a preview only: the links below still lead to the card
-        return None
-    return r.text if r.status_code in (200, 206) else None
-
-
-def _result_md(result, target: str, create_pr: bool, private: bool = False, token=None) -> str:
-    base = html.escape(f"{settings.endpoint()}/{target}", quote=True)
-    url = html.escape(result.url or f"{settings.endpoint()}/{target}", quote=True)
-    name = html.escape(target)
-    if create_pr and "/discussions/" not in url:
-        return (
-            f'<div class="streamer-done"><b>Already up to date</b>: <a href="{base}">{name}</a> '
-            "holds exactly this conversion, so no pull request was needed.</div>"
-        )
-    if create_pr:
-        num = url.rstrip("/").rsplit("/", 1)[-1]
-        rev = f"refs/pr/{num}"
-        card = f"{base}/blob/{quote(rev, safe='')}/README.md"
-        head = (f'<b>Pull request opened</b> on <a href="{base}">{name}</a>: '
-                f'<a href="{url}">review and merge it</a> · <a href="{card}">model card</a>')  # fmt: skip
-        serve = f"vllm serve {target} --revision {rev}"
-    else:
-        rev = "main"
-        card = f"{base}/blob/main/README.md"
-        head = (f'<b>Published</b> to <a href="{base}">{name}</a> · <a href="{card}">model card</a> · '
-                f'<a href="{url}">commit</a>')  # fmt: skip
-        serve = f"vllm serve {target}"
-    stats = result.summary()
-    secs = stats.get("seconds")
-    lines = [
-        f'<div class="streamer-done">{head}</div>',
-        "<p>"
-        + f"{human_bytes(stats.get('bytes_in', 0))} read → {human_bytes(stats.get('bytes_out', 0))} written, "
-        + f"{stats.get('quantized', 0)} weights quantized with {html.escape(str(stats.get('scheme')))}"
-        + (f" in {duration(secs)}" if secs is not None else "")
-        + ".</p>",
-        f'<p>Serve it with vLLM:</p><pre class="streamer-cmd"><code>{html.escape(serve)}</code></pre>',
-    ]
-    if private:
-        lines.append(
-            f"<p>{name} is <b>private</b>: only you (and your organization) can see it, and vLLM needs "
-            "a token with read access (<code>HF_TOKEN</code>) to download it.</p>"
-        )
-    text = _read_card(target, rev, token)
-    if text:
-        lines.append(
-            '<details class="streamer-card"><summary>Model card preview</summary>'
-            f"<pre>{html.escape(text)}</pre></details>"
-        )
-    return "\n".join(lines)
-
 
 def _exists(target: str, token) -> bool | None:
     """Does TARGET exist (None: could not tell)."""
@@ -105,8 +46,8 @@ def _existing_pr(repo, rev, target, scheme, ignore_list, skip_incompatible, toke
     """The URL of a pull request on TARGET that already proposes this exact conversion (same
     source commit and settings, as its model card records them), or None. Mirroring uses the
     same check so that it never opens the same PR twice; neither does the form."""
-    job = MirrorJob(name="space", source=repo, target=target, scheme=scheme, ignore=tuple(ignore_list), source_revision=rev,
-              create_pr=True, skip_incompatible=bool(skip_incompatible))  # fmt: skip
+    job = MirrorJob(name="space", source=repo, target=target, scheme=scheme, ignore=tuple(ignore_list),
+                    source_revision=rev, create_pr=True, skip_incompatible=bool(skip_incompatible))  # fmt: skip
     try:
         check = check_job(job, token=token, endpoint=settings.endpoint())
     except Exception:  # cannot tell: converting again is the safe answer
@@ -220,29 +161,21 @@ def _convert(source, revision, scheme, ignore, namespace, repo_name, private, cr
     elapsed = time.monotonic() - t0
     moving = None  # a finished run shows no rates
     if "duplicate_pr" in outcome:
-        pr = html.escape(outcome["duplicate_pr"], quote=True)
         say(f"a pull request already proposes this conversion: {outcome['duplicate_pr']}")
-        yield "", progress_html(stages, elapsed, "Done", moving), log_text(), (
-            f'<div class="streamer-done"><b>Already proposed</b>: <a href="{pr}">this pull request</a> on '
-            f"{html.escape(target)} holds exactly this conversion (same source commit and settings), "
-            "so no new one was opened.</div>"
-        )
+        yield "", progress_html(stages, elapsed, "Done", moving), log_text(), proposed_html(outcome["duplicate_pr"], target)
         return None
     if "result" in outcome:
         result = outcome["result"]
         is_private = bool(private) or bool(getattr(_info(target, token), "private", False))
-        yield "", progress_html(stages, elapsed, "Done", moving), log_text(), _result_md(
+        yield "", progress_html(stages, elapsed, "Done", moving), log_text(), published_html(
             result, target, bool(create_pr), is_private, token
         )
         return None
     created = existed and existed[0] is False and _exists(target, token)
     if outcome.get("cancelled"):
         say("cancelled: nothing was committed")
-        gone = " It was created for this run and has been removed." if existed and existed[0] is False else ""
-        yield "", progress_html(stages, elapsed, "Cancelled", moving), log_text(), (
-            f'<div class="streamer-cancelled"><b>Cancelled</b>: nothing was committed to {html.escape(target)}.'
-            f"{gone if not created else ''}</div>"
-        )
+        removed = bool(existed) and existed[0] is False and not created
+        yield "", progress_html(stages, elapsed, "Cancelled", moving), log_text(), cancelled_html(target, removed)
         return None
     message = sentence(outcome.get("error") or RuntimeError("no result"))
     say("failed: nothing was committed")

@@ -8,17 +8,14 @@ apply_suggestion, and the memo they share.
 from __future__ import annotations
 
 import html
-from urllib.parse import quote, urljoin, urlparse
+import json
 
 import gradio as gr
-from huggingface_hub.errors import HfHubHTTPError
-from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
 from streamer.engine.plan import expand_inputs
 from streamer.engine.suggest import architecture, format_ignore, scheme_blurb, suggest_ignore, suggest_repo_name
-from streamer.errors import HubError, StreamerError
 from streamer.io.catalog import build_catalog
-from streamer.io.hub_http import RETRY_STATUS, explain, hub_call
+from streamer.io.hub_http import read_text
 from streamer.io.hub_source import HubSource
 from streamer.web import settings
 from streamer.web.auth import resolve_token
@@ -27,44 +24,21 @@ from streamer.web.wording import UserError, error_box, sentence
 
 
 def fetch_config(repo: str, revision: str | None, token: str | bool | None) -> dict | None:
-    """The source's config.json, in one small HTTP read; None when the repo has none.
+    """The source's config.json, in one small HTTP read; None when the repo has none (or it is
+    not a JSON object).
 
-    Under streamer's Hub retry policy: a dropped connection, 5xx or 429 is tried again before the
-    visitor hears about it.
+    Under streamer's Hub retry policy (`read_text`): a dropped connection, 5xx or 429 is tried
+    again before the visitor hears about it; a missing repo or revision is a HubError.
 
     repo: the source repo id.
     revision: a branch, tag or commit (None: main).
     token: the visitor's token; False reads anonymously (see resolve_token)."""
-    endpoint = settings.endpoint()
-    url = f"{endpoint}/{repo}/resolve/{quote(revision or 'main', safe='')}/config.json"
-    ranged = {"Range": f"bytes=0-{settings.CONFIG_MAX_BYTES - 1}"}
-
-    def once():
-        r = get_session().get(url, headers={**build_hf_headers(token=token), **ranged}, follow_redirects=False)
-        if r.status_code in (301, 302, 303, 307, 308) and r.headers.get("location"):
-            # a renamed repo (same host) keeps the token; a CDN (another host) never gets it
-            where = urljoin(url, r.headers["location"])
-            same_host = urlparse(where).netloc == urlparse(url).netloc
-            headers = {**build_hf_headers(token=token), **ranged} if same_host else ranged
-            r = get_session().get(where, headers=headers, follow_redirects=False)
-        if r.status_code in RETRY_STATUS:
-            hf_raise_for_status(r)  # retried by hub_call
-        return r
-
-    try:
-        r = hub_call(f"reading {repo}'s config.json", once, where=endpoint)
-    except StreamerError:
-        raise
-    except Exception as e:  # not a network error (those are retried, then explained): a bad URL …
-        raise HubError(f"cannot reach the Hub at {endpoint} ({type(e).__name__}); try again in a moment") from None
-    if r.status_code == 404 and r.headers.get("x-error-code") == "EntryNotFound":
+    text = read_text(repo, "config.json", revision=revision, token=token, endpoint=settings.endpoint(),
+                     max_bytes=settings.CONFIG_MAX_BYTES, missing_repo_ok=False, what="source repo")  # fmt: skip
+    if text is None:
         return None
     try:
-        hf_raise_for_status(r)
-    except HfHubHTTPError as e:
-        raise explain(e, repo, what="source repo") from None
-    try:
-        data = r.json()
+        data = json.loads(text)
     except ValueError:
         return None
     return data if isinstance(data, dict) else None

@@ -35,15 +35,24 @@ def sign_in_words() -> str:
     return "set HF_TOKEN or run `hf auth login` where the app runs"
 
 
-# The settings the form has no field for: the Space decides them itself (the command line offers
-# them), so the hint says what the Space does rather than name a switch the visitor cannot reach.
+# The settings the form has no field for: the Space decides them itself, so the hint says what the
+# command-line streamer (which has them) would do, or what the Space does instead; never a flag.
 _ELSEWHERE = {
-    "default_ignore": "the command line can quantize them too (this Space keeps them unquantized)",
-    "quantize_towers": "the command line can quantize vision/audio towers too (this Space keeps them unquantized)",
-    "scheme_file": "the command line takes a custom scheme (this Space offers the listed ones)",
+    "default_ignore": "quantize them too with the command-line streamer",
+    "quantize_towers": "quantize the vision/audio towers too with the command-line streamer",
+    "scheme_file": "describe a custom scheme for the command-line streamer",
     "force": "pick another scheme",
     "public": "this Space keeps such a copy private",
 }
+# ... and those of them that take a value: (words with the value {v}, words without one)
+_ELSEWHERE_VALUE = {
+    "max_memory": ("convert it with the command-line streamer and a memory budget of {v} or more",
+                   "convert it with the command-line streamer and a larger memory budget"),
+    "device": ("convert it with the command-line streamer on {v}", "convert it with the command-line streamer on another device"),
+    "nonfinite": ("quantize it anyway with the command-line streamer (non-finite policy {v})",
+                  "quantize it anyway with the command-line streamer"),
+    "dequant_dtype": ("dequantize to {v} with the command-line streamer", "dequantize to another dtype with the command-line streamer"),
+}  # fmt: skip
 
 
 def web_words(hint: Hint) -> str:
@@ -52,14 +61,19 @@ def web_words(hint: Hint) -> str:
     hint: one way past an error (its setting is one of `streamer.errors.SETTINGS`)."""
     v = hint.values
     s = hint.setting
-    if s == "ignore":
-        return f"add {', '.join(v)} to the ignore list" if v else "add the module to the ignore list"
+    if s == "ignore":  # the field takes one entry a line: each is quoted, to be copied as it is
+        if not v:
+            return "add the module to the ignore list"
+        entries = ", ".join(f"“{x}”" for x in v)
+        return f"add {entries} to the ignore list" if len(v) == 1 else f"add these lines to the ignore list: {entries}"
     if s == "skip_incompatible":
         return f"tick “{SKIP_INCOMPATIBLE_LABEL}”"
     if s in ("create_pr", "overwrite"):  # the Space never replaces a repo: a pull request proposes it
         return f"open the conversion as a pull request (tick “{CREATE_PR_LABEL}”)"
     if s == "scheme":
-        return "pick " + " or ".join(v) + " as the scheme" if v else "pick another scheme"
+        if not v:
+            return "pick another scheme"
+        return f"pick {v[0]} as the scheme" if len(v) == 1 else f"pick one of {', '.join(v)} as the scheme"
     if s == "target":
         return "choose another target repo name"
     if s == "token":
@@ -70,15 +84,9 @@ def web_words(hint: Hint) -> str:
         return "check the repo id in “Source model”"
     if s == "retry":
         return "try again in a moment"
-    if s == "max_memory":  # the Space shares its memory among the conversions it runs at once
-        need = f" of {v[0]} or more" if v else ""
-        return f"convert it with the command line and a memory budget{need} (this Space sets its own)"
-    if s == "device":
-        return f"convert it with the command line on {' or '.join(v)}" if v else "convert it with the command line on another device"
-    if s == "nonfinite":
-        return f"the command line can quantize it anyway (non-finite policy {' or '.join(v)})" if v else "the command line can quantize it anyway"
-    if s == "dequant_dtype":
-        return f"the command line can dequantize to {' or '.join(v)}" if v else "the command line can dequantize to another dtype"
+    if s in _ELSEWHERE_VALUE:
+        with_value, without = _ELSEWHERE_VALUE[s]
+        return with_value.format(v=" or ".join(v)) if v else without
     return _ELSEWHERE[s]
 
 
@@ -131,7 +139,7 @@ def sentence(e: BaseException) -> str:
     e: the error a request ended with."""
     if isinstance(e, PlanError):
         # the hints go on a line of their own, after the list of problems they answer
-        ways = with_hints("To convert it anyway", e.hints, web_words) if e.hints else ""
+        ways = with_hints("To convert it", e.hints, web_words) if e.hints else ""
         return for_web(plan_problems(e.problems) + (f"\n{ways}" if ways else ""))
     if isinstance(e, StreamerError):
         return for_web(with_hints(e.message, e.hints, web_words))
