@@ -55,7 +55,7 @@ def test_lock_pins_every_dependency_within_the_supported_ranges():
     pins = _lock("engine.txt")
     project = PYPROJECT["project"]
     reqs = [Requirement(r) for r in project["dependencies"]]
-    for extra in ("test", "app", "xet"):
+    for extra in ("test", "app", "xet", "ray"):
         reqs += [Requirement(r) for r in project["optional-dependencies"][extra]]
     for req in reqs:
         name = canonicalize_name(req.name)

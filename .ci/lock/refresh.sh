@@ -3,7 +3,7 @@
 #
 #   bash .ci/lock/refresh.sh            # rewrites .ci/lock/engine.txt and .ci/lock/reference.txt
 #
-# engine.txt    every package of streamer's venv with the test, app and xet extras
+# engine.txt    every package of streamer's venv with the test, app, xet and ray extras
 #               (pyproject.toml keeps the ranges users get; this file pins what CI runs)
 # reference.txt llm-compressor's venv for the parity oracle (.ci/setup_reference.sh)
 #
@@ -29,8 +29,8 @@ freeze() {  # venv, output file, what it holds
 
 python3 -m venv "$TMP/engine"
 "$TMP/engine/bin/pip" install -q torch==2.13.0
-"$TMP/engine/bin/pip" install -q -e ".[test,app,xet]"
-freeze "$TMP/engine" .ci/lock/engine.txt "streamer's venv: torch==2.13.0 + pip install -e '.[test,app,xet]'"
+"$TMP/engine/bin/pip" install -q -e ".[test,app,xet,ray]"
+freeze "$TMP/engine" .ci/lock/engine.txt "streamer's venv: torch==2.13.0 + pip install -e '.[test,app,xet,ray]'"
 
 python3 -m venv "$TMP/reference"
 "$TMP/reference/bin/pip" install -q torch==2.13.0 llmcompressor==0.14.0.1
