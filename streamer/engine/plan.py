@@ -26,7 +26,15 @@ from streamer.engine.policy import (
     not_quantizable,
 )
 from streamer.errors import Hint, PlanError
-from streamer.formats import FLOAT_DTYPES, collapse_names, dtype_size, human_bytes, natural_key, safetensors_name, torch_dtype
+from streamer.formats import (
+    FLOAT_DTYPES,
+    collapse_names,
+    dtype_size,
+    human_bytes,
+    natural_key,
+    safetensors_name,
+    torch_dtype,
+)
 from streamer.io.catalog import Catalog, TensorInfo
 from streamer.io.provenance import policy_flags
 from streamer.io.source import Span

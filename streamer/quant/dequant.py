@@ -45,11 +45,11 @@ from typing import Protocol
 import torch
 
 from streamer.errors import Hint, PlanError, SchemeError, StreamerError
-from streamer.formats import DEQUANT_DTYPES, collapse_names, torch_dtype
+from streamer.formats import DEQUANT_DTYPES, FLOAT_DTYPES, collapse_names, torch_dtype
 from streamer.io.catalog import Catalog, TensorInfo
 
 _FP8_STORED = ("F8_E4M3", "F8_E5M2")
-_FLOAT_STORED = ("F64", "F32", "F16", "BF16")
+_FLOAT_STORED = FLOAT_DTYPES | {"F64"}  # a weight stored dense
 SUPPORTED = "fp8 with weight_block_size (DeepSeek-V3 style) and compressed-tensors"
 # Quantization parameters of attention (kv cache) quantization: meaningless once the target
 # recipe (data-free, no kv cache scheme) replaces the config; dropped like the reference does.
@@ -466,7 +466,7 @@ class FP8BlockDequantizer(ExpandingDequantizer):
                             f"{name}: shape {list(info.shape)}, but weight {list(w.shape)} in "
                             f"{bh}x{bw} blocks needs {list(want)} (weight_block_size in config.json?)"
                         )
-                    elif info.dtype not in ("F32", "BF16", "F16"):
+                    elif info.dtype not in FLOAT_DTYPES:
                         problems.append(f"{name}: dtype {info.dtype} is not a float scale")
                     else:
                         parts = {"weight": w, "weight_scale_inv": info}
