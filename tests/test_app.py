@@ -787,34 +787,38 @@ def test_space_token_negative_control(space, monkeypatch):
 
 
 def test_sentences(web, monkeypatch):
-    from streamer.errors import PlanError, TargetError
+    from streamer.errors import HubError, PlanError, SchemeError, StreamerError, TargetError
 
     wording, forms = web.wording, web.forms
     monkeypatch.setattr(web.settings, "ON_SPACES", True)
-    msg = wording.sentence(TargetError("target a/b already holds files that streamer did not write (x…); "
-                                   "choose another repo or pass --overwrite"))  # fmt: skip
+    msg = wording.sentence(TargetError("target a/b already holds files that streamer did not write (x…)",
+                                       hints=(Hint("target"), Hint("overwrite"))))  # fmt: skip
     assert "--" not in msg and "pull request" in msg
     problems = [f"model.layers.{i}.mlp.down_proj.weight: weight of shape [64, 100]: in_features 100 is not "
-                "divisible by group_size 16; ignore this module with --ignore" for i in range(4)]  # fmt: skip
-    msg = wording.sentence(PlanError(problems + ["x.weight: name clash between a and b"]))
+                "divisible by group_size 16" for i in range(4)]  # fmt: skip
+    msg = wording.sentence(PlanError(problems + ["x.weight: name clash between a and b"], hints=(Hint("ignore"),)))
     assert "model.layers.{0..3}.mlp.down_proj.weight" in msg and msg.count("in_features 100") == 1
     assert "add this module to the ignore list" in msg and "name clash" in msg
-    # engine hints that name command-line options or syntax, worded for the form (no flags)
+    # engine errors whose hints name command-line options or syntax, worded for the form (no flags)
     for engine, web in [
-        ("revision not found in a/b: check the branch, tag or commit after '@'", "in “Revision”"),
-        ("target a/b will be created as a private repo because the source is private or gated "
-         "(pass --public to publish it)", "this Space keeps such a copy private"),
-        ("the source is already quantized with FP8, which is what FP8_DYNAMIC writes: nothing to "
-         "convert. Pass --force to dequantize and quantize it again anyway", "pick another scheme"),
-        ("To keep them unquantized, add these ignore entries: a, b (--ignore each), or pass "
-         "--skip-incompatible to keep them unquantized automatically", "tick “Keep weights"),
-        ("x.weight holds 3 NaN value(s). Fix the checkpoint, keep the module unquantized with --ignore "
-         "x, or pass --nonfinite passthrough to quantize it anyway", "Fix the checkpoint"),
-        ("--max-memory 1 MB is too small: a piece needs 3 MB; pass --max-memory 4 MB or more", "too small"),
-        ("    embeddings (2): a, b — lookup tables (--no-default-ignore quantizes them)", "lookup tables"),
+        (HubError("revision not found in a/b", hints=(Hint("revision"),)), "in “Revision”"),
+        (SchemeError("the source is already quantized with FP8, which is what FP8_DYNAMIC writes: nothing to "
+                     "convert", hints=(Hint("force"),)), "pick another scheme"),
+        (PlanError(["2 weight(s) have shapes W4A16 cannot serve. To keep them unquantized, add these ignore "
+                    "entries: 'a' 'b'"], hints=(Hint("ignore", ("a", "b")), Hint("skip_incompatible"))),
+         "tick “Keep weights"),
+        (StreamerError("x.weight holds 3 NaN value(s). Fix the checkpoint",
+                       hints=(Hint("ignore", "x"), Hint("nonfinite", "passthrough"))), "Fix the checkpoint"),
+        (StreamerError("the memory budget of 1 MB is too small: a piece needs 3 MB",
+                       hints=(Hint("max_memory", "4 MB"),)), "too small"),
+        (StreamerError("embeddings (2): a, b — lookup tables", hints=(Hint("default_ignore"),)), "lookup tables"),
     ]:  # fmt: skip
-        msg = wording.for_web(engine)
+        msg = wording.sentence(engine)
         assert web in msg and "--" not in msg and "@" not in msg, msg
+    # an engine note (not an error: no hints) that still names a command-line option
+    msg = wording.for_web("target a/b will be created as a private repo because the source is private or gated "
+                          "(pass --public to publish it)")  # fmt: skip
+    assert "this Space keeps such a copy private" in msg and "--" not in msg, msg
     msg = wording.sentence(RuntimeError("secret internals /root/.cache"))
     assert "Something went wrong on our side (RuntimeError)" in msg and "secret" not in msg
     with pytest.raises(wording.UserError, match="not a Hub repo id"):

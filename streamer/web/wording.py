@@ -63,7 +63,7 @@ def web_words(hint: Hint) -> str:
     s = hint.setting
     if s == "ignore":  # the field takes one entry a line: each is quoted, to be copied as it is
         if not v:
-            return "add the module to the ignore list"
+            return "add this module to the ignore list"
         entries = ", ".join(f"“{x}”" for x in v)
         return f"add {entries} to the ignore list" if len(v) == 1 else f"add these lines to the ignore list: {entries}"
     if s == "skip_incompatible":
@@ -91,46 +91,22 @@ def web_words(hint: Hint) -> str:
 
 
 def for_web(message: str) -> str:
-    """MESSAGE (an engine's or the app's) as the page shows it: links to this app's Hub, and
-    what the engine still says in the command line's words ("--ignore", "HF_TOKEN") in the form's.
+    """MESSAGE (an engine's note or warning, or an error's text) as the page shows it: links to the
+    Hub this app talks to, and the few engine notes that carry no hints (they are not errors) in
+    the form's words.
 
     message: the text to show."""
-    sign_in = sign_in_words()
     swaps = [
-        ("(pass --token or set HF_TOKEN)", f"({sign_in})"),
-        ("pass --token or set HF_TOKEN", sign_in),
-        ("check --token / HF_TOKEN", sign_in),
-        ("(check --token / HF_TOKEN)", f"({sign_in})"),
-        ("ignore this module with --ignore", "add this module to the ignore list"),
-        ("ignore it with --ignore", "add it to the ignore list"),
-        ("add --ignore", "add to the ignore list"),
-        ("with --ignore", "with the ignore list"),
-        ("choose another repo or pass --overwrite", "choose another repo name, or open the conversion as a pull request"),
-        (" (--ignore each), or pass --skip-incompatible to keep them unquantized automatically",
-         f", or tick “{SKIP_INCOMPATIBLE_LABEL}”"),
-        (" (or --scheme-file for a custom one)", ""),
-        ("run again with that account's token", "try again"),
-        (". Pass --force to dequantize and quantize it again anyway", "; pick another scheme"),
-        ("check the branch, tag or commit after '@'", "check the branch, tag or commit in “Revision”"),
+        # HubSink.visibility_note, logged when a private target is created for a private source
         (" (pass --public to publish it)", " (this Space keeps such a copy private)"),
-        (", or pass --nonfinite passthrough to quantize it anyway", ""),
-        ("(or --ignore)", "(or in the ignore list)"),
-        ("kept by --skip-incompatible", f"kept by “{SKIP_INCOMPATIBLE_LABEL}”"),
-    ]  # fmt: skip
+        # streamer.io.hub_http.explain of a gated repo: the visitor's own token is the one used
+        ("run again with that account's token", "try again"),
+    ]
     for old, new in swaps:
         message = message.replace(old, new)
-    # What the table does not know: a parenthesis or clause that names a command-line option
-    # (which the form does not have) is dropped rather than shown as a flag the user cannot pass.
-    message = _CLI_PAREN.sub("", message)
-    message = _CLI_CLAUSE.sub("", message)
-    message = message.replace("--max-memory ", "the memory budget of ")  # the Space sets it itself
     if settings.endpoint() != "https://huggingface.co":
         message = message.replace("https://huggingface.co/", settings.endpoint() + "/")
     return message
-
-
-_CLI_PAREN = re.compile(r"\s*\([^()]*--[a-z][\w-]*[^()]*\)")
-_CLI_CLAUSE = re.compile(r"(?:[,;]\s*(?:or )?(?:pass |use )?|\s+(?:or )?(?:pass|use) )--[a-z][\w-]*[^.;,)\n]*")
 
 
 def sentence(e: BaseException) -> str:
