@@ -27,7 +27,8 @@ from streamer.cli import main as cli
 from streamer.engine.convert import convert, prepare, quantize
 from streamer.io.provenance import front_matter, read_provenance
 from streamer.errors import Hint, PlanError
-from streamer.mirror.main import Job, compare, parse_jobs
+from streamer.mirror.check import compare
+from streamer.mirror.jobs import MirrorJob, parse_jobs
 from streamer.engine.plan import INCOMPATIBLE, plan_summary, render, schemes_that_fit
 from test_engine import CountingSource
 from test_hub import SOURCE, hub  # noqa: F401  (the localhub fixture)
@@ -113,7 +114,7 @@ def test_mirror_settings_include_the_policy():
     assert "before streamer kept embeddings" in compare(a, old, "c")
     with pytest.raises(Exception, match="default_ignore must be true or false"):
         parse_jobs({"job": [{"name": "c", "source": "o/s", "target": "o/t", "scheme": "W4A16", "default_ignore": "no"}]})
-    assert Job(name="x", source="o/s", target="o/t", scheme="W4A16").policy == ()
+    assert MirrorJob(name="x", source="o/s", target="o/t", scheme="W4A16").policy == ()
 
 
 def test_model_free_ptq_keeps_the_reference_semantics_and_warns_once(llama_ckpt, tmp_path, caplog):
