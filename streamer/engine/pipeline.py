@@ -407,10 +407,9 @@ class Runner:
         a budget no tensor fits in (before any read); what was written is discarded on any failure.
         """
         t0 = time.monotonic()
-        if hasattr(self.source, "cancel"):
-            # a source that reads over the network stops its transfers in flight on a cancel
-            self.source.cancel = self.cancel
-        if hasattr(self.source, "on_bytes"):
+        # a source that reads over the network stops its transfers in flight on a cancel
+        self.source.cancel = self.cancel
+        if self.source.reports_bytes:
             # ... and reports its bytes as they arrive (else "read" moves once per piece)
             self.source.on_bytes = functools.partial(self.progress.advance, "read")
             self._read_streamed = True

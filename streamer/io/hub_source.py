@@ -49,12 +49,10 @@ class HubSource(Source):
     range requests run at once, each of at most CHUNK_BYTES.
     """
 
-    # Set by the pipeline to its cancel event: range reads in flight stop at the next block
-    # instead of running to the end of their chunk.
-    cancel: threading.Event | None = None
-    # Set by the pipeline: told about bytes as they arrive (in steps of REPORT_BYTES), so that
-    # progress moves with the transfer and not once per piece of up to 256 MB.
-    on_bytes = None
+    # Range reads in flight stop at the next block once `cancel` is set, instead of running to the
+    # end of their chunk; `on_bytes` hears of bytes as they arrive (in steps of REPORT_BYTES), so
+    # that progress moves with the transfer and not once per piece of up to 256 MB.
+    reports_bytes = True
     REPORT_BYTES = 1 << 20
 
     def __init__(

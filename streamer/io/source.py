@@ -12,6 +12,7 @@ import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from streamer.errors import InputError
 
@@ -38,6 +39,12 @@ class Source:
     # Who may read the source: a private or gated one makes a private target unless asked otherwise.
     private: bool = False
     gated: bool = False
+    # Set by the pipeline before a run. A source that reads over the network stops its transfers
+    # in flight once CANCEL is set; one that REPORTS_BYTES calls ON_BYTES(n) as bytes arrive (else
+    # progress counts each piece when it has been read).
+    cancel: threading.Event | None = None
+    on_bytes: Callable[[int], None] | None = None
+    reports_bytes: bool = False
 
     def files(self) -> dict[str, int]:
         """Relative path (POSIX) -> size in bytes, for every file of the checkpoint."""
