@@ -87,7 +87,7 @@ class HubSource(Source):
         self._urls: dict[str, str] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(connections, thread_name_prefix="streamer-range")
-        self.requests = 0  # range requests sent, for tests and --json
+        self.requests = 0  # range requests sent, for tests and the run's JSON summary
         self.bytes_fetched = 0
 
     def files(self) -> dict[str, int]:
