@@ -63,6 +63,12 @@ def model_free_ptq(
     :param converter: None or "auto": the source format is detected from config.json, and on
         a compressed-tensors source what the scheme does not target is kept as stored (stacked);
         a source-format name / llm-compressor dequantizer: every quantized weight is expanded.
+    :param token: the Hugging Face token for a Hub source or target (default: HF_TOKEN or the
+        saved login); not in the reference.
+    :param private: create a `hub://` target repo private; not in the reference.
+    :param create_pr: publish to a `hub://` target as a pull request; not in the reference.
+
+    Returns streamer's `Result` (the plan, run statistics, where it was written).
     """
     if scheme is not None and config is not None:
         raise StreamerError("Please specify either `config` or `scheme`, not both")

@@ -54,6 +54,7 @@ class TerminalLogHandler(logging.Handler):
     """
 
     def emit(self, record: logging.LogRecord) -> None:
+        """Print RECORD, formatted, as one line on the current sys.stderr."""
         try:
             from tqdm import tqdm
 
