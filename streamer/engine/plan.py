@@ -584,7 +584,7 @@ def _incompatible_problems(
         fits = schemes_that_fit([shapes[m] for m in modules if m in shapes])
         if fits:
             hint = f"schemes that fit every weight: {', '.join(fits[:6])}"
-            hints = [Hint("scheme", tuple(fits[:6]))]
+            hints = [Hint("scheme", tuple(fits[:6])), Hint("ignore")]
         else:  # keep the modules above unquantized, or describe a scheme with another group size
             hint = "no preset fits every weight"
             hints = [Hint("ignore"), Hint("scheme_file")]
