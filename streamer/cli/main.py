@@ -132,8 +132,31 @@ def _main(argv: list[str] | None) -> int:
 
             return demo_main(rest)
     args = convert_parser().parse_args(argv)
-    setup_logging(args.quiet, args.verbose, json=args.json)
-    return run_convert(args)
+    reader = _start_reader(args)
+    try:
+        setup_logging(args.quiet, args.verbose, json=args.json)
+        return run_convert(args)
+    finally:
+        if reader is not None:
+            reader.close()
+
+
+def _start_reader(args):
+    """Fast start: a reader process that fetches a Hub source's bytes while the engine imports
+    (streamer.io.prefetch), holding at most half the run's memory budget (its bytes are held beside
+    the pipeline's until it copies them out). None for a dry run, a local source, or where it
+    cannot help."""
+    from streamer.io.locations import is_hub_spec
+
+    if args.dry_run or args.dst is None or not is_hub_spec(args.src):
+        return None
+    from streamer.engine.budget import default_memory_budget
+    from streamer.formats import split_revision
+    from streamer.io.prefetch import start
+
+    repo_id, revision = split_revision(args.src)
+    budget = args.max_memory or default_memory_budget()
+    return start(repo_id, revision, token=args.token or None, limit=budget // 2)
 
 
 def _progress_bars(args, progress):

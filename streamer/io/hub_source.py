@@ -28,6 +28,7 @@ from streamer.io.hub_http import (
     resolve_url,
     retry_wait,
 )
+from streamer.io.prefetch import claim
 from streamer.io.source import Source, Span
 
 log = logging.getLogger("streamer")
@@ -70,10 +71,14 @@ class HubSource(Source):
         self.api = HfApi(endpoint=self.endpoint, token=token)
         self._token = token
         self.chunk_bytes = chunk_bytes
+        # A reader the command line started for this repo may hold its first bytes already
+        # (streamer.io.prefetch): read at exactly its commit, and ask it first.
+        self.prefetched = claim(repo_id, revision, self.endpoint)
         try:
             info = hub_call(
                 f"reading {repo_id}'s file list", self.api.model_info, repo_id,
-                revision=revision, files_metadata=True, where=self.endpoint,
+                revision=revision if self.prefetched is None else self.prefetched.commit,
+                files_metadata=True, where=self.endpoint,
             )  # fmt: skip
         except HfHubHTTPError as e:
             raise explain(e, repo_id, what="source repo") from None
@@ -226,6 +231,8 @@ class HubSource(Source):
         """Fill each of OUTS with its span of SPANS of file PATH, in parallel range requests."""
         if path not in self._files:
             raise InputError(f"{path} is not in {self.repo_id}@{self.commit}")
+        if self.prefetched is not None:
+            spans, outs = self.prefetched.serve(path, spans, outs, on_bytes=self.on_bytes)
         tasks = []
         for span, out in zip(spans, outs):
             out = out.cast("B") if out.format != "B" else out
