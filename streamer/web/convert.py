@@ -31,6 +31,7 @@ from streamer.web.progress import RUNNING, RateWindow, progress_html
 from streamer.web.results import cancelled_html, proposed_html, published_html
 from streamer.web.wording import UserError, error_box, fail, for_web, sentence
 
+
 def _exists(target: str, token) -> bool | None:
     """Does TARGET exist (None: could not tell)."""
     try:

@@ -16,6 +16,7 @@ from streamer.web.forms import check_scheme, parse_source, source_spec, target_o
 from streamer.web.tables import empty_tables, plan_tables
 from streamer.web.wording import UserError, error_box, sentence
 
+
 def _target_note(api: HfApi, target: str, create_pr: bool, private: bool) -> str:
     try:
         api.model_info(target)
