@@ -467,7 +467,7 @@ def test_memory_suggestion_works_for_a_sink_that_buffers_shards(llama_ckpt, tmp_
         convert(str(llama_ckpt), Buffering(tmp_path / "a"), scheme="FP8_DYNAMIC", device="cpu", max_memory=100_000)
     message = str(err.value)
     assert "beside its output shard" in message
-    suggested = parse_size(re.search(r"pass --max-memory (\S+) or more", message).group(1))
+    suggested = parse_size(next(h.value for h in err.value.hints if h.setting == "max_memory"))
     done = []
     t = threading.Thread(target=lambda: done.append(convert(
         str(llama_ckpt), Buffering(tmp_path / "b"), scheme="FP8_DYNAMIC", device="cpu", max_memory=suggested)))
