@@ -26,11 +26,14 @@ from streamer.formats import natural_key
 
 __all__ = [
     "EMBEDDING",
+    "EMBEDDINGS",
     "HEAD",
     "LM_HEAD",
     "ROUTER",
+    "ROUTERS",
     "RULES",
     "TOWER",
+    "TOWERS",
     "WeightInfo",
     "close_modules",
     "default_kept",
