@@ -51,6 +51,12 @@ def convert_parser() -> argparse.ArgumentParser:
         help="a weight holding NaN/Inf: refuse (default) or quantize it anyway, with a warning",
     )  # fmt: skip
     p.add_argument("--workers", type=int, default=4, help="pieces fetched concurrently (default 4)")
+    p.add_argument(
+        "--ray", nargs="?", const="auto", metavar="ADDRESS",
+        help="convert the shards on a Ray cluster, each node uploading its own (target: a Hub repo): "
+        "auto (default: the cluster this machine belongs to, else a local one) or host:6379, "
+        "ray://host:10001; needs pip install 'streamer-quant[ray]'",
+    )  # fmt: skip
     p.add_argument("--token", help="Hugging Face token (default: HF_TOKEN, then the huggingface_hub login)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty destination that streamer did not write (one it wrote is refreshed without it)")
     vis = p.add_mutually_exclusive_group()
@@ -148,8 +154,8 @@ def _start_reader(args):
     cannot help."""
     from streamer.io.locations import is_hub_spec
 
-    if args.dry_run or args.dst is None or not is_hub_spec(args.src):
-        return None
+    if args.dry_run or args.dst is None or args.ray is not None or not is_hub_spec(args.src):
+        return None  # with --ray the nodes read the source, not this machine
     from streamer.engine.budget import default_memory_budget
     from streamer.formats import split_revision
     from streamer.io.prefetch import start
@@ -175,6 +181,15 @@ def _progress_bars(args, progress):
 def _close(bars) -> None:
     if bars is not None:
         bars.close()
+
+
+def _executor(args):
+    """Where --ray says the shards are made: a RayExecutor, or None for this machine."""
+    if args.ray is None:
+        return None
+    from streamer.engine.cluster import RayExecutor
+
+    return RayExecutor(args.ray)
 
 
 def run_convert(args) -> int:
@@ -205,7 +220,7 @@ def run_convert(args) -> int:
             private=True if args.private else (False if args.public else None), create_pr=args.create_pr, revision=args.revision,
             dequant_dtype=args.dequant_dtype, force=args.force, progress=progress,
             default_ignore=args.default_ignore, quantize_towers=args.quantize_towers,
-            skip_incompatible=args.skip_incompatible,
+            skip_incompatible=args.skip_incompatible, executor=_executor(args),
         )  # fmt: skip
     except (Cancelled, KeyboardInterrupt):  # Ctrl-C arrives as KeyboardInterrupt, a stop as Cancelled
         _close(bars)

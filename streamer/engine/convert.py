@@ -191,6 +191,7 @@ def convert(
     skip_incompatible: bool = False,
     record: str = "requested",
     stack: bool = True,
+    executor=None,
 ) -> Result:
     """Convert the checkpoint SRC into a compressed-tensors checkpoint at DST, in one commit.
 
@@ -226,6 +227,9 @@ def convert(
       progress: a `Progress` that receives bytes read, quantized and uploaded, and log lines.
       cancel: an Event; once set, the run stops within about a second, publishes nothing and
         raises `streamer.errors.Cancelled`.
+      executor: where the output shards are made: None on this machine; a
+        `streamer.engine.cluster.RayExecutor` spreads them over a Ray cluster (each node
+        uploads its own shards to the Hub; the commit is still one, made here).
       dry_run: plan only (headers are read, nothing is written); the plan is in the Result.
       record: which policy flags the model card's settings record: "requested" (what was asked;
         mirroring compares it on its next run) or "effective" (only the flags that changed the
@@ -290,12 +294,14 @@ def convert(
                 f"converting {plan.source} -> {sink.label}: {len(plan.jobs)} shard(s), "
                 f"{plan.n_quantized} weights with {plan.recipe.name} on {dev}"
             )
-            stats = runner.run()
+            stats = runner.run() if executor is None else executor.run(runner)
             _write_small_files(plan, source, sink, target=sink.label, record=record)
             message = f"Quantize {_source_label(plan, source)} with {plan.recipe.name} (streamer)"
             url = sink.commit(message, _commit_description(plan, source))
             progress.message(f"done: {url}")
-            return Result(plan=plan, stats=stats, url=url)
+            nodes = getattr(stats, "nodes", None)  # a cluster run: what each node did
+            extra = {"nodes": {k: v.as_dict() for k, v in nodes.items()}} if nodes is not None else {}
+            return Result(plan=plan, stats=stats, url=url, extra=extra)
         except BaseException:
             sink.abort(cancelled=cancel is not None and cancel.is_set())
             raise

@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="byte budget shared by all concurrent conversions (default: half the free RAM)")
     p.add_argument("--device", default="auto", help="default device for jobs: auto, cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int, default=4, help="pieces fetched concurrently per conversion (default 4)")
+    p.add_argument(
+        "--ray", nargs="?", const="auto", metavar="ADDRESS",
+        help="spread every job's shards over a Ray cluster: auto (default: the cluster this machine "
+        "belongs to, else a local one) or its address; needs pip install 'streamer-quant[ray]'",
+    )  # fmt: skip
     p.add_argument("--token", help="Hugging Face token (default: HF_TOKEN, then the huggingface_hub login)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
     p.add_argument("--quiet", "-q", action="store_true", help="only the summary")
@@ -68,6 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--payload-file", metavar="FILE",
                    help="like --webhook-payload, with the payload read from FILE ('-' for stdin)")
     return p
+
+
+def _executor(args):
+    """The RayExecutor --ray asks for; None converts on this machine."""
+    if args.ray is None:
+        return None
+    from streamer.engine.cluster import RayExecutor
+
+    return RayExecutor(args.ray)
 
 
 def _secret(args) -> str | None:
@@ -117,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             raise StreamerError("--workers must be at least 1")
         runner = MirrorRunner(
             token=args.token or None, dry_run=args.dry_run, parallel=args.parallel,
-            max_memory=args.max_memory, device=args.device, workers=args.workers,
+            max_memory=args.max_memory, device=args.device, workers=args.workers, executor=_executor(args),
         )  # fmt: skip
         if args.serve:
             if args.webhook_payload or args.payload_file:

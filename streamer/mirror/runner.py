@@ -43,6 +43,7 @@ class JobResult:
     bytes_written: int = 0
     seconds: float = 0.0
     finished_at: float = field(default_factory=time.time)
+    nodes: dict = field(default_factory=dict)  # on a Ray cluster: node id -> its shards, bytes, seconds
 
     @property
     def ok(self) -> bool:
@@ -67,6 +68,8 @@ class MirrorRunner:
     :param device: the device of jobs that name none ("auto", "cpu", "cuda", "cuda:N").
     :param workers: pieces fetched concurrently per conversion.
     :param endpoint: the Hub's URL (default: HF_ENDPOINT).
+    :param executor: where conversions make their shards: None on this machine, a
+        `streamer.engine.cluster.RayExecutor` spreads every job's shards over a Ray cluster.
 
     `cancel` is an Event: once set, running conversions stop without publishing and the jobs not
     started yet report "interrupted".
@@ -82,6 +85,7 @@ class MirrorRunner:
         device: str = "auto",
         workers: int = 4,
         endpoint: str | None = None,
+        executor=None,
     ):
         if parallel < 1:
             raise StreamerError("--parallel must be at least 1")
@@ -92,6 +96,7 @@ class MirrorRunner:
         self.device = device
         self.workers = workers
         self.endpoint = endpoint
+        self.executor = executor
         self.cancel = threading.Event()
         self.budget = Budget(self.max_memory)
 
@@ -161,13 +166,15 @@ class MirrorRunner:
             # replaced when the job says overwrite = true.
             overwrite=check.streamer_target or job.overwrite,
             private=job.private, create_pr=job.create_pr, dequant_dtype=job.dequant_dtype,
-            progress=Progress(), cancel=self.cancel, max_memory=self.budget, **job.policy_kwargs,
+            progress=Progress(), cancel=self.cancel, max_memory=self.budget, executor=self.executor,
+            **job.policy_kwargs,
         )  # fmt: skip
         res.status = "converted"
         res.url = result.url
         if result.stats is not None:
             res.bytes_read = result.stats.bytes_read
             res.bytes_written = result.stats.bytes_written
+        res.nodes = result.extra.get("nodes", {})
 
     def run(self, jobs: list[MirrorJob], on_result=None) -> list[JobResult]:
         """Run JOBS (at most `parallel` at once); their results in the order of JOBS.
