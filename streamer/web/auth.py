@@ -12,7 +12,7 @@ import gradio as gr
 from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError
 
-from streamer.io.hub_http import explain, hub_call
+from streamer.io.hub_http import explain, hub_call, hub_endpoint
 from streamer.web import settings
 from streamer.web.wording import UserError, error_box, fail, sentence
 
@@ -87,7 +87,7 @@ def forget_accounts() -> None:
 
 
 def _ask_whoami(token: str) -> Account:
-    endpoint = settings.endpoint()
+    endpoint = hub_endpoint()
     try:
         info = hub_call("checking your sign-in (whoami)", HfApi(endpoint=endpoint, token=token).whoami, where=endpoint)
     except HfHubHTTPError as e:
@@ -116,7 +116,7 @@ def on_load(oauth_token: gr.OAuthToken | None = None):
     except Exception as e:
         return error_box(sentence(e)), gr.update(choices=[], value=None)
     how = "" if getattr(oauth_token, "token", None) not in (None, settings.MOCK_TOKEN) else " (token of this machine)"
-    where = "" if settings.endpoint() == "https://huggingface.co" else f" on {settings.endpoint()}"
+    where = "" if hub_endpoint() == "https://huggingface.co" else f" on {hub_endpoint()}"
     orgs = f" · organizations: {', '.join(account.orgs)}" if account.orgs else ""
     return (
         f"Signed in as **{html.escape(account.name)}**{how}{html.escape(where)}{html.escape(orgs)}",

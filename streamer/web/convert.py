@@ -22,6 +22,7 @@ from streamer.engine.budget import default_memory_budget
 from streamer.engine.progress import Progress, ProgressEvent
 from streamer.engine.suggest import parse_ignore, suggest_repo_name
 from streamer.errors import Cancelled
+from streamer.io.hub_http import hub_endpoint
 from streamer.mirror.check import check_job
 from streamer.mirror.jobs import MirrorJob
 from streamer.web import settings, slots
@@ -35,7 +36,7 @@ from streamer.web.wording import UserError, error_box, fail, for_web, sentence
 def _exists(target: str, token) -> bool | None:
     """Does TARGET exist (None: could not tell)."""
     try:
-        HfApi(endpoint=settings.endpoint(), token=token).model_info(target)
+        HfApi(endpoint=hub_endpoint(), token=token).model_info(target)
         return True
     except HfHubHTTPError as e:
         return False if getattr(e.response, "status_code", None) in (401, 404) else None
@@ -50,11 +51,11 @@ def _existing_pr(repo, rev, target, scheme, ignore_list, skip_incompatible, toke
     job = MirrorJob(name="space", source=repo, target=target, scheme=scheme, ignore=tuple(ignore_list),
                     source_revision=rev, create_pr=True, skip_incompatible=bool(skip_incompatible))  # fmt: skip
     try:
-        check = check_job(job, token=token, endpoint=settings.endpoint())
+        check = check_job(job, token=token, endpoint=hub_endpoint())
     except Exception:  # cannot tell: converting again is the safe answer
         return None
     if check.up_to_date and (check.where or "").startswith("refs/pr/"):
-        return f"{settings.endpoint()}/{target}/discussions/{check.where.rsplit('/', 1)[-1]}"
+        return f"{hub_endpoint()}/{target}/discussions/{check.where.rsplit('/', 1)[-1]}"
     return None
 
 
@@ -194,7 +195,7 @@ def _convert(source, revision, scheme, ignore, namespace, repo_name, private, cr
 
 def _info(target: str, token):
     try:
-        return HfApi(endpoint=settings.endpoint(), token=token).model_info(target)
+        return HfApi(endpoint=hub_endpoint(), token=token).model_info(target)
     except Exception:
         return None
 

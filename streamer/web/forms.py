@@ -8,8 +8,8 @@ from __future__ import annotations
 import re
 
 from streamer.formats import is_repo_id, split_revision
+from streamer.io.hub_http import hub_endpoint
 from streamer.quant.schemes import accepted_presets
-from streamer.web import settings
 from streamer.web.auth import Account
 from streamer.web.wording import UserError
 
@@ -21,7 +21,7 @@ def parse_source(source: str, revision: str | None) -> tuple[str, str | None]:
 
     source: a repo id, its Hub URL, or `repo@revision`.
     revision: the Revision field; when given it wins over a revision after '@'."""
-    source = (source or "").strip().removeprefix(settings.endpoint() + "/").removeprefix("https://huggingface.co/")
+    source = (source or "").strip().removeprefix(hub_endpoint() + "/").removeprefix("https://huggingface.co/")
     repo, inline_rev = split_revision(source)
     revision = (revision or "").strip() or (inline_rev or "").strip() or None
     if not repo:

@@ -10,6 +10,7 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from streamer.engine.convert import convert
 from streamer.engine.suggest import parse_ignore, suggest_repo_name
+from streamer.io.hub_http import hub_endpoint
 from streamer.web import settings
 from streamer.web.auth import resolve_token, whoami
 from streamer.web.forms import check_scheme, parse_source, source_spec, target_of
@@ -50,7 +51,7 @@ def _plan(source, revision, scheme, ignore, namespace, repo_name, private, creat
                          skip_incompatible=bool(skip_incompatible))  # fmt: skip
         overview, *tables = plan_tables(result.plan)
         if target is not None:
-            overview += "\n\n" + _target_note(HfApi(endpoint=settings.endpoint(), token=token), target, create_pr, private)
+            overview += "\n\n" + _target_note(HfApi(endpoint=hub_endpoint(), token=token), target, create_pr, private)
         else:
             overview += "\n\n" + (
                 "**Sign in with Hugging Face to convert it**: the result is published under your account."

@@ -6,16 +6,14 @@ import html
 from urllib.parse import quote
 
 from streamer.formats import human_bytes
-from streamer.io.hub_http import read_text
-from streamer.web import settings
+from streamer.io.hub_http import hub_endpoint, read_text
 from streamer.web.progress import duration
 
 
 def _read_card(target: str, revision: str, token) -> str | None:
     """The model card just committed (a few kB, straight into memory), for the preview."""
     try:
-        return read_text(target, "README.md", revision=revision, token=token, endpoint=settings.endpoint(),
-                         max_bytes=65536)  # fmt: skip
+        return read_text(target, "README.md", revision=revision, token=token, max_bytes=65536)
     except Exception:  # a preview only: the links below still lead to the card
         return None
 
@@ -29,8 +27,8 @@ def published_html(result, target: str, create_pr: bool, private: bool = False, 
     create_pr: the run opened a pull request (or found the repo already up to date).
     private: the repo is private (the note says who can read it).
     token: the visitor's token, to read the card back."""
-    base = html.escape(f"{settings.endpoint()}/{target}", quote=True)
-    url = html.escape(result.url or f"{settings.endpoint()}/{target}", quote=True)
+    base = html.escape(f"{hub_endpoint()}/{target}", quote=True)
+    url = html.escape(result.url or f"{hub_endpoint()}/{target}", quote=True)
     name = html.escape(target)
     if create_pr and "/discussions/" not in url:
         return (

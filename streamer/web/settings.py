@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 
-from huggingface_hub import constants as hf_constants
-
 # On a Space, gradio runs the real OAuth flow; elsewhere there is no sign-in and the token of
 # the machine (HF_TOKEN / the login cache) is used, which is what a workstation or localhub wants.
 ON_SPACES = bool(os.environ.get("SPACE_ID"))
@@ -22,8 +20,3 @@ MAX_CONVERSIONS = max(1, int(os.environ.get("STREAMER_MAX_CONVERSIONS", "2")))  
 QUEUE_SIZE = int(os.environ.get("STREAMER_QUEUE_SIZE", "64"))  # requests waiting, all endpoints
 DEFAULT_SCHEME = os.environ.get("STREAMER_DEFAULT_SCHEME", "FP8_DYNAMIC")
 CONFIG_MAX_BYTES = 4 << 20  # config.json is a few kB; anything bigger is not a config
-
-
-def endpoint() -> str:
-    """The Hub this app talks to: HF_ENDPOINT, as huggingface_hub read it at import."""
-    return hf_constants.ENDPOINT.rstrip("/")

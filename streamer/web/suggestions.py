@@ -33,8 +33,8 @@ def fetch_config(repo: str, revision: str | None, token: str | bool | None) -> d
     repo: the source repo id.
     revision: a branch, tag or commit (None: main).
     token: the visitor's token; False reads anonymously (see resolve_token)."""
-    text = read_text(repo, "config.json", revision=revision, token=token, endpoint=settings.endpoint(),
-                     max_bytes=settings.CONFIG_MAX_BYTES, missing_repo_ok=False, what="source repo")  # fmt: skip
+    text = read_text(repo, "config.json", revision=revision, token=token, max_bytes=settings.CONFIG_MAX_BYTES,
+                     missing_repo_ok=False, what="source repo")  # fmt: skip
     if text is None:
         return None
     try:

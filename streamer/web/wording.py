@@ -16,6 +16,7 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from streamer.formats import collapse_names
 from streamer.errors import Hint, PlanError, StreamerError, with_hints
+from streamer.io.hub_http import hub_endpoint
 from streamer.web import settings
 
 log = logging.getLogger("streamer.app")
@@ -104,8 +105,8 @@ def for_web(message: str) -> str:
     ]
     for old, new in swaps:
         message = message.replace(old, new)
-    if settings.endpoint() != "https://huggingface.co":
-        message = message.replace("https://huggingface.co/", settings.endpoint() + "/")
+    if hub_endpoint() != "https://huggingface.co":
+        message = message.replace("https://huggingface.co/", hub_endpoint() + "/")
     return message
 
 
