@@ -17,8 +17,8 @@ import gradio as gr
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError
 
-from streamer.engine.convert import convert
 from streamer.engine.budget import default_memory_budget
+from streamer.engine.convert import convert
 from streamer.engine.progress import Progress, ProgressEvent
 from streamer.engine.suggest import parse_ignore, suggest_repo_name
 from streamer.errors import Cancelled

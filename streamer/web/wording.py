@@ -14,8 +14,8 @@ import time
 import gradio as gr
 from huggingface_hub.errors import HfHubHTTPError
 
-from streamer.formats import collapse_names
 from streamer.errors import Hint, PlanError, StreamerError, with_hints
+from streamer.formats import collapse_names
 from streamer.io.hub_http import hub_endpoint
 from streamer.web import settings
 
