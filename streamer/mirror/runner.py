@@ -188,10 +188,9 @@ class MirrorRunner:
             if on_result is not None:
                 on_result(r)
 
-        if self.parallel == 1 or len(jobs) <= 1:
-            for job in jobs:  # after a Ctrl-C, the remaining jobs report "interrupted" at once
-                done(self.run_one(job))
-            return [results[j.name] for j in jobs]
+        # Jobs run on worker threads even one at a time: Ctrl-C reaches the main thread, which sets
+        # `cancel` at once, so a running conversion stops within a second instead of finishing the
+        # uploads in flight first; the jobs not started yet then report "interrupted" at once.
         pool = ThreadPoolExecutor(self.parallel, thread_name_prefix="streamer-mirror")
         try:
             pending = {pool.submit(self.run_one, j) for j in jobs}
