@@ -1,15 +1,18 @@
 """Fast start for a Hub source: a reader process fetches the source's bytes while the engine is
 still importing torch and compressed-tensors (seconds before the first byte would be read).
 
-    reader = start("org/model", "main", token=None, limit=4 << 30)  # before the engine is imported
-    ...                                                           # HubSource claims it (`claim`)
-    reader.close()                                                # after the run, however it ends
+    reader = start("org/model", "main", token=None, limit=4 << 30)  # before importing the engine
+    ...                                                             # HubSource claims it (`claim`)
+    reader.close()                                                  # after the run, however it ends
 
-The reader (`python -m streamer.io.prefetch`, started by `start`; imports nothing but
-huggingface_hub's HTTP session) resolves the revision to a commit, reads the index and
+The reader (`python -m streamer.io.prefetch`, started by `start`; of huggingface_hub it imports
+only what builds the request headers) resolves the revision to a commit, reads the index and
 config.json, the first bytes of every shard (its safetensors header), then the shards' bytes in
-file order (the order the pipeline reads them in), 16 MB per request on 8 connections. What it
-reads lands in one anonymous shared memory file (memfd) its parent created, at most LIMIT bytes;
+file order (the order the pipeline reads them in), 16 MB per request on 8 connections. It speaks
+HTTP with the standard library's http.client, which reads a body straight into memory: a fifth
+of the CPU time of huggingface_hub's httpx session, whose time would be taken from the engine's
+imports on a small machine. (Behind a proxy it does not run.) What it reads lands in one
+anonymous shared memory file (memfd) its parent created, at most LIMIT bytes;
 it reports on its stdout what it received, every megabyte. (After an interrupted upload it reads
 only the headers: the rerun skips the shards already uploaded, which only the plan knows.)
 
@@ -40,7 +43,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from streamer.io.source import Span
 
@@ -54,6 +57,8 @@ HEAD_BYTES = 64 * 1024
 PAGE = mmap.PAGESIZE
 REPORT_BYTES = 1024 * 1024  # the reader reports what it received in steps of this size
 COMMIT_WAIT = 10.0  # seconds HubSource waits for the reader's commit before going on without it
+TIMEOUT = 30.0  # seconds a connection of the reader may stay silent
+REDIRECTS = (301, 302, 303, 307, 308)
 ENABLE_VARIABLE = "STREAMER_PREFETCH"  # "0" turns the reader off
 
 
@@ -307,6 +312,58 @@ class Prefetch:
 # --- the reader process -------------------------------------------------------------------------
 
 
+class _Connections:
+    """Keep-alive HTTP/1.1 connections (http.client), one per thread and host."""
+
+    def __init__(self):
+        self.local = threading.local()
+        self.tls = None
+
+    def _context(self):
+        import ssl
+
+        if self.tls is None:
+            # httpx's trust store (certifi), unless the environment names one (as httpx honours).
+            cafile = None
+            if not (os.environ.get("SSL_CERT_FILE") or os.environ.get("SSL_CERT_DIR")):
+                try:
+                    import certifi
+
+                    cafile = certifi.where()
+                except ImportError:
+                    pass
+            self.tls = ssl.create_default_context(cafile=cafile)
+        return self.tls
+
+    def get(self, url: str, headers: dict):
+        """The response to GET URL with HEADERS (its body not read yet)."""
+        import http.client
+
+        parts = urlsplit(url)
+        conns = self.local.__dict__.setdefault("conns", {})
+        key = (parts.scheme, parts.netloc)
+        conn = conns.get(key)
+        if conn is None:
+            if parts.scheme == "https":
+                conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=TIMEOUT, context=self._context())
+            else:
+                conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=TIMEOUT)
+            conns[key] = conn
+        try:
+            conn.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""), headers=headers)
+            return conn.getresponse()
+        except Exception:
+            self.drop(url)
+            raise
+
+    def drop(self, url: str) -> None:
+        """Close this thread's connection to URL's host (after a response not read to its end)."""
+        parts = urlsplit(url)
+        conn = self.local.__dict__.get("conns", {}).pop((parts.scheme, parts.netloc), None)
+        if conn is not None:
+            conn.close()
+
+
 class _Reader:
     """Reads the repo into the memfd and reports each range received (runs in the child)."""
 
@@ -343,22 +400,28 @@ class _Reader:
     def _run(self) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
+        from urllib.request import getproxies, proxy_bypass
+
         from huggingface_hub import constants
-        from huggingface_hub.utils import build_hf_headers, get_session
+        from huggingface_hub.utils import build_hf_headers
 
         from streamer.io.catalog import CONFIG_NAME, INDEX_NAME, MAX_HEADER_BYTES, SINGLE_NAME
 
         self.max_header = MAX_HEADER_BYTES
         self.endpoint = constants.ENDPOINT.rstrip("/")
-        self.session = get_session()
+        parts = urlsplit(self.endpoint)
+        if parts.scheme in getproxies() and not proxy_bypass(parts.hostname or ""):
+            raise RuntimeError("a proxy is configured: the reader speaks to the Hub directly only")
+        self.http = _Connections()
         self.headers = build_hf_headers(token=self.token, user_agent={"streamer": "prefetch"})
         url = f"{self.endpoint}/api/models/{self.repo_id}"
         if self.revision is not None:
             url += f"/revision/{quote(self.revision, safe='')}"
-        r = self.session.get(url, headers=self.headers, params={"blobs": True})
-        if r.status_code != 200:
-            raise RuntimeError(f"reading the file list: HTTP {r.status_code}")
-        info = r.json()
+        r = self.http.get(url + "?blobs=true", self.headers)
+        body = r.read()
+        if r.status != 200:
+            raise RuntimeError(f"reading the file list: HTTP {r.status}")
+        info = json.loads(body)
         self.commit = info["sha"]
         files = {s["rfilename"]: s.get("size") or 0 for s in info.get("siblings") or []}
         self.report(commit=self.commit, endpoint=self.endpoint)
@@ -419,30 +482,42 @@ class _Reader:
         arrived (a prefix, when the request failed)."""
         got = reported = 0
         try:
+            # hub_http.resolve_url's URL, not imported: hub_http also loads httpx 1.x (a third of a
+            # second more before the reader's first request).
             base = f"{self.endpoint}/{self.repo_id}/resolve/{quote(self.commit, safe='')}/{quote(path)}"
             for _ in range(2):  # the first answer may be a redirect to where the file is
                 url = self.urls.get(path, base)
                 # A redirect goes to a signed CDN URL: it must not receive the token.
-                headers = self.headers if url.startswith(self.endpoint) else {}
-                h = {**headers, "Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
-                with self.session.stream("GET", url, headers=h, follow_redirects=False) as r:
-                    location = r.headers.get("location")
-                    if r.status_code in (301, 302, 303, 307, 308) and location:
-                        self.urls[path] = location if location.startswith("http") else self.endpoint + location
-                        continue
-                    expected = f"bytes {start}-{end - 1}/"
-                    if (r.status_code != 206 or not r.headers.get("content-range", "").startswith(expected)
-                            or r.headers.get("content-encoding", "identity").lower() != "identity"):
-                        self.report(error=f"{path}: HTTP {r.status_code} to a range request")
-                        return 0
-                    for block in r.iter_raw():
-                        n = min(len(block), end - start - got)
-                        self.mm[offset + got : offset + got + n] = block[:n]
+                headers = self.headers if url.startswith(self.endpoint) else {"user-agent": self.headers["user-agent"]}
+                r = self.http.get(url, {**headers, "Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"})
+                location = r.getheader("location")
+                if r.status in REDIRECTS and location:
+                    r.read()
+                    self.urls[path] = location if location.startswith("http") else self.endpoint + location
+                    continue
+                expected = f"bytes {start}-{end - 1}/"
+                if (r.status != 206 or not (r.getheader("content-range") or "").startswith(expected)
+                        or (r.getheader("content-encoding") or "identity").lower() != "identity"):
+                    self.http.drop(url)
+                    self.report(error=f"{path}: HTTP {r.status} to a range request")
+                    return 0
+                view = memoryview(self.mm)
+                try:
+                    while got < end - start:
+                        # Straight from the socket into the shared memory, a megabyte at a time.
+                        n = r.readinto(view[offset + got : offset + min(end - start, got + REPORT_BYTES)])
+                        if not n:
+                            raise ConnectionError("the body ended early")
                         got += n
                         if got - reported >= REPORT_BYTES:
                             self.report(got=[path, start + reported, start + got, offset + reported])
                             reported = got
-                    return got
+                except BaseException:
+                    self.http.drop(url)
+                    raise
+                finally:
+                    view.release()
+                return got
             return got
         except Exception as e:  # dropped, refused: the run reads the rest of it itself
             self.report(error=f"{path}: {type(e).__name__} after {got} bytes")
