@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from streamer.engine.pipeline import RunStats, Runner
 from streamer.engine.progress import Progress
 from streamer.errors import Cancelled, Hint, StreamerError, TargetError
+from streamer.formats import human_bytes
 
 log = logging.getLogger("streamer")
 
@@ -41,6 +42,11 @@ INSTALL_HINT = "pip install 'streamer-quant[ray]'"
 REPORT_S = 0.5
 # A task lost with its node (or its worker process) is run again this many times, elsewhere.
 TASK_RETRIES = 3
+# Tasks share a CPU (or GPU) two by two: a task uploads its finished shard while the next one
+# on the same node downloads and quantizes, as one machine's pipeline overlaps them. One task per
+# CPU would leave the node's download link idle during every upload (measured: about half the
+# throughput on a link-bound node, bench/bench_cluster.py).
+TASKS_PER_DEVICE = 2
 
 
 def import_ray():
@@ -62,6 +68,7 @@ class NodeStats:
     seconds: float = 0.0  # summed over its tasks
 
     def as_dict(self) -> dict:
+        """The figures as plain data (what `--json` prints under `nodes`)."""
         return {**dataclasses.asdict(self), "seconds": round(self.seconds, 3)}
 
 
@@ -76,8 +83,8 @@ class RayExecutor:
     """Runs a conversion's output shards as Ray tasks; hand it to `convert(executor=...)`.
 
     address: the cluster to join: "auto" (the one this machine belongs to: RAY_ADDRESS or a
-      running `ray start`), "ray://host:10001" or "host:6379"; None starts a local one-machine
-      cluster when there is none to join.
+      running `ray start`, else a new local cluster on this machine), "host:6379" or
+      "ray://host:10001" (Ray Client, from outside the cluster).
     gpus: give each task a GPU and quantize there; None: when the cluster has GPUs.
     runtime_env: Ray's runtime environment for the tasks (env_vars, pip, …), as ray.init takes it.
     """
@@ -93,18 +100,23 @@ class RayExecutor:
     def connect(self):
         """Join (or start) the cluster once per process; returns the `ray` module."""
         ray = import_ray()
+        options = {
+            "runtime_env": self.runtime_env, "include_dashboard": False,
+            "logging_level": logging.WARNING, "log_to_driver": False,
+        }  # fmt: skip
         with self._lock:
-            if not ray.is_initialized():
-                address = self.address
-                if address == "auto" and not _cluster_running(ray):
-                    address = None  # nothing to join: a local cluster on this machine
-                try:
-                    ray.init(
-                        address=address, runtime_env=self.runtime_env, include_dashboard=False,
-                        logging_level=logging.WARNING, log_to_driver=False,
-                    )  # fmt: skip
-                except (ConnectionError, RuntimeError, ValueError) as e:
-                    raise StreamerError(f"cannot join the Ray cluster at {address}: {e}") from None
+            if ray.is_initialized():
+                return ray
+            try:
+                if self.address == "auto":
+                    try:
+                        ray.init(address="auto", **options)
+                    except ConnectionError:  # no cluster to join: a local one on this machine
+                        ray.init(**options)
+                else:
+                    ray.init(address=self.address, **options)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                raise StreamerError(f"cannot join the Ray cluster at {self.address}: {e}") from None
         return ray
 
     def describe(self) -> str:
@@ -123,6 +135,7 @@ class RayExecutor:
         caller then commits. Returns the run's statistics with per-node figures."""
         ray = self.connect()
         plan, sink, progress = runner.plan, runner.sink, runner.progress
+        progress.message(self.describe())
         source_spec = _source_spec(runner.source, ray)
         target = _target_spec(sink)
         t0 = time.monotonic()
@@ -148,7 +161,7 @@ class RayExecutor:
             num_cpus=0, scheduling_strategy=_here(ray),
         ).remote()  # fmt: skip
         task = ray.remote(convert_shards).options(
-            num_cpus=1, num_gpus=1 if gpus else 0, memory=runner.budget.limit,
+            num_cpus=1 / TASKS_PER_DEVICE, num_gpus=1 / TASKS_PER_DEVICE if gpus else 0, memory=runner.budget.limit,
             max_retries=TASK_RETRIES, retry_exceptions=False, scheduling_strategy="SPREAD",
         )  # fmt: skip
         plan_ref = ray.put(plan)
@@ -203,18 +216,6 @@ class RayExecutor:
             progress.message(text)
 
 
-def _cluster_running(ray) -> bool:
-    """Whether there is a cluster to join with address "auto" (RAY_ADDRESS, or `ray start` here)."""
-    if os.environ.get("RAY_ADDRESS"):
-        return True
-    try:
-        from ray._private.services import canonicalize_bootstrap_address
-
-        return canonicalize_bootstrap_address("auto") is not None
-    except Exception:
-        return False
-
-
 def _here(ray):
     """A scheduling strategy that keeps an actor on the driver's node (a worker node may be lost)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -224,17 +225,18 @@ def _here(ray):
 
 def _check_feasible(ray, budget: int, gpus: bool) -> None:
     """Refuse a run no node can take a task of (it would wait forever)."""
+    share = 1 / TASKS_PER_DEVICE
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    fits = [r for r in nodes if r.get("CPU", 0) >= 1 and r.get("memory", 0) >= budget and (not gpus or r.get("GPU", 0) >= 1)]
-    if fits:
+    if any(
+        r.get("CPU", 0) >= share and r.get("memory", 0) >= budget and (not gpus or r.get("GPU", 0) >= share)
+        for r in nodes
+    ):
         return
     most = max((r.get("memory", 0) for r in nodes), default=0)
-    from streamer.formats import human_bytes
-
     raise StreamerError(
-        f"no node of the Ray cluster can take a shard: each task needs 1 CPU{', 1 GPU' if gpus else ''} and "
-        f"the memory budget ({human_bytes(budget)}); the largest node offers {human_bytes(most)} of memory",
-        hints=(Hint("max_memory", human_bytes(most)),),
+        f"no node of the Ray cluster can take a shard: each task needs {share:g} CPU"
+        f"{f', {share:g} GPU' if gpus else ''} and the whole memory budget ({human_bytes(budget)}); "
+        f"the largest node offers {human_bytes(most)} of memory: give a smaller memory budget"
     )
 
 
@@ -288,14 +290,16 @@ def _target_spec(sink) -> dict:
 
 def _check_shared(ray, folder: str, files: dict[str, int]) -> None:
     """Refuse a local source folder that some node of the cluster does not see as this machine does."""
-    nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) >= 1]
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) >= 1 / TASKS_PER_DEVICE]
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    probe = ray.remote(_folder_files).options(num_cpus=0)
+    probe = ray.remote(_folder_files)
     refs = {
-        n["NodeID"]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(folder, list(files))
+        n["NodeID"]: probe.options(
+            num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
+        ).remote(folder, list(files))
         for n in nodes
-    }
+    }  # fmt: skip
     blind = [node for node, ref in refs.items() if ray.get(ref) != files]
     if blind:
         raise StreamerError(
