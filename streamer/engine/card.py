@@ -1,8 +1,9 @@
-"""The model card written next to the quantized weights, and the provenance it records.
+"""The model card written next to the quantized weights.
 
 The front matter carries `base_model` / `base_model_relation: quantized` (so the Hub links the
-source) and a `streamer` block with the exact source commit and settings; mirroring jobs read that
-block back to decide whether a target is already up to date.
+source) and a `streamer` block with the exact source commit and settings (its format is
+`streamer.io.provenance`: the sinks and mirroring read that block back to decide whether a
+target is already up to date).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from streamer.engine.progress import human_bytes
+from streamer.formats import human_bytes
 from streamer.io.provenance import Provenance, front_matter
 
 if TYPE_CHECKING:  # the plan brings torch and compressed-tensors; reading a card needs neither

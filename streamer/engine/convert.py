@@ -23,6 +23,7 @@ from streamer.engine.plan import Plan, Policy, make_plan
 from streamer.engine.budget import Budget, default_memory_budget
 from streamer.engine.pipeline import RunStats, Runner
 from streamer.engine.progress import Progress
+from streamer.quant.dequant import detect_dequantizer
 from streamer.quant.schemes import make_recipe
 from streamer.formats import dumps_json, split_revision
 from streamer.io.locations import is_hub_spec, open_source
@@ -133,7 +134,7 @@ def prepare(
     """Open the source and build the complete plan (reads headers only).
 
     default_ignore: keep embeddings, the output head, MoE routers and vision/audio towers
-      unquantized besides IGNORE (streamer.engine.suggest.RULES); False quantizes what the scheme
+      unquantized besides IGNORE (streamer.engine.policy.RULES); False quantizes what the scheme
       targets, as llm-compressor's model_free_ptq does.
     quantize_towers: quantize vision/audio towers and multimodal projectors anyway.
     skip_incompatible: keep weights whose shape the scheme cannot serve unquantized, instead of
@@ -151,13 +152,7 @@ def prepare(
     source = src if isinstance(src, Source) else open_source(src, token=token)
     try:
         catalog = build_catalog(source)
-        dequant = None
-        try:
-            from streamer.quant.dequant import detect_dequantizer
-        except ImportError:  # dequantization of quantized sources is optional
-            detect_dequantizer = None
-        if detect_dequantizer is not None:
-            dequant = detect_dequantizer(catalog, recipe, dtype=dequant_dtype, force=force, stack=stack)
+        dequant = detect_dequantizer(catalog, recipe, dtype=dequant_dtype, force=force, stack=stack)
         plan = make_plan(catalog, recipe, source=source.label, dequant=dequant, policy=policy)
     except BaseException:
         source.close()
@@ -364,7 +359,7 @@ def provenance(plan: Plan, source: Source, *, record: str = "requested") -> Prov
         source_commit=source.commit,
         scheme=plan.recipe.name,
         ignore=tuple(plan.recipe.ignore),
-        dequant_dtype=getattr(dq, "dtype_name", None),
+        dequant_dtype=dq.dtype_name,
         policy=tuple(f.lstrip("-") for f in flags),
     )
 
