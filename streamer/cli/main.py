@@ -68,6 +68,10 @@ def convert_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", help="target branch on the Hub (default main)")
     p.add_argument("--dequant-dtype", choices=["bfloat16", "float16", "float32"], help="dtype a quantized source is expanded to")
     p.add_argument("--force", action="store_true", help="convert even if the source already has the requested scheme")
+    p.add_argument(
+        "--no-quality", dest="quality", action="store_false",
+        help="do not measure each quantized weight's error (the quality report: card, --json, one line)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print only a JSON summary on stdout (warnings and errors on stderr)")
     p.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging, tracebacks on errors")
@@ -220,7 +224,7 @@ def run_convert(args) -> int:
             private=True if args.private else (False if args.public else None), create_pr=args.create_pr, revision=args.revision,
             dequant_dtype=args.dequant_dtype, force=args.force, progress=progress,
             default_ignore=args.default_ignore, quantize_towers=args.quantize_towers,
-            skip_incompatible=args.skip_incompatible, executor=_executor(args),
+            skip_incompatible=args.skip_incompatible, executor=_executor(args), quality=args.quality,
         )  # fmt: skip
     except (Cancelled, KeyboardInterrupt):  # Ctrl-C arrives as KeyboardInterrupt, a stop as Cancelled
         _close(bars)
@@ -244,6 +248,10 @@ def run_convert(args) -> int:
     if args.json:
         print(json.dumps(result.summary(), indent=2))
     elif not args.dry_run and not args.quiet:
+        if result.quality is not None:  # stderr: stdout holds the URL alone
+            from streamer.engine.quality import summary_line
+
+            print(summary_line(result.quality), file=sys.stderr)
         print(result.url)
     return 0
 

@@ -17,6 +17,7 @@ from streamer.io.provenance import Provenance, front_matter
 
 if TYPE_CHECKING:  # the plan brings torch and compressed-tensors; reading a card needs neither
     from streamer.engine.plan import Plan
+    from streamer.engine.quality import QualityReport
 
 
 # Front-matter keys of the source's model card that describe the model itself, not this copy:
@@ -70,9 +71,18 @@ def _policy_rows(plan: Plan) -> list[str]:
     return rows
 
 
-def model_card(plan: Plan, prov: Provenance, *, target: str, source_card: str | None = None) -> str:
+def _quality_section(quality: QualityReport) -> list[str]:
+    from streamer.engine.quality import card_section  # torch comes with it: only for a run's card
+
+    return card_section(quality)
+
+
+def model_card(
+    plan: Plan, prov: Provenance, *, target: str, source_card: str | None = None, quality: QualityReport | None = None
+) -> str:
     """The output's README.md. TARGET is a repo id, or a local folder's name (never a path);
-    SOURCE_CARD is the source's README.md, whose descriptive metadata (license …) is kept."""
+    SOURCE_CARD is the source's README.md, whose descriptive metadata (license …) is kept;
+    QUALITY, the run's quality report, adds its "Quantization error" section."""
     scheme = plan.recipe.name
     front = yaml.safe_dump(card_metadata(prov, scheme, source_card), sort_keys=False, allow_unicode=True).strip()
     is_repo = _is_repo(prov.source)
@@ -117,6 +127,7 @@ def model_card(plan: Plan, prov: Provenance, *, target: str, source_card: str | 
         f"vllm serve {serve}",
         "```",
         "",
+        *(_quality_section(quality) if quality is not None else []),
         "## Reproduce",
         "",
         "```bash",

@@ -23,6 +23,7 @@ from streamer.engine.plan import Plan, Policy, make_plan
 from streamer.engine.budget import Budget, default_memory_budget
 from streamer.engine.pipeline import RunStats, Runner
 from streamer.engine.progress import Progress
+from streamer.engine.quality import QualityReport, build_report
 from streamer.quant.dequant import detect_dequantizer
 from streamer.quant.schemes import make_recipe
 from streamer.formats import dumps_json, split_revision
@@ -42,6 +43,7 @@ class Result:
     url: str | None = None  # local path, commit URL or PR URL
     dry_run: bool = False
     extra: dict = field(default_factory=dict)
+    quality: QualityReport | None = None  # how much quantization changed the weights
 
     def summary(self) -> dict:
         """The result as plain data: what `--json` prints and mirroring reports."""
@@ -70,6 +72,8 @@ class Result:
                 peak_buffered_bytes=self.stats.peak_budget,
                 resumed_shards=self.stats.resumed,
             )
+        if self.quality is not None:
+            out["quality"] = self.quality.as_dict()
         out.update(self.extra)
         return out
 
@@ -187,6 +191,7 @@ def convert(
     record: str = "requested",
     stack: bool = True,
     executor=None,
+    quality: bool = True,
 ) -> Result:
     """Convert the checkpoint SRC into a compressed-tensors checkpoint at DST, in one commit.
 
@@ -226,6 +231,8 @@ def convert(
         `streamer.engine.cluster.RayExecutor` spreads them over a Ray cluster (each node
         uploads its own shards to the Hub; the commit is still one, made here).
       dry_run: plan only (headers are read, nothing is written); the plan is in the Result.
+      quality: measure each quantized weight's error while quantizing (the Result's `quality`
+        report, a section of the model card); False saves its cost.
       record: which policy flags the model card's settings record: "requested" (what was asked;
         mirroring compares it on its next run) or "effective" (only the flags that changed the
         output: the drop-in model_free_ptq, which has no such knobs, is described by the
@@ -277,7 +284,7 @@ def convert(
                 plan, source, sink, device=dev,
                 **_budget_args(max_memory),
                 fetch_workers=workers, progress=progress, cancel=cancel,
-                fingerprint=fingerprint(plan, source),
+                fingerprint=fingerprint(plan, source), quality=quality,
             )  # fmt: skip
             runner.check_memory(plan.jobs)
         except BaseException:
@@ -290,13 +297,14 @@ def convert(
                 f"{plan.n_quantized} weights with {plan.recipe.name} on {dev}"
             )
             stats = runner.run() if executor is None else executor.run(runner)
-            _write_small_files(plan, source, sink, target=sink.label, record=record)
+            report = build_report(stats.errors, plan.recipe.name) if quality else None
+            _write_small_files(plan, source, sink, target=sink.label, record=record, quality=report)
             message = f"Quantize {_source_label(plan, source)} with {plan.recipe.name} (streamer)"
             url = sink.commit(message, _commit_description(plan, source))
             progress.message(f"done: {url}")
             nodes = getattr(stats, "nodes", None)  # a cluster run: what each node did
             extra = {"nodes": {k: v.as_dict() for k, v in nodes.items()}} if nodes is not None else {}
-            return Result(plan=plan, stats=stats, url=url, extra=extra)
+            return Result(plan=plan, stats=stats, url=url, extra=extra, quality=report)
         except BaseException:
             sink.abort(cancelled=cancel is not None and cancel.is_set())
             raise
@@ -376,7 +384,9 @@ def _source_card(plan: Plan, source: Source) -> str | None:
         return None
 
 
-def _write_small_files(plan: Plan, source: Source, sink: Sink, *, target: str, record: str = "requested") -> None:
+def _write_small_files(
+    plan: Plan, source: Source, sink: Sink, *, target: str, record: str = "requested", quality: QualityReport | None = None
+) -> None:
     catalog = plan.catalog
     for path in catalog.copy_files:
         if path == CONFIG_NAME:
@@ -394,7 +404,7 @@ def _write_small_files(plan: Plan, source: Source, sink: Sink, *, target: str, r
         sink.put_file(INDEX_NAME, dumps_json(index))
     card = model_card(
         plan, provenance(plan, source, record=record), target=_target_name(target, sink),
-        source_card=_source_card(plan, source),
+        source_card=_source_card(plan, source), quality=quality,
     )  # fmt: skip
     sink.put_file("README.md", card.encode())
 

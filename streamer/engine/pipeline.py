@@ -32,6 +32,7 @@ from streamer.io.catalog import TensorInfo
 from streamer.io.sink import ShardWriter, Sink
 from streamer.io.source import Source, Span
 from streamer.quant.kernels import global_scale, quantize_weight
+from streamer.quant.quality import ErrorSums
 
 log = logging.getLogger("streamer")
 
@@ -128,6 +129,8 @@ class RunStats:
     pieces: int = 0
     resumed: list[str] = field(default_factory=list)  # shards an interrupted run had delivered
     nonfinite: list[str] = field(default_factory=list)  # NaN/Inf weights quantized as asked
+    # quantized weight -> its error sums: the quality report's data (streamer.engine.quality)
+    errors: dict[str, ErrorSums] = field(default_factory=dict)
 
 
 def shard_header(job: Job) -> tuple[bytes, dict[str, int]]:
@@ -238,14 +241,17 @@ class Runner:
         cancel: threading.Event | None = None,
         fingerprint: str | None = None,
         allow_nonfinite: bool | None = None,
+        quality: bool = True,
     ):
         """plan: what to do; source: where the tensors are read; sink: where the shards go;
         device: where quantization runs; max_memory: the byte budget (ignored when BUDGET, one
         shared by several runners, is given); fetch_workers: parallel reads; progress: where bytes
         are reported; cancel: an Event that stops the run (Cancelled); fingerprint: identifies the
         output, so a rerun resumes the shards delivered; allow_nonfinite: quantize NaN/Inf weights
-        (None: the calling context's nonfinite_policy).
+        (None: the calling context's nonfinite_policy); quality: measure each quantized weight's
+        error (RunStats.errors) while quantizing.
         """
+        self.quality = quality
         self.plan = plan
         # None: the policy of the calling context (see nonfinite_policy), refuse by default
         self.allow_nonfinite = (
@@ -314,7 +320,10 @@ class Runner:
             scales[fid] = global_scale([weights[m] for m in members], scheme)
         for q in piece.quantize:
             scheme = self.plan.recipe.groups[q.group]
-            result = quantize_weight(weights.pop(q.tensor), scheme, scales.get(q.fused))
+            errors = ErrorSums() if self.quality else None
+            result = quantize_weight(weights.pop(q.tensor), scheme, scales.get(q.fused), errors=errors)
+            if errors is not None:
+                self.stats.errors[q.tensor] = errors
             base = q.tensor[: -len("weight")]
             planned = {o.name: o for o in out_of[q.tensor]}
             for suffix, tensor in result.items():

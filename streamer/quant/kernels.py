@@ -42,6 +42,7 @@ from compressed_tensors.quantization import QuantizationScheme
 from compressed_tensors.quantization.utils import generate_gparam
 
 from streamer.quant.codecs import encode, pack_fp6, pack_int32, pack_nibbles
+from streamer.quant.quality import ErrorSums, chunk_sums, code_values
 from streamer.quant.spec import (
     FP4_FORMATS,
     MXFP4_PACK_QUANTIZED,
@@ -349,8 +350,9 @@ def _chunks(w: torch.Tensor, spec: WeightSpec, scale: torch.Tensor, zp: torch.Te
 
 
 
-def _scaled(c: _Chunk, gscale: torch.Tensor | None, scratch: Scratch) -> torch.Tensor:
-    """x / scale (+ zp) in the promoted dtype, as compressed-tensors' eager _quantize.
+def _scaled(c: _Chunk, gscale: torch.Tensor | None, scratch: Scratch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x / scale (+ zp), the scale divided by) in the promoted dtype, as compressed-tensors'
+    eager _quantize.
 
     A mixed-dtype division (bf16 weight, fp32 scale: TENSOR_GROUP) is written as an explicit
     upcast of x followed by the division: the same values, without the slow casting loop.
@@ -368,7 +370,7 @@ def _scaled(c: _Chunk, gscale: torch.Tensor | None, scratch: Scratch) -> torch.T
     torch.div(x, s, out=v)
     if c.z is not None:
         v += c.z.to(c.x.dtype)
-    return v
+    return v, s
 
 
 def _q_range(spec: WeightSpec) -> tuple[float, float]:
@@ -393,13 +395,26 @@ def _fp8_clamp_is_noop(spec: WeightSpec, amax: torch.Tensor | None, scale: torch
     return bool((amax.float() / scale.float() <= 460.0).all())
 
 
+def _decoded(codes: torch.Tensor, kind: str, dtype: torch.dtype, scratch: Scratch) -> torch.Tensor:
+    """The grid value (unscaled) of each FP8 byte / FP4 nibble / FP6 code, flat, in DTYPE."""
+    idx = scratch.get("code_idx", torch.int32, (codes.numel(),), codes.device)
+    idx.copy_(codes.reshape(-1))
+    out = scratch.get("code_val", dtype, (codes.numel(),), codes.device)
+    return torch.index_select(code_values(kind, dtype, codes.device), 0, idx, out=out)
+
+
 def quantize_weight(
-    weight: torch.Tensor, scheme: QuantizationScheme, global_scale: torch.Tensor | None = None
+    weight: torch.Tensor,
+    scheme: QuantizationScheme,
+    global_scale: torch.Tensor | None = None,
+    errors: ErrorSums | None = None,
 ) -> dict[str, torch.Tensor]:
     """Quantize and compress one 2-D Linear weight -> suffix -> tensor (on weight's device).
 
     Suffixes replace ``weight`` in ``<module>.weight``; see :func:`output_layout`. For
     TENSOR_GROUP schemes pass the fused set's :func:`global_scale` (None: this weight alone).
+    ERRORS, when given, receives ||W||², ||W - deq(Q(W))||² and Σ|W| (see
+    :mod:`streamer.quant.quality`), computed chunk by chunk from the values the quantizer has in hand.
     """
     spec = weight_spec(scheme)
     if weight.dtype not in WEIGHT_DTYPES:
@@ -423,43 +438,63 @@ def quantize_weight(
         q = torch.empty((rows, cols), dtype=spec.args.pytorch_dtype(), device=dev)
         clamp = not (spec.is_float and _fp8_clamp_is_noop(spec, amax, scale))
 
-        def one(c: _Chunk, scratch: Scratch) -> None:
-            v = _scaled(c, q_gscale, scratch)
+        def one(c: _Chunk, scratch: Scratch):
+            v, s = _scaled(c, q_gscale, scratch)
             if clamp:
                 v.clamp_(qmin, qmax)
             if not spec.is_float:
                 v.round_()
-            q[c.r0 : c.r1].view(v.shape).copy_(v)
+            qc = q[c.r0 : c.r1].view(v.shape)
+            qc.copy_(v)
+            if errors is not None:
+                if spec.is_float:  # the FP8 grid value the cast chose (a table: the cast back is slow)
+                    v = _decoded(qc.view(torch.uint8), "fp8", v.dtype, scratch).view(v.shape)
+                return chunk_sums(c.x, v, s, c.z, scratch)
 
         out["weight"] = q
     elif spec.fmt == PACK_QUANTIZED:
         bits = spec.num_bits
         q = torch.empty((rows, -(-cols * bits // 32)), dtype=torch.int32, device=dev)
 
-        def one(c: _Chunk, scratch: Scratch) -> None:
-            v = _scaled(c, q_gscale, scratch).clamp_(qmin, qmax).round_()
+        def one(c: _Chunk, scratch: Scratch):
+            v, s = _scaled(c, q_gscale, scratch)
+            v.clamp_(qmin, qmax).round_()
             i8 = scratch.get("i8", torch.int8, (c.r1 - c.r0, cols), dev)
             i8.view(v.shape).copy_(v)
             q[c.r0 : c.r1] = pack_int32(i8, bits)
+            if errors is not None:
+                return chunk_sums(c.x, v, s, c.z, scratch)
 
         out["weight_packed"] = q
     elif spec.fmt in FP4_FORMATS:
         q = torch.empty((rows, cols // 2), dtype=torch.uint8, device=dev)
+        # compressed-tensors decompresses NVFP4 in bfloat16 whatever the weight's dtype
+        deq_dtype = torch.bfloat16 if spec.fmt == NVFP4_PACK_QUANTIZED else None
 
-        def one(c: _Chunk, scratch: Scratch) -> None:
-            v = _scaled(c, q_gscale, scratch)  # clamping to ±6 is part of the code table
-            q[c.r0 : c.r1] = pack_nibbles(encode(v, "fp4", scratch).view(c.r1 - c.r0, cols))
+        def one(c: _Chunk, scratch: Scratch):
+            v, s = _scaled(c, q_gscale, scratch)  # clamping to ±6 is part of the code table
+            codes = encode(v, "fp4", scratch)
+            q[c.r0 : c.r1] = pack_nibbles(codes.view(c.r1 - c.r0, cols))
+            if errors is not None:
+                vq = _decoded(codes, "fp4", v.dtype, scratch).view(v.shape)
+                return chunk_sums(c.x, vq, s, c.z, scratch, deq_dtype)
 
         out["weight_packed"] = q
     else:  # MXFP6
         q = torch.empty((rows, cols * 3 // 4), dtype=torch.uint8, device=dev)
 
-        def one(c: _Chunk, scratch: Scratch) -> None:
-            v = _scaled(c, q_gscale, scratch)  # clamping to ±7.5 is part of the code table
-            q[c.r0 : c.r1] = pack_fp6(encode(v, "fp6", scratch).view(c.r1 - c.r0, cols))
+        def one(c: _Chunk, scratch: Scratch):
+            v, s = _scaled(c, q_gscale, scratch)  # clamping to ±7.5 is part of the code table
+            codes = encode(v, "fp6", scratch)
+            q[c.r0 : c.r1] = pack_fp6(codes.view(c.r1 - c.r0, cols))
+            if errors is not None:
+                return chunk_sums(c.x, _decoded(codes, "fp6", v.dtype, scratch).view(v.shape), s, c.z, scratch)
 
         out["weight_packed"] = q
-    run_chunks(one, _chunks(w, spec, scale, zp), dev)
+    sums = run_chunks(one, _chunks(w, spec, scale, zp), dev)
+    if errors is not None and sums:  # one device sync for the whole weight
+        w_sq, e_sq, w_abs = torch.stack([torch.stack(s) for s in sums]).double().sum(0).tolist()
+        errors.add(w_sq, e_sq, w_abs, w.numel())
 
     args = spec.args
     if spec.fmt == NVFP4_PACK_QUANTIZED:
