@@ -5,6 +5,7 @@ No timing is asserted: how much the reader gains is bench/bench_hub.py's busines
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -212,3 +213,16 @@ def test_the_reader_ends_when_the_run_fails(hub):
     psutil.wait_procs([child], timeout=20)
     assert not child.is_running()
     assert _memfd_holders(proc.pid) == []
+
+
+def test_the_readers_bytes_count_against_the_memory_budget(hub):
+    """--max-memory bounds the run with the reader too: what it holds is reserved in the budget
+    (half of it at most) until the run has taken it."""
+    budget = 8_000_000
+    proc = _streamer(SOURCE, "alice/bounded", "--scheme", "FP8_DYNAMIC", "--max-memory", str(budget), "--json",
+                     env=dict(os.environ))  # fmt: skip
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    summary = json.loads(out)
+    assert _shard_gets(hub.request_log, reader=True)  # the reader did read
+    assert budget // 2 <= summary["peak_buffered_bytes"] <= budget

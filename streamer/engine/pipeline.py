@@ -432,6 +432,18 @@ class Runner:
         self.stats.pieces = len(pieces)
         for stage, total in self.totals(jobs).items():
             self.progress.set_total(stage, total)
+        # Bytes a start-up reader holds count against the budget until they are served, so the
+        # run's memory stays within --max-memory (given back as the reader's share shrinks).
+        reserved = self.source.held_bytes
+        if reserved:
+            self.budget.acquire(reserved, force=True)
+
+        def unreserve(final: bool = False) -> None:
+            nonlocal reserved
+            now = 0 if final else min(self.source.held_bytes, reserved)
+            if now < reserved:
+                self.budget.release(reserved - now)
+                reserved = now
 
         pool = ThreadPoolExecutor(self.fetch_workers, thread_name_prefix="streamer-fetch")
         pending: deque[tuple[Piece, Future]] = deque()
@@ -449,7 +461,8 @@ class Runner:
             if block:
                 # Alone, a runner's pieces always fit beside its open shard (see _piece_limit);
                 # sharing a budget, it must be able to finish that shard whatever the others hold.
-                self.budget.acquire(need, force=self.shared_budget and bool(writers))
+                # (a reservation for a start-up reader shrinks only as pieces are read: never wait on it)
+                self.budget.acquire(need, force=(self.shared_budget and bool(writers)) or reserved > 0)
             elif not self.budget.try_acquire(need):
                 return False
             queue.popleft()
@@ -466,6 +479,8 @@ class Runner:
                     pass
                 piece, fut = pending.popleft()
                 raw = self._wait(fut)
+                if reserved:
+                    unreserve()
                 writer, offsets = writers[piece.job.shard]
                 self._quantize(piece, raw, writer, offsets)
                 del raw
@@ -483,6 +498,7 @@ class Runner:
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+            unreserve(final=True)
             if self._read_streamed:
                 # the small files read after the run (tokenizer, config…) are not tensor reads
                 self.source.on_bytes = None

@@ -48,6 +48,7 @@ class _Counter:
     started: float | None = None  # its first bytes (stage_seconds)
     finished: float | None = None
     advances: int = 0
+    unrated: int = 0  # bytes done that say nothing of the rate (read before the stage ran)
     # (time, done) points, oldest first; the first is the rate's anchor, at least WINDOW_S old
     # once the run is that long, and never the newest point, so a rate always spans one advance
     samples: deque = field(default_factory=deque)
@@ -57,11 +58,14 @@ class _Counter:
             self.since = now
             self.samples.append((now, 0))
 
-    def record(self, now: float, n: int) -> None:
+    def record(self, now: float, n: int, rated: bool = True) -> None:
         if self.started is None:
             self.started = now
         self.done += n
         self.advances += 1
+        if not rated:  # shift the window with it: the rate compares the bytes that were rated
+            self.unrated += n
+            self.samples = deque((t, d + n) for t, d in self.samples)
         self.samples.append((now, self.done))
         if self.done >= self.total:
             self.finished = now
@@ -74,7 +78,7 @@ class _Counter:
     def rate(self, now: float) -> float:
         if self.finished is not None:  # the whole stage's average: the number a summary wants
             elapsed = self.finished - self.since
-            return self.done / elapsed if elapsed > 0 else 0.0
+            return (self.done - self.unrated) / elapsed if elapsed > 0 else 0.0
         self._trim(now)
         t, done = self.samples[0] if self.samples else (now, self.done)
         return (self.done - done) / (now - t) if now > t else 0.0
@@ -108,16 +112,18 @@ class Progress:
             c.begin(time.monotonic())
         self._emit(stage)
 
-    def advance(self, stage: str, n: int) -> None:
+    def advance(self, stage: str, n: int, *, rated: bool = True) -> None:
         """N more bytes done in STAGE.
 
         :param stage: one of STAGES.
-        :param n: bytes just done."""
+        :param n: bytes just done.
+        :param rated: False for bytes that were done before and are only handed over now (a
+            start-up reader's bytes): they count as done, but not in the rate or the ETA."""
         now = time.monotonic()
         with self._lock:
             c = self._counters[stage]
             c.begin(self.t0)  # no total was set: the rate counts from the Progress's creation
-            c.record(now, n)
+            c.record(now, n, rated)
         self._emit(stage)
 
     def message(self, text: str) -> None:

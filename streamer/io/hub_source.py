@@ -223,6 +223,11 @@ class HubSource(Source):
                 f"{content_range or 'no Content-Range'} ({length} bytes)"
             )
 
+    @property
+    def held_bytes(self) -> int:
+        """What the start-up reader may hold (see Source.held_bytes)."""
+        return 0 if self.prefetched is None else self.prefetched.held_bytes
+
     def read_into(self, path: str, span: Span, out: memoryview) -> None:
         """Fill OUT (exactly span.size bytes) with bytes SPAN of file PATH."""
         self.read_spans_into(path, [span], [out])

@@ -252,7 +252,7 @@ class Prefetch:
         """Copy into OUTS (one buffer per span, span.size bytes each) what the reader holds of
         SPANS of PATH, and free that memory: each byte is served once. Returns (spans, outs) still
         to read: the gaps, with the parts of OUTS they go to. ON_BYTES(n) is told the bytes
-        served. The first gap stops the reader, which hands over what it received until then."""
+        served (with rated=False). The first gap stops the reader, which hands over what it received until then."""
         copies: list[tuple[memoryview, int, int]] = []  # (destination, memfd offset, bytes)
         gaps: list[tuple[Span, memoryview]] = []
         with self._lock:
@@ -283,7 +283,7 @@ class Prefetch:
             served = sum(n for _, _, n in copies)
             self.bytes_served += served
         if served and on_bytes is not None:
-            on_bytes(served)
+            on_bytes(served, rated=False)  # received while the engine imported: not the link's rate now
         return [s for s, _ in gaps], [o for _, o in gaps]
 
     def _free(self, offset: int, n: int) -> None:
@@ -292,6 +292,17 @@ class Prefetch:
         hi = (offset + n) // PAGE * PAGE
         if hi > lo:
             self._mm.madvise(mmap.MADV_REMOVE, lo, hi - lo)
+
+    @property
+    def held_bytes(self) -> int:
+        """At most how many bytes this holds now: the whole memory while the reader may still
+        add to it, then what was received and not yet served."""
+        with self._lock:
+            if self._closed:
+                return 0
+            if self._running:
+                return len(self._mm)
+            return sum(e - s for ranges in self._held.values() for s, e, _ in ranges)
 
     def close(self) -> None:
         """Stop the reader and free its memory (idempotent)."""

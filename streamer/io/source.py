@@ -41,10 +41,17 @@ class Source:
     gated: bool = False
     # Set by the pipeline before a run. A source that reads over the network stops its transfers
     # in flight once CANCEL is set; one that REPORTS_BYTES calls ON_BYTES(n) as bytes arrive (else
-    # progress counts each piece when it has been read).
+    # progress counts each piece when it has been read), ON_BYTES(n, rated=False) for bytes it
+    # had already (they say nothing about the link's rate).
     cancel: threading.Event | None = None
     on_bytes: Callable[[int], None] | None = None
     reports_bytes: bool = False
+
+    @property
+    def held_bytes(self) -> int:
+        """At most how many bytes of the model this source holds in memory now, outside the run's
+        budget (a start-up reader's, streamer.io.prefetch); the runner reserves them in its budget."""
+        return 0
 
     def files(self) -> dict[str, int]:
         """Relative path (POSIX) -> size in bytes, for every file of the checkpoint."""
