@@ -163,8 +163,15 @@ def _same_output(hub, a: str, b: str) -> None:
 def test_cluster_output_is_identical_in_one_commit(cluster, hub):
     from streamer.engine.cluster import RayExecutor
 
+    from streamer.engine.progress import Progress
+
+    last = {}
+    progress = Progress(listeners=[lambda e: last.__setitem__(e.stage, e)])
     # the cluster first: the Hub keeps content it has seen, and the nodes must really upload
-    result = _convert("alice/cluster", "NVFP4A16", executor=RayExecutor(cluster.address))
+    result = _convert("alice/cluster", "NVFP4A16", executor=RayExecutor(cluster.address), progress=progress)
+    # the three bars, fed at the driver by what the nodes report, each reach their total
+    for stage in ("read", "quantize", "upload"):
+        assert last[stage].total > 0 and last[stage].done == last[stage].total, (stage, last[stage])
     _convert("alice/single", "NVFP4A16")
     _same_output(hub, "alice/single", "alice/cluster")
     assert len(_streamer_commits(hub, "alice/cluster")) == 1

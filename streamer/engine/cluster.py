@@ -165,6 +165,7 @@ class RayExecutor:
             max_retries=TASK_RETRIES, retry_exceptions=False, scheduling_strategy="SPREAD",
         )  # fmt: skip
         plan_ref = ray.put(plan)
+        sizes = {job.shard: job.bytes_out for job in jobs}  # what the upload bar counts
         pending = {
             task.remote(plan_ref, [job.shard], source_spec, target, settings, relay): job.shard for job in jobs
         }
@@ -173,22 +174,22 @@ class RayExecutor:
                 if runner.cancel.is_set():
                     raise Cancelled("cancelled")
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=REPORT_S)
-                self._replay(ray, relay, progress, stats)
+                self._replay(ray, relay, progress)
                 for ref in ready:
                     del pending[ref]
                     result = _result(ray, ref)
                     for name, info in result["uploaded"].items():
                         sink.adopt(name, info)
-                        progress.advance("upload", info.size)
+                        progress.advance("upload", sizes[name])
                         progress.message(f"wrote {name} on node {result['node'][:8]}")
-                        stats.bytes_written += info.size
                     node = stats.nodes.setdefault(result["node"], NodeStats())
                     node.shards += sorted(result["uploaded"])
                     node.bytes_read += result["bytes_read"]
                     node.bytes_written += result["bytes_written"]
                     node.seconds += result["seconds"]
                     stats.bytes_read += result["bytes_read"]
-            self._replay(ray, relay, progress, stats)
+                    stats.bytes_written += result["bytes_written"]
+            self._replay(ray, relay, progress)
         except BaseException:
             for ref in pending:
                 ray.cancel(ref, force=True)
@@ -202,18 +203,16 @@ class RayExecutor:
         return stats
 
     @staticmethod
-    def _replay(ray, relay, progress: Progress, stats: ClusterStats) -> None:
-        """Pass the byte counts and messages the tasks reported since the last call to PROGRESS."""
+    def _replay(ray, relay, progress: Progress) -> None:
+        """Pass the byte counts the tasks reported since the last call on to PROGRESS."""
         try:
-            counts, messages = ray.get(relay.drain.remote(), timeout=10)
+            counts = ray.get(relay.drain.remote(), timeout=10)
         except Exception as e:  # progress is for show: the run goes on without it
             log.debug("progress relay: %s", type(e).__name__)
             return
         for stage, n in counts.items():
             if n:
                 progress.advance(stage, n)
-        for text in messages:
-            progress.message(text)
 
 
 def _here(ray):
@@ -325,22 +324,19 @@ def _folder_files(folder: str, names: list[str]) -> dict[str, int]:
 
 
 def _relay_class(ray):
-    """The progress relay actor class: tasks add counts and messages, the driver drains them."""
+    """The progress relay actor class: tasks add byte counts, the driver drains them."""
 
     @ray.remote
     class ProgressRelay:
         def __init__(self):
             self.counts: dict[str, int] = {}
-            self.messages: list[str] = []
 
-        def add(self, counts: dict[str, int], messages: list[str]) -> None:
+        def add(self, counts: dict[str, int]) -> None:
             for stage, n in counts.items():
                 self.counts[stage] = self.counts.get(stage, 0) + n
-            self.messages += messages
 
-        def drain(self) -> tuple[dict[str, int], list[str]]:
-            out = (self.counts, self.messages)
-            self.counts, self.messages = {}, []
+        def drain(self) -> dict[str, int]:
+            out, self.counts = self.counts, {}
             return out
 
     return ProgressRelay
@@ -355,7 +351,6 @@ class _RelayProgress(Progress):
         super().__init__()
         self.relay = relay
         self._pending: dict[str, int] = {}
-        self._messages: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="streamer-progress", daemon=True)
         self._thread.start()
@@ -372,13 +367,18 @@ class _RelayProgress(Progress):
     def message(self, text: str) -> None:
         log.info(text)
 
-    def flush(self) -> None:
+    def flush(self, wait: bool = False) -> None:
+        """Send what was counted since the last flush; WAIT until the relay holds it (the task's
+        last flush, so the driver has every byte by the time it sees the task's result)."""
         with self._lock:
             counts, self._pending = self._pending, {}
-            messages, self._messages = self._messages, []
-        if counts or messages:
+        if counts:
             try:
-                self.relay.add.remote(counts, messages)
+                ref = self.relay.add.remote(counts)
+                if wait:
+                    import ray
+
+                    ray.get(ref, timeout=30)
             except Exception:  # the driver is gone: the task's result will not be collected anyway
                 pass
 
@@ -387,9 +387,10 @@ class _RelayProgress(Progress):
             self.flush()
 
     def close(self) -> None:
+        """Stop the sending thread and send the rest."""
         self._stop.set()
         self._thread.join()
-        self.flush()
+        self.flush(wait=True)
 
 
 def convert_shards(plan, shards: list[str], source_spec: dict, target: dict, settings: dict, relay) -> dict:
