@@ -147,3 +147,12 @@ def test_module_kinds_and_outlier_rule():
     assert [t.name for t in r.outliers] == ["model.layers.6.mlp.down_proj.weight"]
     assert r.worst[0].name == "model.layers.0.self_attn.o_proj.weight"
     assert len(r.worst) == len(errors)
+
+
+def test_the_space_shows_the_report_and_a_chart(bad_ckpt, tmp_path):
+    from streamer.web.quality import quality_html
+
+    result = convert(str(bad_ckpt), str(tmp_path / "out"), scheme="W8A16", device="cpu")
+    page = quality_html(result.quality)
+    assert "<svg" in page and "layer 1, dense MLP" in page and "layer 0, attention" in page
+    assert "add “model.layers.1.mlp.down_proj” to the ignore list" in page

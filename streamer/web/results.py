@@ -8,6 +8,7 @@ from urllib.parse import quote
 from streamer.formats import human_bytes
 from streamer.io.hub_http import hub_endpoint, read_text
 from streamer.web.progress import duration
+from streamer.web.quality import quality_html
 
 
 def _read_card(target: str, revision: str, token) -> str | None:
@@ -59,6 +60,8 @@ def published_html(result, target: str, create_pr: bool, private: bool = False, 
         + ".</p>",
         f'<p>Serve it with vLLM:</p><pre class="streamer-cmd"><code>{html.escape(serve)}</code></pre>',
     ]
+    if result.quality is not None:
+        lines.append(quality_html(result.quality))
     if private:
         lines.append(
             f"<p>{name} is <b>private</b>: only you (and your organization) can see it, and vLLM needs "
