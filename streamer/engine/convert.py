@@ -297,7 +297,8 @@ def convert(
                 f"{plan.n_quantized} weights with {plan.recipe.name} on {dev}"
             )
             stats = runner.run() if executor is None else executor.run(runner)
-            report = build_report(stats.errors, plan.recipe.name) if quality else None
+            # a Ray run's nodes do not send their sums back (yet): no report rather than an empty one
+            report = build_report(stats.errors, plan.recipe.name) if quality and stats.errors else None
             _write_small_files(plan, source, sink, target=sink.label, record=record, quality=report)
             message = f"Quantize {_source_label(plan, source)} with {plan.recipe.name} (streamer)"
             url = sink.commit(message, _commit_description(plan, source))
