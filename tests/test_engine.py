@@ -417,16 +417,18 @@ def test_budget_smaller_than_a_shard_still_converts(llama_ckpt, tmp_path):
 
 
 def test_tensor_larger_than_budget_is_an_error(llama_ckpt, tmp_path):
-    with pytest.raises(StreamerError, match="max-memory"):
+    with pytest.raises(StreamerError, match="max_memory=") as e:  # the Python API's words
         convert(str(llama_ckpt), str(tmp_path / "out"), scheme="FP8_DYNAMIC", device="cpu", max_memory=10_000)
+    assert [h.setting for h in e.value.hints] == ["max_memory"]
     assert not (tmp_path / "out").exists()
 
 
 def test_bad_device_is_a_clear_error(llama_ckpt, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    with pytest.raises(StreamerError, match="no CUDA GPU"):
+    with pytest.raises(StreamerError, match="no CUDA GPU") as e:
         convert(str(llama_ckpt), str(tmp_path / "out"), scheme="FP8_DYNAMIC", device="cuda")
+    assert e.value.hints[0].setting == "device" and e.value.hints[0].value == "cpu"
 
 
 def test_header_parser_rejects_trailing_garbage_lengths():
