@@ -226,6 +226,11 @@ def run_convert(args) -> int:
             default_ignore=args.default_ignore, quantize_towers=args.quantize_towers,
             skip_incompatible=args.skip_incompatible, executor=_executor(args), quality=args.quality,
         )  # fmt: skip
+        if result.quality is not None and not args.json:
+            from streamer.engine.quality import summary_line
+
+            # a log line (stderr, above the bars like the run's other lines; not with --quiet)
+            progress.message(summary_line(result.quality))
     except (Cancelled, KeyboardInterrupt):  # Ctrl-C arrives as KeyboardInterrupt, a stop as Cancelled
         _close(bars)
         print("interrupted: nothing was published", file=sys.stderr)
@@ -248,10 +253,6 @@ def run_convert(args) -> int:
     if args.json:
         print(json.dumps(result.summary(), indent=2))
     elif not args.dry_run and not args.quiet:
-        if result.quality is not None:  # stderr: stdout holds the URL alone
-            from streamer.engine.quality import summary_line
-
-            print(summary_line(result.quality), file=sys.stderr)
         print(result.url)
     return 0
 
