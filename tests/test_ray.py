@@ -7,6 +7,7 @@ and no dashboard. It is shut down in the fixture's finaliser whatever happens.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import shutil
@@ -174,6 +175,12 @@ def test_cluster_output_is_identical_in_one_commit(cluster, hub):
         assert last[stage].total > 0 and last[stage].done == last[stage].total, (stage, last[stage])
     _convert("alice/single", "NVFP4A16")
     _same_output(hub, "alice/single", "alice/cluster")
+    # the card too (its quality report is made of what the nodes measured), but for its own name
+    # (the repo's, in the title and the usage lines)
+    card = hub.read_file("alice/cluster", "README.md").decode().replace("cluster", "single")
+    single = hub.read_file("alice/single", "README.md").decode()
+    assert card == single, [line for line in difflib.unified_diff(single.splitlines(), card.splitlines(), lineterm="")]
+    assert result.quality is not None and result.summary()["quality"]
     assert len(_streamer_commits(hub, "alice/cluster")) == 1
     nodes = result.summary()["nodes"]
     # one task per shard, spread: more than one node made shards, and every shard was made once

@@ -155,6 +155,7 @@ class RayExecutor:
             "max_memory": runner.budget.limit,
             "fetch_workers": runner.fetch_workers,
             "allow_nonfinite": runner.allow_nonfinite,
+            "quality": runner.quality,
         }
         _check_feasible(ray, runner.budget.limit, gpus)
         relay = _relay_class(ray).options(
@@ -189,6 +190,7 @@ class RayExecutor:
                     node.seconds += result["seconds"]
                     stats.bytes_read += result["bytes_read"]
                     stats.bytes_written += result["bytes_written"]
+                    stats.errors.update(result["errors"])  # the quality report's data, per weight
             self._replay(ray, relay, progress)
         except BaseException:
             for ref in pending:
@@ -397,9 +399,10 @@ def convert_shards(plan, shards: list[str], source_spec: dict, target: dict, set
     """A Ray task: convert the output SHARDS of PLAN on this node and upload them to TARGET.
 
     source_spec, target: how to open both ends (see _source_spec, _target_spec). settings: the
-    device, byte budget, read parallelism and NaN policy of the run. relay: the progress actor.
-    Returns {"uploaded": name -> huggingface_hub UploadInfo, "node", "bytes_read",
-    "bytes_written", "seconds"}; the shard bytes stay on the Hub."""
+    device, byte budget, read parallelism, NaN policy and quality measurement of the run. relay:
+    the progress actor. Returns {"uploaded": name -> huggingface_hub UploadInfo, "node",
+    "bytes_read", "bytes_written", "seconds", "errors": weight -> its quantization error sums};
+    the shard bytes stay on the Hub."""
     import ray
     import torch
 
@@ -429,7 +432,7 @@ def convert_shards(plan, shards: list[str], source_spec: dict, target: dict, set
             runner = Runner(
                 part, source, sink, device=torch.device(settings["device"]),
                 max_memory=settings["max_memory"], fetch_workers=settings["fetch_workers"],
-                progress=progress, allow_nonfinite=settings["allow_nonfinite"],
+                progress=progress, allow_nonfinite=settings["allow_nonfinite"], quality=settings["quality"],
             )  # fmt: skip
             stats = runner.run()
     except BaseException:
@@ -444,5 +447,6 @@ def convert_shards(plan, shards: list[str], source_spec: dict, target: dict, set
         "bytes_read": stats.bytes_read,
         "bytes_written": stats.bytes_written,
         "seconds": time.monotonic() - t0,
+        "errors": stats.errors,
     }
 
