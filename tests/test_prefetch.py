@@ -123,8 +123,10 @@ def test_reader_serves_what_it_read_once(hub, llama_ckpt):
             cuts = sorted({0, 8, min(len(want), 1000), len(want) // 2, len(want)})
             spans = [Span(a, b) for a, b in zip(cuts, cuts[1:])]
             told = []
-            gaps, outs = reader.serve(name, spans, [view[s.start : s.end] for s in spans], on_bytes=told.append)
-            assert gaps == [] and outs == [] and bytes(got) == want and sum(told) == len(want), name
+            gaps, outs = reader.serve(name, spans, [view[s.start : s.end] for s in spans],
+                                      on_bytes=lambda n, rated=True: told.append((n, rated)))  # fmt: skip
+            assert gaps == [] and outs == [] and bytes(got) == want, name
+            assert sum(n for n, _ in told) == len(want) and not any(rated for _, rated in told), told
         assert reader.bytes_served == reader.bytes_received
         assert reader.proc.poll() is None  # nothing was missing: the reader was never stopped
 

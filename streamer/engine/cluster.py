@@ -30,7 +30,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from streamer.engine.pipeline import RunStats, Runner
+from streamer.engine.pipeline import RunStats, Runner, notes_errors, shard_notes
 from streamer.engine.progress import Progress
 from streamer.errors import Cancelled, Hint, StreamerError, TargetError
 from streamer.formats import human_bytes
@@ -144,6 +144,8 @@ class RayExecutor:
         if runner.fingerprint is not None:
             done = sink.resume(runner.fingerprint, [j.shard for j in plan.jobs])
             stats.resumed = sorted(done)
+            for shard in done:
+                stats.errors.update(notes_errors(sink.resumed_notes(shard)))
         jobs = [j for j in plan.jobs if j.shard not in done]
         runner.check_memory(jobs)
         for stage, total in runner.totals(jobs).items():
@@ -180,7 +182,8 @@ class RayExecutor:
                     del pending[ref]
                     result = _result(ray, ref)
                     for name, info in result["uploaded"].items():
-                        sink.adopt(name, info)
+                        job = next(j for j in jobs if j.shard == name)
+                        sink.adopt(name, info, shard_notes(result["errors"], job))
                         progress.advance("upload", sizes[name])
                         progress.message(f"wrote {name} on node {result['node'][:8]}")
                     node = stats.nodes.setdefault(result["node"], NodeStats())
@@ -280,7 +283,9 @@ def _source_spec(source, ray) -> dict:
 
 def _target_spec(sink) -> dict:
     """How a node uploads into the sink's repo and branch."""
-    if getattr(sink, "repo_id", None) is None or not hasattr(sink, "adopt"):
+    from streamer.io.hub_sink import HubSink  # the nodes upload, the driver adopts: a Hub sink only
+
+    if not isinstance(sink, HubSink):
         raise TargetError(
             "on a Ray cluster each node uploads its shards to the Hub itself: the destination "
             "must be a Hub repo (convert to a local folder without Ray)",

@@ -21,6 +21,7 @@ from streamer.io.catalog import CONFIG_NAME, INDEX_NAME, build_catalog
 from streamer.errors import Hint, StreamerError
 from streamer.engine.plan import Plan, Policy, make_plan
 from streamer.engine.budget import Budget, default_memory_budget
+from streamer.engine.cluster import ClusterStats
 from streamer.engine.pipeline import RunStats, Runner
 from streamer.engine.progress import Progress
 from streamer.engine.quality import QualityReport, build_report
@@ -303,8 +304,9 @@ def convert(
             message = f"Quantize {_source_label(plan, source)} with {plan.recipe.name} (streamer)"
             url = sink.commit(message, _commit_description(plan, source))
             progress.message(f"done: {url}")
-            nodes = getattr(stats, "nodes", None)  # a cluster run: what each node did
-            extra = {"nodes": {k: v.as_dict() for k, v in nodes.items()}} if nodes is not None else {}
+            extra = {}
+            if isinstance(stats, ClusterStats):  # a cluster run: what each node did
+                extra["nodes"] = {k: v.as_dict() for k, v in stats.nodes.items()}
             return Result(plan=plan, stats=stats, url=url, extra=extra, quality=report)
         except BaseException:
             sink.abort(cancelled=cancel is not None and cancel.is_set())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import json
 import logging
@@ -426,6 +427,8 @@ class Runner:
         if self.fingerprint is not None:
             done = self.sink.resume(self.fingerprint, [j.shard for j in self.plan.jobs])
             self.stats.resumed = sorted(done)
+            for shard in done:  # a resumed shard's quality sums, as the run that made it measured them
+                self.stats.errors.update(notes_errors(self.sink.resumed_notes(shard)))
         jobs = [j for j in self.plan.jobs if j.shard not in done]
         self.check_memory(jobs)
         pieces = self.pieces(jobs)
@@ -542,6 +545,7 @@ class Runner:
         return writer, offsets
 
     def _close(self, job: Job, writer: ShardWriter) -> Future:
+        writer.notes = shard_notes(self.stats.errors, job)
         fut = writer.close()
         cost = self._writer_cost(job)
         n = job.bytes_out
@@ -555,6 +559,23 @@ class Runner:
 
         fut.add_done_callback(done)
         return fut
+
+
+def shard_notes(errors: dict[str, ErrorSums], job: Job) -> dict:
+    """The notes kept with JOB's shard for a resume: the error sums of the weights it quantized."""
+    mine = {q.tensor: dataclasses.asdict(errors[q.tensor]) for q in job.quantize if q.tensor in errors}
+    return {"errors": mine} if mine else {}
+
+
+def notes_errors(notes: dict) -> dict[str, ErrorSums]:
+    """The error sums in a shard's NOTES (see `shard_notes`); a malformed entry is left out."""
+    out = {}
+    for tensor, sums in (notes.get("errors") or {}).items():
+        try:
+            out[tensor] = ErrorSums(**sums)
+        except TypeError:
+            continue
+    return out
 
 
 def suggest_size(n: int) -> str:

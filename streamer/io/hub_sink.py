@@ -175,13 +175,13 @@ class _BufferedShard(ShardWriter):
             self.buf = None
             return self.sink._upload_pool.submit(self._upload_fd)
         data, self.buf = bytes(self.buf), None
-        return self.sink._upload_pool.submit(self.sink._preupload, self.name, data)
+        return self.sink._upload_pool.submit(self.sink._preupload, self.name, data, self.notes)
 
     def _upload_fd(self) -> str:
         try:
             with self.sink._lock:
                 self.sink._inflight[self.name] = self.fd
-            return self.sink._preupload(self.name, f"/proc/self/fd/{self.fd}")
+            return self.sink._preupload(self.name, f"/proc/self/fd/{self.fd}", self.notes)
         finally:
             with self.sink._lock:  # under the lock: _stop_uploads never truncates a closed fd
                 self.sink._inflight.pop(self.name, None)
@@ -476,6 +476,10 @@ class HubSink(Sink):
             log.info("resuming: %d shard(s) already on the Hub are not converted again", len(reused))
         return reused
 
+    def resumed_notes(self, name: str) -> dict:
+        """The notes recorded with the resumed shard NAME (see Sink.resumed_notes)."""
+        return self._journal.notes(name) if self._journal is not None else {}
+
     # -- shards uploaded by other processes: the nodes of a cluster (engine/cluster.py) ----------
 
     def uploaded(self) -> dict[str, UploadInfo]:
@@ -483,17 +487,19 @@ class HubSink(Sink):
         with self._lock:
             return {name: op.upload_info for name, op in self._ops.items() if name not in self._git_oids}
 
-    def adopt(self, name: str, info: UploadInfo) -> None:
+    def adopt(self, name: str, info: UploadInfo, notes: dict | None = None) -> None:
         """Commit the shard NAME, whose content INFO another process (a cluster node) uploaded to
-        this repo's branch, with the others; recorded for resume like a shard uploaded here."""
+        this repo's branch, with the others; recorded for resume (with NOTES) like a shard
+        uploaded here."""
         check_relpath(name)
         with self._lock:
             self._ops[name] = uploaded_operation(name, info)
         if self._journal is not None:
-            self._journal.add(name, info)
+            self._journal.add(name, info, notes)
 
-    def _preupload(self, name: str, data: bytes | str) -> str:
-        """Upload one shard's content (bytes, or a path to it) ahead of the commit."""
+    def _preupload(self, name: str, data: bytes | str, notes: dict | None = None) -> str:
+        """Upload one shard's content (bytes, or a path to it) ahead of the commit; NOTES go
+        into the resume record with it."""
         if self._stop.is_set():
             raise self._stopped_error()
         try:
@@ -527,7 +533,7 @@ class HubSink(Sink):
             self._ops[name] = op
             self.bytes_uploaded += op.upload_info.size
         if self._journal is not None:
-            self._journal.add(name, op.upload_info)
+            self._journal.add(name, op.upload_info, notes)
         log.debug("uploaded %s", name)
         return name
 

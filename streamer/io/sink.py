@@ -39,6 +39,10 @@ class ShardWriter:
     def __init__(self, name: str, size: int):
         self.name = name
         self.size = size
+        # What the run knows of the shard beyond its bytes (the quality report's sums), as plain
+        # JSON data set before close(): a sink that can resume keeps it with its resume record,
+        # so a resumed run reports the same as one that converted every shard.
+        self.notes: dict = {}
 
     def write_at(self, offset: int, data) -> None:
         """Put DATA (any buffer) at byte OFFSET of the shard."""
@@ -77,6 +81,10 @@ class Sink:
     def resume(self, fingerprint: str, shards: list[str]) -> set[str]:
         """The SHARDS an interrupted run of the plan FINGERPRINT already delivered: the run skips them."""
         return set()
+
+    def resumed_notes(self, name: str) -> dict:
+        """The notes (ShardWriter.notes) of the shard NAME that `resume` found delivered."""
+        return {}
 
     def open_shard(self, name: str, size: int) -> ShardWriter:
         """A writer for the output shard NAME of SIZE bytes."""

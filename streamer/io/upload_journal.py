@@ -59,11 +59,18 @@ class UploadJournal:
                 return {}
         return infos
 
-    def add(self, name: str, info: UploadInfo) -> None:
-        """Record that the content INFO of shard NAME is on the Hub."""
+    def notes(self, name: str) -> dict:
+        """The notes recorded with shard NAME (empty when there are none)."""
+        notes = self._load().get(name, {}).get("notes")
+        return notes if isinstance(notes, dict) else {}
+
+    def add(self, name: str, info: UploadInfo, notes: dict | None = None) -> None:
+        """Record that the content INFO of shard NAME is on the Hub, with the run's NOTES on it."""
         with self._lock:
             record = self._load()
             record[name] = {"sha256": info.sha256.hex(), "size": info.size, "sample": base64.b64encode(info.sample).decode()}
+            if notes:
+                record[name]["notes"] = notes
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # A temp name of its own: two identical runs at once share the record's path, and a
             # shared ".tmp" let one rename the other's file away. The last replace wins whole.
