@@ -139,7 +139,7 @@ def human_duration(seconds: float) -> str:
 
 
 def parse_size(text: str) -> int:
-    """A size such as `8GB`, `512MiB` or `1e9`-free `1000000` in bytes (ValueError naming the problem)."""
+    """TEXT, a size such as `8GB`, `512MiB` or `1000000`, in bytes (ValueError naming the problem)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?i?b?)?\s*", str(text).lower())
     if not m:
         raise ValueError(f"{text!r} is not a size (try 8GB, 512MiB)")

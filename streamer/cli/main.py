@@ -153,9 +153,9 @@ def _main(argv: list[str] | None) -> int:
 
 def _start_reader(args):
     """Fast start: a reader process that fetches a Hub source's bytes while the engine imports
-    (streamer.io.prefetch), holding at most half the run's memory budget (its bytes are held beside
-    the pipeline's until it copies them out). None for a dry run, a local source, or where it
-    cannot help."""
+    (streamer.io.prefetch), holding at most half the run's memory budget (the run reserves what it
+    holds in that budget until it has taken the bytes over). None for a dry run, a local source,
+    or where it cannot help."""
     from streamer.io.locations import is_hub_spec
 
     if args.dry_run or args.dst is None or args.ray is not None or not is_hub_spec(args.src):
