@@ -166,7 +166,8 @@ def make_recipe(
         name = str(scheme).upper()
         if name not in PRESET_SCHEMES:
             raise SchemeError(
-                f"unknown scheme {scheme!r}. Accepted schemes: {', '.join(accepted_presets())}"
+                f"unknown scheme {scheme!r}. Accepted schemes: {', '.join(accepted_presets())}",
+                hints=(Hint("scheme_file"),),  # a scheme that is not a preset is described in a file
             )
         config = QuantizationConfig(
             config_groups={name: preset_name_to_scheme(name, [])},
