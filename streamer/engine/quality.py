@@ -28,7 +28,7 @@ import statistics
 from dataclasses import dataclass, field
 
 from streamer.formats import collapse_names, natural_key
-from streamer.quant.quality import ErrorSums, relative_error, robust_error, snr_db
+from streamer.quant.quality import ErrorMeasures, ErrorSums, relative_error, snr_db
 
 __all__ = [
     "KINDS", "OUTLIER_FACTOR", "OUTLIER_MIN_KIND", "module_kind", "layer_of", "TensorError",
@@ -74,7 +74,7 @@ def _round(x: float, digits: int) -> float | None:
 
 
 @dataclass(frozen=True)
-class TensorError:
+class TensorError(ErrorMeasures):
     """One quantized weight's error: NAME (`….weight`) and its sums (see ErrorSums)."""
 
     name: str
@@ -94,18 +94,6 @@ class TensorError:
     @property
     def layer(self) -> int | None:
         return layer_of(self.name)
-
-    @property
-    def relative_error(self) -> float:
-        return relative_error(self.weight_sq, self.error_sq)
-
-    @property
-    def snr_db(self) -> float:
-        return snr_db(self.weight_sq, self.error_sq)
-
-    @property
-    def robust_error(self) -> float:
-        return robust_error(self.count, self.weight_abs, self.error_sq)
 
     def as_dict(self) -> dict:
         return {

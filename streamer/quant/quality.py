@@ -57,8 +57,29 @@ def robust_error(count: int, weight_abs: float, error_sq: float) -> float:
     return 0.0 if error_sq == 0 else math.inf
 
 
+class ErrorMeasures:
+    """The error figures of anything holding a weight's sums (weight_sq, error_sq, weight_abs, count)."""
+
+    weight_sq: float
+    error_sq: float
+    weight_abs: float
+    count: int
+
+    @property
+    def relative_error(self) -> float:
+        return relative_error(self.weight_sq, self.error_sq)
+
+    @property
+    def snr_db(self) -> float:
+        return snr_db(self.weight_sq, self.error_sq)
+
+    @property
+    def robust_error(self) -> float:
+        return robust_error(self.count, self.weight_abs, self.error_sq)
+
+
 @dataclass
-class ErrorSums:
+class ErrorSums(ErrorMeasures):
     """The running sums of one weight (float64): ||W||², ||W - D||², Σ|W|, and the values counted."""
 
     weight_sq: float = 0.0
@@ -73,18 +94,6 @@ class ErrorSums:
         self.error_sq += error_sq
         self.weight_abs += weight_abs
         self.count += count
-
-    @property
-    def relative_error(self) -> float:
-        return relative_error(self.weight_sq, self.error_sq)
-
-    @property
-    def snr_db(self) -> float:
-        return snr_db(self.weight_sq, self.error_sq)
-
-    @property
-    def robust_error(self) -> float:
-        return robust_error(self.count, self.weight_abs, self.error_sq)
 
 
 # The value of each FP8 (E4M3), FP4 (E2M1) and FP6 (E2M3) code, as compressed-tensors decodes them
