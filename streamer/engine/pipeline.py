@@ -433,6 +433,8 @@ class Runner:
         self.check_memory(jobs)
         pieces = self.pieces(jobs)
         self.stats.pieces = len(pieces)
+        # a source shared by several targets (engine/fanout.py) keeps each tensor until all have read it
+        self.source.will_read([p.inputs for p in pieces])
         for stage, total in self.totals(jobs).items():
             self.progress.set_total(stage, total)
         # Bytes a start-up reader holds count against the budget until they are served, so the

@@ -53,6 +53,11 @@ class Source:
         budget (a start-up reader's, streamer.io.prefetch); the runner reserves them in its budget."""
         return 0
 
+    def will_read(self, pieces: list) -> None:
+        """Told by the pipeline before its first read: PIECES, each a list of the catalog's
+        TensorInfo read together. A plain source ignores it; one shared by several conversions
+        (streamer.engine.fanout) keeps each tensor it read until every conversion has taken it."""
+
     def files(self) -> dict[str, int]:
         """Relative path (POSIX) -> size in bytes, for every file of the checkpoint."""
         raise NotImplementedError
