@@ -28,6 +28,11 @@ def convert_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="source: a local folder, or a Hub repo id org/name[@revision]")
     p.add_argument("dst", nargs="?", help="destination: a local folder, or a Hub repo id org/name")
     p.add_argument("--scheme", help="compressed-tensors preset, e.g. FP8_DYNAMIC, FP8_BLOCK, NVFP4A16, W4A16")
+    p.add_argument(
+        "--to", nargs=2, action="append", default=[], metavar=("DST", "SCHEME"),
+        help="one more target, converted in the same run from one read of the source (repeatable): "
+        "a destination and its scheme (a preset name, or a scheme file .json/.yaml)",
+    )  # fmt: skip
     p.add_argument("--scheme-file", help="a compressed-tensors scheme or quantization config as JSON/YAML")
     p.add_argument(
         "--ignore", action="append", default=[], metavar="NAME|re:PATTERN",
@@ -158,7 +163,7 @@ def _start_reader(args):
     or where it cannot help."""
     from streamer.io.locations import is_hub_spec
 
-    if args.dry_run or args.dst is None or args.ray is not None or not is_hub_spec(args.src):
+    if args.dry_run or (args.dst is None and not args.to) or args.ray is not None or not is_hub_spec(args.src):
         return None  # with --ray the nodes read the source, not this machine
     from streamer.engine.budget import default_memory_budget
     from streamer.formats import split_revision
@@ -177,7 +182,8 @@ def _progress_bars(args, progress):
 
     if args.quiet or args.json or args.dry_run or not sys.stderr.isatty() or os.environ.get("TERM") == "dumb":
         return None
-    bars = TqdmListener(progress, upload_label="uploaded" if is_hub_spec(args.dst) else "written")
+    to_hub = any(is_hub_spec(d) for d in [args.dst, *(d for d, _ in args.to)] if d)
+    bars = TqdmListener(progress, upload_label="uploaded" if to_hub else "written")
     progress.listeners.append(bars)
     return bars
 
@@ -208,6 +214,8 @@ def run_convert(args) -> int:
 
     _engine_started()
 
+    if args.to:
+        return run_fanout(args)
     if args.dst is None and not args.dry_run:
         print("error: give a destination (folder or repo id), or --dry-run", file=sys.stderr)
         return 2
@@ -255,6 +263,90 @@ def run_convert(args) -> int:
     elif not args.dry_run and not args.quiet:
         print(result.url)
     return 0
+
+
+SCHEME_FILE_SUFFIXES = (".json", ".yaml", ".yml")
+
+
+def fanout_targets(args) -> list:
+    """The targets of a fan-out run: DST with --scheme/--scheme-file when given, then each --to
+    DST SCHEME (SCHEME a preset name, or a scheme file)."""
+    from streamer.engine.convert import Target
+
+    targets = []
+    if args.dst is not None:
+        targets.append(Target(args.dst, scheme=args.scheme, scheme_file=args.scheme_file))
+    for dst, scheme in args.to:
+        if scheme.lower().endswith(SCHEME_FILE_SUFFIXES) or os.path.isfile(scheme):
+            targets.append(Target(dst, scheme_file=scheme))
+        else:
+            targets.append(Target(dst, scheme=scheme))
+    return targets
+
+
+def run_fanout(args) -> int:
+    """Run a fan-out (`SRC [DST --scheme S] --to DST SCHEME …`): every target from one read of the
+    source. Prints one line per target; the exit code is the first failed target's, else 0."""
+    from streamer.engine.convert import convert_many
+    from streamer.engine.pipeline import nonfinite_policy
+    from streamer.engine.plan import render
+    from streamer.engine.progress import Progress
+
+    if args.dst is None and (args.scheme or args.scheme_file):
+        print("error: --scheme names the scheme of DST; with only --to targets, each --to gives its own scheme", file=sys.stderr)
+        return 2
+    if args.ray is not None:
+        print("error: --ray converts one target at a time; run each target as its own command", file=sys.stderr)
+        return 2
+    progress = Progress()
+    bars = _progress_bars(args, progress)
+    try:
+        with nonfinite_policy(args.nonfinite):
+            result = convert_many(
+                args.src, fanout_targets(args), ignore=args.ignore,
+                device=args.device, dry_run=args.dry_run, max_memory=args.max_memory,
+                workers=args.workers, token=args.token or None, overwrite=args.overwrite,
+                private=True if args.private else (False if args.public else None), create_pr=args.create_pr,
+                revision=args.revision, dequant_dtype=args.dequant_dtype, force=args.force, progress=progress,
+                default_ignore=args.default_ignore, quantize_towers=args.quantize_towers,
+                skip_incompatible=args.skip_incompatible, quality=args.quality,
+            )  # fmt: skip
+    except (Cancelled, KeyboardInterrupt):
+        _close(bars)
+        print("interrupted: nothing was published", file=sys.stderr)
+        return 130
+    except StreamerError as e:
+        _close(bars)
+        print(f"error: {describe(e)}", file=sys.stderr)
+        return e.exit_code
+    except Exception as e:
+        _close(bars)
+        if args.verbose:
+            raise
+        print(f"error: {type(e).__name__}: {e} (run with --verbose for details)", file=sys.stderr)
+        return 1
+    finally:
+        _close(bars)
+    if args.json:
+        print(json.dumps(result.summary(describe), indent=2))
+        return result.exit_code
+    from streamer.engine.quality import summary_line
+
+    for t in result.targets:
+        name = f"{t.target.dst} ({t.target.scheme_name})"
+        if not t.ok:
+            why = describe(t.error) if isinstance(t.error, StreamerError) else (
+                "interrupted: nothing was published" if isinstance(t.error, (Cancelled, KeyboardInterrupt))
+                else f"{type(t.error).__name__}: {t.error}"
+            )  # fmt: skip
+            print(f"error: {name}: {why}", file=sys.stderr)
+        elif args.dry_run:
+            print(f"== {name}\n{render(t.result.plan)}")
+        elif not args.quiet:
+            if t.result.quality is not None:
+                progress.message(f"{t.target.dst}: {summary_line(t.result.quality)}")
+            print(t.result.url)
+    return result.exit_code
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import math
 import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -18,16 +20,17 @@ import torch
 from streamer.engine.card import model_card
 from streamer.io.provenance import Provenance
 from streamer.io.catalog import CONFIG_NAME, INDEX_NAME, build_catalog
-from streamer.errors import Hint, StreamerError
+from streamer.errors import Cancelled, Hint, StreamerError
 from streamer.engine.plan import Plan, Policy, make_plan
 from streamer.engine.budget import Budget, default_memory_budget
 from streamer.engine.cluster import ClusterStats
-from streamer.engine.pipeline import RunStats, Runner
+from streamer.engine.fanout import CACHE_SHARE, SharedReader, TargetProgress, split_budget
+from streamer.engine.pipeline import RunStats, Runner, suggest_size
 from streamer.engine.progress import Progress
 from streamer.engine.quality import QualityReport, build_report
 from streamer.quant.dequant import detect_dequantizer
 from streamer.quant.schemes import make_recipe
-from streamer.formats import dumps_json, split_revision
+from streamer.formats import dumps_json, human_bytes, split_revision
 from streamer.io.locations import is_hub_spec, open_source
 from streamer.io.sink import LocalSink, Sink
 from streamer.io.source import Source
@@ -242,6 +245,11 @@ def convert(
     Returns a `Result` (plan, run statistics, the URL or folder published). Raises a
     `StreamerError` naming the problem, with hints on what to change.
     """
+    if isinstance(dst, (list, tuple)):
+        raise StreamerError(
+            "several destinations are converted with convert_many(src, targets), which reads the "
+            "source once for all of them", hints=(Hint("target"),),
+        )  # fmt: skip
     if record not in ("requested", "effective"):
         raise StreamerError(f"record must be 'requested' or 'effective', not {record!r}")
     dev = resolve_device(device)
@@ -254,21 +262,15 @@ def convert(
     with source:
         # A private or gated source is not republished publicly unless the caller says so
         # (private=False, the CLI's --public).
-        source_private = source.private or source.gated
         if private is None:
-            private = source_private
+            private = source.private or source.gated
         sink = None
         if dst is not None:
             sink = dst if isinstance(dst, Sink) else open_sink(
                 dst, token=token, overwrite=overwrite, private=private,
                 create_pr=create_pr, revision=revision,
             )  # fmt: skip
-            if sink.repo_id and sink.repo_id == source.repo_id:
-                raise StreamerError("the target repo is the source repo", hints=(Hint("target"),))
-            sink.check()
-            note = sink.visibility_note(source_private)
-            if note:
-                progress.message(note)
+            check_target(sink, source, progress)
         if dry_run:
             return Result(plan=plan, dry_run=True)
         if sink is None:
@@ -291,28 +293,308 @@ def convert(
         except BaseException:
             sink.close()  # nothing was started: just let go of the sink's upload threads
             raise
+        return publish(runner, executor=executor, record=record)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One output of a fan-out (`convert_many`): where it goes and in which scheme.
+
+    dst: a local folder or a Hub repo id `org/name`; scheme: a compressed-tensors preset name;
+    scheme_file / config: a scheme or quantization config in a file / as a dict, instead of scheme.
+    """
+
+    dst: str
+    scheme: str | None = None
+    scheme_file: str | None = None
+    config: dict | None = None
+
+    @property
+    def scheme_name(self) -> str:
+        """The scheme as a person names it: the preset, or the file it was read from."""
+        return self.scheme or (os.path.basename(self.scheme_file) if self.scheme_file else "custom")
+
+
+@dataclass
+class TargetResult:
+    """What became of one target of a fan-out: its Result, or the error that stopped it."""
+
+    target: Target
+    result: Result | None = None
+    error: BaseException | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether this target was converted (or, for a dry run, planned)."""
+        return self.error is None
+
+    @property
+    def exit_code(self) -> int:
+        """0, 2 for an error the user can fix, 130 for a cancel, 1 otherwise."""
+        if self.error is None:
+            return 0
+        if isinstance(self.error, (Cancelled, KeyboardInterrupt)):
+            return 130
+        return self.error.exit_code if isinstance(self.error, StreamerError) else 1
+
+    def summary(self, words=str) -> dict:
+        """The target's line of `--json`: its Result's summary, or its error in WORDS (a front
+        end's wording of a StreamerError; str gives the Python API's)."""
+        out = {"target": self.target.dst, "status": "ok" if self.ok else "failed", "exit": self.exit_code}
+        if self.result is not None:
+            out.update(self.result.summary())
+        else:
+            out["scheme"] = self.target.scheme_name
+        if self.error is not None:
+            out["error"] = words(self.error) if isinstance(self.error, StreamerError) else f"{type(self.error).__name__}: {self.error}"
+        return out
+
+
+@dataclass
+class FanoutResult:
+    """What a fan-out did: one TargetResult per target, in the order given, and the bytes read
+    from the source for all of them together (each once)."""
+
+    source: str
+    targets: list[TargetResult]
+    bytes_read: int = 0  # from the source, for every target together
+    bytes_shared: int = 0  # handed from one target's read to another instead of read again
+    peak_shared_bytes: int = 0  # the most held at once for targets that had not read it yet
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """Whether every target succeeded."""
+        return all(t.ok for t in self.targets)
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every target succeeded, else the first failed target's exit code."""
+        return next((t.exit_code for t in self.targets if not t.ok), 0)
+
+    def summary(self, words=str) -> dict:
+        """The whole run as plain data (`--json`): the shared read, and a line per target."""
+        return {
+            "source": self.source,
+            "bytes_read": self.bytes_read,
+            "bytes_shared": self.bytes_shared,
+            "peak_shared_bytes": self.peak_shared_bytes,
+            "seconds": round(self.seconds, 3),
+            "ok": self.ok,
+            "targets": [t.summary(words) for t in self.targets],
+        }
+
+
+def as_target(item) -> Target:
+    """A Target from what a caller passes: a Target, a (dst, scheme) pair, or a dict of its fields."""
+    if isinstance(item, Target):
+        return item
+    if isinstance(item, dict):
         try:
-            sink.begin()
-            progress.message(
-                f"converting {plan.source} -> {sink.label}: {len(plan.jobs)} shard(s), "
-                f"{plan.n_quantized} weights with {plan.recipe.name} on {dev}"
-            )
-            stats = runner.run() if executor is None else executor.run(runner)
-            # a Ray run's nodes do not send their sums back (yet): no report rather than an empty one
-            report = build_report(stats.errors, plan.recipe.name) if quality and stats.errors else None
-            _write_small_files(plan, source, sink, target=sink.label, record=record, quality=report)
-            message = f"Quantize {_source_label(plan, source)} with {plan.recipe.name} (streamer)"
-            url = sink.commit(message, _commit_description(plan, source))
-            progress.message(f"done: {url}")
-            extra = {}
-            if isinstance(stats, ClusterStats):  # a cluster run: what each node did
-                extra["nodes"] = {k: v.as_dict() for k, v in stats.nodes.items()}
-            return Result(plan=plan, stats=stats, url=url, extra=extra, quality=report)
+            return Target(**item)
+        except TypeError as e:
+            raise StreamerError(f"a target must have the fields dst, scheme, scheme_file or config: {e}") from None
+    if isinstance(item, (tuple, list)) and len(item) == 2:
+        return Target(os.fspath(item[0]), scheme=item[1])
+    raise StreamerError(f"a target is a Target, a (destination, scheme) pair or a dict, not {item!r}", hints=(Hint("target"),))
+
+
+def convert_many(
+    src: str | Source,
+    targets,
+    *,
+    ignore=(),
+    device: str | None = "auto",
+    dry_run: bool = False,
+    max_memory: int | None = None,
+    workers: int = 4,
+    token: str | None = None,
+    overwrite: bool = False,
+    private: bool | None = None,
+    create_pr: bool = False,
+    revision: str | None = None,
+    dequant_dtype: str | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+    cancel: threading.Event | None = None,
+    default_ignore: bool = True,
+    quantize_towers: bool = False,
+    skip_incompatible: bool = False,
+    record: str = "requested",
+    stack: bool = True,
+    quality: bool = True,
+) -> FanoutResult:
+    """Convert SRC into several targets at once, reading each source byte once (fan-out).
+
+    targets: `Target`s, (destination, scheme) pairs or dicts with Target's fields. Each target
+      gets its own plan (shard layout, fused sets, the policy's choices for its scheme), its own
+      single commit and its own card, byte for byte what `convert` makes of it alone.
+    The other parameters are `convert`'s and apply to every target. MAX_MEMORY is shared: a part
+    holds bytes read for targets that have not taken them yet, the rest is divided between the
+    targets. The targets run side by side; one failing (no permission, a shape its scheme cannot
+    take) does not stop the others: each has its own TargetResult, with its Result or its error.
+    Only a problem every target shares (the source cannot be read, a bad setting) raises, as
+    `convert` would. CANCEL stops every target; each unfinished one then holds a
+    `streamer.errors.Cancelled` and has published nothing.
+    """
+    t0 = time.monotonic()
+    wanted = [as_target(t) for t in targets]
+    if not wanted:
+        raise StreamerError("no targets given", hints=(Hint("target"),))
+    dsts = [os.path.normpath(t.dst) if not is_hub_spec(t.dst) else split_revision(t.dst)[0] for t in wanted]
+    twice = sorted({d for d in dsts if dsts.count(d) > 1})
+    if twice:
+        raise StreamerError(f"two targets write to {twice[0]}: give each target its own destination", hints=(Hint("target"),))
+    if record not in ("requested", "effective"):
+        raise StreamerError(f"record must be 'requested' or 'effective', not {record!r}")
+    dev = resolve_device(device)
+    progress = progress or Progress()
+    cancel = cancel or threading.Event()
+    policy = Policy(default_ignore=default_ignore, quantize_towers=quantize_towers, skip_incompatible=skip_incompatible)
+    source = src if isinstance(src, Source) else open_source(src, token=token)
+    with source:
+        catalog = build_catalog(source)
+        outcomes = [TargetResult(t) for t in wanted]
+        ready: list[tuple[TargetResult, Plan, Sink | None]] = []
+        if private is None:
+            private = source.private or source.gated
+        for out in outcomes:  # plan and check every target before any of them writes
+            t = out.target
+            sink = None
+            try:
+                recipe = make_recipe(t.scheme, scheme_file=t.scheme_file, config=t.config, ignore=list(ignore))
+                dequant = detect_dequantizer(catalog, recipe, dtype=dequant_dtype, force=force, stack=stack)
+                plan = make_plan(catalog, recipe, source=source.label, dequant=dequant, policy=policy)
+                out.result = Result(plan=plan, dry_run=True)
+                sink = open_sink(t.dst, token=token, overwrite=overwrite, private=private, create_pr=create_pr, revision=revision)
+                check_target(sink, source, _labelled(progress, t))
+            except (StreamerError, OSError) as e:
+                out.result, out.error = None, e
+                if sink is not None:
+                    sink.close()
+                continue
+            ready.append((out, plan, sink))
+        if dry_run:
+            for _, _, sink in ready:
+                sink.close()
+            return FanoutResult(source.label, outcomes, seconds=time.monotonic() - t0)
+        limit = default_memory_budget() if max_memory is None else max_memory
+        cache, share = split_budget(limit, len(ready))
+        reader = SharedReader(source, targets=len(ready), cache_limit=cache, cancel=cancel, progress=progress)
+        reader.preload([*catalog.copy_files, "README.md"])
+        totals: dict = {}
+        lock = threading.Lock()
+        runners: list[tuple[TargetResult, Runner]] = []
+        try:
+            for i, (out, plan, sink) in enumerate(ready):
+                for warning in plan.warnings:
+                    log.warning("%s: %s", out.target.dst, warning)
+                view = reader.view(i)
+                runners.append((out, Runner(
+                    plan, view, sink, device=dev, max_memory=share, fetch_workers=workers,
+                    progress=TargetProgress(progress, out.target.dst, totals, lock), cancel=cancel,
+                    fingerprint=fingerprint(plan, view), quality=quality,
+                )))  # fmt: skip
+            _check_shared_memory([r for _, r in runners], limit)
         except BaseException:
-            sink.abort(cancelled=cancel is not None and cancel.is_set())
+            for _, _, sink in ready:
+                sink.close()
             raise
+        _run_side_by_side(runners, record, cancel)
+        return FanoutResult(
+            source.label, outcomes, bytes_read=reader.fetched, bytes_shared=reader.served,
+            peak_shared_bytes=reader.peak, seconds=time.monotonic() - t0,
+        )  # fmt: skip
+
+
+def _labelled(progress: Progress, target: Target) -> Progress:
+    """A Progress whose log lines name TARGET, for notes said before the runs start."""
+    return TargetProgress(progress, target.dst, {}, threading.Lock())
+
+
+def _check_shared_memory(runners: list[Runner], limit: int) -> None:
+    """Refuse, before anything is written, a shared budget of LIMIT bytes too small for one of
+    RUNNERS (each has its share of it): the hint is a budget whose shares fit."""
+    largest = 0
+    for r in runners:
+        needs = r.memory_needs(r.plan.jobs)
+        largest = max([largest, *(n for n, _ in needs)])
+    share = runners[0].budget.limit
+    if largest <= share:
+        return
+    need = math.ceil(largest * len(runners) / (1 - CACHE_SHARE)) + 1
+    raise StreamerError(
+        f"the memory budget of {human_bytes(limit)} is too small for {len(runners)} targets at once: "
+        f"each gets {human_bytes(share)}, and one needs {human_bytes(largest)} of working memory",
+        hints=(Hint("max_memory", suggest_size(need)),),
+    )
+
+
+def _run_side_by_side(runners: list[tuple[TargetResult, Runner]], record: str, cancel: threading.Event) -> None:
+    """Run every target's conversion in its own thread; each outcome lands in its TargetResult.
+    A Ctrl-C here cancels them all and waits until each has cleaned up."""
+
+    def one(out: TargetResult, runner: Runner) -> None:
+        try:
+            out.result = publish(runner, record=record)
+        except BaseException as e:  # recorded for this target; the others go on
+            out.result, out.error = None, e
+            if not isinstance(e, (StreamerError, Cancelled, OSError)):
+                log.debug("target %s failed", out.target.dst, exc_info=True)
         finally:
-            sink.close()
+            runner.source.close()  # its claims on bytes kept for it are dropped
+
+    threads = [
+        threading.Thread(target=one, args=pair, name=f"streamer-target-{i}", daemon=True)
+        for i, pair in enumerate(runners)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        while t.is_alive():
+            try:
+                t.join(0.1)
+            except KeyboardInterrupt:
+                cancel.set()
+
+
+def check_target(sink: Sink, source: Source, progress: Progress) -> None:
+    """Refuse a destination SINK that cannot take a conversion of SOURCE (the source repo itself,
+    a repo streamer did not write …) before anything is written; PROGRESS gets its visibility note."""
+    if sink.repo_id and sink.repo_id == source.repo_id:
+        raise StreamerError("the target repo is the source repo", hints=(Hint("target"),))
+    sink.check()
+    note = sink.visibility_note(source.private or source.gated)
+    if note:
+        progress.message(note)
+
+
+def publish(runner: Runner, *, executor=None, record: str = "requested") -> Result:
+    """Run RUNNER (on EXECUTOR, or here) and publish its output with the small files, the model
+    card and one commit; any failure aborts the sink, which is closed either way. RECORD: see
+    `convert`."""
+    plan, source, sink, progress, cancel = runner.plan, runner.source, runner.sink, runner.progress, runner.cancel
+    try:
+        sink.begin()
+        progress.message(
+            f"converting {plan.source} -> {sink.label}: {len(plan.jobs)} shard(s), "
+            f"{plan.n_quantized} weights with {plan.recipe.name} on {runner.device}"
+        )
+        stats = runner.run() if executor is None else executor.run(runner)
+        report = build_report(stats.errors, plan.recipe.name) if runner.quality and stats.errors else None
+        _write_small_files(plan, source, sink, target=sink.label, record=record, quality=report)
+        message = f"Quantize {_source_label(plan, source)} with {plan.recipe.name} (streamer)"
+        url = sink.commit(message, _commit_description(plan, source))
+        progress.message(f"done: {url}")
+        extra = {}
+        if isinstance(stats, ClusterStats):  # a cluster run: what each node did
+            extra["nodes"] = {k: v.as_dict() for k, v in stats.nodes.items()}
+        return Result(plan=plan, stats=stats, url=url, extra=extra, quality=report)
+    except BaseException:
+        sink.abort(cancelled=cancel.is_set())
+        raise
+    finally:
+        sink.close()
 
 
 def _budget_args(max_memory: int | Budget | None) -> dict:
