@@ -246,7 +246,10 @@ class LocalSink(Sink):
         if self._tmp is None:
             missing = [p for p in reversed(self.dst.parents) if not p.exists()]
             for p in missing:
-                p.mkdir()
+                try:
+                    p.mkdir()
+                except FileExistsError:  # made by another run meanwhile (a fan-out's other target): not ours
+                    continue
                 self._made.append(p)
             self.remove_stale()
             self._tmp = self._claim()
