@@ -3,7 +3,7 @@ compressed-tensors checkpoint, reading only the bytes each job needs."""
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "convert", "quantize", "model_free_ptq"]
+__all__ = ["__version__", "convert", "convert_many", "Target", "quantize", "model_free_ptq"]
 
 # A public name must never be the name of a submodule: importing `streamer.X` sets the package
 # attribute X to the module, so a function of that name would be replaced by it (tests/test_front_door.py).
@@ -13,7 +13,7 @@ def __getattr__(name):
     # The engine pulls in torch and compressed-tensors; import it only when it is used, so that
     # `streamer.localhub` and `--help` start fast. Once resolved, the function is cached on the
     # package so later lookups skip this hook.
-    if name in ("convert", "quantize"):
+    if name in ("convert", "convert_many", "Target", "quantize"):
         from streamer.engine import convert as engine
 
         value = getattr(engine, name)
