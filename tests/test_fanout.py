@@ -236,3 +236,51 @@ def test_a_target_running_ahead_waits_for_the_others(tmp_path):
     assert got_a == got_b == [blob[i * size : (i + 1) * size] for i in range(n)]
     assert overlaps(source.spans) == [] and reader.fetched == size * n
     assert reader.peak <= 3 * size and reader.held == 0
+
+
+def test_a_failed_fetch_is_fetched_again_by_the_target_waiting_for_it(tmp_path):
+    from streamer.engine.fanout import SharedReader
+    from streamer.engine.progress import Progress
+    from streamer.io.catalog import TensorInfo
+    from streamer.io.source import Span
+
+    (tmp_path / "w.safetensors").write_bytes(bytes(range(200)))
+    go, first = threading.Event(), threading.Event()
+
+    class Flaky(CountingSource):
+        fail = True
+
+        def read_into(self, path, span, out):
+            if self.fail:
+                self.fail = False
+                first.set()
+                go.wait(10)
+                raise OSError("connection reset")
+            super().read_into(path, span, out)
+
+    t = TensorInfo("t", "w.safetensors", "U8", (100,), Span(50, 150))
+    reader = SharedReader(Flaky(tmp_path), targets=2, cancel=threading.Event(), cache_limit=1000, progress=Progress())
+    a, b = reader.view(0), reader.view(1)
+    a.will_read([[t]])
+    b.will_read([[t]])
+    errors, got = [], bytearray(100)
+
+    def read_a():
+        try:
+            a.read_into(t.file, t.span, memoryview(bytearray(100)))
+        except OSError as e:
+            errors.append(e)
+
+    ta = threading.Thread(target=read_a)
+    ta.start()
+    assert first.wait(10)  # A is fetching t; B now waits for A's fetch
+    tb = threading.Thread(target=lambda: b.read_into(t.file, t.span, memoryview(got)))
+    tb.start()
+    tb.join(0.3)
+    assert tb.is_alive()
+    go.set()  # A's fetch fails: B fetches t itself
+    ta.join(10)
+    tb.join(10)
+    assert [str(e) for e in errors] == ["connection reset"] and bytes(got) == bytes(range(50, 150))
+    a.close()
+    assert reader.held == 0

@@ -72,6 +72,7 @@ class SharedReader:
         self._index: dict[str, list[Key]] = {}  # file -> keys sorted by start (when all have said)
         self._starts: dict[str, list[int]] = {}
         self._pending = set(range(targets))  # targets that have not said what they will read
+        self._owed = [0] * targets  # per target: how many kept copies it has still to take
         self._small: dict[str, bytes] = {}  # small files (config, tokenizer, card), read once
         self._last_take = time.monotonic()
         self.held = 0  # bytes of copies held now
@@ -138,6 +139,8 @@ class SharedReader:
 
     def _take(self, key: Key, entry: _Entry, target: int) -> None:
         """TARGET has its bytes of KEY: drop its claim, and the copy once nobody else needs it."""
+        if target in entry.claims and entry.data is not None:
+            self._owed[target] -= 1
         entry.claims.discard(target)
         if entry.claims or entry.fetching is not None:
             return
@@ -157,7 +160,7 @@ class SharedReader:
             self._cv.wait(0.1)
 
     def _behind(self, target: int) -> bool:
-        return any(target in e.claims for e in self._entries.values() if e.data is not None)
+        return self._owed[target] > 0
 
     def _throttle(self, target: int) -> None:
         """A target running ahead waits while the copies kept for the others exceed the limit."""
@@ -256,6 +259,8 @@ class SharedReader:
             del self._entries[key]
         elif copy is not None:
             entry.data = copy
+            for t in entry.claims:
+                self._owed[t] += 1
             self.held += len(copy)
             self.peak = max(self.peak, self.held)
         done.set()
