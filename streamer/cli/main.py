@@ -158,20 +158,24 @@ def _main(argv: list[str] | None) -> int:
 
 def _start_reader(args):
     """Fast start: a reader process that fetches a Hub source's bytes while the engine imports
-    (streamer.io.prefetch), holding at most half the run's memory budget (the run reserves what it
-    holds in that budget until it has taken the bytes over). None for a dry run, a local source,
+    (streamer.io.prefetch), holding at most half the run's memory budget, or in a fan-out half the
+    first target's share (the run reserves what it holds in that budget until it has taken the
+    bytes over). None for a dry run, a local source,
     or where it cannot help."""
     from streamer.io.locations import is_hub_spec
 
     if args.dry_run or (args.dst is None and not args.to) or args.ray is not None or not is_hub_spec(args.src):
         return None  # with --ray the nodes read the source, not this machine
     from streamer.engine.budget import default_memory_budget
+    from streamer.engine.fanout import split_budget
     from streamer.formats import split_revision
     from streamer.io.prefetch import start
 
     repo_id, revision = split_revision(args.src)
     budget = args.max_memory or default_memory_budget()
-    return start(repo_id, revision, token=args.token or None, limit=budget // 2)
+    # reserved in the (first) target's budget: in a fan-out, its share of the whole
+    share = split_budget(budget, (args.dst is not None) + len(args.to))[1]
+    return start(repo_id, revision, token=args.token or None, limit=share // 2)
 
 
 def _progress_bars(args, progress):
