@@ -15,13 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 from compressed_tensors.compressors import BaseCompressor
-from compressed_tensors.quantization import QuantizationConfig
+from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme
+from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
 from safetensors.torch import load_file, save_file
 
 from streamer.cli.main import main as cli_main
 from streamer.engine.convert import convert
 from streamer.engine.quality import build_report, module_kind
-from streamer.quant.quality import ErrorSums
+from streamer.quant.kernels import dequantize_weight, quantize_weight
+from streamer.quant.quality import ErrorSums, code_dequant, code_values
+from streamer.quant.workers import Scratch
 
 # one scheme per family: FP8 per channel, FP8 block, INT groups (4 and 8 bits), NVFP4, MXFP4
 SCHEMES = ["FP8_DYNAMIC", "FP8_BLOCK", "W4A16", "W8A16", "NVFP4A16", "MXFP4"]
@@ -157,3 +160,45 @@ def test_the_space_shows_the_report_and_a_chart(bad_ckpt, tmp_path):
     page = quality_html(result.quality)
     assert "<svg" in page and "layer 1, dense MLP" in page and "layer 0, attention" in page
     assert "add “model.layers.1.mlp.down_proj” to the ignore list" in page
+
+
+# every preset compressed-tensors names (the kernel-level check below), in the three weight dtypes
+PRESETS = [n for n in PRESET_SCHEMES if n != "UNQUANTIZED"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("name", PRESETS)
+def test_kernel_error_sums_equal_the_decompressed_tensors(name, dtype):
+    """The sums quantize_weight accumulates equal those of compressed-tensors' decompression of
+    its own output, for every preset and weight dtype: a weight with tiny values (FP8 / FP4
+    subnormal codes, zeros), a few large ones and a partial chunk / block row."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(300, 256, generator=g) * 0.02
+    w[:, :32] *= 1e-4
+    w[5, 7], w[17, 100], w[200, 3] = 0.9, -0.7, 0.0
+    w = w.to(dtype)
+    scheme = preset_name_to_scheme(name, ["Linear"])
+    sums = ErrorSums()
+    out = quantize_weight(w, scheme, None, errors=sums)
+    ref, deq = w.double(), dequantize_weight(out, scheme, torch.float64)
+    assert sums.count == w.numel()
+    assert sums.weight_sq == pytest.approx(ref.pow(2).sum().item(), rel=1e-5)
+    assert sums.weight_abs == pytest.approx(ref.abs().sum().item(), rel=1e-5)
+    assert sums.error_sq == pytest.approx((ref - deq).pow(2).sum().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("kind,codes", [("fp8", 256), ("fp4", 16), ("fp6", 64)])
+def test_code_dequant_is_the_table_times_the_scale(kind, codes, dtype):
+    """Every code times scales from tiny to huge (where the power-of-two shortcut would overflow
+    and the table takes over), bit for bit, whether the caller bounds the scale or not."""
+    c = torch.arange(codes, dtype=torch.int32).to(torch.uint8)
+    if kind == "fp8":  # 0x7F / 0xFF are E4M3's NaNs: not a code a finite weight gets
+        c = c[(c & 0x7F) != 0x7F]
+    top = torch.finfo(dtype).max
+    for s in (1.0, 3e-3, 2.0**-20, 7.0, 300.0, top / 1000):
+        scale = torch.tensor([s], dtype=dtype).expand(len(c)).contiguous()
+        want = code_values(kind, dtype, c.device)[c.long()] * scale
+        for bound in (None, float(scale.max())):
+            got = code_dequant(c, kind, scale, c.shape, Scratch(), bound)
+            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), (s, bound)

@@ -34,6 +34,7 @@ Public API: :func:`global_scale`, :func:`quantize_weight`, :func:`dequantize_wei
 
 from __future__ import annotations
 
+import math
 from typing import Iterator, Sequence
 
 import torch
@@ -42,7 +43,7 @@ from compressed_tensors.quantization import QuantizationScheme
 from compressed_tensors.quantization.utils import generate_gparam
 
 from streamer.quant.codecs import encode, pack_fp6, pack_int32, pack_nibbles
-from streamer.quant.quality import ErrorSums, chunk_sums, code_values
+from streamer.quant.quality import ErrorSums, chunk_sums, code_dequant
 from streamer.quant.spec import (
     FP4_FORMATS,
     MXFP4_PACK_QUANTIZED,
@@ -350,27 +351,30 @@ def _chunks(w: torch.Tensor, spec: WeightSpec, scale: torch.Tensor, zp: torch.Te
 
 
 
-def _scaled(c: _Chunk, gscale: torch.Tensor | None, scratch: Scratch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x / scale (+ zp), the scale divided by) in the promoted dtype, as compressed-tensors'
-    eager _quantize.
+def _scaled(
+    c: _Chunk, gscale: torch.Tensor | None, scratch: Scratch
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(x / scale (+ zp), the scale divided by, x upcast to that dtype or None) in the promoted
+    dtype, as compressed-tensors' eager _quantize.
 
     A mixed-dtype division (bf16 weight, fp32 scale: TENSOR_GROUP) is written as an explicit
-    upcast of x followed by the division: the same values, without the slow casting loop.
+    upcast of x followed by the division: the same values, without the slow casting loop (the
+    upcast copy is handed back: the error measurement reuses it).
     """
     s = c.s
     if gscale is not None:
         s = s / gscale
-    x = c.x
+    x, up = c.x, None
     dt = torch.promote_types(x.dtype, s.dtype)
     if x.dtype != dt:
-        x = scratch.get("x_up", dt, x.shape, x.device).copy_(x)
+        x = up = scratch.get("x_up", dt, x.shape, x.device).copy_(x)
     if s.dtype != dt:
         s = s.to(dt)
     v = scratch.get("v", dt, torch.broadcast_shapes(x.shape, s.shape), x.device)
     torch.div(x, s, out=v)
     if c.z is not None:
         v += c.z.to(c.x.dtype)
-    return v, s
+    return v, s, up
 
 
 def _q_range(spec: WeightSpec) -> tuple[float, float]:
@@ -395,12 +399,26 @@ def _fp8_clamp_is_noop(spec: WeightSpec, amax: torch.Tensor | None, scale: torch
     return bool((amax.float() / scale.float() <= 460.0).all())
 
 
-def _decoded(codes: torch.Tensor, kind: str, dtype: torch.dtype, scratch: Scratch) -> torch.Tensor:
-    """The grid value (unscaled) of each FP8 byte / FP4 nibble / FP6 code, flat, in DTYPE."""
-    idx = scratch.get("code_idx", torch.int32, (codes.numel(),), codes.device)
-    idx.copy_(codes.reshape(-1))
-    out = scratch.get("code_val", dtype, (codes.numel(),), codes.device)
-    return torch.index_select(code_values(kind, dtype, codes.device), 0, idx, out=out)
+def _int_dequant(v: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+    """(v - z) · s in place: the integers V (in the dtype divided in) dequantized as
+    compressed-tensors does, in that dtype."""
+    if z is not None:
+        v.sub_(z.to(v.dtype))
+    return v.mul_(s)
+
+
+def _scale_bound(scale: torch.Tensor, gscale: torch.Tensor | None) -> float:
+    """max |scale / gscale| (gscale: the global scale divided by, or None), from above."""
+    m = float(scale.abs().max().float())
+    if gscale is not None:
+        g = float(gscale.abs().min())
+        m = m / g * (1 + 2**-20) if g > 0 else math.inf
+    return m
+
+
+def _x_f32(up: torch.Tensor | None) -> torch.Tensor | None:
+    """The quantizer's float32 copy of the chunk when it made one (the error sums may reuse it)."""
+    return up if up is not None and up.dtype == torch.float32 else None
 
 
 def quantize_weight(
@@ -434,22 +452,26 @@ def quantize_weight(
 
     out: dict[str, torch.Tensor] = {}
     qmin, qmax = _q_range(spec)
+    # a bound on the scales the quantizer divides by (checked once here, not per chunk)
+    smax = _scale_bound(scale, q_gscale) if errors is not None and spec.is_float else None
     if spec.fmt in UNPACKED_FORMATS:
         q = torch.empty((rows, cols), dtype=spec.args.pytorch_dtype(), device=dev)
         clamp = not (spec.is_float and _fp8_clamp_is_noop(spec, amax, scale))
 
         def one(c: _Chunk, scratch: Scratch):
-            v, s = _scaled(c, q_gscale, scratch)
+            v, s, up = _scaled(c, q_gscale, scratch)
             if clamp:
                 v.clamp_(qmin, qmax)
             if not spec.is_float:
                 v.round_()
             qc = q[c.r0 : c.r1].view(v.shape)
             qc.copy_(v)
-            if errors is not None:
-                if spec.is_float:  # the FP8 grid value the cast chose (a table: the cast back is slow)
-                    v = _decoded(qc.view(torch.uint8), "fp8", v.dtype, scratch).view(v.shape)
-                return chunk_sums(c.x, v, s, c.z, scratch)
+            if errors is not None:  # v is free now: the integers dequantize in place
+                if spec.is_float:  # from the FP8 bytes the cast chose (the cast back is slow)
+                    d = code_dequant(qc.view(torch.uint8), "fp8", s, v.shape, scratch, smax)
+                else:
+                    d = _int_dequant(v, s, c.z)
+                return chunk_sums(c.x, d, scratch, x_f32=_x_f32(up))
 
         out["weight"] = q
     elif spec.fmt == PACK_QUANTIZED:
@@ -457,13 +479,13 @@ def quantize_weight(
         q = torch.empty((rows, -(-cols * bits // 32)), dtype=torch.int32, device=dev)
 
         def one(c: _Chunk, scratch: Scratch):
-            v, s = _scaled(c, q_gscale, scratch)
+            v, s, up = _scaled(c, q_gscale, scratch)
             v.clamp_(qmin, qmax).round_()
             i8 = scratch.get("i8", torch.int8, (c.r1 - c.r0, cols), dev)
             i8.view(v.shape).copy_(v)
             q[c.r0 : c.r1] = pack_int32(i8, bits)
             if errors is not None:
-                return chunk_sums(c.x, v, s, c.z, scratch)
+                return chunk_sums(c.x, _int_dequant(v, s, c.z), scratch, x_f32=_x_f32(up))
 
         out["weight_packed"] = q
     elif spec.fmt in FP4_FORMATS:
@@ -472,23 +494,24 @@ def quantize_weight(
         deq_dtype = torch.bfloat16 if spec.fmt == NVFP4_PACK_QUANTIZED else None
 
         def one(c: _Chunk, scratch: Scratch):
-            v, s = _scaled(c, q_gscale, scratch)  # clamping to ±6 is part of the code table
+            v, s, up = _scaled(c, q_gscale, scratch)  # clamping to ±6 is part of the code table
             codes = encode(v, "fp4", scratch)
             q[c.r0 : c.r1] = pack_nibbles(codes.view(c.r1 - c.r0, cols))
             if errors is not None:
-                vq = _decoded(codes, "fp4", v.dtype, scratch).view(v.shape)
-                return chunk_sums(c.x, vq, s, c.z, scratch, deq_dtype)
+                d = code_dequant(codes, "fp4", s, v.shape, scratch, smax)
+                return chunk_sums(c.x, d, scratch, deq_dtype, x_f32=_x_f32(up))
 
         out["weight_packed"] = q
     else:  # MXFP6
         q = torch.empty((rows, cols * 3 // 4), dtype=torch.uint8, device=dev)
 
         def one(c: _Chunk, scratch: Scratch):
-            v, s = _scaled(c, q_gscale, scratch)  # clamping to ±7.5 is part of the code table
+            v, s, up = _scaled(c, q_gscale, scratch)  # clamping to ±7.5 is part of the code table
             codes = encode(v, "fp6", scratch)
             q[c.r0 : c.r1] = pack_fp6(codes.view(c.r1 - c.r0, cols))
             if errors is not None:
-                return chunk_sums(c.x, _decoded(codes, "fp6", v.dtype, scratch).view(v.shape), s, c.z, scratch)
+                d = code_dequant(codes, "fp6", s, v.shape, scratch, smax)
+                return chunk_sums(c.x, d, scratch, x_f32=_x_f32(up))
 
         out["weight_packed"] = q
     sums = run_chunks(one, _chunks(w, spec, scale, zp), dev)

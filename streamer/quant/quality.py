@@ -18,7 +18,7 @@ Each chunk's sums are float32 dot products (exact differences of two values of W
 accumulation), added up over chunks in float64.
 
 Public API: :class:`ErrorSums`, :func:`relative_error`, :func:`snr_db`, :func:`robust_error`,
-:func:`chunk_sums`, :func:`code_values`.
+:func:`chunk_sums`, :func:`code_dequant`, :func:`code_values`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 
 from streamer.quant.workers import Scratch
 
-__all__ = ["ErrorSums", "relative_error", "snr_db", "robust_error", "chunk_sums", "code_values"]
+__all__ = ["ErrorSums", "relative_error", "snr_db", "robust_error", "chunk_sums", "code_dequant", "code_values"]
 
 
 def relative_error(weight_sq: float, error_sq: float) -> float:
@@ -117,39 +117,108 @@ def code_values(kind: str, dtype: torch.dtype, device: torch.device) -> torch.Te
     return t
 
 
+# The codes' layout: (sign bit, mantissa bits, exponent bias) of E4M3, E2M1, E2M3
+_CODES = {"fp8": (7, 3, 7), "fp4": (3, 1, 1), "fp6": (5, 3, 1)}
+# The float dtypes a code is rewritten into: (integer of the same width, mantissa bits, exponent bias)
+_FLOATS = {
+    torch.bfloat16: (torch.int16, 7, 127),
+    torch.float16: (torch.int16, 10, 15),
+    torch.float32: (torch.int32, 23, 127),
+}
+
+
+def _code_bits(codes: torch.Tensor, kind: str, dtype: torch.dtype, scratch: Scratch) -> torch.Tensor:
+    """The codes rewritten as DTYPE numbers equal to their value times 2^-(bias(DTYPE) - bias(KIND)),
+    flat: the code's exponent and mantissa fields moved into DTYPE's, its sign into DTYPE's.
+
+    A few integer passes instead of a table lookup (``index_select`` costs about ten elementwise
+    passes on CPU). The code's subnormals land on DTYPE's subnormals, which the power-of-two
+    factor brings back exactly (IEEE arithmetic with gradual underflow, torch's default).
+    """
+    sign, mant, _ = _CODES[kind]
+    ity, dmant, _ = _FLOATS[dtype]
+    n = codes.numel()
+    c8 = codes.reshape(-1)
+    if sign < 7:  # the code's sign bit to bit 7, so that widening as int8 sign-extends it
+        c8 = torch.bitwise_left_shift(c8, 7 - sign, out=scratch.get("code_u8", torch.uint8, (n,), codes.device))
+    bits = scratch.get("code_bits", ity, (n,), codes.device)
+    bits.copy_(c8.view(torch.int8))
+    width = 16 if ity == torch.int16 else 32
+    shift = dmant - mant  # where the code's mantissa starts in DTYPE
+    bits.mul_(1 << (shift - (7 - sign)))
+    mask = (1 << (width - 1)) | (((1 << sign) - 1) << shift)  # sign | exponent and mantissa
+    return bits.bitwise_and_(mask - (1 << width)).view(dtype)
+
+
+def code_dequant(
+    codes: torch.Tensor,
+    kind: str,
+    scale: torch.Tensor,
+    shape,
+    scratch: Scratch,
+    scale_max: float | None = None,
+) -> torch.Tensor:
+    """value(CODES) · SCALE in SCALE's dtype, shaped SHAPE: what compressed-tensors' dequantizer
+    computes before rounding to the output dtype (one rounding of the exact product).
+
+    codes: the FP8 bytes / FP4 nibbles / FP6 codes (uint8, any shape with SHAPE's count) of
+    KIND; scale: the per-value scale, broadcastable to SHAPE; scratch: the worker's buffers
+    (the result lives in one of them); scale_max: a bound on |SCALE| known to the caller (one
+    check per weight instead of one per chunk), or None to check SCALE itself.
+    """
+    dtype = scale.dtype
+    if dtype in _FLOATS:
+        # value · scale = (value · 2^-k) · (scale · 2^k): the same exact product, rounded once,
+        # as long as scale · 2^k stays finite
+        k = _FLOATS[dtype][2] - _CODES[kind][2]
+        if scale_max is not None:
+            fits = scale_max * 2.0 ** (k + 1) < torch.finfo(dtype).max  # a factor 2 to spare
+        else:
+            fits = bool(torch.isfinite(scale * 2.0**k).all())
+        if fits:
+            return _code_bits(codes, kind, dtype, scratch).view(shape).mul_(scale * 2.0**k)
+    idx = scratch.get("code_idx", torch.int32, (codes.numel(),), codes.device)
+    idx.copy_(codes.reshape(-1))
+    out = scratch.get("code_val", dtype, (codes.numel(),), codes.device)
+    torch.index_select(code_values(kind, dtype, codes.device), 0, idx, out=out)
+    return out.view(shape).mul_(scale)
+
+
 def chunk_sums(
     x: torch.Tensor,
-    q: torch.Tensor,
-    scale: torch.Tensor,
-    zero_point: torch.Tensor | None,
+    deq: torch.Tensor,
     scratch: Scratch,
     dtype: torch.dtype | None = None,
+    x_f32: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(||x||², ||x - deq||², Σ|x|) of one chunk as float32 0-dim tensors (not yet synchronized).
+    """(||x||², ||x - D||², Σ|x|) of one chunk as float32 0-dim tensors (not yet synchronized).
 
-    x: the chunk of the source weight; q: its quantized values (the integers or the FP8 / FP4 /
-    FP6 grid values, not yet scaled) in the dtype the quantizer divided in; scale, zero_point:
-    broadcastable to q, in that dtype. deq = (q - zero_point) · scale, in that dtype as
-    compressed-tensors dequantizes, then rounded to DTYPE (default: x's, as a loader holds it;
-    NVFP4's decompressor works in bfloat16 whatever the weight's dtype); scratch: the worker's
-    buffers (reused across chunks).
+    x: the chunk of the source weight; deq: its dequantized values as compressed-tensors
+    computes them (``(q - zero_point) · scale`` in the dtype the quantizer divided in), in a
+    buffer this may overwrite; D is deq rounded to DTYPE (default: x's, as a loader holds it;
+    NVFP4's decompressor works in bfloat16 whatever the weight's dtype); x_f32: x already
+    upcast to float32 in a buffer this may overwrite (saves a copy), or None; scratch: the
+    worker's buffers (reused across chunks).
+
+    Float32 dot products of exact differences (two values of a 16-bit float differ by a float32
+    exactly) with BLAS accumulation; the caller adds the chunks up in float64.
     """
-    dev = x.device
-    deq = scratch.get("deq", q.dtype, q.shape, dev)
-    if zero_point is not None:
-        torch.sub(q, zero_point.to(q.dtype), out=deq)
-        deq.mul_(scale)
-    else:
-        torch.mul(q, scale, out=deq)
-    n = x.numel()
-    xf = scratch.get("err_x", torch.float32, (n,), dev)
-    df = scratch.get("err_d", torch.float32, (n,), dev)
-    xf.copy_(x.reshape(-1))
+    dev, n = x.device, x.numel()
     dtype = dtype or x.dtype
-    if deq.dtype != dtype:
-        df.copy_(deq.reshape(-1).to(dtype))
+    if x_f32 is not None:
+        xf, own = x_f32.reshape(-1), True
+    elif x.dtype == torch.float32:
+        xf, own = x.reshape(-1), False
     else:
-        df.copy_(deq.reshape(-1))
+        xf, own = scratch.get("err_x", torch.float32, (n,), dev).copy_(x.reshape(-1)), True
+    if deq.dtype != dtype:  # the loader's rounding
+        deq = scratch.get("err_r", dtype, deq.shape, dev).copy_(deq)
+    if deq.dtype == torch.float32 and deq.is_contiguous():
+        df = deq.view(-1)
+    else:
+        df = scratch.get("err_d", torch.float32, (n,), dev).copy_(deq.reshape(-1))
     w_sq = torch.dot(xf, xf)
     df.sub_(xf)
-    return w_sq, torch.dot(df, df), xf.abs_().sum()
+    e_sq = torch.dot(df, df)
+    a = xf.abs_() if own else torch.abs(xf, out=scratch.get("err_a", torch.float32, (n,), dev))
+    return w_sq, e_sq, a.sum()
