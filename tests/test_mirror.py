@@ -485,3 +485,191 @@ def test_foreign_target_is_not_overwritten(hub, tmp_path, capsys):
     assert rc == 1
     assert "did not write" in report["jobs"][0]["error"] and "overwrite = true" in report["jobs"][0]["error"]
     assert hub.files("acme/llama-a-FP8").keys() == {"README.md", "model.safetensors"}
+
+
+# --------------------------------------------------------------------------------------------
+# jobs sharing a source: one read pass
+# --------------------------------------------------------------------------------------------
+
+GROUPED = """
+[defaults]
+ignore = ["lm_head"]
+device = "cpu"
+
+[[job]]
+name = "a-fp8"
+source = "org/llama-a"
+target = "acme/llama-a-FP8"
+scheme = "FP8_DYNAMIC"
+
+[[job]]
+name = "a-w8"
+source = "org/llama-a@main"   # another way to name the same commit
+target = "acme/llama-a-W8A16"
+scheme = "W8A16"
+
+[[job]]
+name = "b-fp8"
+source = "org/llama-b"
+target = "acme/llama-b-FP8"
+scheme = "FP8_DYNAMIC"
+"""
+
+
+def source_bytes(hub: LocalHub, repo_id: str) -> int:
+    """Bytes of safetensors files GET from REPO_ID since the log was cleared."""
+    return sum(r.bytes_out for r in tensor_reads(hub) if r.repo_id == repo_id)
+
+
+def streamer_commits(hub: LocalHub, repo_id: str) -> list:
+    return [c for c in hub.commits(repo_id) if "streamer" in c.message]
+
+
+def same_files(hub: LocalHub, repo: str, alone: str) -> None:
+    """REPO holds exactly what ALONE (the same job run on its own) holds; the card differs only
+    in the repo it names."""
+    files = hub.files(repo)
+    assert set(files) == set(hub.files(alone))
+    for f in files:
+        ours, theirs = hub.read_file(repo, f), hub.read_file(alone, f)
+        if f == "README.md":
+            ours = ours.replace(repo.encode(), b"REPO").replace(repo.split("/")[1].encode(), b"NAME")
+            theirs = theirs.replace(alone.encode(), b"REPO").replace(alone.split("/")[1].encode(), b"NAME")
+        assert ours == theirs, (repo, f)
+
+
+def test_jobs_sharing_a_source_are_converted_in_one_read(hub, tmp_path, capsys):
+    jobs = write_jobs(tmp_path / "jobs.toml", GROUPED)
+    sha = hub.refs("org/llama-a")["heads"]["main"]
+
+    # the dry run says which jobs share a read, in words and in JSON, and writes nothing
+    rc, report = run(capsys, jobs, "--dry-run")
+    assert rc == 0 and set(statuses(report).values()) == {"planned"}
+    assert [(p["source"], p["jobs"]) for p in report["read_passes"]] == [(f"org/llama-a@{sha}", ["a-fp8", "a-w8"])]
+    passes = {j["name"]: j["read_pass"] for j in report["jobs"]}
+    assert passes == {"a-fp8": ["a-fp8", "a-w8"], "a-w8": ["a-fp8", "a-w8"], "b-fp8": []}  # other source: alone
+    assert "grouping_off" not in report
+    capsys.readouterr()
+    assert main([str(jobs), "--dry-run"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert f"one read pass: org/llama-a@{sha[:7]} would be read once for 2 jobs (a-fp8, a-w8)" in table
+    assert not hub.repo_exists("acme/llama-a-FP8") and not hub.repo_exists("acme/llama-a-W8A16")
+
+    # each job alone, into other repos, to compare with (one job at a time: no read pass)
+    alone = write_jobs(tmp_path / "alone.toml", GROUPED.replace("acme/llama-a-", "acme/alone-"))
+    hub.clear_log()
+    rc, report = run(capsys, alone, "--only", "a-fp8")
+    assert rc == 0 and report["read_passes"] == [] and report["jobs"][0]["read_pass"] == []
+    one_read = source_bytes(hub, "org/llama-a")
+    assert one_read > 0
+    rc, report = run(capsys, alone, "--only", "a-w8")
+    assert rc == 0 and statuses(report) == {"a-w8": "converted"}
+
+    # all three, two at a time: the llama-a jobs read their source once, beside b-fp8's own run
+    hub.clear_log()
+    rc, report = run(capsys, jobs, "--parallel", "2", "--max-memory", "256MB")
+    assert rc == 0, report
+    assert statuses(report) == {"a-fp8": "converted", "a-w8": "converted", "b-fp8": "converted"}
+    (rp,) = report["read_passes"]
+    assert rp["jobs"] == ["a-fp8", "a-w8"] and rp["source"] == f"org/llama-a@{sha}"
+    read = source_bytes(hub, "org/llama-a")
+    with capsys.disabled():
+        print(f"\norg/llama-a safetensors bytes GET: one job alone {one_read}, two jobs in one read pass {read}")
+    assert read <= 1.01 * one_read, (read, one_read)  # not twice
+    assert 0 < rp["bytes_read"] <= read
+    assert source_bytes(hub, "org/llama-b") > 0
+    for job in report["jobs"]:
+        assert "/commit/" in job["url"] and job["bytes_written"] > 0
+    for repo in ("acme/llama-a-FP8", "acme/llama-a-W8A16"):
+        assert len(streamer_commits(hub, repo)) == 1
+    same_files(hub, "acme/llama-a-FP8", "acme/alone-FP8")
+    same_files(hub, "acme/llama-a-W8A16", "acme/alone-W8A16")
+
+    # the table says it too; the next run finds all three up to date
+    capsys.readouterr()
+    assert main([str(jobs)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "3 job(s): 0 converted, 3 skipped, 0 failed"
+
+
+def test_a_failing_job_of_a_read_pass_does_not_stop_the_others(hub, tmp_path, capsys):
+    jobs = write_jobs(tmp_path / "jobs.toml", GROUPED + """
+[[job]]
+name = "a-w4"
+source = "org/llama-a"
+target = "nobody/llama-a-W4A16"   # alice cannot write there
+scheme = "W4A16"
+""")
+    # a-fp8 is up to date before the run: it is skipped, the rest of its read pass runs
+    rc, report = run(capsys, jobs, "--only", "a-fp8")
+    assert rc == 0 and statuses(report) == {"a-fp8": "converted"}
+    hub.clear_log()
+    rc, report = run(capsys, jobs, "--only", "a-fp8,a-w8,a-w4")
+    assert rc == 1 and report["ok"] is False
+    assert statuses(report) == {"a-fp8": "skipped", "a-w8": "converted", "a-w4": "failed"}
+    assert [p["jobs"] for p in report["read_passes"]] == [["a-w8", "a-w4"]]
+    by_name = {j["name"]: j for j in report["jobs"]}
+    assert by_name["a-fp8"]["read_pass"] == [] and by_name["a-w4"]["read_pass"] == ["a-w8", "a-w4"]
+    assert "no write access to 'nobody'" in by_name["a-w4"]["error"]
+    assert by_name["a-w8"]["error"] is None and "/commit/" in by_name["a-w8"]["url"]
+    assert len(streamer_commits(hub, "acme/llama-a-W8A16")) == 1
+    assert not hub.repo_exists("nobody/llama-a-W4A16")
+    assert report["counts"] == {"converted": 1, "skipped": 1, "failed": 1, "planned": 0}
+
+
+def test_ray_runs_every_job_on_its_own_and_the_dry_run_says_so(hub, tmp_path, capsys):
+    jobs = write_jobs(tmp_path / "jobs.toml", GROUPED)
+    rc, report = run(capsys, jobs, "--dry-run", "--ray")
+    assert rc == 0 and set(statuses(report).values()) == {"planned"}
+    assert report["read_passes"] == [] and all(j["read_pass"] == [] for j in report["jobs"])
+    assert "--ray" in report["grouping_off"] and "on its own" in report["grouping_off"]
+    capsys.readouterr()
+    assert main([str(jobs), "--dry-run", "--ray"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("--ray: each job reads its source on its own") for line in lines)
+
+
+def test_grouping_keys():
+    """Jobs share a read pass only with the same source commit and every shared setting equal;
+    two jobs writing one repo (on different branches) never share a pass."""
+    from streamer.mirror.runner import group_jobs, group_key
+
+    base = {"source": "org/m", "scheme": "W4A16"}
+    jobs = parse_jobs({"job": [
+        {**base, "name": "a", "target": "acme/a"},
+        {**base, "name": "b", "target": "acme/b", "scheme": "FP8_DYNAMIC"},  # scheme: per target
+        {**base, "name": "c", "target": "acme/c", "ignore": ["lm_head"]},
+        {**base, "name": "d", "target": "acme/d", "dequant_dtype": "float32"},
+        {**base, "name": "e", "target": "acme/e", "skip_incompatible": True},
+        {**base, "name": "f", "target": "acme/f", "private": True},
+        {**base, "name": "g", "target": "acme/g", "device": "cpu"},
+        {**base, "name": "h", "target": "acme/a@other-branch"},
+        {**base, "name": "i", "target": "acme/i", "source": "org/m@v2"},  # another commit
+        {**base, "name": "j", "target": "acme/j", "source": "org/n"},
+        {**base, "name": "k", "target": "acme/k", "scheme": "NVFP4A16"},
+    ]})
+    commits = {"i": "2" * 40}
+    keys = [group_key(j, commits.get(j.name, "1" * 40), "cpu") for j in jobs]
+    groups = [[jobs[i].name for i in g] for g in group_jobs(keys, [j.target for j in jobs])]
+    # g names the run's device (cpu) itself: the same setting as a, b, k
+    assert groups == [["a", "b", "g", "k"], ["c"], ["d"], ["e"], ["f"], ["h"], ["i"], ["j"]]
+
+
+def test_a_read_pass_too_big_for_the_budget_runs_its_jobs_one_by_one(hub, tmp_path, capsys, monkeypatch):
+    """A budget that each job fits alone but not all of them at once: they run as without grouping."""
+    from streamer.engine import convert as engine
+    from streamer.errors import Hint, StreamerError
+
+    calls = []
+
+    def too_small(src, targets, **common):
+        calls.append([t.dst for t in targets])
+        raise StreamerError("the memory budget is too small for 2 targets at once", hints=(Hint("max_memory", "1GB"),))
+
+    monkeypatch.setattr(engine, "convert_many", too_small)
+    jobs = write_jobs(tmp_path / "jobs.toml", GROUPED)
+    rc, report = run(capsys, jobs, "--only", "a-fp8,a-w8")
+    assert calls == [["acme/llama-a-FP8", "acme/llama-a-W8A16"]]
+    assert rc == 0 and statuses(report) == {"a-fp8": "converted", "a-w8": "converted"}
+    assert report["read_passes"] == [] and all(j["read_pass"] == [] for j in report["jobs"])
+    for repo in ("acme/llama-a-FP8", "acme/llama-a-W8A16"):
+        assert len(streamer_commits(hub, repo)) == 1

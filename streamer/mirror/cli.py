@@ -5,6 +5,9 @@ idempotent: before a single tensor byte is read, each job compares the source's 
 its settings with the provenance streamer wrote into the target's model card
 (`streamer.mirror.check`); a job whose target already holds that exact conversion is skipped,
 otherwise it is converted and published as one new commit (or PR) (`streamer.mirror.runner`).
+Jobs that need a conversion of the same source commit with the same shared settings are
+converted in one read pass: the source is read once for all of them (`--dry-run` shows the
+grouping; with `--ray` every job reads its source on its own).
 
 Jobs are independent: one failing does not stop the others; the exit code is 1 if any failed.
 Trigger modes: cron/CI (run the command), Hugging Face Jobs (`hf jobs scheduled run …`), and a
@@ -37,13 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Keep quantized copies of Hub models up to date. Each job in JOBS_FILE is "
         "skipped when its target already holds a conversion of the source's current commit with "
         "the same settings (read from the target's model card); otherwise it is converted and "
-        "published as one new commit (or PR). Exit code 1 when any job failed.",
+        "published as one new commit (or PR). Jobs converting the same source commit with the same "
+        "settings (all but target and scheme) share one read of the source. Exit code 1 when any job failed.",
     )
     p.add_argument("jobs_file", metavar="JOBS_FILE", help="TOML file with [defaults] and [[job]] tables")
     p.add_argument("--only", action="append", metavar="NAME", help="run only this job (repeatable, or comma-separated)")
     p.add_argument("--dry-run", action="store_true",
-                   help="check every job and plan the ones that would run (headers only); publish nothing")
-    p.add_argument("--parallel", type=int, default=1, metavar="N", help="jobs converted at once (default 1)")
+                   help="check every job and plan the ones that would run (headers only), with the jobs that "
+                   "would share one read of their source; publish nothing")
+    p.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="conversions at once; jobs sharing one read of their source count as one (default 1)")
     p.add_argument("--max-memory", type=size_arg, metavar="SIZE",
                    help="byte budget shared by all concurrent conversions (default: half the free RAM)")
     p.add_argument("--device", default="auto", help="default device for jobs: auto, cpu, cuda or cuda:N")
@@ -160,9 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {describe(e)}", file=sys.stderr)
         return e.exit_code
     if args.json:
-        print(json.dumps(summary(results), indent=2))
+        print(json.dumps(summary(results, runner.read_passes, runner.grouping_note), indent=2))
     else:
-        print(render_table(results))
+        print(render_table(results, runner.read_passes, runner.grouping_note, dry_run=args.dry_run))
     if runner.cancel.is_set():
         return 130
     return 0 if all(r.ok for r in results) else 1
