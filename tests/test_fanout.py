@@ -284,3 +284,18 @@ def test_a_failed_fetch_is_fetched_again_by_the_target_waiting_for_it(tmp_path):
     assert [str(e) for e in errors] == ["connection reset"] and bytes(got) == bytes(range(50, 150))
     a.close()
     assert reader.held == 0
+
+
+def test_a_target_has_its_own_ignore_list_besides_the_common_one(llama_ckpt, tmp_path):
+    result = convert_many(
+        str(llama_ckpt),
+        [Target(str(tmp_path / "a"), scheme="W4A16", ignore=("model.layers.0.mlp.down_proj",)), (tmp_path / "b", "W4A16")],
+        ignore=["model.layers.1.mlp.down_proj"], device="cpu",
+    )  # fmt: skip
+    ignored = {Path(t.target.dst).name: t.result.plan.config_ignore for t in result.targets}
+    assert "model.layers.0.mlp.down_proj" in ignored["a"] and "model.layers.0.mlp.down_proj" not in ignored["b"]
+    assert all("model.layers.1.mlp.down_proj" in v for v in ignored.values())
+    alone = convert(str(llama_ckpt), str(tmp_path / "alone" / "a"), scheme="W4A16", device="cpu",
+                    ignore=["model.layers.1.mlp.down_proj", "model.layers.0.mlp.down_proj"])  # fmt: skip
+    assert files_of(tmp_path / "a") == files_of(tmp_path / "alone" / "a")
+    assert alone.plan.config_ignore == ignored["a"]

@@ -300,14 +300,16 @@ def convert(
 class Target:
     """One output of a fan-out (`convert_many`): where it goes and in which scheme.
 
-    dst: a local folder or a Hub repo id `org/name`; scheme: a compressed-tensors preset name;
-    scheme_file / config: a scheme or quantization config in a file / as a dict, instead of scheme.
+    dst: a local folder or a Hub repo id `org/name[@branch]`; scheme: a compressed-tensors preset
+    name; scheme_file / config: a scheme or quantization config in a file / as a dict, instead of
+    scheme; ignore: modules this target keeps unquantized besides the run's common ignore list.
     """
 
     dst: str
     scheme: str | None = None
     scheme_file: str | None = None
     config: dict | None = None
+    ignore: tuple[str, ...] = ()
 
     @property
     def scheme_name(self) -> str:
@@ -393,7 +395,7 @@ def as_target(item) -> Target:
         try:
             return Target(**item)
         except TypeError as e:
-            raise StreamerError(f"a target must have the fields dst, scheme, scheme_file or config: {e}") from None
+            raise StreamerError(f"a target has the fields dst, scheme, scheme_file, config and ignore: {e}") from None
     if isinstance(item, (tuple, list)) and len(item) == 2:
         return Target(os.fspath(item[0]), scheme=item[1])
     raise StreamerError(f"a target is a Target, a (destination, scheme) pair or a dict, not {item!r}", hints=(Hint("target"),))
@@ -441,7 +443,7 @@ def convert_many(
     wanted = [as_target(t) for t in targets]
     if not wanted:
         raise StreamerError("no targets given", hints=(Hint("target"),))
-    dsts = [os.path.normpath(t.dst) if not is_hub_spec(t.dst) else split_revision(t.dst)[0] for t in wanted]
+    dsts = [_destination_key(t.dst, revision) for t in wanted]
     twice = sorted({d for d in dsts if dsts.count(d) > 1})
     if twice:
         raise StreamerError(f"two targets write to {twice[0]}: give each target its own destination", hints=(Hint("target"),))
@@ -462,7 +464,7 @@ def convert_many(
             t = out.target
             sink = None
             try:
-                recipe = make_recipe(t.scheme, scheme_file=t.scheme_file, config=t.config, ignore=list(ignore))
+                recipe = make_recipe(t.scheme, scheme_file=t.scheme_file, config=t.config, ignore=[*ignore, *t.ignore])
                 dequant = detect_dequantizer(catalog, recipe, dtype=dequant_dtype, force=force, stack=stack)
                 plan = make_plan(catalog, recipe, source=source.label, dequant=dequant, policy=policy)
                 out.result = Result(plan=plan, dry_run=True)
@@ -474,7 +476,7 @@ def convert_many(
                     sink.close()
                 continue
             ready.append((out, plan, sink))
-        if dry_run:
+        if dry_run or not ready:  # a dry run, or every target refused at planning: nothing to run
             for _, _, sink in ready:
                 sink.close()
             return FanoutResult(source.label, outcomes, seconds=time.monotonic() - t0)
@@ -505,6 +507,14 @@ def convert_many(
             source.label, outcomes, bytes_read=reader.fetched, bytes_shared=reader.served,
             peak_shared_bytes=reader.peak, seconds=time.monotonic() - t0,
         )  # fmt: skip
+
+
+def _destination_key(dst: str, revision: str | None) -> str:
+    """Where DST writes: a folder's normalised path, or a Hub repo's `org/name@branch`."""
+    if not is_hub_spec(dst):
+        return os.path.normpath(dst)
+    repo, rev = split_revision(dst)
+    return f"{repo}@{rev or revision or 'main'}"
 
 
 def _labelled(progress: Progress, target: Target) -> Progress:
