@@ -637,7 +637,7 @@ def test_grouping_keys():
     jobs = parse_jobs({"job": [
         {**base, "name": "a", "target": "acme/a"},
         {**base, "name": "b", "target": "acme/b", "scheme": "FP8_DYNAMIC"},  # scheme: per target
-        {**base, "name": "c", "target": "acme/c", "ignore": ["lm_head"]},
+        {**base, "name": "c", "target": "acme/c", "ignore": ["lm_head"]},  # ignore: per target
         {**base, "name": "d", "target": "acme/d", "dequant_dtype": "float32"},
         {**base, "name": "e", "target": "acme/e", "skip_incompatible": True},
         {**base, "name": "f", "target": "acme/f", "private": True},
@@ -651,7 +651,8 @@ def test_grouping_keys():
     keys = [group_key(j, commits.get(j.name, "1" * 40), "cpu") for j in jobs]
     groups = [[jobs[i].name for i in g] for g in group_jobs(keys, [j.target for j in jobs])]
     # g names the run's device (cpu) itself: the same setting as a, b, k
-    assert groups == [["a", "b", "g", "k"], ["c"], ["d"], ["e"], ["f"], ["h"], ["i"], ["j"]]
+    # c's ignore list is its own target's: it shares the pass too
+    assert groups == [["a", "b", "c", "g", "k"], ["d"], ["e"], ["f"], ["h"], ["i"], ["j"]]
 
 
 def test_a_read_pass_too_big_for_the_budget_runs_its_jobs_one_by_one(hub, tmp_path, capsys, monkeypatch):

@@ -86,10 +86,10 @@ class ReadPass:
 
 def group_key(job: MirrorJob, source_commit: str, device: str) -> tuple:
     """What jobs must have in common to be converted in one read pass: the source at one commit,
-    and every setting `convert_many` applies to all of its targets alike (all but target and
-    scheme). DEVICE: the run's device, for jobs that name none."""
+    and every setting `convert_many` applies to all of its targets alike (all but target, scheme
+    and ignore). DEVICE: the run's device, for jobs that name none."""
     return (
-        job.source, source_commit, tuple(job.ignore), job.dequant_dtype, job.device or device,
+        job.source, source_commit, job.dequant_dtype, job.device or device,
         job.private, job.create_pr, job.overwrite,
         job.default_ignore, job.quantize_towers, job.skip_incompatible,
     )  # fmt: skip
@@ -98,8 +98,8 @@ def group_key(job: MirrorJob, source_commit: str, device: str) -> tuple:
 def group_jobs(keys: list[tuple], targets: list[str]) -> list[list[int]]:
     """Indices of jobs grouped into read passes, in the order the jobs come: jobs with equal KEYS
     (`group_key`) share a pass, except that a pass never holds two jobs writing to the same
-    target repo (on different branches), which one fan-out cannot take. TARGETS: each job's
-    target repo id."""
+    target repo (on different branches: their commits would race on one repo's history). TARGETS:
+    each job's target repo id."""
     passes: list[list[int]] = []
     open_passes: dict[tuple, list[list[int]]] = {}
     for i, (key, target) in enumerate(zip(keys, targets)):
@@ -325,8 +325,9 @@ class MirrorRunner:
 
         first = works[0].job
         return convert_many(
-            self._source(works[0]), [Target(w.job.target_spec, scheme=w.job.scheme) for w in works],
-            ignore=first.ignore, device=first.device or self.device, workers=self.workers, token=self.token,
+            self._source(works[0]),
+            [Target(w.job.target_spec, scheme=w.job.scheme, ignore=tuple(w.job.ignore)) for w in works],
+            device=first.device or self.device, workers=self.workers, token=self.token,
             # One setting for the whole pass: the jobs' own overwrite is part of their group key,
             # and a target whose card is streamer's is accepted by the sink whatever overwrite
             # says (a job alone passes check.streamer_target for the same reason).
