@@ -17,6 +17,16 @@ quantized values it has just computed: no second read of the source and no full-
 Each chunk's sums are float32 dot products (exact differences of two values of W's dtype, BLAS
 accumulation), added up over chunks in float64.
 
+The cost, and why it is not smaller: D must be rounded to W's dtype as a loader rounds it (an
+error taken in the scaled domain, scale · (W/scale - q), or from an unrounded q · scale, misses
+by 0.3-8% for bf16 FP8 / INT8 weights), so a chunk costs the dequantization (one multiply; FP8 /
+FP4 / FP6 codes are first decoded by moving their bits into the float's fields, three integer
+passes where a table lookup costs ten), two float32 copies, a subtraction, two dot products and
+Σ|W|: about six elementwise passes in eager torch, against the quantizer's ten to twenty.
+Fewer needs one fused kernel per scheme family (not written: on CPU that means a compiled
+extension; ``torch.compile``'s CPU kernel for it took 7-22 s to build per variant, kept D's
+rounding only with ``emulate_precision_casts``, and ran no faster than these passes).
+
 Public API: :class:`ErrorSums`, :func:`relative_error`, :func:`snr_db`, :func:`robust_error`,
 :func:`chunk_sums`, :func:`code_dequant`, :func:`code_values`.
 """
