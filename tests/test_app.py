@@ -404,6 +404,89 @@ def test_browser_error_cancel_phone(browser, app_url, hub, tmp_path, theme):
     page.close()
 
 
+
+def _pick_extra(page, name: str) -> None:
+    box = page.locator("#extra-schemes input")
+    box.click()
+    box.fill(name)
+    page.get_by_role("option", name=re.compile(rf"^{re.escape(name)} ·")).click()
+    page.locator("#scheme-blurb").click()  # close the list
+    expect_chip = page.locator("#extra-schemes").get_by_text(re.compile(rf"^{re.escape(name)} ·"))
+    expect_chip.first.wait_for()
+
+
+def _svg_colors(page) -> dict:
+    """The chart's computed colours: its first label's luminance against the page behind it, and
+    each series' bar colour (what the theme's variables resolved to)."""
+    return page.eval_on_selector("#result .streamer-quality svg", """svg => {
+        const lum = c => { const m = c.match(/[\\d.]+/g).map(Number);
+            const [r, g, b] = m.slice(0, 3).map(v => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; });
+            return 0.2126 * r + 0.7152 * g + 0.0722 * b; };
+        let bg = svg, c = getComputedStyle(svg).backgroundColor;
+        while (c === 'rgba(0, 0, 0, 0)' && bg.parentElement) { bg = bg.parentElement; c = getComputedStyle(bg).backgroundColor; }
+        const series = {};
+        for (const g of svg.querySelectorAll('g[data-series]')) series[g.dataset.series] = getComputedStyle(g.querySelector('rect')).fill;
+        return {text: lum(getComputedStyle(svg.querySelector('text')).fill), bg: lum(c), series};
+    }""")
+
+
+@pytest.mark.parametrize("theme", ["light", "dark"])
+def test_browser_fanout_result(browser, app_url, hub, tmp_path, theme):
+    """Three schemes from one read, in each theme: the other schemes' names follow the main
+    name (a typed one stays), one set of bars, a line per target with the one that failed next
+    to those published, and the schemes side by side in the chart, all readable."""
+    from playwright.sync_api import expect
+
+    dark = theme == "dark"
+    page = browser.new_page(viewport={"width": 1280, "height": 1000}, color_scheme=theme)
+    page.set_default_timeout(30_000)
+    page.goto(f"{app_url}?__theme={theme}")
+    expect(page.locator("#account")).to_contain_text("alice")
+    names = page.locator("#extra-names textarea")
+    expect(names).to_have_count(0)  # single scheme: the form is as it was
+    page.locator("#source textarea").fill("acme/odd")
+    page.locator("#source textarea").press("Enter")
+    main = page.locator("#repo-name textarea")
+    expect(main).to_have_value("odd-FP8_DYNAMIC")
+    main.fill(f"odd-{theme}-FP8_DYNAMIC")
+    main.press("Enter")
+    _pick_extra(page, "INT8")
+    _pick_extra(page, "W4A16")
+    expect(names).to_have_value(f"INT8: odd-{theme}-INT8\nW4A16: odd-{theme}-W4A16")
+    names.fill(f"INT8: odd-{theme}-int8-mine\nW4A16: odd-{theme}-W4A16")
+    main.fill(f"odd2-{theme}-FP8_DYNAMIC")
+    main.press("Enter")  # the pattern moves on; the typed INT8 name stays
+    expect(names).to_have_value(f"INT8: odd-{theme}-int8-mine\nW4A16: odd2-{theme}-W4A16")
+    page.locator("#convert-btn").click()
+    result = page.locator("#result")
+    expect(result).to_contain_text("2 of 3 targets published", timeout=120_000)
+    expect(page.locator('#progress [data-state="Done"]')).to_be_visible()
+    assert page.locator('#progress [data-stage="read"]').count() == 1  # one set of bars
+    expect(result.locator(".streamer-target")).to_have_count(3)
+    ok_line = result.locator(f'[data-target="alice/odd2-{theme}-FP8_DYNAMIC"][data-status="published"]')
+    expect(ok_line).to_contain_text("Published")
+    expect(result.locator(f'[data-target="alice/odd-{theme}-int8-mine"][data-status="published"]')).to_be_visible()
+    failed = result.locator(f'[data-target="alice/odd2-{theme}-W4A16"][data-status="failed"]')
+    expect(failed).to_contain_text("not divisible by group_size 128")
+    expect(result.locator("svg g[data-series]")).to_have_count(2)
+    _readable(page, f'#result [data-target="alice/odd2-{theme}-FP8_DYNAMIC"] .streamer-done', dark)
+    _readable(page, f'#result [data-target="alice/odd2-{theme}-W4A16"] .streamer-error', dark)
+    _readable(page, "#result .streamer-quality li", dark)
+    colors = _svg_colors(page)
+    contrast = (max(colors["bg"], colors["text"]) + 0.05) / (min(colors["bg"], colors["text"]) + 0.05)
+    assert contrast >= 4.5 and (colors["bg"] < colors["text"]) == dark, colors
+    fills = colors["series"]
+    assert set(fills) == {"FP8_DYNAMIC", "INT8"} and len(set(fills.values())) == 2, fills
+    assert "rgb(0, 0, 0)" not in fills.values(), fills  # a variable that did not resolve draws black
+    assert page.get_by_text("Error", exact=True).count() == 0 and page.locator(".toast-body").count() == 0
+    assert page.locator("#status .streamer-error").count() == 0  # the failure is said once, on its line
+    page.locator("#result .streamer-quality").scroll_into_view_if_needed()
+    _shoot(page, tmp_path, f"screenshot-fanout-{theme}.png")
+    page.close()
+    assert hub.repo_exists(f"alice/odd2-{theme}-FP8_DYNAMIC") and hub.repo_exists(f"alice/odd-{theme}-int8-mine")
+    assert not hub.repo_exists(f"alice/odd2-{theme}-W4A16")
+
+
 def test_browser_queued_conversion_shows_its_place(browser, hub, tmp_path):
     """With every conversion slot taken, a conversion started on the page waits in the queue and
     the progress panel shows its place there."""
@@ -499,6 +582,16 @@ def test_client_plan_and_convert(client, hub):
     assert "Already proposed" in result and "/discussions/" in result
     assert hub.refs(target)["prs"] == prs
 
+
+def test_client_fanout(client, hub):
+    """Through the API, the extra schemes are plain text: each gets its repo and its result line."""
+    status, progress, log, result = client.predict(
+        *_form(source="acme/odd", repo_name="api-odd-FP8_DYNAMIC"), False, "int8", "", api_name="/convert")
+    assert status == "" and "2 of 2 targets published" in result
+    for repo in ("alice/api-odd-FP8_DYNAMIC", "alice/api-odd-INT8"):
+        assert f'data-target="{repo}" data-status="published"' in result and hub.repo_exists(repo)
+    msg = _app_error(client, *_form(source="acme/odd"), False, "FP9_MAGIC", "", api_name="/plan")
+    assert "Unknown scheme “FP9_MAGIC”" in msg
 
 def test_client_bad_source(client):
     msg = _app_error(client, *_form(source="acme/no-such-model"), api_name="/plan")
@@ -869,6 +962,144 @@ def test_space_plan_of_a_shape_the_scheme_cannot_serve(space, checkpoint):
     assert "cannot be converted with these settings" in shown and "mlp.down_proj" in shown
     assert "to the ignore list" in shown and "tick “Keep weights the scheme cannot serve unquantized”" in shown
     assert "--" not in shown, shown
+
+
+
+# --------------------------------------------------------------------------------------------
+# fan-out: several schemes from one read of the source
+# --------------------------------------------------------------------------------------------
+
+
+def _last(fn, **kwargs):
+    """Run an endpoint's generator to its end: (its last outputs, the gr.Error it raised or None)."""
+    import gradio as gr
+
+    last = None
+    try:
+        for out in fn(**kwargs):
+            last = out
+    except gr.Error as e:
+        return last, e
+    return last, None
+
+
+def _source_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def _series(html: str) -> list[str]:
+    return re.findall(r'<g data-series="([^"]+)"', html)
+
+
+def test_space_fanout_publishes_each_scheme_from_one_read(space, checkpoint):
+    """Two schemes through the app's convert handler: two repos, each its own commit and card,
+    from one read of the source; one set of bars; a result line per target; the quality chart
+    has a series per scheme, coloured by the theme's variables only."""
+    web, hub = space
+    hub.clear_log()
+    (status, progress, log, result), error = _last(
+        web.convert.run_convert, **{**FORM, "repo_name": "secret-FP8_DYNAMIC"}, extra_schemes=["W8A16"],
+        extra_names="", oauth_token=_visitor(TOKEN))  # fmt: skip
+    assert error is None and status == ""
+    targets = {"alice/secret-FP8_DYNAMIC": "float-quantized", "alice/secret-W8A16": "pack-quantized"}
+    for repo, fmt in targets.items():
+        qc = json.loads(hub.read_file(repo, "config.json"))["quantization_config"]
+        assert qc["format"] == fmt
+        assert [c for c in hub.commits(repo) if "Quantize" in c.message][:1] and len(hub.commits(repo)) <= 2
+        assert f'data-target="{repo}" data-status="published"' in result
+        assert f"vllm serve {repo}</code>" in result
+        assert f"Model card preview: {repo}" in result
+    # each source byte read once, for both targets (two reads would be twice the files)
+    fetched = sum(r.bytes_out for r in hub.request_log if r.method == "GET" and r.repo_id == "acme/secret"
+                  and (r.file or "").endswith(".safetensors"))  # fmt: skip
+    assert 0 < fetched <= _source_bytes(checkpoint("llama")), fetched
+    assert "2 of 2 targets published" in result
+    assert progress.count('data-stage="read"') == 1 and 'data-state="Done"' in progress  # one set of bars
+    assert "alice/secret-W8A16: " in log and "hub://" not in log
+    assert _series(result) == ["FP8_DYNAMIC", "W8A16"]
+    chart = result[result.index("<svg"):]
+    assert "var(--color-" in chart and "var(--body-text-color)" in chart
+    assert not re.search(r"#[0-9a-fA-F]{3,8}\b", chart)  # no hard-coded colour: both themes read it
+
+
+def test_space_fanout_one_failing_target_hides_no_other(space, checkpoint):
+    """A scheme the model's shapes cannot take fails alone: its line says why in the form's
+    words, next to the targets that were published; nothing is created for it. When every target
+    fails, the API says each one's reason."""
+    web, hub = space
+    hub.seed_repo("acme/odd", checkpoint("odd"))
+    form = {**FORM, "source": "acme/odd", "repo_name": "", "private": False}
+    (status, progress, log, result), error = _last(
+        web.convert.run_convert, **form, extra_schemes=["W4A16", "INT8"], extra_names="INT8: odd-int8",
+        oauth_token=_visitor(TOKEN))  # fmt: skip
+    assert error is None and status == ""  # the page's one place for errors stays clear: the lines say it
+    assert 'data-target="alice/odd-FP8_DYNAMIC" data-status="published"' in result
+    assert 'data-target="alice/odd-int8" data-status="published"' in result  # the name typed for INT8
+    failed = re.search(r'data-target="alice/odd-W4A16" data-status="failed">(.*?)</div></div>', result, re.S)
+    assert failed, result
+    line = failed.group(1)
+    assert "streamer-error" in line and "not divisible by group_size 128" in line
+    assert "to the ignore list" in line and "--" not in line
+    assert result.count("streamer-error") == 1 and "2 of 3 targets published" in result
+    assert 'data-state="Done"' in progress
+    assert _series(result) == ["FP8_DYNAMIC", "INT8"]
+    assert hub.repo_exists("alice/odd-FP8_DYNAMIC") and hub.repo_exists("alice/odd-int8")
+    assert not hub.repo_exists("alice/odd-W4A16")
+    # every target failing: the API raises, with each target's reason
+    (status, progress, log, result), error = _last(
+        web.convert.run_convert, **{**form, "scheme": "W4A16"}, extra_schemes="FP8_BLOCK", extra_names="",
+        oauth_token=_visitor(TOKEN))  # fmt: skip
+    assert error is not None and 'data-state="Failed"' in progress
+    assert "W4A16 → alice/odd-W4A16" in str(error) and "FP8_BLOCK → alice/odd-FP8_BLOCK" in str(error)
+    assert not hub.repo_exists("alice/odd-W4A16") and not hub.repo_exists("alice/odd-FP8_BLOCK")
+
+
+def test_space_fanout_plan_has_a_plan_per_target(space, checkpoint):
+    """The dry run of a fan-out: a section per target (its plan, or why it cannot be converted)
+    and the tables of every plan with a Scheme column; nothing is written."""
+    web, hub = space
+    hub.seed_repo("acme/odd", checkpoint("odd"))
+    form = {**FORM, "source": "acme/odd", "repo_name": "odd-fp8_dynamic", "private": False}
+    (status, overview, shards, tensors, fused, warnings), error = _last(
+        web.plan.plan, **form, extra_schemes=["W4A16", "INT8"], extra_names="", oauth_token=_visitor(TOKEN))
+    assert error is None and status == ""
+    assert "#### FP8_DYNAMIC → alice/odd-fp8_dynamic" in overview and "#### INT8 → alice/odd-INT8" in overview
+    assert "#### W4A16 → alice/odd-W4A16" in overview
+    w4 = overview.split("#### W4A16")[1].split("####")[0]
+    assert "This target cannot be converted" in w4 and "not divisible by group_size 128" in w4
+    assert overview.count("will be created") == 2 and overview.count("weights quantized") == 2
+    assert list(shards.columns)[0] == "Scheme" and set(shards["Scheme"]) == {"FP8_DYNAMIC", "INT8"}
+    assert list(tensors.columns)[0] == "Scheme" and set(tensors["Scheme"]) == {"FP8_DYNAMIC", "INT8"}
+    assert not any(hub.repo_exists(f"alice/odd-{s}") for s in ("fp8_dynamic", "INT8", "W4A16"))
+    # the single-scheme plan is as it was: no Scheme column
+    (status, overview, shards, *_), error = _last(web.plan.plan, **form, oauth_token=_visitor(TOKEN))
+    assert error is None and "####" not in overview and list(shards.columns)[0] == "Output shard"
+    # two targets named alike are refused before anything is read
+    (status, *_), error = _last(web.plan.plan, **form, extra_schemes=["INT8"], extra_names="INT8: odd-fp8_dynamic",
+                                oauth_token=_visitor(TOKEN))  # fmt: skip
+    assert "would both publish to alice/odd-fp8_dynamic" in str(error)
+
+
+def test_extra_names_follow_the_main_name_and_never_overwrite(web):
+    """The other schemes' repo names follow the main target's pattern, line by line; a line the
+    user typed is never rewritten (and comes back when its scheme is picked again); the field is
+    hidden while no extra scheme is picked."""
+    fill = web.suggestions.fill_extra_names
+    update, memo = fill(SOURCE, "", "FP8_DYNAMIC", "", ["W4A16", "NVFP4A16", "FP8_DYNAMIC"], "", None)
+    assert update["value"] == "W4A16: tiny-llama-W4A16\nNVFP4A16: tiny-llama-NVFP4A16" and update["visible"]
+    typed = "W4A16: my-w4\nNVFP4A16: tiny-llama-NVFP4A16"
+    update, memo = fill(SOURCE, "", "FP8_DYNAMIC", "Tiny-fp8_dynamic-v2", ["W4A16", "NVFP4A16"], typed, memo)
+    assert update["value"] == "W4A16: my-w4\nNVFP4A16: Tiny-NVFP4A16-v2"  # the pattern of the typed main name
+    update, memo = fill(SOURCE, "", "FP8_DYNAMIC", "", ["NVFP4A16"], update["value"], memo)
+    assert update["value"] == "NVFP4A16: tiny-llama-NVFP4A16"
+    update, memo = fill(SOURCE, "", "FP8_DYNAMIC", "", ["NVFP4A16", "W4A16"], update["value"], memo)
+    assert update["value"] == "NVFP4A16: tiny-llama-NVFP4A16\nW4A16: my-w4"
+    update, memo = fill(SOURCE, "", "FP8_DYNAMIC", "", [], update["value"], memo)
+    assert update["visible"] is False and update["value"] == ""
+    # a line still being typed is left alone
+    update, _ = fill(SOURCE, "", "FP8_DYNAMIC", "", ["W4A16"], "W4A16 my", memo)
+    assert update == {"__type__": "update"}
+    assert web.forms.extra_target_name("plain", "FP8_DYNAMIC", "W4A16") == "plain-W4A16"
 
 
 def test_scheme_picker_order(web):

@@ -12,13 +12,14 @@ import queue
 import re
 import threading
 import time
+from dataclasses import dataclass
 
 import gradio as gr
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError
 
 from streamer.engine.budget import default_memory_budget
-from streamer.engine.convert import convert
+from streamer.engine.convert import Target, convert, convert_many
 from streamer.engine.progress import Progress, ProgressEvent
 from streamer.engine.suggest import parse_ignore, suggest_repo_name
 from streamer.errors import Cancelled
@@ -27,9 +28,9 @@ from streamer.mirror.check import check_job
 from streamer.mirror.jobs import MirrorJob
 from streamer.web import settings, slots
 from streamer.web.auth import Account, require_token, whoami
-from streamer.web.forms import check_scheme, parse_source, source_spec, target_of
+from streamer.web.forms import check_extra_schemes, check_scheme, parse_source, source_spec, target_of, targets_of
 from streamer.web.progress import RUNNING, RateWindow, progress_html
-from streamer.web.results import cancelled_html, proposed_html, published_html
+from streamer.web.results import TargetOutcome, cancelled_html, fanout_html, proposed_html, published_html
 from streamer.web.wording import UserError, error_box, fail, for_web, sentence
 
 
@@ -60,10 +61,11 @@ def _existing_pr(repo, rev, target, scheme, ignore_list, skip_incompatible, toke
 
 
 def _convert(source, revision, scheme, ignore, namespace, repo_name, private, create_pr, skip_incompatible,
-             oauth_token):  # fmt: skip
+             oauth_token, extra_schemes=None, extra_names=""):  # fmt: skip
     """Quantize the source and publish it; yields (status, progress, log, result) and returns the
     error sentence when it failed (None otherwise). Status is only written at the start and the
-    end, so a "Cancelling…" written there by the Cancel button stays until the run has stopped."""
+    end, so a "Cancelling…" written there by the Cancel button stays until the run has stopped.
+    With extra schemes ("Also publish as") one read of the source feeds every target: _convert_many."""
     log_lines: list[str] = []
 
     def log_text() -> str:
@@ -78,7 +80,12 @@ def _convert(source, revision, scheme, ignore, namespace, repo_name, private, cr
         account = whoami(token)
         repo, rev = parse_source(source, revision)
         scheme = check_scheme(scheme)
-        target = target_of(namespace, repo_name, account, suggest_repo_name(repo, scheme))
+        extra = check_extra_schemes(extra_schemes, scheme)
+        if extra:
+            targets = targets_of(namespace, repo_name, account, repo, scheme, extra, extra_names)
+            target = ", ".join(t for t, _ in targets)
+        else:
+            target = target_of(namespace, repo_name, account, suggest_repo_name(repo, scheme))
         if target == repo:
             raise UserError("The target repo is the source repo: choose another name.")
         ignore_list = parse_ignore(ignore)
@@ -87,6 +94,9 @@ def _convert(source, revision, scheme, ignore, namespace, repo_name, private, cr
         message = sentence(e)
         yield error_box(message), progress_html({}, 0, "Idle"), "", ""
         return message
+    if extra:
+        run = _Run(account, token, repo, rev, ignore_list, bool(private), bool(create_pr), bool(skip_incompatible), slot)
+        return (yield from _convert_many(run, targets, t0))
 
     events: queue.Queue = queue.Queue()
     outcome: dict = {}
@@ -121,44 +131,8 @@ def _convert(source, revision, scheme, ignore, namespace, repo_name, private, cr
 
     say(f"{account.name}: {repo}{'@' + rev if rev else ''} → {target} with {scheme}")
     say(f"ignore: {', '.join(ignore_list) or '(nothing)'}")
-    thread = threading.Thread(target=worker, name=f"convert-{account.name}", daemon=True)
     stages: dict[str, ProgressEvent] = {}
-    window = RateWindow()
-    finished = False
-    try:
-        thread.start()
-    except BaseException:
-        slots.release(account.name, slot)
-        raise
-    try:
-        yield "", progress_html(stages, 0, "Starting"), log_text(), ""
-        last = 0.0
-        while not finished:
-            try:
-                ev = events.get(timeout=0.25)
-            except queue.Empty:
-                ev = False
-            while ev is not False:
-                if ev is None:
-                    finished = True
-                elif ev.stage == "log":
-                    say(for_web(ev.message))  # the engine's notes speak CLI too
-                else:
-                    stages[ev.stage] = ev
-                try:
-                    ev = events.get_nowait()
-                except queue.Empty:
-                    ev = False
-            now = time.monotonic()
-            if not finished and now - last >= 0.25:
-                last = now
-                state = "Cancelling" if slot.cancel.is_set() else "Converting"
-                window.add(now, stages)
-                yield gr.update(), progress_html(stages, now - t0, state, window.rates(now)), log_text(), gr.update()
-        thread.join()
-    finally:
-        if not finished:  # the page went away mid-run: stop the conversion, commit nothing
-            slot.cancel.set()
+    yield from _follow(worker, account, slot, events, stages, t0, say, log_text)
 
     elapsed = time.monotonic() - t0
     moving = None  # a finished run shows no rates
@@ -193,6 +167,158 @@ def _convert(source, revision, scheme, ignore, namespace, repo_name, private, cr
     return message
 
 
+def _follow(worker, account: Account, slot: slots.Slot, events: queue.Queue, stages: dict, t0: float, say, log_text):
+    """Run WORKER in a thread and yield the page's updates from the EVENTS it sends (its Progress
+    events, then None when it ends) until it has ended; STAGES keeps the last event of each stage.
+    The page going away mid-run cancels the conversion: nothing is committed."""
+    thread = threading.Thread(target=worker, name=f"convert-{account.name}", daemon=True)
+    window = RateWindow()
+    finished = False
+    try:
+        thread.start()
+    except BaseException:
+        slots.release(account.name, slot)
+        raise
+    try:
+        yield "", progress_html(stages, 0, "Starting"), log_text(), ""
+        last = 0.0
+        while not finished:
+            try:
+                ev = events.get(timeout=0.25)
+            except queue.Empty:
+                ev = False
+            while ev is not False:
+                if ev is None:
+                    finished = True
+                elif ev.stage == "log":
+                    # the engine's notes speak CLI too; a fan-out names each target's as hub://…
+                    say(for_web(ev.message.removeprefix("hub://")))
+                else:
+                    stages[ev.stage] = ev
+                try:
+                    ev = events.get_nowait()
+                except queue.Empty:
+                    ev = False
+            now = time.monotonic()
+            if not finished and now - last >= 0.25:
+                last = now
+                state = "Cancelling" if slot.cancel.is_set() else "Converting"
+                window.add(now, stages)
+                yield gr.update(), progress_html(stages, now - t0, state, window.rates(now)), log_text(), gr.update()
+        thread.join()
+    finally:
+        if not finished:  # the page went away mid-run: stop the conversion, commit nothing
+            slot.cancel.set()
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What every target of a fan-out shares: who runs it, the source and the form's settings."""
+
+    account: Account
+    token: object
+    repo: str
+    rev: str | None
+    ignore: list[str]
+    private: bool
+    create_pr: bool
+    skip_incompatible: bool
+    slot: slots.Slot
+
+
+def _convert_many(run: _Run, targets: list[tuple[str, str]], t0: float):
+    """The fan-out: every (target, scheme) from one read of the source (convert_many), under one
+    set of bars; the result panel has a line per target, so one failing target hides none of
+    the others. Returns the error sentence when no target was published (None otherwise)."""
+    log_lines: list[str] = []
+
+    def log_text() -> str:
+        return "\n".join(log_lines[-400:])
+
+    def say(text: str) -> None:
+        log_lines.append(f"{time.strftime('%H:%M:%S')}  {text}")
+
+    events: queue.Queue = queue.Queue()
+    outcome: dict = {}
+    lines = {t: TargetOutcome(t, s) for t, s in targets}
+    existed: dict[str, bool | None] = {}
+    slot = run.slot
+
+    def worker() -> None:
+        try:
+            todo = []
+            for t, s in targets:
+                existed[t] = _exists(t, run.token)
+                if run.create_pr and existed[t]:
+                    pr = _existing_pr(run.repo, run.rev, t, s, run.ignore, run.skip_incompatible, run.token)
+                    if pr:
+                        lines[t].proposed = pr
+                        continue
+                todo.append(Target(f"hub://{t}", s))
+            if todo:
+                outcome["many"] = convert_many(
+                    source_spec(run.repo, run.rev), todo, ignore=run.ignore, token=run.token,
+                    private=True if run.private else None, create_pr=run.create_pr, device="auto",
+                    skip_incompatible=run.skip_incompatible,
+                    max_memory=max(default_memory_budget() // settings.MAX_CONVERSIONS, 1 << 30),
+                    progress=Progress(listeners=[events.put]), cancel=slot.cancel,
+                )  # fmt: skip
+        except Cancelled:
+            outcome["cancelled"] = True
+        except BaseException as e:  # noqa: BLE001 - every failure becomes a sentence
+            if slot.cancel.is_set():
+                outcome["cancelled"] = True
+            else:
+                outcome["error"] = e
+        finally:
+            slots.release(run.account.name, slot)
+            events.put(None)
+
+    say(f"{run.account.name}: {run.repo}{'@' + run.rev if run.rev else ''} → "
+        + ", ".join(f"{t} with {s}" for t, s in targets) + " (one read of the source)")  # fmt: skip
+    say(f"ignore: {', '.join(run.ignore) or '(nothing)'}")
+    stages: dict[str, ProgressEvent] = {}
+    yield from _follow(worker, run.account, slot, events, stages, t0, say, log_text)
+
+    elapsed = time.monotonic() - t0
+    if "error" in outcome:  # a problem every target shares (the source cannot be read …): said once
+        message = sentence(outcome["error"])
+        created = [t for t in existed if existed[t] is False and _exists(t, run.token)]
+        if created:
+            message += (f"\n\n{', '.join(created)} {'was' if len(created) == 1 else 'were'} created for this run and "
+                        "still there, empty (nothing was committed). Convert again with the same settings to resume, "
+                        "or delete them from their settings pages.")  # fmt: skip
+        say("failed: nothing was committed")
+        yield error_box(message), progress_html(stages, elapsed, "Failed"), log_text(), ""
+        return message
+    done = {tr.target.dst.removeprefix("hub://"): tr for tr in getattr(outcome.get("many"), "targets", [])}
+    for t, line in lines.items():
+        tr = done.get(t)
+        if line.proposed:
+            say(f"{t}: a pull request already proposes this conversion: {line.proposed}")
+        elif tr is not None and tr.ok:
+            line.result = tr.result
+            line.private = run.private or bool(getattr(_info(t, run.token), "private", False))
+            say(f"{t}: published {tr.result.url or ''}".rstrip())
+        elif outcome.get("cancelled") or isinstance(getattr(tr, "error", None), Cancelled) or slot.cancel.is_set():
+            line.cancelled = True
+            line.removed = existed.get(t) is False and not _exists(t, run.token)
+            say(f"{t}: cancelled, nothing was committed")
+        else:
+            line.error = sentence(tr.error if tr is not None else RuntimeError("no result"))
+            if existed.get(t) is False and _exists(t, run.token):
+                line.error += (f" {t} was created for this run and is still there, empty (nothing was committed): "
+                               "convert again with the same settings to resume, or delete it from its settings page.")  # fmt: skip
+            say(f"{t}: failed, nothing was committed")
+    ok = [o for o in lines.values() if o.status in ("published", "proposed")]
+    state = "Done" if ok else ("Cancelled" if any(o.cancelled for o in lines.values()) else "Failed")
+    panel = fanout_html(list(lines.values()), run.create_pr, run.token)
+    yield "", progress_html(stages, elapsed, state, None), log_text(), panel
+    if ok or state == "Cancelled":
+        return None
+    return "\n\n".join(f"{o.scheme} → {o.target}: {o.error}" for o in lines.values())
+
+
 def _info(target: str, token):
     try:
         return HfApi(endpoint=hub_endpoint(), token=token).model_info(target)
@@ -210,6 +336,8 @@ def run_convert(
     private: bool,
     create_pr: bool,
     skip_incompatible: bool = False,
+    extra_schemes: list[str] | str | None = None,
+    extra_names: str | None = None,
     oauth_token: gr.OAuthToken | None = None,
 ):
     """Quantize the source and publish it in one commit; streams progress and a log.
@@ -217,9 +345,10 @@ def run_convert(
 
     source, revision, scheme, ignore, namespace, repo_name, private, create_pr, skip_incompatible:
         the form's fields.
+    extra_schemes, extra_names: "Also publish as" and the other schemes' repo names.
     oauth_token: what gradio passes for the signed-in visitor (None when signed out)."""
     message = yield from _convert(source, revision, scheme, ignore, namespace, repo_name, private, create_pr,
-                                  skip_incompatible, oauth_token)  # fmt: skip
+                                  skip_incompatible, oauth_token, extra_schemes, extra_names)  # fmt: skip
     if message:
         raise gr.Error(message, duration=15, title="Conversion failed", print_exception=False)
 
@@ -234,6 +363,8 @@ def run_convert_ui(
     private: bool,
     create_pr: bool,
     skip_incompatible: bool = False,
+    extra_schemes: list[str] | str | None = None,
+    extra_names: str | None = None,
     oauth_token: gr.OAuthToken | None = None,
 ):
     """The page's Convert button: the error is shown once (status line), never raised; Cancel is
@@ -241,9 +372,10 @@ def run_convert_ui(
 
     source, revision, scheme, ignore, namespace, repo_name, private, create_pr, skip_incompatible:
         the form's fields.
+    extra_schemes, extra_names: "Also publish as" and the other schemes' repo names.
     oauth_token: what gradio passes for the signed-in visitor (None when signed out)."""
     for out in _convert(source, revision, scheme, ignore, namespace, repo_name, private, create_pr,
-                        skip_incompatible, oauth_token):  # fmt: skip
+                        skip_incompatible, oauth_token, extra_schemes, extra_names):  # fmt: skip
         state = re.search(r'data-state="(\w+)"', out[1] if isinstance(out[1], str) else "")
         running = bool(state) and state.group(1) in (*RUNNING, "Cancelling")
         yield *out, gr.update(interactive=running)

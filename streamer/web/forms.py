@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 
+from streamer.engine.suggest import suggest_repo_name
 from streamer.formats import is_repo_id, split_revision
 from streamer.io.hub_http import hub_endpoint
 from streamer.quant.schemes import accepted_presets
@@ -72,3 +73,99 @@ def check_scheme(scheme: str) -> str:
     if scheme not in accepted_presets():
         raise UserError(f"Unknown scheme “{scheme}”: pick one from the list ({', '.join(accepted_presets())}).")
     return scheme
+
+
+def check_extra_schemes(extra, main: str) -> list[str]:
+    """The "Also publish as" schemes as preset names, in the order given, without the main
+    scheme or repeats (the main scheme is published once); a UserError for an unknown one.
+
+    extra: the picker's list, or an API caller's text (names separated by commas or lines).
+    main: the main scheme (from check_scheme)."""
+    if isinstance(extra, str):
+        extra = re.split(r"[,\s]+", extra)
+    out: list[str] = []
+    for s in extra or ():
+        if (s or "").strip():
+            s = check_scheme(s)
+            if s != main and s not in out:
+                out.append(s)
+    return out
+
+
+def extra_target_name(main_name: str, main_scheme: str, scheme: str) -> str:
+    """The repo name suggested for SCHEME beside a main target named MAIN_NAME with MAIN_SCHEME:
+    the main name with its scheme swapped for SCHEME (`Llama-FP8_DYNAMIC` -> `Llama-W4A16`,
+    whatever case the user wrote it in), or SCHEME appended when the name does not carry it.
+
+    main_name: the main target's repo name (typed or suggested).
+    main_scheme, scheme: preset names."""
+    main_name = main_name.strip()
+    if main_scheme:
+        swapped, n = re.subn(re.escape(main_scheme), scheme, main_name, count=1, flags=re.I)
+        if n:
+            return swapped
+    return f"{main_name[: 95 - len(scheme)]}-{scheme}".strip("-.")
+
+
+_EXTRA_LINE = re.compile(r"^\s*([A-Za-z0-9_]+)\s*[:=]\s*(\S*)\s*$")
+
+
+def parse_extra_names(text: str) -> dict[str, str]:
+    """SCHEME -> repo name from the extra targets' field, one `SCHEME: name` a line (blank lines
+    skipped; an empty name means the suggested one); a UserError for a line of another form.
+
+    text: the field as typed."""
+    names: dict[str, str] = {}
+    for line in (text or "").splitlines():
+        if not line.strip():
+            continue
+        m = _EXTRA_LINE.match(line)
+        if not m:
+            raise UserError(
+                f"“{line.strip()}” in the other schemes' repo names: write one line per scheme, "
+                "like W4A16: Llama-3.1-8B-Instruct-W4A16."
+            )
+        names[m.group(1).upper()] = m.group(2)
+    return names
+
+
+def format_extra_names(names: dict[str, str]) -> str:
+    """The extra targets' field for NAMES (scheme -> repo name): one `SCHEME: name` a line.
+
+    names: in the order the lines are shown."""
+    return "\n".join(f"{s}: {n}" for s, n in names.items())
+
+
+def targets_of(namespace: str, repo_name: str, account: Account, repo: str, scheme: str,
+               extra: list[str], extra_names: str) -> list[tuple[str, str]]:  # fmt: skip
+    """(target repo id, scheme) for every output of the run: the main target first, then one per
+    extra scheme, named as its line in EXTRA_NAMES says or as the main name's pattern suggests.
+    Refuses a target that is the source, or two targets with one name.
+
+    namespace, repo_name: the main target's fields; every target goes to the same namespace.
+    account: the signed-in account.
+    repo: the source repo id; scheme: the main scheme.
+    extra: the extra schemes (from check_extra_schemes).
+    extra_names: the extra targets' field as typed."""
+    default = suggest_repo_name(repo, scheme)
+    main = target_of(namespace, repo_name, account, default)
+    typed = parse_extra_names(extra_names)
+    unknown = [s for s in typed if s not in extra]
+    if unknown and extra:
+        raise UserError(
+            f"The other schemes' repo names name {', '.join(unknown)}, which is not among "
+            f"“Also publish as” ({', '.join(extra)}): add it there, or remove its line."
+        )
+    main_name = main.split("/", 1)[1]
+    out = [(main, scheme)]
+    for s in extra:
+        name = typed.get(s) or extra_target_name(main_name, scheme, s)
+        out.append((target_of(namespace, name, account, name), s))
+    seen: dict[str, str] = {}
+    for target, s in out:
+        if target == repo:
+            raise UserError(f"The target repo of {s} is the source repo: choose another name.")
+        if target in seen:
+            raise UserError(f"{seen[target]} and {s} would both publish to {target}: give each its own repo name.")
+        seen[target] = s
+    return out

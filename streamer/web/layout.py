@@ -11,7 +11,7 @@ from streamer.web.auth import on_load, whoami_api
 from streamer.web.convert import cancel, cancel_ui, run_convert, run_convert_ui
 from streamer.web.plan import plan, plan_ui
 from streamer.web.progress import progress_html
-from streamer.web.suggestions import apply_suggestion, describe_scheme, suggest, suggest_ui
+from streamer.web.suggestions import apply_suggestion, describe_scheme, fill_extra_names, suggest, suggest_ui
 from streamer.web.tables import FUSED_COLUMNS, SHARD_COLUMNS, TENSOR_COLUMNS, WARNING_COLUMNS
 from streamer.web.wording import CREATE_PR_LABEL, SKIP_INCOMPATIBLE_LABEL
 
@@ -30,6 +30,8 @@ CSS = """
 .streamer-done a, .streamer-cancelled a { color: var(--link-text-color); }
 .streamer-cmd { background: var(--code-background-fill); color: var(--body-text-color); padding: 8px 12px;
   border-radius: 6px; overflow-x: auto; }
+.streamer-target { margin: 8px 0; }
+.streamer-quality svg { max-width: 100%; height: auto; }
 .streamer-card pre { max-height: 24em; overflow: auto; white-space: pre-wrap; background: var(--background-fill-secondary);
   color: var(--body-text-color); padding: 8px 12px; border-radius: 6px; }
 .streamer-progress { font-variant-numeric: tabular-nums; color: var(--body-text-color); }
@@ -111,6 +113,9 @@ def build_demo() -> gr.Blocks:
                 scheme = gr.Dropdown(choices, value=default_scheme, label="Scheme (the GPUs that serve it)",
                                      elem_id="scheme")  # fmt: skip
                 scheme_md = gr.Markdown(describe_scheme(default_scheme), elem_id="scheme-blurb")
+                # fan-out: more schemes from the same read of the source, each to its own repo
+                extra_schemes = gr.Dropdown(choices, value=[], multiselect=True, elem_id="extra-schemes",
+                                            label="Also publish as (more schemes, one read of the source for all)")  # fmt: skip
             with gr.Column(scale=1):
                 ignore = gr.Textbox(
                     label="Ignore (kept unquantized): module names or re:PATTERN, one per line",
@@ -127,6 +132,9 @@ def build_demo() -> gr.Blocks:
                 create_pr = gr.Checkbox(label=CREATE_PR_LABEL, value=False, elem_id="create-pr")
                 skip_incompatible = gr.Checkbox(label=SKIP_INCOMPATIBLE_LABEL,
                                                 value=False, elem_id="skip-incompatible")  # fmt: skip
+        # shown once "Also publish as" has a scheme: each one's repo, in the same namespace
+        extra_names = gr.Textbox("", label="Repo names of the other schemes (one line each: SCHEME: name)", lines=2,
+                                 max_lines=8, visible=False, elem_id="extra-names")  # fmt: skip
         with gr.Row():
             plan_btn = gr.Button("Plan (dry run)", variant="secondary", elem_id="plan-btn")
             convert_btn = gr.Button("Convert and publish", variant="primary", elem_id="convert-btn")
@@ -149,15 +157,17 @@ def build_demo() -> gr.Blocks:
                 warnings_df = gr.Dataframe(headers=WARNING_COLUMNS, label="Warnings", interactive=False, wrap=True,
                                            elem_id="plan-warnings")  # fmt: skip
 
-        form = [source, revision, scheme, ignore, namespace, repo_name, private, create_pr, skip_incompatible]
+        form = [source, revision, scheme, ignore, namespace, repo_name, private, create_pr, skip_incompatible,
+                extra_schemes, extra_names]  # fmt: skip
         plan_outputs = [status, overview, shards_df, tensors_df, fused_df, warnings_df]
         demo.load(on_load, None, [account_md, namespace], api_name="whoami_ui", api_visibility="private")
 
         # The API endpoints (gradio_client) raise their error, which a program needs; the page's
         # buttons show it once in the status line instead. The API's scheme is a plain text field,
-        # so an unknown scheme gets the app's sentence, not gradio's "not in the list of choices".
-        api_scheme = gr.Textbox(visible=False)
-        api_form = [source, revision, api_scheme, *form[3:]]
+        # so an unknown scheme gets the app's sentence, not gradio's "not in the list of choices";
+        # so are the extra schemes (names separated by commas).
+        api_scheme, api_extra = gr.Textbox(visible=False), gr.Textbox(visible=False)
+        api_form = [source, revision, api_scheme, *form[3:9], api_extra, extra_names]
         hidden_json = gr.JSON(visible=False)
         gr.Button(visible=False).click(whoami_api, None, hidden_json, api_name="whoami")
         gr.Button(visible=False).click(suggest, [source, revision, api_scheme], [ignore, notes_md, repo_name],
@@ -171,17 +181,23 @@ def build_demo() -> gr.Blocks:
         # Suggestions: see suggest_ui / apply_suggestion (they never overwrite an edited field).
         memo = gr.State({"key": None, "ignore": default_ignore, "name": ""})
         pending = gr.State(None)
+        extra_memo = gr.State({"put": {}, "typed": {}})  # see fill_extra_names
+        fill_extra = dict(fn=fill_extra_names, inputs=[source, revision, scheme, repo_name, extra_schemes, extra_names, extra_memo],
+                          outputs=[extra_names, extra_memo], queue=False, show_progress="hidden", api_visibility="private")  # fmt: skip
         for trigger in (source.submit, source.blur, revision.submit, revision.blur):
             trigger(suggest_ui, [source, revision, scheme, memo, status], [notes_md, pending, status], trigger_mode="always_last",
                     concurrency_limit=8, concurrency_id="suggest", show_progress="hidden",
                     api_visibility="private").then(
                 apply_suggestion, [source, revision, scheme, ignore, repo_name, pending, memo], [ignore, repo_name, memo], queue=False,
-                show_progress="hidden", api_visibility="private")  # fmt: skip
+                show_progress="hidden", api_visibility="private").then(**fill_extra)  # fmt: skip
         scheme.change(describe_scheme, scheme, scheme_md, queue=False, api_visibility="private").then(
             suggest_ui, [source, revision, scheme, memo, status], [notes_md, pending, status], trigger_mode="always_last",
             concurrency_limit=8, concurrency_id="suggest", show_progress="hidden", api_visibility="private").then(
             apply_suggestion, [source, revision, scheme, ignore, repo_name, pending, memo], [ignore, repo_name, memo], queue=False,
-            show_progress="hidden", api_visibility="private")  # fmt: skip
+            show_progress="hidden", api_visibility="private").then(**fill_extra)  # fmt: skip
+        # the other schemes' names follow the main name's pattern (lines the user typed stay)
+        for trigger in (extra_schemes.change, repo_name.blur, repo_name.submit):
+            trigger(**fill_extra)
 
         plan_btn.click(lambda: gr.Tabs(selected="plan"), None, tabs, queue=False, api_visibility="private")
         plan_btn.click(plan_ui, form, plan_outputs, api_visibility="private", concurrency_limit=4, concurrency_id="plan",

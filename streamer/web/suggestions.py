@@ -19,7 +19,14 @@ from streamer.io.hub_http import read_text
 from streamer.io.hub_source import HubSource
 from streamer.web import settings
 from streamer.web.auth import resolve_token
-from streamer.web.forms import check_scheme, parse_source
+from streamer.web.forms import (
+    check_extra_schemes,
+    check_scheme,
+    extra_target_name,
+    format_extra_names,
+    parse_extra_names,
+    parse_source,
+)
 from streamer.web.wording import UserError, error_box, sentence
 
 
@@ -174,3 +181,45 @@ def apply_suggestion(source: str, revision: str, scheme: str, ignore_now: str, n
             out.append(gr.update())
     memo["key"] = pending["key"]
     return out[0], out[1], memo
+
+
+# The other schemes' repo names ("Also publish as") follow the same rule, line by line: the memo
+# of the extra names ({"put": {scheme: name the app last put on its line}, "typed": {scheme:
+# name the user typed}}) tells a line the app may rewrite from one the user typed, which stays
+# (and comes back if its scheme is picked again after being dropped).
+
+
+def fill_extra_names(source: str, revision: str, scheme: str, repo_name: str, extra, names_now: str,
+                     memo: dict | None):  # fmt: skip
+    """The other schemes' repo names field: one `SCHEME: name` line per extra scheme, named after
+    the main target's pattern (see forms.extra_target_name), keeping every line the user typed;
+    hidden while no extra scheme is picked. Returns (the field's update, the memo).
+
+    source, revision, scheme, repo_name: the form's fields now.
+    extra: the "Also publish as" picker's schemes.
+    names_now: the field as it is now.
+    memo: the session's memo of this field (see above)."""
+    memo = {"put": dict((memo or {}).get("put") or {}), "typed": dict((memo or {}).get("typed") or {})}
+    try:
+        main = check_scheme(scheme)
+        extras = check_extra_schemes(extra, main)
+        now = parse_extra_names(names_now)
+    except UserError:  # a line the user is still typing, or a picker mid-change: leave it be
+        return gr.update(), memo
+    base = (repo_name or "").strip()
+    if not base:
+        key = suggest_key(source, revision, scheme)
+        base = suggest_repo_name(key[0], main) if key else ""
+    names: dict[str, str] = {}
+    for s in extras:
+        typed = now.get(s)
+        if typed and typed != memo["put"].get(s):
+            memo["typed"][s] = typed  # the user's: kept as it is
+            names[s] = typed
+        elif typed is None and s in memo["typed"]:
+            names[s] = memo["typed"][s]  # picked again: the name the user gave it comes back
+        else:
+            memo["typed"].pop(s, None)
+            names[s] = extra_target_name(base, main, s) if base else ""
+            memo["put"][s] = names[s]
+    return gr.update(value=format_extra_names(names), visible=bool(extras)), memo

@@ -121,3 +121,15 @@ def empty_tables() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFra
         pd.DataFrame([], columns=FUSED_COLUMNS),
         pd.DataFrame([], columns=WARNING_COLUMNS),
     )
+
+
+def stack_tables(planned: list[tuple[str, list[pd.DataFrame]]]) -> tuple[pd.DataFrame, ...]:
+    """A fan-out's plans in the four tables: each plan's rows, in the targets' order, under a
+    first column naming its scheme.
+
+    planned: (scheme, [shards, tensors, fused, warnings] from plan_tables) per planned target."""
+    out = []
+    for i in range(4):
+        frames = [tables[i].assign(Scheme=scheme)[["Scheme", *tables[i].columns]] for scheme, tables in planned]
+        out.append(pd.concat(frames, ignore_index=True))
+    return tuple(out)
