@@ -457,7 +457,15 @@ def test_browser_fanout_result(browser, app_url, hub, tmp_path, theme):
     main.fill(f"odd2-{theme}-FP8_DYNAMIC")
     main.press("Enter")  # the pattern moves on; the typed INT8 name stays
     expect(names).to_have_value(f"INT8: odd-{theme}-int8-mine\nW4A16: odd2-{theme}-W4A16")
-    page.locator("#convert-btn").click()
+    # the dry run: one plan per target, the tables with a Scheme column
+    page.locator("#plan-btn").click()
+    overview = page.locator("#plan-overview")
+    expect(overview).to_contain_text(f"INT8 → alice/odd-{theme}-int8-mine")
+    expect(overview).to_contain_text("This target cannot be converted")
+    expect(page.locator("#plan-shards")).to_contain_text("Scheme")
+    expect(page.locator("#plan-shards")).to_contain_text("INT8")
+    _shoot(page, tmp_path, f"screenshot-fanout-plan-{theme}.png")
+    page.locator("#convert-btn").click()  # (it brings the Progress tab back)
     result = page.locator("#result")
     expect(result).to_contain_text("2 of 3 targets published", timeout=120_000)
     expect(page.locator('#progress [data-state="Done"]')).to_be_visible()
@@ -1067,6 +1075,7 @@ def test_space_fanout_plan_has_a_plan_per_target(space, checkpoint):
     assert "#### W4A16 → alice/odd-W4A16" in overview
     w4 = overview.split("#### W4A16")[1].split("####")[0]
     assert "This target cannot be converted" in w4 and "not divisible by group_size 128" in w4
+    assert "\n\nTo convert it: pick one of" in w4  # its own paragraph, not glued to the last problem
     assert overview.count("will be created") == 2 and overview.count("weights quantized") == 2
     assert list(shards.columns)[0] == "Scheme" and set(shards["Scheme"]) == {"FP8_DYNAMIC", "INT8"}
     assert list(tensors.columns)[0] == "Scheme" and set(tensors["Scheme"]) == {"FP8_DYNAMIC", "INT8"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import re
 
 import gradio as gr
 from huggingface_hub import HfApi
@@ -102,7 +103,9 @@ def _plan_many(repo, rev, targets, ignore, private, create_pr, skip_incompatible
     for (target, s), (_, plan, error) in zip(targets, outcomes):
         head = f"#### {s}" + (f" → {html.escape(target)}" if target else "")
         if error is not None:
-            sections.append(f"{head}\n\n**This target cannot be converted**: {html.escape(sentence(error))}")
+            # Markdown: a line after the list of problems would join the last item, so it gets its own paragraph
+            why = re.sub(r"\n(?!- )", "\n\n", html.escape(sentence(error)))
+            sections.append(f"{head}\n\n**This target cannot be converted**: {why}")
             continue
         overview, *tables = plan_tables(plan)
         planned.append((s, tables))
