@@ -490,6 +490,11 @@ def test_browser_fanout_result(browser, app_url, hub, tmp_path, theme):
     assert page.locator("#status .streamer-error").count() == 0  # the failure is said once, on its line
     page.locator("#result .streamer-quality").scroll_into_view_if_needed()
     _shoot(page, tmp_path, f"screenshot-fanout-{theme}.png")
+    page.set_viewport_size({"width": 390, "height": 844})  # a phone: the lines and the chart fit its width
+    page.wait_for_timeout(300)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    chart = page.locator("#result .streamer-quality svg").bounding_box()
+    assert chart["x"] + chart["width"] <= 390, chart
     page.close()
     assert hub.repo_exists(f"alice/odd2-{theme}-FP8_DYNAMIC") and hub.repo_exists(f"alice/odd-{theme}-int8-mine")
     assert not hub.repo_exists(f"alice/odd2-{theme}-W4A16")
@@ -1088,6 +1093,36 @@ def test_space_fanout_plan_has_a_plan_per_target(space, checkpoint):
                                 oauth_token=_visitor(TOKEN))  # fmt: skip
     assert "would both publish to alice/odd-fp8_dynamic" in str(error)
 
+
+def test_space_fanout_cancel_commits_nothing_anywhere(space):
+    """Cancel stops every target of a fan-out: each line says nothing was committed, the repos
+    created for the run are removed, and the panel reads Cancelled."""
+    import threading
+
+    web, hub = space
+    outs: list = []
+    form = {**FORM, "repo_name": "halt-FP8_DYNAMIC"}
+    hub.set_throttle(down_bytes_per_s=150_000)
+    try:
+        run = threading.Thread(target=lambda: outs.extend(web.convert.run_convert(
+            **form, extra_schemes=["INT8"], extra_names="", oauth_token=_visitor(TOKEN))))  # fmt: skip
+        run.start()
+        deadline = time.monotonic() + 30
+        while not any('data-state="Converting"' in str(o[1]) for o in outs):
+            assert time.monotonic() < deadline and run.is_alive(), outs[-1:]
+            time.sleep(0.1)
+        assert web.slots.cancel("alice").target == "alice/halt-FP8_DYNAMIC, alice/halt-INT8"
+        run.join(30)
+    finally:
+        hub.set_throttle(None, None)
+    assert not run.is_alive()
+    status, progress, log, result = outs[-1]
+    assert status == "" and 'data-state="Cancelled"' in progress
+    for repo in ("alice/halt-FP8_DYNAMIC", "alice/halt-INT8"):
+        assert f'data-target="{repo}" data-status="cancelled"' in result
+        assert f"nothing was committed to {repo}. It was created for this run and has been removed." in result
+        assert not hub.repo_exists(repo)
+    assert "0 of 2 targets published" in result
 
 def test_extra_names_follow_the_main_name_and_never_overwrite(web):
     """The other schemes' repo names follow the main target's pattern, line by line; a line the
