@@ -301,12 +301,24 @@ class Runner:
         def put(out: OutTensor, data: torch.Tensor) -> None:
             writer.write_at(offsets[out.name], _as_bytes(data))
 
+        # "quantize" moves as each tensor is done (a piece can be 256 MB), by the bytes it was
+        # read from; the piece's advances sum to exactly piece.bytes_in
+        left = piece.bytes_in
+
+        def done(name: str) -> None:
+            nonlocal left
+            n = min(sum(i.nbytes for i in dq.inputs_for(name)), left)
+            if n > 0:
+                left -= n
+                self.progress.advance("quantize", n)
+
         for name in piece.passthrough:
             (out,) = out_of[name]
             if dq.transforms(name):
                 put(out, dq.dense(name, raw, self.device).cpu())
             else:
                 put(out, raw[stored[name].key])  # byte for byte, never through a dtype
+            done(name)
 
         weights = {q.tensor: dq.dense(q.tensor, raw, self.device) for q in piece.quantize}
         for name, w in weights.items():
@@ -336,7 +348,9 @@ class Runner:
                         f"planned {out.dtype}{list(out.shape)}"
                     )
                 put(out, tensor)
-        self.progress.advance("quantize", piece.bytes_in)
+            done(q.tensor)
+        if left > 0:  # bytes no tensor claimed (none, as split_job cuts pieces): the total stays exact
+            self.progress.advance("quantize", left)
 
     def _nonfinite(self, name: str, w: torch.Tensor, stored: dict[str, TensorInfo]) -> None:
         nan, inf = nonfinite_count(w)
@@ -548,19 +562,50 @@ class Runner:
 
     def _close(self, job: Job, writer: ShardWriter) -> Future:
         writer.notes = shard_notes(self.stats.errors, job)
-        fut = writer.close()
         cost = self._writer_cost(job)
         n = job.bytes_out
+        # "upload" counts the job's tensor bytes (bytes_out), the sink reports the shard's file
+        # bytes (header included) as they go out: scaled, so a delivered shard adds exactly n
+        meter = _ShardMeter(self.progress, n, writer.size)
+        writer.on_bytes = meter.add
+        fut = writer.close()
 
         def done(f: Future) -> None:
             self.budget.release(cost)
             if f.exception() is None:
-                self.progress.advance("upload", n)
+                meter.finish()
                 self.stats.bytes_written += n
                 self.progress.message(f"wrote {job.shard} ({human_bytes(n)})")
 
         fut.add_done_callback(done)
         return fut
+
+
+class _ShardMeter:
+    """One shard's "upload" progress: the sink's byte counts (of SIZE file bytes) scaled to the
+    job's N bytes, never past N, topped up to exactly N once the shard is delivered."""
+
+    def __init__(self, progress: Progress, n: int, size: int):
+        self.progress, self.n, self.size = progress, n, max(size, 1)
+        self.sent = 0
+        self.reported = 0
+        self.lock = threading.Lock()
+
+    def add(self, k: int) -> None:
+        """K more of the shard's bytes went out (called from the sink's upload threads)."""
+        with self.lock:
+            self.sent += k
+            self._report(min(self.sent * self.n // self.size, self.n))
+
+    def finish(self) -> None:
+        """The shard is delivered: whatever the sink did not report counts now."""
+        with self.lock:
+            self._report(self.n)
+
+    def _report(self, target: int) -> None:
+        if target > self.reported:
+            self.progress.advance("upload", target - self.reported)
+            self.reported = target
 
 
 def shard_notes(errors: dict[str, ErrorSums], job: Job) -> dict:

@@ -5,17 +5,27 @@ the moment it is complete, by a few daemon threads (`_UploadThreads`); the branc
 commit, so it never holds a partial model. Every upload is recorded in an UploadJournal, so a rerun
 after a crash skips the shards the Hub already holds. All Hub calls go through hub_http's retry
 policy.
+
+Uploads report their bytes as they go (ShardWriter.on_bytes) and stop within a fraction of a
+second when the run stops: an LFS upload reads the shard through `_ShardReader`, which counts
+and refuses to read on; a Xet upload runs in its own hf_xet upload commit (`_DirectXet`), whose
+progress callback counts and whose abort() ends it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib.util
+import io
 import logging
 import mmap
 import os
 import queue
 import threading
+import time
 from concurrent.futures import Future
+from typing import Callable
 
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 from huggingface_hub import constants as hf_constants
@@ -26,6 +36,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.lfs import UploadInfo, post_lfs_batch_info
+from huggingface_hub.utils import build_hf_headers
 
 from streamer.errors import Cancelled, Hint, HubError, StreamerError, TargetError
 from streamer.io.hub_http import classify, explain, hub_call, hub_endpoint, read_text, retry_wait, short_error
@@ -39,9 +50,10 @@ log = logging.getLogger("streamer")
 def uploaded_operation(path_in_repo: str, info: UploadInfo) -> CommitOperationAdd:
     """A commit operation adding PATH_IN_REPO with content the Hub already holds, known by INFO.
 
-    The one place streamer touches huggingface_hub's internals, because it has no public way to
-    say "this content was uploaded by an earlier process": a resumed run commits shards that an
-    interrupted run uploaded. It sets two private fields of CommitOperationAdd: `_upload_mode`
+    One of the two places streamer touches huggingface_hub's internals (the other: `_DirectXet`),
+    because it has no public way to say "this content was uploaded by an earlier process": a
+    resumed run commits shards that an interrupted run uploaded (and a Xet upload of our own,
+    one uploaded by this process). It sets two private fields of CommitOperationAdd: `_upload_mode`
     "lfs" (commit the file as a pointer to LFS/Xet content, without asking the Hub how to upload
     it) and `_is_uploaded` (preupload_lfs_files and create_commit send no content).
     tests/test_hub.py pins that the installed huggingface_hub still reads them so.
@@ -136,11 +148,127 @@ def _xet_possible() -> bool:
     """Whether huggingface_hub may upload through hf_xet (which reads the file itself, from Rust)."""
     if getattr(hf_constants, "HF_HUB_DISABLE_XET", False):
         return False
-    try:
-        from huggingface_hub.utils import is_xet_available
-    except ImportError:
-        return False
-    return bool(is_xet_available())
+    # huggingface_hub's own test (is_xet_available: the same two facts) left huggingface_hub.utils in 2.x
+    return importlib.util.find_spec("hf_xet") is not None
+
+
+class _DirectXet:
+    """What a Xet upload of one shard in an upload commit of its own needs (hf_xet >= 1.8's
+    XetSession, and huggingface_hub's session and token-URL helpers of the same era); None from
+    `load` where the installed versions lack them (huggingface_hub then uploads, unstoppable and
+    with no progress before the end).
+
+    The second place streamer touches huggingface_hub's internals (`utils._xet`, the helpers its
+    own `_upload_xet_files` uses): preupload_lfs_files cannot report progress (its bars aside)
+    nor stop one upload (only every Xet transfer of the process), and a commit of our own can.
+    tests/test_progress_granularity.py uploads through it."""
+
+    def __init__(self, hf_xet, helpers):
+        self.hf_xet = hf_xet
+        self.session = helpers.get_xet_session
+        self.refresh_url = helpers.xet_connection_info_refresh_url
+        self.write = helpers.XetTokenType.WRITE
+        self.without_auth = helpers.xet_headers_without_auth
+
+    @staticmethod
+    def load() -> "_DirectXet | None":
+        if not _xet_possible():
+            return None
+        try:
+            import hf_xet
+            from huggingface_hub.utils import _xet as helpers
+        except ImportError:
+            return None
+        needed = ("get_xet_session", "xet_connection_info_refresh_url", "XetTokenType", "xet_headers_without_auth")
+        if not all(hasattr(helpers, n) for n in needed) or not hasattr(hf_xet, "COMPUTE_SHA256"):
+            return None
+        if not hasattr(getattr(hf_xet, "XetSession", None), "new_upload_commit"):
+            return None
+        return _DirectXet(hf_xet, helpers)
+
+
+class _Stopped(Exception):
+    """Raised inside an upload when the sink stops (never seen outside this module)."""
+
+
+class _UploadMeter:
+    """Reports a shard's bytes as they upload to ON_BYTES (ShardWriter.on_bytes): the furthest
+    any attempt got, so a retry that sends again what a failed attempt sent counts those bytes
+    once, and never more than SIZE; a few calls a second at most; nothing once STOP is set."""
+
+    EVERY_S = 0.25
+
+    def __init__(self, size: int, on_bytes: Callable[[int], None] | None, stop: threading.Event):
+        self.size = size
+        self.on_bytes = on_bytes
+        self.stop = stop
+        self.best = 0  # the furthest an attempt got
+        self.reported = 0
+        self.last = time.monotonic()
+        self.lock = threading.Lock()
+
+    def reach(self, sent: int, *, flush: bool = False) -> None:
+        """An attempt has sent SENT bytes of the shard (FLUSH: report now, not in a while)."""
+        if self.on_bytes is None:
+            return
+        with self.lock:
+            self.best = max(self.best, min(sent, self.size))
+            now = time.monotonic()
+            due = flush or self.best == self.size or now - self.last >= self.EVERY_S
+            if due and self.best > self.reported and not self.stop.is_set():
+                n, self.reported, self.last = self.best - self.reported, self.best, now
+                self.on_bytes(n)
+
+    def finish(self) -> None:
+        """The shard is on the Hub (content it already held counts as sent)."""
+        self.reach(self.size, flush=True)
+
+
+class _ShardReader(io.BufferedIOBase):
+    """A shard's bytes (a memfd, read with pread, or bytes) as the file object an LFS upload
+    streams: each read tells METER how far the upload got, and once STOP is set a read raises,
+    which ends the request at once (huggingface_hub does not retry an error of its file).
+    The memfd stays its owner's: closing the reader never closes it."""
+
+    def __init__(self, content: bytes | int, size: int, stop: threading.Event):
+        super().__init__()
+        self._content = content
+        self._size = size
+        self._stop = stop
+        self._pos = 0
+        self.meter: _UploadMeter | None = None  # set once hashing is done: only uploads count
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def read(self, n: int | None = -1) -> bytes:
+        if self._stop.is_set():
+            raise _Stopped()
+        end = self._size if n is None or n < 0 else min(self._size, self._pos + n)
+        if end <= self._pos:
+            return b""
+        if isinstance(self._content, int):
+            chunk = os.pread(self._content, end - self._pos, self._pos)
+        else:
+            chunk = self._content[self._pos : end]
+        self._pos += len(chunk)
+        if self.meter is not None:
+            self.meter.reach(self._pos)
+        return chunk
+
+    def read1(self, n: int = -1) -> bytes:
+        return self.read(n)
 
 
 class _BufferedShard(ShardWriter):
@@ -175,18 +303,14 @@ class _BufferedShard(ShardWriter):
             self.buf = None
             return self.sink._upload_pool.submit(self._upload_fd)
         data, self.buf = bytes(self.buf), None
-        return self.sink._upload_pool.submit(self.sink._preupload, self.name, data, self.notes)
+        return self.sink._upload_pool.submit(self.sink._preupload, self.name, data, self.notes, self.on_bytes)
 
     def _upload_fd(self) -> str:
         try:
-            with self.sink._lock:
-                self.sink._inflight[self.name] = self.fd
-            return self.sink._preupload(self.name, f"/proc/self/fd/{self.fd}", self.notes)
+            return self.sink._preupload(self.name, self.fd, self.notes, self.on_bytes)
         finally:
-            with self.sink._lock:  # under the lock: _stop_uploads never truncates a closed fd
-                self.sink._inflight.pop(self.name, None)
-                os.close(self.fd)
-                self.fd = -1
+            os.close(self.fd)
+            self.fd = -1
 
     def discard(self) -> None:
         if self.fd >= 0:
@@ -250,7 +374,7 @@ class HubSink(Sink):
         self._git_oids: dict[str, str] = {}  # small files: their git blob id, to compare with the Hub's
         self._lock = threading.Lock()
         self._upload_pool = _UploadThreads(upload_workers, "streamer-upload")
-        self._inflight: dict[str, int] = {}  # shard name -> memfd being uploaded
+        self._xet_commits: set = set()  # hf_xet upload commits in flight: abort() ends them
         self._stop = threading.Event()  # set when the run stops: uploads give up
         self._failure: BaseException | None = None  # the first upload that failed for good
         self._parent: str | None = None
@@ -340,18 +464,20 @@ class HubSink(Sink):
             raise explain(e, self.repo_id, what="target repo") from None
 
     def _stop_uploads(self) -> int:
-        """Make every upload give up now; returns how many were queued or in flight."""
+        """Make every upload give up now; returns how many were queued or in flight.
+
+        An LFS upload's next read raises (`_ShardReader`); a Xet upload's commit is aborted, which
+        ends its transfers and its wait at once. (Only where the installed hf_xet is too old for
+        `_DirectXet` does a Xet upload run on to its end, in a daemon thread nobody waits for:
+        its content is then neither recorded nor committed, see `_preupload`.)"""
         self._stop.set()
         with self._lock:
-            if not _xet_possible():
-                # An LFS upload streams the shard from its memfd: emptying the file ends the
-                # request at once ("too little data"), where waiting would take as long as the
-                # transfer. (hf_xet reads the file from Rust, possibly mapped: left alone.)
-                for fd in self._inflight.values():
-                    try:
-                        os.ftruncate(fd, 0)
-                    except OSError:
-                        pass
+            commits = list(self._xet_commits)
+        for commit in commits:
+            try:
+                commit.abort()
+            except Exception:  # finished or failed meanwhile
+                pass
         return self._upload_pool.unfinished
 
     def _fail(self, error: BaseException) -> None:
@@ -497,20 +623,34 @@ class HubSink(Sink):
         if self._journal is not None:
             self._journal.add(name, info, notes)
 
-    def _preupload(self, name: str, data: bytes | str, notes: dict | None = None) -> str:
-        """Upload one shard's content (bytes, or a path to it) ahead of the commit; NOTES go
-        into the resume record with it."""
+    def _preupload(self, name: str, content: bytes | int, notes: dict | None = None,
+                   on_bytes: Callable[[int], None] | None = None) -> str:
+        """Upload one shard's content (bytes, or a memfd holding it) ahead of the commit, telling
+        ON_BYTES of its bytes as they go; NOTES go into the resume record with it."""
         if self._stop.is_set():
             raise self._stopped_error()
+        size = len(content) if isinstance(content, bytes) else os.fstat(content).st_size
+        meter = _UploadMeter(size, on_bytes, self._stop)
         try:
-            op = CommitOperationAdd(path_in_repo=name, path_or_fileobj=data)
-            del data
-            # Upload the content now (Xet when hf_xet is installed, else LFS); the commit later
-            # only references it. Content the server already has is skipped: that is the resume.
-            self._call(
-                f"uploading {name} to {self.repo_id}", self.api.preupload_lfs_files, self.repo_id, [op],
-                revision=self.revision, free_memory=True, cancel=self._stop,
-            )  # fmt: skip
+            # Upload the content now; the commit later only references it. Content the server
+            # already has is skipped (or, with Xet, deduplicated): that is the resume.
+            direct = _DirectXet.load()
+            if direct is not None:
+                info = self._call(
+                    f"uploading {name} to {self.repo_id}", self._upload_xet, direct, content, size, meter,
+                    cancel=self._stop,
+                )  # fmt: skip
+                op = uploaded_operation(name, info)
+            elif not _xet_possible():
+                op = self._upload_lfs(name, content, size, meter)
+            else:  # a Xet that only huggingface_hub drives: its progress shows at the end
+                path = content if isinstance(content, bytes) else f"/proc/self/fd/{content}"
+                op = CommitOperationAdd(path_in_repo=name, path_or_fileobj=path)
+                self._call(
+                    f"uploading {name} to {self.repo_id}", self.api.preupload_lfs_files, self.repo_id, [op],
+                    revision=self.revision, free_memory=True, cancel=self._stop,
+                )  # fmt: skip
+            del content
         except Exception as e:
             if self._stop.is_set():  # stopped on purpose (an error of ours may follow from it)
                 raise self._stopped_error() from None
@@ -529,6 +669,7 @@ class HubSink(Sink):
         # The digest, now: huggingface_hub may hash lazily from the path, and once the memfd is
         # closed /proc/self/fd/N is gone (or is another file).
         op.upload_info.sha256  # noqa: B018
+        meter.finish()
         with self._lock:
             self._ops[name] = op
             self.bytes_uploaded += op.upload_info.size
@@ -536,6 +677,62 @@ class HubSink(Sink):
             self._journal.add(name, op.upload_info, notes)
         log.debug("uploaded %s", name)
         return name
+
+    def _upload_lfs(self, name: str, content: bytes | int, size: int, meter: _UploadMeter) -> CommitOperationAdd:
+        """Upload CONTENT as LFS through preupload_lfs_files, read through a `_ShardReader`."""
+        reader = _ShardReader(content, size, self._stop)
+        op = CommitOperationAdd(path_in_repo=name, path_or_fileobj=reader)  # hashes it (not counted)
+        reader.meter = meter
+
+        def attempt() -> None:
+            reader.seek(0)  # a failed attempt leaves the reader where it stopped
+            self.api.preupload_lfs_files(self.repo_id, [op], revision=self.revision, free_memory=True)
+
+        self._call(f"uploading {name} to {self.repo_id}", attempt, cancel=self._stop)
+        return op
+
+    def _upload_xet(self, direct: _DirectXet, content: bytes | int, size: int, meter: _UploadMeter) -> UploadInfo:
+        """Upload CONTENT through Xet in an upload commit of its own, which `_stop_uploads` can
+        abort; what the Hub will know the content by."""
+        api = self.api
+        headers = build_hf_headers(
+            token=api.token, library_name=api.library_name, library_version=api.library_version,
+            user_agent=api.user_agent, headers=api.headers,
+        )  # fmt: skip
+        url = direct.refresh_url(
+            token_type=direct.write, repo_id=self.repo_id, repo_type="model", revision=self.revision,
+            endpoint=self.endpoint,
+        )  # fmt: skip
+
+        def progress(report, *_) -> None:  # from hf_xet's threads, about ten times a second
+            meter.reach(report.total_bytes_completed)
+
+        commit = direct.session().new_upload_commit(
+            token_refresh_url=url, token_refresh_headers=headers, custom_headers=direct.without_auth(headers),
+            progress_callback=progress,
+        )  # fmt: skip
+        with self._lock:
+            self._xet_commits.add(commit)
+        try:
+            if self._stop.is_set():  # stopped before the commit was registered
+                raise _Stopped()
+            compute = direct.hf_xet.COMPUTE_SHA256
+            if isinstance(content, bytes):
+                handle = commit.start_upload_bytes(content, sha256=compute)
+                sample = content[:512]
+            else:
+                handle = commit.start_upload_file(f"/proc/self/fd/{content}", sha256=compute)
+                sample = os.pread(content, 512, 0)
+            commit.wait_to_finish()
+            info = handle.result().xet_info
+        except BaseException:
+            with contextlib.suppress(Exception):  # already ended (aborted by _stop_uploads, or failed)
+                commit.abort()
+            raise
+        finally:
+            with self._lock:
+                self._xet_commits.discard(commit)
+        return UploadInfo(size=info.file_size, sample=sample, sha256=bytes.fromhex(info.sha256))
 
     def put_file(self, path: str, data: bytes) -> None:
         """Add the small file PATH with DATA to the commit (uploaded with it)."""

@@ -17,6 +17,7 @@ import sys
 import tempfile
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Callable
 
 try:
     import fcntl
@@ -43,6 +44,12 @@ class ShardWriter:
         # JSON data set before close(): a sink that can resume keeps it with its resume record,
         # so a resumed run reports the same as one that converted every shard.
         self.notes: dict = {}
+        # Set before close() by whoever shows progress: a sink that delivers the shard gradually
+        # (an upload) calls it with each number of the shard's bytes that went out, never more
+        # than SIZE in all however often it retries, and never after the sink was stopped. A
+        # sink that delivers the shard at once (a local file) may never call it: the caller
+        # counts the whole shard when close()'s future resolves.
+        self.on_bytes: Callable[[int], None] | None = None
 
     def write_at(self, offset: int, data) -> None:
         """Put DATA (any buffer) at byte OFFSET of the shard."""
