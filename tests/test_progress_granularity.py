@@ -151,9 +151,10 @@ def test_a_retried_upload_counts_each_byte_once(hub, monkeypatch):
     sink.close()
 
 
-def test_pipeline_upload_progress_is_per_chunk_and_exact(hub, checkpoint, tmp_path):
+def test_pipeline_upload_progress_is_per_chunk_and_exact(hub, transfer, checkpoint, tmp_path):
     """Hub to Hub on a link of 8 MB/s: "upload" moves several times per shard, never past its
-    total, ends exactly at it, and its rate never reads far above the link."""
+    total, ends exactly at it, and its rate never reads far above the link; what is committed
+    is the converted model."""
     ckpt = checkpoint("llama", max_shard_size="40MB", hidden_size=1024, intermediate_size=4096,
                       num_hidden_layers=2, vocab_size=1024)  # fmt: skip
     hub.seed_repo(SOURCE, ckpt)
@@ -180,6 +181,8 @@ def test_pipeline_upload_progress_is_per_chunk_and_exact(hub, checkpoint, tmp_pa
     assert moved[-1].done == moved[-1].total == result.plan.bytes_out
     # bytes counted as they leave, not per finished shard: no early rate far above the link
     assert all(e.rate <= 2 * link for e in moved if e.steady and e.done < e.total), [e.rate for e in moved]
+    files = hub.files("alice/medium-fp8")
+    assert all(files[j.shard] == j.bytes_out + len(pipeline.shard_header(j)[0]) for j in result.plan.jobs)
 
 
 # --------------------------------------------------------------------------------------------
