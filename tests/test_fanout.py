@@ -10,6 +10,7 @@ import pytest
 
 from streamer.cli import main as cli
 from streamer.engine.convert import Target, convert, convert_many
+from streamer.engine.progress import Progress
 from streamer.errors import Cancelled, StreamerError
 from streamer.io.sink import LocalSink
 from streamer.io.source import LocalSource
@@ -62,10 +63,12 @@ def test_each_target_equals_its_single_run_and_every_byte_is_read_once(arch, che
     src = checkpoint(arch)
     alone = singles(src, tmp_path, SCHEMES)
     source = CountingSource(src)
+    progress = Progress()
     # a budget small enough that the fastest target must wait for the others now and then
     result = convert_many(
-        source, [(tmp_path / "fan" / s / "model", s) for s in SCHEMES], device="cpu", max_memory=12_000_000
-    )
+        source, [(tmp_path / "fan" / s / "model", s) for s in SCHEMES], device="cpu", max_memory=12_000_000,
+        progress=progress,
+    )  # fmt: skip
     assert result.ok and result.exit_code == 0, [t.error for t in result.targets]
     for s in SCHEMES:
         assert files_of(tmp_path / "fan" / s / "model") == alone[s], s
@@ -75,7 +78,11 @@ def test_each_target_equals_its_single_run_and_every_byte_is_read_once(arch, che
     assert result.bytes_read == plan.bytes_in
     assert sum(e - s for _, s, e in source.spans) == plan.bytes_in + plan.catalog.header_bytes
     assert result.bytes_shared == 2 * plan.bytes_in  # the two other targets took copies
-    print("peak", result.peak_shared_bytes, plan.bytes_in)
+    # one set of bars: read counts each byte once; quantized and written add up the targets
+    read, quantized, written = (progress.snapshot(s) for s in ("read", "quantize", "upload"))
+    assert read.done == read.total == plan.bytes_in
+    assert quantized.done == quantized.total == 3 * plan.bytes_in
+    assert written.done == written.total == sum(t.result.plan.bytes_out for t in result.targets)
     assert result.peak_shared_bytes <= 3_000_000
     # each target's own statistics and quality report are its own
     reports = {t.result.plan.recipe.name: t.result.quality.overall.relative_error for t in result.targets}
@@ -124,8 +131,6 @@ def test_a_failing_target_does_not_stop_the_others(llama_ckpt, tmp_path, monkeyp
 
 
 def test_cancel_stops_every_target_and_publishes_nothing(llama_ckpt, tmp_path):
-    from streamer.engine.progress import Progress
-
     cancel = threading.Event()
     progress = Progress()
     progress.listeners.append(lambda e: cancel.set() if e.stage == "upload" and e.done else None)
@@ -197,7 +202,6 @@ def test_hub_fanout_reads_the_source_once_and_commits_once_per_target(hub, tmp_p
 def test_a_target_running_ahead_waits_for_the_others(tmp_path):
     """The copies kept for a slower target stay near the reader's limit: the leader waits."""
     from streamer.engine.fanout import SharedReader
-    from streamer.engine.progress import Progress
     from streamer.io.catalog import TensorInfo
     from streamer.io.source import Span
 
@@ -240,7 +244,6 @@ def test_a_target_running_ahead_waits_for_the_others(tmp_path):
 
 def test_a_failed_fetch_is_fetched_again_by_the_target_waiting_for_it(tmp_path):
     from streamer.engine.fanout import SharedReader
-    from streamer.engine.progress import Progress
     from streamer.io.catalog import TensorInfo
     from streamer.io.source import Span
 

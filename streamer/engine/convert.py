@@ -503,6 +503,7 @@ def convert_many(
                 sink.close()
             raise
         _run_side_by_side(runners, record, cancel)
+        source.on_bytes = None
         return FanoutResult(
             source.label, outcomes, bytes_read=reader.fetched, bytes_shared=reader.served,
             peak_shared_bytes=reader.peak, seconds=time.monotonic() - t0,

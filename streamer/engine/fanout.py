@@ -80,8 +80,6 @@ class SharedReader:
         self.fetched = 0  # bytes read from the source: each tensor once (the fan-out's point)
         self.served = 0  # bytes handed out from copies instead of read again
         source.cancel = cancel
-        if source.reports_bytes:  # bytes are counted as they arrive, once, for every target
-            source.on_bytes = self._arrived
 
     def _arrived(self, n: int, *, rated: bool = True) -> None:
         self.progress.advance("read", n, rated=rated)
@@ -135,6 +133,8 @@ class SharedReader:
             self._starts = {f: [k[1] for k in keys] for f, keys in self._index.items()}
             total = sum(k[2] - k[1] for k in self._entries)
             self.progress.set_total("read", total)
+            if self.source.reports_bytes:  # tensor bytes are counted as they arrive, once for all
+                self.source.on_bytes = self._arrived
         self._cv.notify_all()
 
     def _take(self, key: Key, entry: _Entry, target: int) -> None:
