@@ -2,7 +2,9 @@
 
 The cluster is small enough for a 2-core machine: a head and two worker nodes with one CPU
 each, every node its own `ray start` process with a resource naming it, a 100 MB object store
-and no dashboard. It is shut down in the fixture's finaliser whatever happens.
+and no dashboard. It is shut down in the fixture's finaliser whatever happens. One test adds a
+fourth node in a mount namespace of its own, where the driver's checkpoint folder is an empty
+tmpfs: a machine that does not see the folder.
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ class Cluster:
             self.add_worker(name)
             self.wait_nodes(n)  # one at a time: nodes starting together race for ports
 
-    def add_worker(self, name: str) -> None:
+    def add_worker(self, name: str, wrap: tuple[str, ...] = ()) -> None:
+        """Start the worker node NAME (its resource is NAME), its command behind WRAP."""
         # its own session: killing the process group takes the raylet and its workers down at once
         # nodes on one machine: each its own ports (Ray's fixed defaults would collide)
         ports = [
@@ -72,16 +75,29 @@ class Cluster:
                          "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port")
         ]  # fmt: skip
         self.workers[name] = subprocess.Popen(
-            [RAY, "start", f"--address={self.address}", "--node-ip-address=127.0.0.1",
+            [*wrap, RAY, "start", f"--address={self.address}", "--node-ip-address=127.0.0.1",
              f'--resources={{"{name}": 1}}', "--block", *ports, *COMMON],
             env=_node_env(self.root / name), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True,
         )  # fmt: skip
 
     def kill_worker(self, name: str) -> None:
-        """The node dies at once: SIGKILL to its raylet's whole process group."""
+        """The node dies at once: SIGKILL to its raylet's whole process group, and to every process
+        it started (Ray's worker processes may sit in groups of their own, and would otherwise
+        finish their task as orphans)."""
+        import psutil
+
         proc = self.workers.pop(name)
+        try:
+            tree = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.Error:
+            tree = []
         os.killpg(proc.pid, signal.SIGKILL)
+        for child in tree:
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
         proc.wait()
 
     def alive(self) -> list[dict]:
@@ -93,6 +109,13 @@ class Cluster:
         deadline = time.time() + timeout
         while len(self.alive()) < n:
             assert time.time() < deadline, f"only {len(self.alive())} of {n} Ray nodes came up"
+            time.sleep(0.5)
+
+    def wait_gone(self, node: str, timeout: float = 120) -> None:
+        """Wait until the cluster has noticed that NODE died (no task is placed there any more)."""
+        deadline = time.time() + timeout
+        while any(n["NodeID"] == node for n in self.alive()):
+            assert time.time() < deadline, f"Ray still sees the killed node {node[:8]} alive"
             time.sleep(0.5)
 
     def node_of(self, resource: str) -> str:
@@ -169,7 +192,8 @@ def test_cluster_output_is_identical_in_one_commit(cluster, hub):
     last = {}
     progress = Progress(listeners=[lambda e: last.__setitem__(e.stage, e)])
     # the cluster first: the Hub keeps content it has seen, and the nodes must really upload
-    result = _convert("alice/cluster", "NVFP4A16", executor=RayExecutor(cluster.address), progress=progress)
+    # two shards per task: each task's pipeline uploads one while it downloads the next
+    result = _convert("alice/cluster", "NVFP4A16", executor=RayExecutor(cluster.address, group=2), progress=progress)
     # the three bars, fed at the driver by what the nodes report, each reach their total
     for stage in ("read", "quantize", "upload"):
         assert last[stage].total > 0 and last[stage].done == last[stage].total, (stage, last[stage])
@@ -183,7 +207,7 @@ def test_cluster_output_is_identical_in_one_commit(cluster, hub):
     assert result.quality is not None and result.summary()["quality"]
     assert len(_streamer_commits(hub, "alice/cluster")) == 1
     nodes = result.summary()["nodes"]
-    # one task per shard, spread: more than one node made shards, and every shard was made once
+    # three tasks of two shards, spread: more than one node made shards, and every shard was made once
     assert len(nodes) >= 2, nodes
     made = sorted(s for n in nodes.values() for s in n["shards"])
     assert made == sorted(j.shard for j in result.plan.jobs)
@@ -200,6 +224,41 @@ def test_local_source_that_every_node_sees(cluster, hub, llama_ckpt):
     _same_output(hub, "alice/from-hub", "alice/from-folder")
 
 
+def _hiding(folder: Path) -> tuple[str, ...]:
+    """A command prefix that runs a process in its own mount namespace, where FOLDER is an empty
+    tmpfs: a node started behind it is a machine that does not see the driver's folder."""
+    mount = 'mount -t tmpfs none "$0" && exec "$@"'
+    wrap = ("unshare", "--user", "--map-root-user", "--mount", "sh", "-c", mount, str(folder))
+    probe = subprocess.run([*wrap, "ls", "-A", str(folder)], capture_output=True, text=True)
+    if probe.returncode != 0 or probe.stdout.strip():
+        pytest.skip(f"no unprivileged mount namespaces here (unshare: {probe.stderr.strip()[-200:]})")
+    return wrap
+
+
+def test_local_source_some_node_cannot_see_is_refused(cluster, hub, llama_ckpt):
+    from streamer.engine.cluster import RayExecutor
+    from streamer.engine.convert import convert
+    from streamer.errors import StreamerError
+
+    # a fourth node for which the checkpoint's folder is empty (same path, another filesystem)
+    cluster.add_worker("w3", wrap=_hiding(llama_ckpt))
+    try:
+        cluster.wait_nodes(4)
+        hub.clear_log()
+        with pytest.raises(StreamerError) as e:
+            convert(str(llama_ckpt), "alice/blind", scheme="W8A16", device="cpu", max_memory=256_000_000,
+                    executor=RayExecutor(cluster.address))  # fmt: skip
+    finally:
+        node = cluster.node_of("w3") if any("w3" in n["Resources"] for n in cluster.alive()) else None
+        cluster.kill_worker("w3")
+        if node is not None:
+            cluster.wait_gone(node)  # the next tests place no task there
+    assert "not visible with the same files on 1 of the 4 node(s)" in e.value.message, e.value.message
+    assert [h.setting for h in e.value.hints] == ["source"]
+    # refused before any shard was made: nothing uploaded, nothing committed
+    assert not [r for r in hub.request_log if r.method == "PUT" or "/commit/" in r.path]
+
+
 def test_local_target_is_refused_with_ray(cluster, hub, tmp_path):
     from streamer.engine.cluster import RayExecutor
     from streamer.errors import StreamerError
@@ -209,43 +268,114 @@ def test_local_target_is_refused_with_ray(cluster, hub, tmp_path):
     assert "Hub repo" in e.value.message and not (tmp_path / "out").exists()
 
 
-def test_losing_a_worker_node_mid_run(cluster, hub):
-    from streamer.engine.cluster import RayExecutor
+def test_shard_groups():
+    from streamer.engine.cluster import GROUP_SHARDS, shard_groups
 
-    hub.set_throttle(up_bytes_per_s=100_000)
-    hub.clear_log()
+    shards = [f"s{i}" for i in range(12)]
+    # about GROUP_SHARDS shards per task, in the plan's order, every shard once
+    groups = shard_groups(shards, nodes=3)
+    assert [s for g in groups for s in g] == shards and {len(g) for g in groups} == {GROUP_SHARDS}
+    # never fewer than two tasks per node when there are shards enough
+    assert len(shard_groups(shards[:6], nodes=3)) == 6 and len(shard_groups(shards[:2], nodes=3)) == 2
+    assert shard_groups(shards[:7], nodes=1, size=3) == [shards[0:3], shards[3:6], shards[6:7]]
+
+
+def test_a_node_downloads_for_one_task_per_cpu_at_a_time():
     import threading
 
-    killed = threading.Event()
+    from streamer.engine.cluster import DownloadTurn
 
-    def kill_when_uploading():
-        # every node holds tasks once the first shard's upload has begun (six shards, two
-        # tasks per CPU, three one-CPU nodes: all start at once)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            if any(r.method == "PUT" for r in hub.request_log):
-                cluster.kill_worker("w1")
-                killed.set()
-                return
-            time.sleep(0.02)
+    node = f"test-{os.getpid()}-{time.monotonic_ns()}"
+    first, second, other = DownloadTurn(node, 1), DownloadTurn(node, 1), DownloadTurn(node + "-b", 1)
+    first.acquire()
+    other.acquire()  # another node's turn is its own
+    got = threading.Event()
+    waiter = threading.Thread(target=lambda: (second.acquire(), got.set()))
+    waiter.start()
+    assert not got.wait(0.5), "two tasks of a one-CPU node downloaded at once"
+    first.release()  # the first task has read all its bytes (it still uploads)
+    assert got.wait(10), "the second task did not get the turn the first gave back"
+    waiter.join()
+    second.release()
+    other.release()
+    two = [DownloadTurn(node, 2) for _ in range(2)]
+    for turn in two:
+        turn.acquire()  # a two-CPU node: two at once, without waiting
+    for turn in two:
+        turn.release()
+    for path in {*first.paths, *other.paths, *two[0].paths}:
+        os.unlink(path)
 
-    killer = threading.Thread(target=kill_when_uploading)
+
+def test_losing_a_worker_node_mid_run(cluster, hub):
+    """A node lost in the middle of its group: the shard it had uploaded is kept (not read or
+    uploaded again), the others are made on another node; the bars never pass their totals."""
+    import threading
+
+    from streamer.engine.cluster import RayExecutor
+    from streamer.engine.progress import Progress
+
+    # two tasks of three shards; each uploads its shards one after the other, for seconds each
+    hub.set_throttle(up_bytes_per_s=50_000)
+    hub.clear_log()
+    workers = {cluster.node_of(w)[:8]: w for w in ("w1", "w2")}
+    killed: dict = {}
+    wrote = threading.Event()
+    events = []
+
+    def listen(e) -> None:
+        events.append(e)
+        # "wrote <shard> on node <id>": the driver has adopted a shard a worker node uploaded
+        if e.stage == "log" and e.message.startswith("wrote ") and not killed:
+            name, node = e.message.split()[1], e.message.split()[-1]
+            if node in workers:
+                killed.update(name=name, node=node, worker=workers[node])
+                wrote.set()
+
+    def kill_after_its_first_shard():
+        if wrote.wait(120):
+            cluster.kill_worker(killed["worker"])
+            killed["time"] = time.time()
+
+    killer = threading.Thread(target=kill_after_its_first_shard)
     killer.start()
     try:
-        result = _convert("alice/survived", "W8A16", executor=RayExecutor(cluster.address))
+        executor = RayExecutor(cluster.address, group=3)
+        result = _convert("alice/survived", "W8A16", executor=executor, progress=Progress(listeners=[listen]))
+        run_log = hub.request_log
     finally:
+        wrote.set()
         killer.join()
         hub.set_throttle(None, None)
-        if "w1" not in cluster.workers:
-            cluster.add_worker("w1")  # the next tests get their three nodes back
+        if "time" in killed:
+            cluster.wait_gone(cluster_node(killed["node"]))
+            cluster.add_worker(killed["worker"])  # the next tests get their three nodes back
             cluster.wait_nodes(3)
-    assert killed.is_set(), "no upload began: the node was not killed mid-run"
+    assert "time" in killed, "no worker node uploaded a shard: none was killed mid-run"
     _convert("alice/clean", "W8A16")
     _same_output(hub, "alice/clean", "alice/survived")
     assert len(_streamer_commits(hub, "alice/survived")) == 1
-    assert sorted(s for n in result.summary()["nodes"].values() for s in n["shards"]) == sorted(
-        j.shard for j in result.plan.jobs
-    )
+    # its other shard was made again elsewhere; every shard is in the commit once
+    assert result.stats.retried, "the killed node had finished its whole group"
+    nodes = result.summary()["nodes"]
+    made = sorted(s for n in nodes.values() for s in n["shards"])
+    assert made == sorted(j.shard for j in result.plan.jobs)
+    lost = next(n for k, n in nodes.items() if k.startswith(killed["node"]))
+    assert killed["name"] in lost["shards"] and not set(result.stats.retried) & set(lost["shards"])
+    # the kept shard (W8A16: output shard N is made from source shard N alone) is not read again
+    late = [r for r in run_log if r.time > killed["time"] and r.method == "GET" and r.range and r.range[0] > 8]
+    assert late and killed["name"] not in {r.file for r in late}, (killed, {r.file for r in late})
+    # the retried shard's bytes were read twice, but each bar counts them once
+    bars = [e for e in events if e.stage != "log"]
+    assert all(e.done <= e.total for e in bars), max(bars, key=lambda e: e.done - e.total)
+    for stage in ("read", "quantize", "upload"):
+        last = [e for e in bars if e.stage == stage][-1]
+        assert last.done == last.total > 0, last
+
+
+def cluster_node(prefix: str) -> str:
+    """The full id of the node whose id starts with PREFIX (as the driver's messages name it)."""
+    return next(n["NodeID"] for n in ray.nodes() if n["NodeID"].startswith(prefix))
 
 
 DRIVER = """

@@ -1,21 +1,31 @@
 """Run a conversion's output shards on a Ray cluster (the optional `[ray]` extra).
 
 The driver (the machine `convert` runs on) plans from headers as always. `RayExecutor.run` then
-submits one Ray task per output shard that is not yet on the Hub. Each task runs on some node
-of the cluster: it range-reads its own bytes from the source, quantizes them with the same
-`Runner` as a single-machine run, uploads the finished shard itself (LFS or Xet) and returns
-only what the commit needs (name, sha256, size, the 512-byte LFS sample). Shard bytes never
-travel through the driver or Ray's object store, so N nodes have N links.
+cuts the output shards that are not yet on the Hub into small groups (`shard_groups`: about two
+shards, and at least two tasks per node) and submits one Ray task per group. Each task runs on
+some node of the cluster: it range-reads its own bytes from the source, quantizes them with the
+same `Runner` as a single-machine run (which overlaps one shard's upload with the next one's
+download), uploads each finished shard itself (LFS or Xet) and reports only what the commit
+needs (name, sha256, size, the 512-byte LFS sample) as soon as that shard is on the Hub. Shard
+bytes never travel through the driver or Ray's object store, so N nodes have N links.
 
-The driver records each returned shard in its own resume journal (the sink's, under the
-driver's HF_HOME) as it arrives, then writes config.json, the index and the card and makes one
-commit, exactly as a single-machine run: the bytes are the same. A task lost with its node is
-run again on another node (Ray's task retries); a driver that dies leaves a journal from which
-a rerun resumes without reading or uploading the finished shards again.
+A node runs two tasks per CPU (or GPU) but downloads for one at a time (`DownloadTurn`): the
+second task starts reading when the first has read everything, so its download overlaps the
+first one's last uploads instead of splitting the link with its first ones.
 
-Progress: tasks send their byte counts to a small actor on the driver's node every half
-second; the driver replays them into the run's `Progress` (the same three bars and callback
-events) and keeps per-node bytes and times for the result (`nodes` in `--json`).
+The driver adopts each reported shard into its sink and its resume journal (under the driver's
+HF_HOME) as it arrives, then writes config.json, the index and the card and makes one commit,
+exactly as a single-machine run: the bytes are the same. A task lost with its node (or its
+worker process) is submitted again, elsewhere, for the shards of its group that were not
+reported: the ones already on the Hub are kept, not made again. A driver that dies leaves a
+journal from which a rerun resumes without reading or uploading the finished shards again.
+
+Progress: tasks send their byte counts (and their finished shards) to a small actor on the
+driver's node every half second; the driver replays them into the run's `Progress` (the same
+three bars and callback events) and keeps per-node bytes and times for the result (`nodes` in
+`--json`). Uploaded bytes count when the driver adopts a shard, so once. Bytes a lost task had
+read and quantized for shards that are made again are held back from later counts, so a bar
+never passes its total.
 
 Where nodes reach the Hub: a node whose environment sets HF_ENDPOINT uses it (a per-node
 proxy or mirror of the same Hub); every other node uses the driver's endpoint.
@@ -26,27 +36,32 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 
 from streamer.engine.pipeline import RunStats, Runner, notes_errors, shard_notes
-from streamer.engine.progress import Progress
+from streamer.engine.progress import STAGES, Progress
 from streamer.errors import Cancelled, Hint, StreamerError, TargetError
 from streamer.formats import human_bytes
 
 log = logging.getLogger("streamer")
 
 INSTALL_HINT = "pip install 'streamer-quant[ray]'"
-# How often a task sends its byte counts to the driver, and the driver shows them.
+# How often a task sends its byte counts and finished shards to the driver.
 REPORT_S = 0.5
-# A task lost with its node (or its worker process) is run again this many times, elsewhere.
+# A group lost with its node (or its worker process) is run again this many times, elsewhere.
 TASK_RETRIES = 3
-# Tasks share a CPU (or GPU) two by two: a task uploads its finished shard while the next one
-# on the same node downloads and quantizes, as one machine's pipeline overlaps them. One task per
-# CPU would leave the node's download link idle during every upload (measured: about half the
-# throughput on a link-bound node, bench/bench_cluster.py).
+# Tasks share a CPU (or GPU) two by two: one downloads while the other uploads its last shards
+# (see DownloadTurn). One task per CPU would leave the node's download link idle during every
+# task's last upload.
 TASKS_PER_DEVICE = 2
+# Shards per task: enough for a task's pipeline to overlap one shard's upload with the next
+# one's download; few enough that a lost node loses little and the nodes finish together.
+GROUP_SHARDS = 2
+# The resource only the head node of a Ray cluster has.
+HEAD = "node:__internal_head__"
 
 
 def import_ray():
@@ -56,6 +71,16 @@ def import_ray():
     except ImportError:
         raise StreamerError(f"running on a Ray cluster needs Ray: {INSTALL_HINT}") from None
     return ray
+
+
+def shard_groups(shards: list[str], nodes: int, size: int | None = None) -> list[list[str]]:
+    """SHARDS (in the plan's order) cut into the groups the tasks convert: consecutive runs of
+    SIZE shards; None: GROUP_SHARDS, fewer when that leaves under two tasks per node of NODES
+    (so every node gets work, and a second task to overlap with)."""
+    if size is None:
+        size = min(GROUP_SHARDS, len(shards) // (2 * max(nodes, 1)))
+    size = max(size, 1)
+    return [shards[i : i + size] for i in range(0, len(shards), size)]
 
 
 @dataclass
@@ -74,9 +99,50 @@ class NodeStats:
 
 @dataclass
 class ClusterStats(RunStats):
-    """RunStats of a cluster run, with what each node did (node id -> NodeStats)."""
+    """RunStats of a cluster run, with what each node did (node id -> NodeStats) and the shards
+    made again after their task was lost with its node."""
 
     nodes: dict[str, NodeStats] = field(default_factory=dict)
+    retried: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Task:
+    """One submitted task: its group, how often the group was lost before, and what the driver
+    has heard from it so far."""
+
+    shards: list[str]
+    tries: int = 0
+    node: str | None = None
+    counts: dict[str, int] = field(default_factory=dict)  # bytes it reported per stage
+    done: list[str] = field(default_factory=list)  # its shards adopted
+    seconds: float = 0.0  # busy time, as it last reported
+    lost: bool = False  # lost with its node: what it reports now is ignored
+
+
+class _Counts:
+    """The driver's side of the byte counts: passes the tasks' counts on to PROGRESS, less the
+    bytes of lost tasks' unfinished shards (counted again by their retry), never past a total."""
+
+    def __init__(self, progress: Progress, totals: dict[str, int]):
+        self.progress = progress
+        self.totals = totals
+        self.shown = dict.fromkeys(STAGES, 0)
+        self.owed = dict.fromkeys(STAGES, 0)  # bytes shown for work that is being done again
+
+    def add(self, stage: str, n: int) -> None:
+        """N more bytes done in STAGE by a live task."""
+        held = min(n, self.owed[stage])
+        self.owed[stage] -= held
+        n = min(n - held, max(self.totals.get(stage, 0) - self.shown[stage], 0))
+        if n > 0:
+            self.shown[stage] += n
+            self.progress.advance(stage, n)
+
+    def lost(self, counted: dict[str, int], kept: dict[str, int]) -> None:
+        """A task that COUNTED bytes is lost; KEPT of them belong to shards it finished."""
+        for stage, n in counted.items():
+            self.owed[stage] += max(n - kept.get(stage, 0), 0)
 
 
 class RayExecutor:
@@ -87,12 +153,17 @@ class RayExecutor:
       "ray://host:10001" (Ray Client, from outside the cluster).
     gpus: give each task a GPU and quantize there; None: when the cluster has GPUs.
     runtime_env: Ray's runtime environment for the tasks (env_vars, pip, …), as ray.init takes it.
+    group: shards per task (None: `shard_groups` picks, at most GROUP_SHARDS).
     """
 
-    def __init__(self, address: str | None = "auto", *, gpus: bool | None = None, runtime_env: dict | None = None):
+    def __init__(
+        self, address: str | None = "auto", *, gpus: bool | None = None, runtime_env: dict | None = None,
+        group: int | None = None,
+    ):  # fmt: skip
         self.address = address
         self.gpus = gpus
         self.runtime_env = runtime_env
+        self.group = group
         self._lock = threading.Lock()
 
     # -- the cluster -----------------------------------------------------------------------
@@ -146,9 +217,10 @@ class RayExecutor:
             stats.resumed = sorted(done)
             for shard in done:
                 stats.errors.update(notes_errors(sink.resumed_notes(shard)))
-        jobs = [j for j in plan.jobs if j.shard not in done]
-        runner.check_memory(jobs)
-        for stage, total in runner.totals(jobs).items():
+        jobs = {j.shard: j for j in plan.jobs if j.shard not in done}
+        runner.check_memory(list(jobs.values()))
+        totals = runner.totals(list(jobs.values()))
+        for stage, total in totals.items():
             progress.set_total(stage, total)
 
         gpus = self.gpus if self.gpus is not None else bool(ray.cluster_resources().get("GPU"))
@@ -159,83 +231,183 @@ class RayExecutor:
             "allow_nonfinite": runner.allow_nonfinite,
             "quality": runner.quality,
         }
-        _check_feasible(ray, runner.budget.limit, gpus)
-        relay = _relay_class(ray).options(
-            num_cpus=0, scheduling_strategy=_here(ray),
-        ).remote()  # fmt: skip
-        task = ray.remote(convert_shards).options(
-            num_cpus=1 / TASKS_PER_DEVICE, num_gpus=1 / TASKS_PER_DEVICE if gpus else 0, memory=runner.budget.limit,
-            max_retries=TASK_RETRIES, retry_exceptions=False, scheduling_strategy="SPREAD",
-        )  # fmt: skip
-        plan_ref = ray.put(plan)
-        sizes = {job.shard: job.bytes_out for job in jobs}  # what the upload bar counts
-        pending = {
-            task.remote(plan_ref, [job.shard], source_spec, target, settings, relay): job.shard for job in jobs
-        }
+        nodes = _check_feasible(ray, runner.budget.limit, gpus)
+        # on the head node: the one the cluster cannot lose (a node the driver shares may be lost)
+        relay = _relay_class(ray).options(num_cpus=0, resources={HEAD: 0.001}).remote()
         try:
-            while pending:
-                if runner.cancel.is_set():
-                    raise Cancelled("cancelled")
-                ready, _ = ray.wait(list(pending), num_returns=1, timeout=REPORT_S)
-                self._replay(ray, relay, progress)
-                for ref in ready:
-                    del pending[ref]
-                    result = _result(ray, ref)
-                    for name, info in result["uploaded"].items():
-                        job = next(j for j in jobs if j.shard == name)
-                        sink.adopt(name, info, shard_notes(result["errors"], job))
-                        progress.advance("upload", sizes[name])
-                        progress.message(f"wrote {name} on node {result['node'][:8]}")
-                    node = stats.nodes.setdefault(result["node"], NodeStats())
-                    node.shards += sorted(result["uploaded"])
-                    node.bytes_read += result["bytes_read"]
-                    node.bytes_written += result["bytes_written"]
-                    node.seconds += result["seconds"]
-                    stats.bytes_read += result["bytes_read"]
-                    stats.bytes_written += result["bytes_written"]
-                    stats.errors.update(result["errors"])  # the quality report's data, per weight
-            self._replay(ray, relay, progress)
-        except BaseException:
-            for ref in pending:
-                ray.cancel(ref, force=True)
-            raise
+            # up before the tasks: else their first reports (finished shards) wait for its process
+            if not ray.wait([relay.drain.remote()], timeout=300)[0]:
+                raise StreamerError("the Ray cluster did not start the progress actor on its head node in 5 minutes")
+            # Ray does not retry a task: a lost group is submitted again for its unfinished shards only
+            remote = ray.remote(convert_shards).options(
+                num_cpus=1 / TASKS_PER_DEVICE, num_gpus=1 / TASKS_PER_DEVICE if gpus else 0,
+                memory=runner.budget.limit, max_retries=0, scheduling_strategy="SPREAD",
+            )  # fmt: skip
+            plan_ref = ray.put(plan)
+            driver = _Driver(
+                ray, runner, jobs, stats, _Counts(progress, totals),
+                lambda shards, tid: remote.remote(plan_ref, shards, source_spec, target, settings, relay, tid),
+                relay,
+            )  # fmt: skip
+            driver.run(shard_groups(list(jobs), nodes, self.group))
         finally:
             ray.kill(relay)
+        for task in driver.tasks.values():
+            if task.node is not None:
+                stats.nodes.setdefault(task.node, NodeStats()).seconds += task.seconds
         stats.seconds = time.monotonic() - t0
         stats.stage_seconds = progress.stage_seconds()
         stats.peak_budget = runner.budget.limit
         stats.shards = [j.shard for j in plan.jobs]
         return stats
 
-    @staticmethod
-    def _replay(ray, relay, progress: Progress) -> None:
-        """Pass the byte counts the tasks reported since the last call on to PROGRESS."""
+
+class _Driver:
+    """The driver's side of one cluster run: submits the groups, adopts each shard a task
+    reports, submits again what a lost task left unfinished, and passes the byte counts on."""
+
+    def __init__(self, ray, runner: Runner, jobs: dict, stats: ClusterStats, counts: _Counts, submit, relay):
+        """jobs: shard name -> Job still to make; submit(shards, task id) -> the task's ObjectRef."""
+        self.ray, self.runner, self.jobs, self.stats, self.counts = ray, runner, jobs, stats, counts
+        self.progress, self.sink = runner.progress, runner.sink
+        self._submit, self.relay = submit, relay
+        self.tasks: dict[str, _Task] = {}  # task id -> task
+        self.pending: dict = {}  # ObjectRef -> task id
+        self.adopted: set[str] = set()
+        self.draining: list = []  # the relay's answer not received yet (it holds what it drained)
+        self.relay_lost = False
+
+    def run(self, groups: list[list[str]]) -> None:
+        """Submit GROUPS and wait until each of their shards is adopted (or raise)."""
+        ray = self.ray
+        for group in groups:
+            self.submit(group)
         try:
-            counts = ray.get(relay.drain.remote(), timeout=10)
-        except Exception as e:  # progress is for show: the run goes on without it
-            log.debug("progress relay: %s", type(e).__name__)
+            while self.pending:
+                if self.runner.cancel.is_set():
+                    raise Cancelled("cancelled")
+                ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=REPORT_S)
+                self.replay()
+                for ref in ready:
+                    task = self.tasks[self.pending.pop(ref)]
+                    try:
+                        result = _result(ray, ref)
+                    except _lost_errors() as e:
+                        self.lost(task, e)
+                        continue
+                    self.finished(task, result)
+            self.settle()
+        except BaseException:
+            for ref in self.pending:
+                ray.cancel(ref, force=True)
+            raise
+
+    def submit(self, shards: list[str], tries: int = 0) -> None:
+        """One task for SHARDS; TRIES: how often they were lost before."""
+        tid = f"t{len(self.tasks)}"
+        self.tasks[tid] = _Task(list(shards), tries)
+        self.pending[self._submit(list(shards), tid)] = tid
+
+    def adopt(self, task: _Task, name: str, info, errors: dict) -> None:
+        """The shard NAME that TASK uploaded (INFO) goes into the commit and the resume record."""
+        if name in self.adopted:  # reported twice (a report and the task's result): once is enough
             return
-        for stage, n in counts.items():
-            if n:
-                progress.advance(stage, n)
+        job = self.jobs[name]
+        self.sink.adopt(name, info, shard_notes(errors, job))
+        self.stats.errors.update({q.tensor: errors[q.tensor] for q in job.quantize if q.tensor in errors})
+        self.adopted.add(name)
+        task.done.append(name)
+        node = self.stats.nodes.setdefault(task.node, NodeStats())
+        node.shards.append(name)
+        node.bytes_written += job.bytes_out
+        self.stats.bytes_written += job.bytes_out
+        self.counts.add("upload", job.bytes_out)
+        self.progress.message(f"wrote {name} on node {task.node[:8]}")
+
+    def replay(self, wait: float = 0) -> None:
+        """Take the tasks' reports from the relay (waiting up to WAIT seconds for them): their
+        byte counts and finished shards."""
+        ray = self.ray
+        if self.relay_lost:
+            return
+        if not self.draining:
+            self.draining.append(self.relay.drain.remote())
+        if not ray.wait(self.draining, timeout=wait)[0]:
+            return  # a busy head node: the same answer is awaited next time, nothing is lost
+        try:
+            reports = ray.get(self.draining.pop())
+        except Exception as e:  # the relay is gone: the shards still come with the tasks' results
+            log.warning("warning: lost the progress actor (%s); the bars stop here", type(e).__name__)
+            self.relay_lost = True
+            return
+        for tid, node, stage_counts, shards, seconds in reports:
+            task = self.tasks[tid]
+            if task.lost:  # its shards are being made again
+                continue
+            task.node = node
+            task.seconds = max(task.seconds, seconds)
+            for stage, n in stage_counts.items():
+                task.counts[stage] = task.counts.get(stage, 0) + n
+                self.counts.add(stage, n)
+                if stage == "read":
+                    self.stats.nodes.setdefault(node, NodeStats()).bytes_read += n
+                    self.stats.bytes_read += n
+            for name, (info, errors) in shards.items():
+                self.adopt(task, name, info, errors)
+
+    def settle(self) -> None:
+        """Every report sent so far replayed (twice: an answer asked for earlier may predate the last ones)."""
+        self.replay(wait=60)
+        self.replay(wait=60)
+
+    def finished(self, task: _Task, result: dict) -> None:
+        """TASK returned: its shards are all on the Hub."""
+        task.node = task.node or result["node"]
+        task.seconds = result["seconds"]
+        for name, (info, errors) in result["uploaded"].items():
+            self.adopt(task, name, info, errors)
+        missing = [s for s in task.shards if s not in self.adopted]
+        if missing:  # cannot happen: a task that returns has uploaded its shards
+            raise StreamerError(f"internal error: the Ray task for {', '.join(missing)} returned without them")
+
+    def lost(self, task: _Task, error: BaseException) -> None:
+        """TASK was lost with its node: keep the shards it reported, make the others again."""
+        self.settle()  # what it reported before it was lost
+        task.lost = True
+        left = [s for s in task.shards if s not in self.adopted]
+        self.counts.lost(task.counts, self.runner.totals([self.jobs[s] for s in task.done]))
+        if not left:
+            return
+        if task.tries + 1 > TASK_RETRIES:
+            raise StreamerError(
+                f"the Ray task converting {', '.join(left)} was lost {task.tries + 1} times "
+                f"(last: {type(error).__name__}); run again to resume"
+            )
+        self.stats.retried += left
+        self.progress.message(
+            f"lost a task on node {(task.node or '?')[:8]} ({type(error).__name__}): "
+            f"{len(left)} shard(s) run again, {len(task.done)} kept"
+        )
+        self.submit(left, task.tries + 1)
 
 
-def _here(ray):
-    """A scheduling strategy that keeps an actor on the driver's node (a worker node may be lost)."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+def _lost_errors() -> tuple[type[BaseException], ...]:
+    """Ray's errors for a task lost with its worker process or node (not an error of the task's own)."""
+    from ray import exceptions as rx
 
-    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
+    return (rx.WorkerCrashedError, rx.NodeDiedError, rx.LocalRayletDiedError, rx.ObjectLostError, rx.OutOfMemoryError)
 
 
-def _check_feasible(ray, budget: int, gpus: bool) -> None:
-    """Refuse a run no node can take a task of (it would wait forever)."""
+def _check_feasible(ray, budget: int, gpus: bool) -> int:
+    """The number of nodes that can take a task; refuse a run no node can (it would wait forever)."""
     share = 1 / TASKS_PER_DEVICE
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    if any(
-        r.get("CPU", 0) >= share and r.get("memory", 0) >= budget and (not gpus or r.get("GPU", 0) >= share)
-        for r in nodes
-    ):
-        return
+    able = sum(
+        1 for r in nodes
+        if r.get("CPU", 0) >= share and r.get("memory", 0) >= budget and (not gpus or r.get("GPU", 0) >= share)
+    )  # fmt: skip
+    if able:
+        return able
     most = max((r.get("memory", 0) for r in nodes), default=0)
     raise StreamerError(
         f"no node of the Ray cluster can take a shard: each task needs {share:g} CPU"
@@ -331,61 +503,141 @@ def _folder_files(folder: str, names: list[str]) -> dict[str, int]:
 
 
 def _relay_class(ray):
-    """The progress relay actor class: tasks add byte counts, the driver drains them."""
+    """The progress relay actor class: tasks add their reports, the driver drains them (in the
+    order each task sent them)."""
 
     @ray.remote
     class ProgressRelay:
         def __init__(self):
-            self.counts: dict[str, int] = {}
+            self.reports: list[tuple] = []
 
-        def add(self, counts: dict[str, int]) -> None:
-            for stage, n in counts.items():
-                self.counts[stage] = self.counts.get(stage, 0) + n
+        def report(self, task: str, node: str, counts: dict[str, int], shards: dict, seconds: float) -> None:
+            self.reports.append((task, node, counts, shards, seconds))
 
-        def drain(self) -> dict[str, int]:
-            out, self.counts = self.counts, {}
+        def drain(self) -> list[tuple]:
+            out, self.reports = self.reports, []
             return out
 
     return ProgressRelay
 
 
-class _RelayProgress(Progress):
-    """A task's Progress: counts read and quantized bytes locally and sends them to the relay
-    every REPORT_S. Totals are the driver's (it knows the whole run); uploads are counted by the
-    driver when a task returns (its shards are then on the Hub)."""
+class DownloadTurn:
+    """One of a node's download turns (as many as it has CPUs, or GPUs): a task reads its bytes
+    while it holds one, and gives it back once it has read them all, so the node's second task
+    downloads while the first uploads. A file lock (per node id, in the node's temp folder) is
+    released by the kernel with a killed worker process."""
 
-    def __init__(self, relay):
+    def __init__(self, node: str, slots: int):
+        self.paths = [os.path.join(tempfile.gettempdir(), f"streamer-ray-{node}-{i}.lock") for i in range(slots)]
+        self._fd: int | None = None
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        """Wait for a free turn (a cancelled task's worker is killed, which ends the wait)."""
+        import fcntl
+
+        while True:
+            for path in self.paths:
+                fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    continue
+                self._fd = fd
+                return
+            time.sleep(0.05)
+
+    def release(self) -> None:
+        """Give the turn back (again: nothing)."""
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+
+def _node_slots(ray, node: str, device: str) -> int:
+    """How many tasks of NODE download at once: its CPUs (its GPUs when quantizing on them)."""
+    kind = "GPU" if device == "cuda" else "CPU"
+    for n in ray.nodes():
+        if n["NodeID"] == node:
+            return max(1, int(n["Resources"].get(kind, 1)))
+    return 1
+
+
+class _TaskProgress(Progress):
+    """A task's Progress: counts read and quantized bytes, and every REPORT_S sends them to the
+    relay with the shards uploaded since (their upload info and error sums). Totals are the
+    driver's (it knows the whole run); uploads count at the driver when it adopts a shard.
+    ON_READ is called once the task has read READ_TOTAL bytes."""
+
+    def __init__(self, relay, task: str, node: str, read_total: int = 0, on_read=None):
         super().__init__()
-        self.relay = relay
+        self.relay, self.task, self.node = relay, task, node
+        self.started = time.monotonic()
+        self.read_total, self.on_read = read_total, on_read
+        self.read = 0
+        self.jobs: list = []
+        self.sink = self.runner = None
+        self._sent: set[str] = set()
         self._pending: dict[str, int] = {}
+        self._send = threading.Lock()  # one report at a time: the relay gets them in order
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="streamer-progress", daemon=True)
         self._thread.start()
 
+    def watch(self, runner: Runner, sink, jobs: list) -> None:
+        """Report the shards of JOBS as SINK uploads them, with RUNNER's error sums."""
+        self.runner, self.sink, self.jobs = runner, sink, jobs
+
     def set_total(self, stage: str, total: int) -> None:
         pass
 
-    def advance(self, stage: str, n: int) -> None:
+    def advance(self, stage: str, n: int, *, rated: bool = True) -> None:
         if stage == "upload":
             return
+        finished = None
         with self._lock:
             self._pending[stage] = self._pending.get(stage, 0) + n
+            if stage == "read":
+                self.read += n
+                if self.on_read is not None and self.read >= self.read_total:
+                    finished, self.on_read = self.on_read, None
+        if finished is not None:
+            finished()
 
     def message(self, text: str) -> None:
         log.info(text)
 
+    def uploaded(self) -> dict[str, tuple]:
+        """The shards uploaded so far, name -> (UploadInfo, error sums of its weights)."""
+        if self.sink is None:
+            return {}
+        infos = self.sink.uploaded()
+        errors = self.runner.stats.errors
+        return {
+            job.shard: (infos[job.shard], {q.tensor: errors[q.tensor] for q in job.quantize if q.tensor in errors})
+            for job in self.jobs
+            if job.shard in infos
+        }
+
     def flush(self, wait: bool = False) -> None:
-        """Send what was counted since the last flush; WAIT until the relay holds it (the task's
-        last flush, so the driver has every byte by the time it sees the task's result)."""
-        with self._lock:
-            counts, self._pending = self._pending, {}
-        if counts:
+        """Send what was counted and uploaded since the last flush; WAIT until the relay holds it
+        (the task's last flush, so the driver has every byte when it sees the task's result)."""
+        with self._send:
+            # the shards first: bytes counted after this look cannot belong to a shard it lists
+            shards = {k: v for k, v in self.uploaded().items() if k not in self._sent}
+            with self._lock:
+                counts, self._pending = self._pending, {}
+            if not counts and not shards and not wait:
+                return
+            self._sent.update(shards)
             try:
-                ref = self.relay.add.remote(counts)
+                ref = self.relay.report.remote(self.task, self.node, counts, shards, time.monotonic() - self.started)
                 if wait:
                     import ray
 
-                    ray.get(ref, timeout=30)
+                    ray.get(ref, timeout=120)
             except Exception:  # the driver is gone: the task's result will not be collected anyway
                 pass
 
@@ -400,14 +652,14 @@ class _RelayProgress(Progress):
         self.flush(wait=True)
 
 
-def convert_shards(plan, shards: list[str], source_spec: dict, target: dict, settings: dict, relay) -> dict:
+def convert_shards(plan, shards: list[str], source_spec: dict, target: dict, settings: dict, relay, task: str) -> dict:
     """A Ray task: convert the output SHARDS of PLAN on this node and upload them to TARGET.
 
     source_spec, target: how to open both ends (see _source_spec, _target_spec). settings: the
     device, byte budget, read parallelism, NaN policy and quality measurement of the run. relay:
-    the progress actor. Returns {"uploaded": name -> huggingface_hub UploadInfo, "node",
-    "bytes_read", "bytes_written", "seconds", "errors": weight -> its quantization error sums};
-    the shard bytes stay on the Hub."""
+    the progress actor, which gets each shard as soon as it is on the Hub; task: this task's
+    name in its reports. Returns {"uploaded": name -> (huggingface_hub UploadInfo, error sums of
+    its weights), "node", "seconds"}; the shard bytes stay on the Hub."""
     import ray
     import torch
 
@@ -415,43 +667,44 @@ def convert_shards(plan, shards: list[str], source_spec: dict, target: dict, set
     from streamer.io.hub_source import HubSource
     from streamer.io.source import LocalSource
 
-    t0 = time.monotonic()
     node = ray.get_runtime_context().get_node_id()
+    turn = DownloadTurn(node, _node_slots(ray, node, settings["device"]))
+    turn.acquire()
     # a node's own HF_ENDPOINT (a proxy, a per-node link) wins over the driver's
     endpoint = os.environ.get("HF_ENDPOINT") or None
-    if "folder" in source_spec:
-        source = LocalSource(source_spec["folder"])
-    else:
-        source = HubSource(
-            source_spec["repo_id"], revision=source_spec["commit"], token=source_spec["token"],
-            endpoint=endpoint or source_spec["endpoint"],
-        )  # fmt: skip
-    sink = HubSink(
-        target["repo_id"], token=target["token"], revision=target["revision"],
-        endpoint=endpoint or target["endpoint"],
-    )  # fmt: skip
-    progress = _RelayProgress(relay)
     part = dataclasses.replace(plan, jobs=[j for j in plan.jobs if j.shard in shards])
+    progress = _TaskProgress(relay, task, node, on_read=turn.release)
+    sink = None
     try:
+        if "folder" in source_spec:
+            source = LocalSource(source_spec["folder"])
+        else:
+            source = HubSource(
+                source_spec["repo_id"], revision=source_spec["commit"], token=source_spec["token"],
+                endpoint=endpoint or source_spec["endpoint"],
+            )  # fmt: skip
+        # one upload at a time: the node's link is shared anyway, and so the first shard is on
+        # the Hub, reported and safe from a node loss as early as it can be
+        sink = HubSink(
+            target["repo_id"], token=target["token"], revision=target["revision"],
+            endpoint=endpoint or target["endpoint"], upload_workers=1,
+        )  # fmt: skip
         with source:
             runner = Runner(
                 part, source, sink, device=torch.device(settings["device"]),
                 max_memory=settings["max_memory"], fetch_workers=settings["fetch_workers"],
                 progress=progress, allow_nonfinite=settings["allow_nonfinite"], quality=settings["quality"],
             )  # fmt: skip
-            stats = runner.run()
+            progress.read_total = runner.totals(part.jobs)["read"]
+            progress.watch(runner, sink, part.jobs)
+            runner.run()
     except BaseException:
-        sink.abort()
+        if sink is not None:
+            sink.abort()
         raise
     finally:
-        sink.close()
+        turn.release()
+        if sink is not None:
+            sink.close()
         progress.close()
-    return {
-        "uploaded": sink.uploaded(),
-        "node": node,
-        "bytes_read": stats.bytes_read,
-        "bytes_written": stats.bytes_written,
-        "seconds": time.monotonic() - t0,
-        "errors": stats.errors,
-    }
-
+    return {"uploaded": progress.uploaded(), "node": node, "seconds": time.monotonic() - progress.started}
