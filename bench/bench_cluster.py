@@ -36,9 +36,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import GB, MB, PY, REPO, WORK, load_line, make_checkpoint, rm, source_bytes, table  # noqa: E402
+from _hubserver import ORG, HubServer  # noqa: E402
 
-TOKEN = "hf_bench_token_0123456789"
-ORG = "bench"
 SRC_REPO = f"{ORG}/llama-bf16"
 RAY = str(Path(PY).parent / "ray")
 
@@ -49,71 +48,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Server:
-    """`python -m streamer.localhub` on 0.0.0.0, seeded, one throttled link per client address."""
-
-    def __init__(self, root: Path, src: Path, down: float, up: float):
-        rm(root)
-        root.mkdir(parents=True)
-        cmd = [PY, "-m", "streamer.localhub", "--root", str(root), "--host", "0.0.0.0",
-               "--user", f"bench:{TOKEN}:{ORG}", "--seed", f"{SRC_REPO}={src}",
-               "--throttle-down", str(down), "--throttle-up", str(up), "--throttle-per-client"]  # fmt: skip
-        self.root = root
-        self.log = open(root.parent / f"{root.name}.log", "w+")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=REPO)
-        self.port = None
-        for line in self.proc.stdout:
-            if line.startswith("localhub serving"):
-                self.port = int(line.strip().rsplit(":", 1)[-1])
-                break
-        if self.port is None:
-            self.log.seek(0)
-            raise RuntimeError(f"localhub did not start:\n{self.log.read()[-3000:]}")
-
-    def url(self, k: int = 1) -> str:
-        """The Hub as the machine 127.0.0.K reaches it (its own link)."""
-        return f"http://127.0.0.{k}:{self.port}"
-
-    def env(self, k: int, home: Path) -> dict:
-        env = {key: v for key, v in os.environ.items() if not key.startswith(("RAY_", "HF_"))}
-        env.update(HF_ENDPOINT=self.url(k), HF_HUB_DISABLE_XET="1", HF_TOKEN=TOKEN, HF_HOME=str(home),
-                   HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1")  # fmt: skip
-        return env
-
-    def shas(self, repo: str) -> dict[str, str]:
-        code = (
-            "import json; from huggingface_hub import HfApi; "
-            f"i=HfApi().model_info({repo!r}, files_metadata=True); "
-            "print(json.dumps({s.rfilename: (s.lfs.sha256 if s.lfs else s.blob_id) for s in i.siblings}))"
-        )
-        r = subprocess.run([PY, "-c", code], capture_output=True, text=True, env=self.env(1, self.root / "q"), check=True)
-        return {k: v for k, v in json.loads(r.stdout).items() if k.endswith((".safetensors", ".json"))}
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc.stdout.close()
-        self.log.close()
-        rm(self.root)
-        Path(self.log.name).unlink(missing_ok=True)
+def node_env(server: HubServer, k: int, home: Path) -> dict:
+    """The environment of the process on machine 127.0.0.K: its own link to the Hub, no Ray settings."""
+    return {key: v for key, v in server.env(home, client=k).items() if not key.startswith("RAY_")}
 
 
 class Cluster:
     """A head that runs no tasks, and N one-CPU worker nodes, node k on the Hub link 127.0.0.(k+1)."""
 
-    def __init__(self, n: int, server: Server, root: Path, object_store: int):
+    def __init__(self, n: int, server: HubServer, root: Path, object_store: int):
         self.address = f"127.0.0.1:{free_port()}"
         self.workers: list[subprocess.Popen] = []
         common = [f"--object-store-memory={object_store}", "--disable-usage-stats"]
         subprocess.run(
             [RAY, "start", "--head", f"--port={self.address.split(':')[1]}", "--num-cpus=0",
              "--include-dashboard=false", *common],
-            env=server.env(1, root / "head"), check=True, capture_output=True, timeout=180,
+            env=node_env(server, 1, root / "head"), check=True, capture_output=True, timeout=180,
         )  # fmt: skip
         import ray
 
@@ -126,7 +76,7 @@ class Cluster:
                 self.workers.append(subprocess.Popen(
                     [RAY, "start", f"--address={self.address}", "--num-cpus=1", f'--resources={{"node{k}": 1}}',
                      "--block", *ports, *common],
-                    env=server.env(k, root / f"node{k}"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    env=node_env(server, k, root / f"node{k}"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                     start_new_session=True,
                 ))  # fmt: skip
                 deadline = time.time() + 120
@@ -167,7 +117,7 @@ def main(argv=None) -> int:
     for n in args.nodes:
         root = WORK / f"cluster-{n}"
         rm(root)
-        server = Server(WORK / f"hub-cluster-{n}", src, args.down, args.up)
+        server = HubServer(WORK / f"hub-cluster-{n}", seed={SRC_REPO: src}, down=args.down, up=args.up, per_client=True)
         cluster = None
         try:
             cluster = Cluster(n, server, root, object_store=100 * MB)
@@ -175,13 +125,13 @@ def main(argv=None) -> int:
             cmd = [PY, "-m", "streamer", SRC_REPO, dst, "--scheme", args.scheme, "--device", "cpu",
                    "--max-memory", args.max_memory, "--ray", cluster.address, "--json"]  # fmt: skip
             t0 = time.monotonic()
-            r = subprocess.run(cmd, capture_output=True, text=True, env=server.env(1, root / "driver"), cwd=REPO)
+            r = subprocess.run(cmd, capture_output=True, text=True, env=node_env(server, 1, root / "driver"), cwd=REPO)
             wall = time.monotonic() - t0
             if r.returncode != 0:
                 raise RuntimeError(f"streamer --ray failed with {n} node(s):\n{r.stderr[-4000:]}")
             summary = json.loads(r.stdout)
             load = load_line()
-            shas = server.shas(dst)
+            shas = {k: v for k, v in server.shas(dst).items() if k.endswith((".safetensors", ".json"))}
         finally:
             if cluster is not None:
                 cluster.stop()

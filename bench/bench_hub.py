@@ -36,9 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -47,94 +44,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     BENCH, GB, MB, PY, REPO, WORK, load_line, make_checkpoint, rm, run, source_bytes, table,
 )
+from _hubserver import ORG, HubServer  # noqa: E402
 
-TOKEN = "hf_bench_token_0123456789"
-ORG = "bench"
 SRC_REPO = f"{ORG}/llama-bf16"
 
 
-# `python -m streamer.localhub`, with each request logged at the time its answer starts
-# (`<unix time> <client> - "GET /… HTTP/1.1" 206 -`): a range request answers 206.
-HUB_MAIN = ("import logging, sys; logging.basicConfig(level=logging.DEBUG, format='%(created).6f %(message)s'); "
-            "from streamer.localhub.__main__ import main; sys.exit(main(sys.argv[1:]))")
-
-
-class Server:
-    """`python -m streamer.localhub` in its own process, seeded and throttled."""
+class Server(HubServer):
+    """The shared localhub server (bench/_hubserver.py), seeded with SRC as SRC_REPO, throttled to
+    DOWN / UP MB/s (0: no limit), logging each request's time."""
 
     def __init__(self, root: Path, src: Path, down: float, up: float):
-        rm(root)
-        root.mkdir(parents=True)
-        cmd = [PY, "-c", HUB_MAIN, "--root", str(root), "--user", f"bench:{TOKEN}:{ORG}",
-               "--seed", f"{SRC_REPO}={src}", "--throttle-down", str(down), "--throttle-up", str(up)]
-        self.root = root
-        self.log = open(root.parent / f"{root.name}.log", "w+")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=REPO)
-        self.url = None
-        t0 = time.monotonic()
-        for line in self.proc.stdout:
-            if line.startswith("localhub serving"):
-                self.url = line.split(" on ")[-1].strip()
-                break
-        if self.url is None:
-            self.log.seek(0)
-            raise RuntimeError(f"localhub did not start:\n{self.log.read()[-3000:]}")
-        self.seed_seconds = time.monotonic() - t0
-
-    def env(self, home: Path) -> dict:
-        env = dict(os.environ)
-        # LFS on purpose: localhub takes Xet too, but would then reassemble every upload in Python
-        # on the cores the conversion is timed on, and the README's figures are for this path.
-        env.update(HF_ENDPOINT=self.url, HF_HUB_DISABLE_XET="1", HF_TOKEN=TOKEN, HF_HOME=str(home),
-                   HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
-                   PYTHONDONTWRITEBYTECODE="1")  # .pyc files are not part of a conversion's disk use
-        return env
-
-    def files(self, repo: str, env: dict) -> dict[str, tuple[str, int]]:
-        """path -> (LFS sha256 or blob id, size) of the repo's main branch."""
-        code = (
-            "import json,sys; from huggingface_hub import HfApi; "
-            f"i=HfApi().model_info({repo!r}, files_metadata=True); "
-            "print(json.dumps({s.rfilename: (s.lfs.sha256 if s.lfs else s.blob_id, s.size) for s in i.siblings}))"
-        )
-        r = subprocess.run([PY, "-c", code], capture_output=True, text=True, env=env, check=True)
-        return {k: tuple(v) for k, v in json.loads(r.stdout).items()}
-
-    def request_times(self, pattern: str) -> list[float]:
-        """The unix times at which the server started answering the requests whose log line
-        matches the regex PATTERN, in order (a range request: '" 206 ')."""
-        self.log.flush()
-        times = []
-        for line in Path(self.log.name).read_text(errors="replace").splitlines():
-            stamp, _, rest = line.partition(" ")
-            if re.search(pattern, rest):
-                try:
-                    times.append(float(stamp))
-                except ValueError:
-                    pass
-        return times
-
-    def shas(self, repo: str, env: dict) -> dict[str, str]:
-        return {k: sha for k, (sha, _) in self.files(repo, env).items()}
-
-    def cpu(self) -> float:
-        import psutil
-
-        t = psutil.Process(self.proc.pid).cpu_times()
-        return t.user + t.system
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc.stdout.close()
-        self.log.close()
-        rm(self.root)
-        Path(self.log.name).unlink(missing_ok=True)
+        super().__init__(root, seed={SRC_REPO: src}, down=down or None, up=up or None, log_requests=True)
 
 
 def whole_shard_floor(sizes_in: list[int], sizes_out: list[int], down: float, up: float) -> float:
@@ -208,7 +128,7 @@ def main(argv=None) -> int:
         ready = max(server.request_times(f'"GET /api/models/{SRC_REPO}[/?]'), default=float("nan")) - started
         summary = json.loads(p.stdout[p.stdout.index("{"):])
         out_bytes = summary["bytes_out"]
-        s_files = server.files(dst, env)
+        s_files = server.files(dst)
         s_shas = model_files({k: sha for k, (sha, _) in s_files.items()})
     finally:
         server.stop()
@@ -258,7 +178,7 @@ def main(argv=None) -> int:
             dst = f"{ORG}/llama-baseline"
             b = run([PY, str(BENCH / "_baseline_hub.py"), SRC_REPO, dst, str(base_dir), args.scheme], env=env, cwd=REPO).check()
             res = b.result_json()
-            b_shas = model_files(server.shas(dst, env))
+            b_shas = model_files(server.shas(dst))
             identical = "yes" if b_shas == s_shas and s_shas else f"NO: {sorted(k for k in set(b_shas) | set(s_shas) if b_shas.get(k) != s_shas.get(k))}"
             total = res["total"]
             results["baseline"] = total
