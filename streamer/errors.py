@@ -60,6 +60,15 @@ class Hint:
         return (self.value,) if isinstance(self.value, str) else tuple(self.value)
 
 
+@dataclass(frozen=True)
+class Note:
+    """A sentence for the user that is not an error (who will see the result, a warning), with
+    hints each front end words as it words an error's (`Progress.note`)."""
+
+    message: str
+    hints: tuple[Hint, ...] = ()
+
+
 def with_hints(message: str, hints: Sequence[Hint], words: Callable[[Hint], str]) -> str:
     """MESSAGE followed by its hints in one front end's WORDS, as alternatives."""
     said = [w for w in dict.fromkeys(words(h) for h in hints) if w]

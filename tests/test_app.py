@@ -921,10 +921,15 @@ def test_sentences(web, monkeypatch):
     ]:  # fmt: skip
         msg = wording.sentence(engine)
         assert web in msg and "--" not in msg and "@" not in msg, msg
-    # an engine note (not an error: no hints) that still names a command-line option
-    msg = wording.for_web("target a/b will be created as a private repo because the source is private or gated "
-                          "(pass --public to publish it)")  # fmt: skip
-    assert "this Space keeps such a copy private" in msg and "--" not in msg, msg
+    # an engine note (not an error) carries its hint like an error: the Space words it itself
+    from streamer.engine.progress import Progress
+    from streamer.errors import Note
+
+    said = []
+    Progress(listeners=[lambda e: said.append(e.message)], hint_words=wording.web_words).note(
+        Note("target a/b will be created as a private repo because the source is private or gated", (Hint("public"),))
+    )
+    assert "this Space keeps such a copy private" in said[0] and "--" not in said[0], said
     msg = wording.sentence(RuntimeError("secret internals /root/.cache"))
     assert "Something went wrong on our side (RuntimeError)" in msg and "secret" not in msg
     with pytest.raises(wording.UserError, match="not a Hub repo id"):

@@ -11,7 +11,7 @@ import threading
 
 from streamer import __version__
 from streamer.cli.terminal import setup_logging, size_arg
-from streamer.cli.wording import describe
+from streamer.cli.wording import cli_words, describe
 from streamer.errors import Cancelled, StreamerError
 
 SUBCOMMANDS = ("mirror", "demo")
@@ -223,7 +223,7 @@ def run_convert(args) -> int:
     if args.dst is None and not args.dry_run:
         print("error: give a destination (folder or repo id), or --dry-run", file=sys.stderr)
         return 2
-    progress = Progress()
+    progress = Progress(hint_words=cli_words)
     bars = _progress_bars(args, progress)
     policy = nonfinite_policy(args.nonfinite)
     policy.__enter__()  # what a NaN/Inf weight does, for this command only (undone in `finally`)
@@ -302,7 +302,7 @@ def run_fanout(args) -> int:
     if args.ray is not None:
         print("error: --ray converts one target at a time; run each target as its own command", file=sys.stderr)
         return 2
-    progress = Progress()
+    progress = Progress(hint_words=cli_words)
     bars = _progress_bars(args, progress)
     try:
         with nonfinite_policy(args.nonfinite):

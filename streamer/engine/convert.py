@@ -576,8 +576,8 @@ def check_target(sink: Sink, source: Source, progress: Progress) -> None:
         raise StreamerError("the target repo is the source repo", hints=(Hint("target"),))
     sink.check()
     note = sink.visibility_note(source.private or source.gated)
-    if note:
-        progress.message(note)
+    if note is not None:
+        progress.note(note)
 
 
 def publish(runner: Runner, *, executor=None, record: str = "requested") -> Result:

@@ -333,7 +333,7 @@ class TargetProgress(Progress):
     def __init__(self, parent: Progress, label: str, totals: dict, lock: threading.Lock):
         """parent: the whole run's Progress; label: the target, prefixed to its log lines;
         totals, lock: the per-stage totals every target of the run adds into (shared)."""
-        super().__init__()
+        super().__init__(hint_words=parent.hint_words)
         self.parent = parent
         self.label = label
         self._mine: dict[str, int] = {}

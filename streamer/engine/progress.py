@@ -18,6 +18,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+from streamer.errors import Hint, Note, api_words, with_hints
+
 log = logging.getLogger("streamer")
 
 STAGES = ("read", "quantize", "upload")
@@ -95,6 +97,8 @@ class Progress:
     as a ProgressEvent. Thread-safe: the pipeline's workers report into it concurrently."""
 
     listeners: list[Callable[[ProgressEvent], None]] = field(default_factory=list)
+    # how the front end words a hint (a flag, a form field, a parameter), for `note`
+    hint_words: Callable[[Hint], str] = api_words
 
     def __post_init__(self):
         self._lock = threading.Lock()
@@ -133,6 +137,12 @@ class Progress:
         log.info(text)
         for fn in list(self.listeners):
             fn(ProgressEvent("log", message=text))
+
+    def note(self, note: Note) -> None:
+        """Log NOTE, its hints in this front end's words (`hint_words`), as `message` does.
+
+        :param note: a sentence for people, with hints."""
+        self.message(with_hints(note.message, note.hints, self.hint_words))
 
     def snapshot(self, stage: str) -> ProgressEvent:
         """STAGE's numbers now: done, total, the windowed rate and the ETA.

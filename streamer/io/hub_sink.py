@@ -38,7 +38,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.lfs import UploadInfo, post_lfs_batch_info
 from huggingface_hub.utils import build_hf_headers
 
-from streamer.errors import Cancelled, Hint, HubError, StreamerError, TargetError
+from streamer.errors import Cancelled, Hint, HubError, Note, StreamerError, TargetError
 from streamer.io.hub_http import classify, explain, hub_call, hub_endpoint, read_text, retry_wait, short_error
 from streamer.io.provenance import read_provenance
 from streamer.io.sink import ShardWriter, Sink, check_relpath
@@ -425,18 +425,22 @@ class HubSink(Sink):
         # commit, so the target never mixes two conversions.
         self._existing = existing
 
-    def visibility_note(self, source_private: bool = False) -> str | None:
-        """One sentence on who will see the result (after check()); None when there is nothing to say.
+    def visibility_note(self, source_private: bool = False) -> Note | None:
+        """Who will see the result (after check()); None when there is nothing to say.
 
         SOURCE_PRIVATE: the source is private or gated."""
         if self._create_repo:
+            if self.private and source_private:  # the hint: how to publish it anyway
+                return Note(
+                    f"target {self.repo_id} will be created as a private repo because the source is private or gated",
+                    hints=(Hint("public"),),
+                )  # fmt: skip
             if self.private:
-                why = " because the source is private or gated (pass --public to publish it)" if source_private else ""
-                return f"target {self.repo_id} will be created as a private repo{why}"
-            why = ": the source is private or gated, and --public was given" if source_private else ""
-            return f"target {self.repo_id} will be created as a public repo{why}"
+                return Note(f"target {self.repo_id} will be created as a private repo")
+            as_asked = ", as asked, although the source is private or gated" if source_private else ""
+            return Note(f"target {self.repo_id} will be created as a public repo{as_asked}")
         if self._target_private is False and source_private:
-            return (
+            return Note(
                 f"warning: target {self.repo_id} exists and is public, and the source is private or gated: "
                 "everyone will be able to read the converted weights"
             )

@@ -24,7 +24,7 @@ try:
 except ImportError:  # not POSIX: staging folders are not locked, and none is ever removed
     fcntl = None
 
-from streamer.errors import Hint, TargetError
+from streamer.errors import Hint, Note, TargetError
 from streamer.formats import safe_relpath
 from streamer.io.provenance import read_provenance
 
@@ -76,8 +76,8 @@ class Sink:
     def check(self) -> None:
         """Refuse a destination that must not be written, before any work starts."""
 
-    def visibility_note(self, source_private: bool = False) -> str | None:
-        """One sentence on who will see the result (after check()); None when there is nothing to say.
+    def visibility_note(self, source_private: bool = False) -> Note | None:
+        """Who will see the result (after check()), a Note; None when there is nothing to say.
 
         SOURCE_PRIVATE: the source is private or gated."""
         return None

@@ -31,7 +31,7 @@ from streamer.web.auth import Account, require_token, whoami
 from streamer.web.forms import check_extra_schemes, check_scheme, parse_source, source_spec, target_of, targets_of
 from streamer.web.progress import RUNNING, RateWindow, progress_html
 from streamer.web.results import TargetOutcome, cancelled_html, fanout_html, proposed_html, published_html
-from streamer.web.wording import UserError, error_box, fail, for_web, sentence
+from streamer.web.wording import UserError, error_box, fail, for_web, sentence, web_words
 
 
 def _exists(target: str, token) -> bool | None:
@@ -116,7 +116,7 @@ def _convert(source, revision, scheme, ignore, namespace, repo_name, private, cr
                 private=True if private else None, create_pr=bool(create_pr), device="auto",
                 skip_incompatible=bool(skip_incompatible),
                 max_memory=max(default_memory_budget() // settings.MAX_CONVERSIONS, 1 << 30),
-                progress=Progress(listeners=[events.put]), cancel=slot.cancel,
+                progress=Progress(listeners=[events.put], hint_words=web_words), cancel=slot.cancel,
             )  # fmt: skip
         except Cancelled:
             outcome["cancelled"] = True
@@ -261,7 +261,7 @@ def _convert_many(run: _Run, targets: list[tuple[str, str]], t0: float):
                     private=True if run.private else None, create_pr=run.create_pr, device="auto",
                     skip_incompatible=run.skip_incompatible,
                     max_memory=max(default_memory_budget() // settings.MAX_CONVERSIONS, 1 << 30),
-                    progress=Progress(listeners=[events.put]), cancel=slot.cancel,
+                    progress=Progress(listeners=[events.put], hint_words=web_words), cancel=slot.cancel,
                 )  # fmt: skip
         except Cancelled:
             outcome["cancelled"] = True

@@ -93,13 +93,10 @@ def web_words(hint: Hint) -> str:
 
 def for_web(message: str) -> str:
     """MESSAGE (an engine's note or warning, or an error's text) as the page shows it: links to the
-    Hub this app talks to, and the few engine notes that carry no hints (they are not errors) in
-    the form's words.
+    Hub this app talks to, and the one engine sentence that carries no hint in the form's words.
 
     message: the text to show."""
     swaps = [
-        # HubSink.visibility_note, logged when a private target is created for a private source
-        (" (pass --public to publish it)", " (this Space keeps such a copy private)"),
         # streamer.io.hub_http.explain of a gated repo: the visitor's own token is the one used
         ("run again with that account's token", "try again"),
     ]
