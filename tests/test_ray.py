@@ -255,8 +255,9 @@ def test_local_source_some_node_cannot_see_is_refused(cluster, hub, llama_ckpt):
             cluster.wait_gone(node)  # the next tests place no task there
     assert "not visible with the same files on 1 of the 4 node(s)" in e.value.message, e.value.message
     assert [h.setting for h in e.value.hints] == ["source"]
-    # refused before any shard was made: nothing uploaded, nothing committed
+    # refused before any shard was made: nothing uploaded, nothing committed, no repo created
     assert not [r for r in hub.request_log if r.method == "PUT" or "/commit/" in r.path]
+    assert not [r for r in hub.request_log if r.path.endswith("/repos/create")] and not hub.repo_exists("alice/blind")
 
 
 def test_local_target_is_refused_with_ray(cluster, hub, tmp_path):

@@ -165,6 +165,7 @@ class RayExecutor:
         self.runtime_env = runtime_env
         self.group = group
         self._lock = threading.Lock()
+        self._checked: tuple | None = None  # (runner, source spec, target spec) of `check`
 
     # -- the cluster -----------------------------------------------------------------------
 
@@ -200,6 +201,12 @@ class RayExecutor:
 
     # -- one conversion --------------------------------------------------------------------
 
+    def check(self, runner: Runner) -> None:
+        """Refuse, before the target is created, a conversion the cluster cannot run: a local
+        source folder some node cannot see, a target the nodes cannot upload to."""
+        ray = self.connect()
+        self._checked = (runner, _source_spec(runner.source, ray), _target_spec(runner.sink))
+
     def run(self, runner: Runner) -> ClusterStats:
         """Run RUNNER's plan on the cluster: the shards the sink does not hold yet are converted
         and uploaded by the nodes; their metadata is handed to the runner's sink, which the
@@ -207,8 +214,9 @@ class RayExecutor:
         ray = self.connect()
         plan, sink, progress = runner.plan, runner.sink, runner.progress
         progress.message(self.describe())
-        source_spec = _source_spec(runner.source, ray)
-        target = _target_spec(sink)
+        if self._checked is None or self._checked[0] is not runner:
+            self.check(runner)
+        _, source_spec, target = self._checked
         t0 = time.monotonic()
         stats = ClusterStats()
         done: set[str] = set()

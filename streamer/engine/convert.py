@@ -586,6 +586,8 @@ def publish(runner: Runner, *, executor=None, record: str = "requested") -> Resu
     `convert`."""
     plan, source, sink, progress, cancel = runner.plan, runner.source, runner.sink, runner.progress, runner.cancel
     try:
+        if executor is not None:  # what the cluster cannot run is refused before begin() creates the target
+            executor.check(runner)
         sink.begin()
         progress.message(
             f"converting {plan.source} -> {sink.label}: {len(plan.jobs)} shard(s), "
