@@ -149,6 +149,8 @@ def test_refused_before_anything_is_written(llama_ckpt, tmp_path):
         convert_many(str(llama_ckpt), [(tmp_path / "a", "W4A16"), (tmp_path / "b", "FP8_DYNAMIC")], max_memory=20_000)
     assert e.value.hints[0].setting == "max_memory"
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    with pytest.raises(StreamerError, match="at least 1"):
+        convert_many(str(llama_ckpt), [(tmp_path / "a", "W4A16"), (tmp_path / "b", "FP8_DYNAMIC")], max_memory=0)
     with pytest.raises(StreamerError, match="convert_many"):
         convert(str(llama_ckpt), [(tmp_path / "a", "W4A16")])
 

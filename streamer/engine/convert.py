@@ -7,10 +7,11 @@ it was.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import os
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -390,7 +391,7 @@ class FanoutResult:
 def as_target(item) -> Target:
     """A Target from what a caller passes: a Target, a (dst, scheme) pair, or a dict of its fields."""
     if isinstance(item, Target):
-        return item
+        return item if isinstance(item.dst, str) else dataclasses.replace(item, dst=os.fspath(item.dst))
     if isinstance(item, dict):
         try:
             return Target(**item)
@@ -450,6 +451,7 @@ def convert_many(
     if record not in ("requested", "effective"):
         raise StreamerError(f"record must be 'requested' or 'effective', not {record!r}")
     dev = resolve_device(device)
+    limit = Budget(default_memory_budget() if max_memory is None else max_memory).limit  # refuses a bad size
     progress = progress or Progress()
     cancel = cancel or threading.Event()
     policy = Policy(default_ignore=default_ignore, quantize_towers=quantize_towers, skip_incompatible=skip_incompatible)
@@ -460,27 +462,31 @@ def convert_many(
         ready: list[tuple[TargetResult, Plan, Sink | None]] = []
         if private is None:
             private = source.private or source.gated
-        for out in outcomes:  # plan and check every target before any of them writes
-            t = out.target
-            sink = None
-            try:
-                recipe = make_recipe(t.scheme, scheme_file=t.scheme_file, config=t.config, ignore=[*ignore, *t.ignore])
-                dequant = detect_dequantizer(catalog, recipe, dtype=dequant_dtype, force=force, stack=stack)
-                plan = make_plan(catalog, recipe, source=source.label, dequant=dequant, policy=policy)
-                out.result = Result(plan=plan, dry_run=True)
-                sink = open_sink(t.dst, token=token, overwrite=overwrite, private=private, create_pr=create_pr, revision=revision)
-                check_target(sink, source, _labelled(progress, t))
-            except (StreamerError, OSError) as e:
-                out.result, out.error = None, e
-                if sink is not None:
-                    sink.close()
-                continue
-            ready.append((out, plan, sink))
+        try:
+            for out in outcomes:  # plan and check every target before any of them writes
+                t = out.target
+                sink = None
+                try:
+                    recipe = make_recipe(t.scheme, scheme_file=t.scheme_file, config=t.config, ignore=[*ignore, *t.ignore])
+                    dequant = detect_dequantizer(catalog, recipe, dtype=dequant_dtype, force=force, stack=stack)
+                    plan = make_plan(catalog, recipe, source=source.label, dequant=dequant, policy=policy)
+                    out.result = Result(plan=plan, dry_run=True)
+                    sink = open_sink(t.dst, token=token, overwrite=overwrite, private=private, create_pr=create_pr, revision=revision)
+                    check_target(sink, source, _labelled(progress, t))
+                except (StreamerError, OSError) as e:
+                    out.result, out.error = None, e
+                    if sink is not None:
+                        sink.close()
+                    continue
+                ready.append((out, plan, sink))
+        except BaseException:  # a Ctrl-C, a bug: let go of the sinks opened so far
+            for _, _, sink in ready:
+                sink.close()
+            raise
         if dry_run or not ready:  # a dry run, or every target refused at planning: nothing to run
             for _, _, sink in ready:
                 sink.close()
             return FanoutResult(source.label, outcomes, seconds=time.monotonic() - t0)
-        limit = default_memory_budget() if max_memory is None else max_memory
         cache, share = split_budget(limit, len(ready))
         reader = SharedReader(source, targets=len(ready), cache_limit=cache, cancel=cancel, progress=progress)
         reader.preload([*catalog.copy_files, "README.md"])
