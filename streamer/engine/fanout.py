@@ -29,8 +29,10 @@ from streamer.io.source import Source, Span
 Key = tuple[str, int, int]  # (file, start, end): TensorInfo.key
 
 # A leader waits for the others at most this long without any of them taking a copy; past it, it
-# goes on (memory overshoots by its pieces in flight) rather than risk waiting for ever.
-STALL_S = 10.0
+# goes on rather than risk waiting for ever. The targets it waits for never wait themselves (they
+# owe copies), so this is a safety net: long enough that a slow target quantizing one large
+# piece on a CPU does not trip it, since each trip lets the copies grow past the limit.
+STALL_S = 60.0
 # The reader's share of the budget for copies kept for slower targets.
 CACHE_SHARE = 0.25
 
