@@ -260,6 +260,34 @@ def test_local_source_some_node_cannot_see_is_refused(cluster, hub, llama_ckpt):
     assert not [r for r in hub.request_log if r.path.endswith("/repos/create")] and not hub.repo_exists("alice/blind")
 
 
+def test_a_node_with_another_streamer_version_is_refused(cluster, hub, llama_ckpt, tmp_path):
+    """Every node must run this streamer: a node whose `streamer` says another version (made so
+    at its interpreters' start by a sitecustomize on its PYTHONPATH) stops the run before the
+    target exists."""
+    import streamer
+    from streamer.engine.cluster import RayExecutor
+    from streamer.engine.convert import convert
+    from streamer.errors import StreamerError
+
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text("import streamer\nstreamer.__version__ = '0.0.1'\n")
+    cluster.add_worker("old", wrap=("env", f"PYTHONPATH={shim}"))
+    try:
+        cluster.wait_nodes(4)
+        hub.clear_log()
+        with pytest.raises(StreamerError) as e:
+            convert(SOURCE, "alice/mixed", scheme="W8A16", device="cpu", max_memory=256_000_000,
+                    executor=RayExecutor(cluster.address))  # fmt: skip
+    finally:
+        node = cluster.node_of("old") if any("old" in n["Resources"] for n in cluster.alive()) else None
+        cluster.kill_worker("old")
+        if node is not None:
+            cluster.wait_gone(node)
+    assert f"run streamer 0.0.1, this machine {streamer.__version__}" in e.value.message, e.value.message
+    assert not [r for r in hub.request_log if r.path.endswith("/repos/create") or r.method == "PUT"]
+
+
 def test_local_target_is_refused_with_ray(cluster, hub, tmp_path):
     from streamer.engine.cluster import RayExecutor
     from streamer.errors import StreamerError

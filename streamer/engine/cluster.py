@@ -203,9 +203,11 @@ class RayExecutor:
 
     def check(self, runner: Runner) -> None:
         """Refuse, before the target is created, a conversion the cluster cannot run: a local
-        source folder some node cannot see, a target the nodes cannot upload to."""
+        source folder some node cannot see, a target the nodes cannot upload to, a node without
+        this streamer version. The nodes' workers are started on the way (`_start_workers`)."""
         ray = self.connect()
         self._checked = (runner, _source_spec(runner.source, ray), _target_spec(runner.sink))
+        _start_workers(ray, runner.budget.limit, bool(self.gpus) if self.gpus is not None else None)
 
     def run(self, runner: Runner) -> ClusterStats:
         """Run RUNNER's plan on the cluster: the shards the sink does not hold yet are converted
@@ -472,6 +474,54 @@ def _target_spec(sink) -> dict:
             hints=(Hint("target", "org/name"),),
         )
     return {"repo_id": sink.repo_id, "revision": sink.revision, "token": _token(sink.api), "endpoint": sink.endpoint}
+
+
+def _start_workers(ray, budget: int, gpus: bool | None) -> None:
+    """Start the worker processes the run's tasks will use, TASKS_PER_DEVICE per CPU (or GPU) of
+    every node, each importing the engine (seconds of torch and compressed-tensors) and saying
+    which streamer it runs: a node with another version is refused before anything is written,
+    and the tasks then start converting at once, every node together."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from streamer import __version__
+
+    if gpus is None:
+        gpus = bool(ray.cluster_resources().get("GPU"))
+    kind, share = ("GPU" if gpus else "CPU"), 1 / TASKS_PER_DEVICE
+    nodes = [
+        n for n in ray.nodes()
+        if n.get("Alive") and n["Resources"].get(kind, 0) >= share and n["Resources"].get("memory", 0) >= budget
+    ]  # fmt: skip
+    warm = ray.remote(_engine_version)
+    refs = [
+        warm.options(
+            num_cpus=share, num_gpus=share if gpus else 0, memory=budget,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
+        ).remote()
+        for n in nodes
+        for _ in range(max(1, int(n["Resources"].get(kind, 1))) * TASKS_PER_DEVICE)
+    ]  # fmt: skip
+    try:
+        versions = ray.get(refs)
+    except Exception as e:  # a node that cannot import streamer at all
+        raise StreamerError(
+            f"a node of the Ray cluster cannot run streamer: {type(e).__name__}: {str(e).splitlines()[-1][:300]}; "
+            f"install it on every node (pip install 'streamer-quant[ray]=={__version__}')"
+        ) from None
+    other = sorted({v for v in versions if v != __version__})
+    if other:
+        raise StreamerError(
+            f"the Ray cluster's nodes run streamer {', '.join(other)}, this machine {__version__}: "
+            f"install the same version on every node (pip install 'streamer-quant[ray]=={__version__}')"
+        )
+
+
+def _engine_version() -> str:
+    """On a node: import the engine (what a task needs first) and say which streamer this is."""
+    import streamer.engine.pipeline  # noqa: F401  (torch, compressed-tensors: seconds, once per worker)
+    from streamer import __version__
+
+    return __version__
 
 
 def _check_shared(ray, folder: str, files: dict[str, int]) -> None:
