@@ -206,6 +206,29 @@ def _executor(args):
     return RayExecutor(args.ray)
 
 
+def failure_text(e: BaseException) -> str:
+    """What the command line says of the error E that stopped a run (after "error: ")."""
+    if isinstance(e, (Cancelled, KeyboardInterrupt)):
+        return "interrupted: nothing was published"
+    if isinstance(e, StreamerError):
+        return describe(e)
+    # a bug or an unexpected environment problem; still no traceback by default
+    return f"{type(e).__name__}: {e} (run with --verbose for details)"
+
+
+def _failed(e: BaseException, bars, verbose: bool) -> int:
+    """Print what stopped the run (the bars closed first, so they end above the line); its exit
+    code. With VERBOSE an unexpected error is raised again, with its traceback."""
+    _close(bars)
+    interrupted = isinstance(e, (Cancelled, KeyboardInterrupt))
+    if verbose and not interrupted and not isinstance(e, StreamerError):
+        raise e
+    print(failure_text(e) if interrupted else f"error: {failure_text(e)}", file=sys.stderr)
+    if interrupted:
+        return 130
+    return e.exit_code if isinstance(e, StreamerError) else 1
+
+
 def run_convert(args) -> int:
     """Run the conversion ARGS (from `convert_parser`) asks for, printing what the user should
     see; returns the exit code.
@@ -243,20 +266,8 @@ def run_convert(args) -> int:
 
             # a log line (stderr, above the bars like the run's other lines; not with --quiet)
             progress.message(summary_line(result.quality))
-    except (Cancelled, KeyboardInterrupt):  # Ctrl-C arrives as KeyboardInterrupt, a stop as Cancelled
-        _close(bars)
-        print("interrupted: nothing was published", file=sys.stderr)
-        return 130
-    except StreamerError as e:
-        _close(bars)  # the bars end above the error line, not around it
-        print(f"error: {describe(e)}", file=sys.stderr)
-        return e.exit_code
-    except Exception as e:  # a bug or an unexpected environment problem; still no traceback by default
-        _close(bars)
-        if args.verbose:
-            raise
-        print(f"error: {type(e).__name__}: {e} (run with --verbose for details)", file=sys.stderr)
-        return 1
+    except (Exception, KeyboardInterrupt) as e:  # Ctrl-C arrives as KeyboardInterrupt, a stop as Cancelled
+        return _failed(e, bars, args.verbose)
     finally:
         policy.__exit__(None, None, None)
         _close(bars)
@@ -315,20 +326,8 @@ def run_fanout(args) -> int:
                 default_ignore=args.default_ignore, quantize_towers=args.quantize_towers,
                 skip_incompatible=args.skip_incompatible, quality=args.quality,
             )  # fmt: skip
-    except (Cancelled, KeyboardInterrupt):
-        _close(bars)
-        print("interrupted: nothing was published", file=sys.stderr)
-        return 130
-    except StreamerError as e:
-        _close(bars)
-        print(f"error: {describe(e)}", file=sys.stderr)
-        return e.exit_code
-    except Exception as e:
-        _close(bars)
-        if args.verbose:
-            raise
-        print(f"error: {type(e).__name__}: {e} (run with --verbose for details)", file=sys.stderr)
-        return 1
+    except (Exception, KeyboardInterrupt) as e:
+        return _failed(e, bars, args.verbose)
     finally:
         _close(bars)
     if args.json:
@@ -339,11 +338,7 @@ def run_fanout(args) -> int:
     for t in result.targets:
         name = f"{t.target.dst} ({t.target.scheme_name})"
         if not t.ok:
-            why = describe(t.error) if isinstance(t.error, StreamerError) else (
-                "interrupted: nothing was published" if isinstance(t.error, (Cancelled, KeyboardInterrupt))
-                else f"{type(t.error).__name__}: {t.error}"
-            )  # fmt: skip
-            print(f"error: {name}: {why}", file=sys.stderr)
+            print(f"error: {name}: {failure_text(t.error)}", file=sys.stderr)
         elif args.dry_run:
             print(f"== {name}\n{render(t.result.plan)}")
         elif not args.quiet:

@@ -34,6 +34,12 @@ from streamer.web.results import TargetOutcome, cancelled_html, fanout_html, pro
 from streamer.web.wording import UserError, error_box, fail, for_web, sentence, web_words
 
 
+def _memory_share() -> int:
+    """The memory budget of one conversion: this machine's, shared by the conversions it runs at
+    once, and never below 1 GB."""
+    return max(default_memory_budget() // settings.MAX_CONVERSIONS, 1 << 30)
+
+
 def _exists(target: str, token) -> bool | None:
     """Does TARGET exist (None: could not tell)."""
     try:
@@ -115,7 +121,7 @@ def _convert(source, revision, scheme, ignore, namespace, repo_name, private, cr
                 # unticked: as the source (a private or gated source makes a private target)
                 private=True if private else None, create_pr=bool(create_pr), device="auto",
                 skip_incompatible=bool(skip_incompatible),
-                max_memory=max(default_memory_budget() // settings.MAX_CONVERSIONS, 1 << 30),
+                max_memory=_memory_share(),
                 progress=Progress(listeners=[events.put], hint_words=web_words), cancel=slot.cancel,
             )  # fmt: skip
         except Cancelled:
@@ -260,7 +266,7 @@ def _convert_many(run: _Run, targets: list[tuple[str, str]], t0: float):
                     source_spec(run.repo, run.rev), todo, ignore=run.ignore, token=run.token,
                     private=True if run.private else None, create_pr=run.create_pr, device="auto",
                     skip_incompatible=run.skip_incompatible,
-                    max_memory=max(default_memory_budget() // settings.MAX_CONVERSIONS, 1 << 30),
+                    max_memory=_memory_share(),
                     progress=Progress(listeners=[events.put], hint_words=web_words), cancel=slot.cancel,
                 )  # fmt: skip
         except Cancelled:
