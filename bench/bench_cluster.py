@@ -111,7 +111,8 @@ def main(argv=None) -> int:
 
     src = args.src or make_checkpoint(WORK / f"ckpt-{args.gb:g}gb-{args.shards}s", args.gb, "--shards", str(args.shards))
     total = source_bytes(src)
-    print(f"# source {total / GB:.2f} GB in {args.shards} shards; per-node link {args.down:g} MB/s down, "
+    shards = len(list(Path(src).glob("*.safetensors")))  # the generator may make fewer than asked
+    print(f"# source {total / GB:.2f} GB in {shards} shards; per-node link {args.down:g} MB/s down, "
           f"{args.up:g} MB/s up; {os.cpu_count()} CPU core(s) shared by every node", file=sys.stderr)  # fmt: skip
     rows, base, ref = [], None, None
     for n in args.nodes:

@@ -228,3 +228,44 @@ def test_the_readers_bytes_count_against_the_memory_budget(hub):
     summary = json.loads(out)
     assert _shard_gets(hub.request_log, reader=True)  # the reader did read
     assert budget // 2 <= summary["peak_buffered_bytes"] <= budget
+
+
+def test_a_small_file_read_before_the_commit_is_known_is_kept_only_from_that_commit(hub, llama_ckpt):
+    """The index and config.json are asked for at the revision's name while the file list
+    resolves it: bytes the Hub answered from another commit (the branch moved in between) are
+    read again at the commit the run reads."""
+    import mmap as mmap_module
+
+    from huggingface_hub.utils import build_hf_headers
+
+    commit = hub.commits(SOURCE)[0].sha
+    name = "config.json"
+    want = (llama_ckpt / name).read_bytes()
+    reports = []
+    config = {"repo_id": SOURCE, "revision": None, "endpoint": hub.url, "resuming": False, "limit": 1 << 20,
+              "headers": build_hf_headers(token=ALICE, user_agent={"streamer": "prefetch"})}  # fmt: skip
+    reader = prefetch._Reader(config, mmap_module.mmap(-1, 1 << 20), lambda **r: reports.append(r))
+    assert reader.peek(name) == (commit, want)  # main's commit, named by the Hub's answer
+    reader.commit = commit
+
+    asked = len(hub.request_log)
+    assert reader.keep(name, len(want), commit, want) == want  # the same commit: kept as it came
+    assert len(hub.request_log) == asked
+    assert reader.keep(name, len(want), "0" * 40, b"{}") == want  # another commit: read again
+    again = hub.request_log[asked:]
+    assert [r.revision for r in again] == [commit] and again[0].range is not None
+    assert [r["got"][:3] for r in reports if "got" in r] == [[name, 0, len(want)]] * 2
+
+
+def test_no_reader_behind_a_proxy(hub, monkeypatch):
+    """The reader speaks to the Hub directly only: behind a proxy it is not started, and the run
+    reads through huggingface_hub (which honours the proxy) alone."""
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    before = {p.pid for p in psutil.Process().children()}
+    assert prefetch.Prefetch.launch(SOURCE, None, token=ALICE, limit=1 << 20) is None
+    assert prefetch.claim(SOURCE, None, hub.url) is None
+    assert all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
+               for p in psutil.Process().children() if p.pid not in before)  # fmt: skip
+    assert _memfd_holders(os.getpid()) == []

@@ -5,16 +5,18 @@ still importing torch and compressed-tensors (seconds before the first byte woul
     ...                                                             # HubSource claims it (`claim`)
     reader.close()                                                  # after the run, however it ends
 
-The reader (`python -m streamer.io.prefetch`, started by `start`; of huggingface_hub it imports
-only what builds the request headers) resolves the revision to a commit, reads the index and
-config.json, the first bytes of every shard (its safetensors header), then the shards' bytes in
-file order (the order the pipeline reads them in), 16 MB per request on 8 connections. It speaks
-HTTP with the standard library's http.client, which reads a body straight into memory: a fifth
-of the CPU time of huggingface_hub's httpx session, whose time would be taken from the engine's
-imports on a small machine. (Behind a proxy it does not run.) What it reads lands in one
-anonymous shared memory file (memfd) its parent created, at most LIMIT bytes;
-it reports on its stdout what it received, every megabyte. (After an interrupted upload it reads
-only the headers: the rerun skips the shards already uploaded, which only the plan knows.)
+The reader (`python -m streamer.io.prefetch`, started by `start`) imports nothing of
+huggingface_hub: its parent builds the request headers while the reader's interpreter starts.
+It resolves the revision to a commit while it asks for the index and config.json at the
+revision's name (kept when the Hub answered from that same commit), reads the first bytes of
+every shard (its safetensors header), then the shards' bytes in file order (the order the
+pipeline reads them in), 16 MB per request on 8 connections. It speaks HTTP with the standard
+library's http.client, which reads a body straight into memory: a fifth of the CPU time of
+huggingface_hub's httpx session, whose time would be taken from the engine's imports on a small
+machine. (Behind a proxy it does not run.) What it reads lands in one anonymous shared memory
+file (memfd) its parent created, at most LIMIT bytes; it reports on its stdout what it received,
+every megabyte. (After an interrupted upload it reads only the headers: the rerun skips the
+shards already uploaded, which only the plan knows.)
 
 HubSource claims the reader when it opens the same repo and revision, reads at exactly the
 reader's commit, and asks it for every range first (`Prefetch.serve`): bytes the reader holds are
@@ -24,10 +26,10 @@ so the two never compete for the link.
 
 Nothing outlives the run: the memfd has no name under /dev/shm and the kernel frees it with the
 last process that holds it; the reader exits when its stdin closes, which happens when its parent
-exits however it ends (an error, Ctrl-C, SIGKILL). The token reaches the reader on its stdin,
-never in its argv. A reader that fails (no network, no access, a server without range support)
-costs nothing but its head start: its bytes are then read over HTTP, and its errors are only
-logged at debug level.
+exits however it ends (an error, Ctrl-C, SIGKILL). The token reaches the reader on its stdin (in
+the headers), never in its argv. A reader that fails (no network, no access, a server without
+range support) costs nothing but its head start: its bytes are then read over HTTP, and its
+errors are only logged at debug level.
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ from streamer.io.source import Span
 log = logging.getLogger("streamer")
 
 CHUNK_BYTES = 16 * 1024 * 1024  # one range request of the reader
+# The most asked of the index or config.json before the file list gives their sizes (real
+# ones are tens of kB; a larger one is read again once its size is known).
+SMALL_BYTES = 4 * 1024 * 1024
 CONNECTIONS = 8  # range requests the reader has in flight
 # The first request to each shard: enough for the safetensors header of any real shard (tens of
 # kB); a longer header is read in a second request before any tensor bytes.
@@ -102,6 +107,33 @@ def claim(repo_id: str, revision: str | None, endpoint: str) -> "Prefetch | None
     return None
 
 
+def _reader_config(repo_id: str, revision: str | None, token: str | bool | None, fd: int, limit: int) -> dict | None:
+    """What the reader is told on its stdin: the repo, the Hub, the request headers (the token's
+    among them), whether an interrupted upload is being resumed, and its memory. None where the
+    reader cannot help: behind a proxy (it speaks to the Hub directly only), or when the token
+    cannot be built (the run itself then says why)."""
+    from urllib.request import getproxies, proxy_bypass
+
+    from huggingface_hub import constants
+    from huggingface_hub.utils import build_hf_headers
+
+    endpoint = constants.ENDPOINT.rstrip("/")
+    parts = urlsplit(endpoint)
+    if parts.scheme in getproxies() and not proxy_bypass(parts.hostname or ""):
+        return None
+    try:
+        headers = build_hf_headers(token=token, user_agent={"streamer": "prefetch"})
+    except Exception as e:  # no stored token where one was required, a bad token: the run says so
+        log.debug("prefetch of %s: %s", repo_id, type(e).__name__)
+        return None
+    # The resume records of interrupted uploads (streamer.io.upload_journal, not imported: it
+    # costs a third of a second). A rerun reads only the shards not uploaded yet, which only the
+    # plan knows: the reader then reads the headers alone.
+    resuming = any((Path(constants.HF_HOME) / "streamer" / "uploads").glob("*.json"))
+    return {"repo_id": repo_id, "revision": revision, "endpoint": endpoint, "headers": headers,
+            "resuming": resuming, "fd": fd, "limit": limit}  # fmt: skip
+
+
 class Prefetch:
     """The parent's handle on one reader process: what it holds, and the memory it holds it in."""
 
@@ -124,8 +156,9 @@ class Prefetch:
         self._lock = threading.Lock()
 
     @classmethod
-    def launch(cls, repo_id: str, revision: str | None, *, token: str | bool | None, limit: int) -> "Prefetch":
-        """Start a reader for REPO_ID at REVISION holding at most LIMIT bytes (see `start`)."""
+    def launch(cls, repo_id: str, revision: str | None, *, token: str | bool | None, limit: int) -> "Prefetch | None":
+        """Start a reader for REPO_ID at REVISION holding at most LIMIT bytes (see `start`); None
+        where it cannot read directly (a proxy is configured, the token cannot be built)."""
         import subprocess
 
         limit = max(limit, PAGE)
@@ -155,12 +188,19 @@ class Prefetch:
             proc.wait()
             os.close(fd)
             raise
-        config = {"repo_id": repo_id, "revision": revision, "token": token, "fd": fd, "limit": limit}
         try:
-            proc.stdin.write((json.dumps(config) + "\n").encode())  # the token: stdin, never argv
+            # Built here, while the new interpreter starts, not in the reader: huggingface_hub's
+            # token and header code costs a fifth of a second to import, which the engine's own
+            # imports need anyway, and which the reader would spend before its first request.
+            config = _reader_config(repo_id, revision, token, fd, limit)
+            if config is not None:
+                proc.stdin.write((json.dumps(config) + "\n").encode())  # the token: stdin, never argv
         except BaseException:
             reader.close()
             raise
+        if config is None:
+            reader.close()
+            return None
         with _started_lock:
             _started.append(reader)
         return reader
@@ -381,7 +421,9 @@ class _Reader:
     def __init__(self, config: dict, mm: mmap.mmap, report):
         self.repo_id = config["repo_id"]
         self.revision = config["revision"]
-        self.token = config["token"]
+        self.endpoint = config["endpoint"]
+        self.headers = config["headers"]
+        self.resuming = config["resuming"]
         self.limit = config["limit"]
         self.mm = mm
         self.report = report
@@ -389,6 +431,7 @@ class _Reader:
         self.used = 0  # memfd bytes handed out
         self.urls: dict[str, str] = {}  # file -> where its ranges are sent (after a redirect)
         self.lock = threading.Lock()
+        self.http = _Connections()
 
     def alloc(self, n: int) -> int | None:
         """A page-aligned offset for N bytes in the memfd, or None past the limit."""
@@ -411,20 +454,13 @@ class _Reader:
     def _run(self) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        from urllib.request import getproxies, proxy_bypass
-
-        from huggingface_hub import constants
-        from huggingface_hub.utils import build_hf_headers
-
         from streamer.io.catalog import CONFIG_NAME, INDEX_NAME, MAX_HEADER_BYTES, SINGLE_NAME
 
         self.max_header = MAX_HEADER_BYTES
-        self.endpoint = constants.ENDPOINT.rstrip("/")
-        parts = urlsplit(self.endpoint)
-        if parts.scheme in getproxies() and not proxy_bypass(parts.hostname or ""):
-            raise RuntimeError("a proxy is configured: the reader speaks to the Hub directly only")
-        self.http = _Connections()
-        self.headers = build_hf_headers(token=self.token, user_agent={"streamer": "prefetch"})
+        pool = ThreadPoolExecutor(CONNECTIONS, thread_name_prefix="prefetch")
+        # The index and config.json are asked for at the revision's name while the file list
+        # resolves it to a commit: one round trip less before the shards' headers.
+        early = {p: pool.submit(self.peek, p) for p in (INDEX_NAME, CONFIG_NAME)}
         url = f"{self.endpoint}/api/models/{self.repo_id}"
         if self.revision is not None:
             url += f"/revision/{quote(self.revision, safe='')}"
@@ -436,14 +472,10 @@ class _Reader:
         self.commit = info["sha"]
         files = {s["rfilename"]: s.get("size") or 0 for s in info.get("siblings") or []}
         self.report(commit=self.commit, endpoint=self.endpoint)
-        # The resume records of interrupted uploads (streamer.io.upload_journal, not imported: it
-        # costs the reader a third of a second). A rerun reads only the shards not uploaded yet.
-        resuming = any((Path(constants.HF_HOME) / "streamer" / "uploads").glob("*.json"))
 
-        pool = ThreadPoolExecutor(CONNECTIONS, thread_name_prefix="prefetch")
-        small = {p: pool.submit(self.whole, p, files[p]) for p in (INDEX_NAME, CONFIG_NAME) if p in files}
+        small = {p: self.keep(p, files[p], *early[p].result()) for p in early if p in files}
         if INDEX_NAME in small:
-            index = small[INDEX_NAME].result()
+            index = small[INDEX_NAME]
             weight_map = json.loads(index).get("weight_map") if index else None
             if not isinstance(weight_map, dict):
                 return
@@ -454,7 +486,7 @@ class _Reader:
         # Every header first (the catalog reads them all before the first tensor), then the
         # tensors, in the pipeline's order.
         starts = list(pool.map(lambda s: self.head(s, files[s]), shards))
-        for shard, first in zip(shards, starts) if not resuming else ():
+        for shard, first in zip(shards, starts) if not self.resuming else ():
             for start in range(first, files[shard], CHUNK_BYTES):
                 n = min(CHUNK_BYTES, files[shard] - start)
                 offset = self.alloc(n)
@@ -463,6 +495,44 @@ class _Reader:
                     return
                 pool.submit(self.fetch, shard, start, start + n, offset)
         pool.shutdown(wait=False)
+
+    def peek(self, path: str) -> tuple[str | None, bytes | None]:
+        """Small file PATH at the revision's name, before its commit is known: (the commit the
+        Hub answered from, the file's bytes), (None, None) when it did not come."""
+        base = f"{self.endpoint}/{self.repo_id}/resolve/{quote(self.revision or 'main', safe='')}/{quote(path)}"
+        url, commit = base, None
+        try:
+            for _ in range(2):  # a redirect first, for a file stored in LFS
+                headers = self.headers if url.startswith(self.endpoint) else {"user-agent": self.headers["user-agent"]}
+                r = self.http.get(url, {**headers, "Range": f"bytes=0-{SMALL_BYTES - 1}", "Accept-Encoding": "identity"})
+                commit = commit or r.getheader("x-repo-commit")
+                location = r.getheader("location")
+                body = r.read(SMALL_BYTES + 1)
+                if r.status in REDIRECTS and location:
+                    url = location if location.startswith("http") else self.endpoint + location
+                    continue
+                if r.status != 206 or not (r.getheader("content-range") or "").startswith("bytes 0-"):
+                    self.http.drop(url)
+                    return None, None
+                return commit, body
+        except Exception as e:
+            self.http.drop(url)
+            self.report(error=f"{path}: {type(e).__name__}")
+        return None, None
+
+    def keep(self, path: str, size: int, commit: str | None, body: bytes | None) -> bytes | None:
+        """Small file PATH of SIZE bytes, as `peek` read it (from COMMIT) when that is the commit
+        being read and all of it came, else read again at the commit; its bytes, reported like
+        any range, or None when it did not arrive."""
+        if commit != self.commit or body is None or len(body) != size:
+            return self.whole(path, size)
+        offset = self.alloc(size)
+        if offset is None:
+            return None
+        self.mm[offset : offset + size] = body
+        if size:
+            self.report(got=[path, 0, size, offset])
+        return body
 
     def whole(self, path: str, size: int) -> bytes | None:
         """A small file, whole; its bytes, or None when it did not arrive."""
