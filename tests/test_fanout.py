@@ -166,7 +166,13 @@ def test_cli_to_targets_json_and_exit_status(llama_ckpt, tmp_path, capsys):
     assert [(Path(t["target"]).name, t["status"], t["exit"]) for t in out["targets"]] == [
         ("fp8", "ok", 0), ("w4", "ok", 0), ("nope", "failed", 2),
     ]  # fmt: skip
-    assert "--scheme" in out["targets"][2]["error"]  # the command line's words for the hint
+    # the command line's words for the hint, for a --to target: its SCHEME, not --scheme-file
+    assert "unknown scheme 'NOT_A_SCHEME'" in out["targets"][2]["error"]
+    assert "as that --to's SCHEME" in out["targets"][2]["error"] and "--scheme-file" not in out["targets"][2]["error"]
+    # the same words without --json
+    code = cli.main([str(llama_ckpt), "--to", str(tmp_path / "nope2"), "NOT_A_SCHEME", "--device", "cpu", "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "error: " in err and "as that --to's SCHEME" in err and "--scheme-file" not in err
     assert out["bytes_read"] == out["targets"][0]["bytes_in"]
     # --dry-run prints every target's plan and writes nothing
     code = cli.main([str(llama_ckpt), "--to", str(tmp_path / "d1"), "W4A16", "--to", str(tmp_path / "d2"), "NVFP4A16", "--dry-run"])

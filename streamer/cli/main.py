@@ -206,12 +206,13 @@ def _executor(args):
     return RayExecutor(args.ray)
 
 
-def failure_text(e: BaseException) -> str:
-    """What the command line says of the error E that stopped a run (after "error: ")."""
+def failure_text(e: BaseException, to_target: bool = False) -> str:
+    """What the command line says of the error E that stopped a run (after "error: "); TO_TARGET:
+    of a `--to DST SCHEME` target, whose scheme is changed on its own --to."""
     if isinstance(e, (Cancelled, KeyboardInterrupt)):
         return "interrupted: nothing was published"
     if isinstance(e, StreamerError):
-        return describe(e)
+        return describe(e, to_target=to_target)
     # a bug or an unexpected environment problem; still no traceback by default
     return f"{type(e).__name__}: {e} (run with --verbose for details)"
 
@@ -330,15 +331,20 @@ def run_fanout(args) -> int:
         return _failed(e, bars, args.verbose)
     finally:
         _close(bars)
+    first_to = args.dst is not None  # the targets from here on came from --to
     if args.json:
-        print(json.dumps(result.summary(describe), indent=2))
+        summary = result.summary(describe)
+        for t, line in list(zip(result.targets, summary["targets"]))[first_to:]:
+            if isinstance(t.error, StreamerError):
+                line["error"] = describe(t.error, to_target=True)
+        print(json.dumps(summary, indent=2))
         return result.exit_code
     from streamer.engine.quality import summary_line
 
-    for t in result.targets:
+    for i, t in enumerate(result.targets):
         name = f"{t.target.dst} ({t.target.scheme_name})"
         if not t.ok:
-            print(f"error: {name}: {failure_text(t.error)}", file=sys.stderr)
+            print(f"error: {name}: {failure_text(t.error, to_target=i >= first_to)}", file=sys.stderr)
         elif args.dry_run:
             print(f"== {name}\n{render(t.result.plan)}")
         elif not args.quiet:

@@ -35,6 +35,16 @@ def cli_words(hint: Hint) -> str:
     return _SWITCHES[s]
 
 
-def describe(error: StreamerError) -> str:
-    """ERROR's message with its hints as flags: what `streamer` prints after "error: "."""
-    return with_hints(error.message, error.hints, cli_words)
+def to_target_words(hint: Hint) -> str:
+    """HINT for a `--to DST SCHEME` target: its scheme (a preset or a file) is its SCHEME."""
+    if hint.setting == "scheme_file":
+        return "give a scheme file (.json/.yaml) as that --to's SCHEME for a custom scheme"
+    if hint.setting == "scheme":
+        return "give " + " or ".join(hint.values) + " as that --to's SCHEME" if hint.values else "choose another SCHEME for that --to"
+    return cli_words(hint)
+
+
+def describe(error: StreamerError, to_target: bool = False) -> str:
+    """ERROR's message with its hints as flags: what `streamer` prints after "error: ". TO_TARGET:
+    the error of a `--to DST SCHEME` target, whose scheme is not --scheme."""
+    return with_hints(error.message, error.hints, to_target_words if to_target else cli_words)
