@@ -39,6 +39,7 @@ import os
 import tempfile
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 
 from streamer.engine.pipeline import RunStats, Runner, notes_errors, shard_notes
@@ -165,7 +166,9 @@ class RayExecutor:
         self.runtime_env = runtime_env
         self.group = group
         self._lock = threading.Lock()
-        self._checked: tuple | None = None  # (runner, source spec, target spec) of `check`
+        # runner -> (source spec, target spec) of `check`, until its `run`. Per runner: one
+        # executor serves the conversions a mirroring run makes at once.
+        self._checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     # -- the cluster -----------------------------------------------------------------------
 
@@ -206,7 +209,9 @@ class RayExecutor:
         source folder some node cannot see, a target the nodes cannot upload to, a node without
         this streamer version. The nodes' workers are started on the way (`_start_workers`)."""
         ray = self.connect()
-        self._checked = (runner, _source_spec(runner.source, ray), _target_spec(runner.sink))
+        specs = (_source_spec(runner.source, ray), _target_spec(runner.sink))
+        with self._lock:
+            self._checked[runner] = specs
         _start_workers(ray, runner.budget.limit, bool(self.gpus) if self.gpus is not None else None)
 
     def run(self, runner: Runner) -> ClusterStats:
@@ -216,9 +221,13 @@ class RayExecutor:
         ray = self.connect()
         plan, sink, progress = runner.plan, runner.sink, runner.progress
         progress.message(self.describe())
-        if self._checked is None or self._checked[0] is not runner:
+        with self._lock:
+            checked = self._checked.pop(runner, None)
+        if checked is None:
             self.check(runner)
-        _, source_spec, target = self._checked
+            with self._lock:
+                checked = self._checked.pop(runner)
+        source_spec, target = checked
         t0 = time.monotonic()
         stats = ClusterStats()
         done: set[str] = set()
