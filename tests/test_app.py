@@ -1234,3 +1234,20 @@ def test_space_files(tmp_path):
     assert "download.pytorch.org" not in (gpu / "requirements.txt").read_text()
     assert re.search(r"^torch\b", (gpu / "requirements.txt").read_text(), re.M)
     assert yaml.safe_load((gpu / "README.md").read_text().split("---\n")[1])["suggested_hardware"] == "l4x1"
+
+
+def test_two_users_never_publish_to_one_repo_at_once():
+    """Two conversions committing to one repo: the second would fail at its commit, and a cancel of
+    the first would delete the repo under it. The page refuses the second one up front."""
+    from streamer.web import slots
+    from streamer.web.wording import UserError
+
+    alice = slots.claim("alice", "acme/m-FP8, acme/m-W4A16", ["acme/m-FP8", "acme/m-W4A16"])
+    try:
+        with pytest.raises(UserError, match="Another conversion is publishing to acme/m-w4a16"):
+            slots.claim("bob", "Acme/M-W4A16")  # repo ids are case-insensitive
+        bob = slots.claim("bob", "acme/m-NVFP4A16")  # another repo of the same org: fine
+        slots.release("bob", bob)
+    finally:
+        slots.release("alice", alice)
+    slots.release("bob", slots.claim("bob", "acme/m-W4A16"))  # free once alice's run ended

@@ -170,6 +170,47 @@ def test_create_pr_and_branch(hub):
     assert "config.json" not in hub.files("alice/target")
 
 
+def test_a_new_branch_holds_this_conversion_alone(hub):
+    # A new branch starts as a copy of main; main's files (here not even streamer's) must not
+    # stay on the branch next to the conversion's, and main keeps them.
+    hub.seed_repo("alice/model", Path(__file__).parent / "refscripts")
+    on_main = hub.files("alice/model")
+    assert run_cli(SOURCE, "alice/model", "--scheme", "W4A16", "--revision", "w4a16") == 0
+    assert run_cli(SOURCE, "alice/fresh", "--scheme", "W4A16") == 0
+    produced = set(hub.files("alice/fresh")) - {".gitattributes"}  # a new repo's first commit has one
+    assert set(hub.files("alice/model", revision="w4a16")) - {".gitattributes"} == produced
+    assert hub.files("alice/model") == on_main
+    on_branch = hub.commits("alice/model", revision="w4a16")
+    assert "streamer" in on_branch[0].message and on_branch[1:] == hub.commits("alice/model")  # one commit on main's
+
+
+def test_a_cancel_removes_only_what_this_run_created(hub):
+    # Two runs (two users of a Space) aim at the same new repo: both find it missing, the other
+    # creates it first. This run's cancel must not delete the repo (or branch) the other one is
+    # converting into; a repo this run did create is removed.
+    from streamer.io.hub_sink import HubSink
+
+    sink = HubSink("acme/shared", token=ALICE, endpoint=hub.url)
+    sink.check()
+    hub.create_repo("acme/shared")  # the other run, between this one's check and begin
+    sink.begin()
+    sink.abort(cancelled=True)
+    assert hub.repo_exists("acme/shared")
+
+    sink = HubSink("acme/shared", token=ALICE, endpoint=hub.url, revision="w4")
+    sink.check()
+    huggingface_hub.HfApi(endpoint=hub.url, token=ALICE).create_branch("acme/shared", branch="w4")
+    sink.begin()
+    sink.abort(cancelled=True)
+    assert "w4" in hub.refs("acme/shared")["heads"]
+
+    sink = HubSink("acme/mine", token=ALICE, endpoint=hub.url)
+    sink.check()
+    sink.begin()
+    sink.abort(cancelled=True)
+    assert not hub.repo_exists("acme/mine")
+
+
 def test_source_revision_is_pinned(hub, llama_ckpt, tmp_path):
     first = hub.commits(SOURCE)[0].sha
     assert run_cli(f"{SOURCE}@{first}", "alice/pinned", "--scheme", "FP8_DYNAMIC") == 0

@@ -450,22 +450,32 @@ class HubSink(Sink):
         """Create the repo and branch the uploads need; abort() removes what this run created."""
         self._created = []
         try:
+            # Created by this run only when the Hub says it created it: a repo or branch that
+            # another run (another user of a Space) created since check() is not ours to remove
+            # on a cancel.
             if self._create_repo:
-                self._call(
-                    f"creating {self.repo_id}", self.api.create_repo, self.repo_id,
-                    private=self.private, exist_ok=True,
-                )  # fmt: skip
-                self._created.append("repo")
-                self._existing_files()
+                if self._create("repo", self.api.create_repo, private=self.private):
+                    self._created.append("repo")
+                self._existing = self._existing_files() or {}
             if self._create_branch or (self.revision != "main" and self._parent is None):
-                self._call(
-                    f"creating branch {self.revision} of {self.repo_id}", self.api.create_branch, self.repo_id,
-                    branch=self.revision, exist_ok=True,
-                )  # fmt: skip
-                self._created.append("branch")
-                self._existing_files()
+                if self._create(f"branch {self.revision}", self.api.create_branch, branch=self.revision):
+                    self._created.append("branch")
+                # A new branch starts as a copy of main: main's files go in this run's commit, so
+                # the branch holds this conversion alone (main keeps them).
+                self._existing = self._existing_files() or {}
         except HfHubHTTPError as e:
             raise explain(e, self.repo_id, what="target repo") from None
+
+    def _create(self, what: str, fn, **kwargs) -> bool:
+        """Create WHAT (the repo, or a branch) with FN; False when it exists already (409)."""
+        try:
+            self._call(f"creating {what} of {self.repo_id}", fn, self.repo_id, exist_ok=False, **kwargs)
+        except HfHubHTTPError as e:
+            if getattr(e.response, "status_code", None) != 409:
+                raise
+            log.info("%s of %s was created meanwhile by someone else: it stays after a cancel", what, self.repo_id)
+            return False
+        return True
 
     def _stop_uploads(self) -> int:
         """Make every upload give up now; returns how many were queued or in flight.

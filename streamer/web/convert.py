@@ -89,13 +89,14 @@ def _convert(source, revision, scheme, ignore, namespace, repo_name, private, cr
         extra = check_extra_schemes(extra_schemes, scheme)
         if extra:
             targets = targets_of(namespace, repo_name, account, repo, scheme, extra, extra_names)
-            target = ", ".join(t for t, _ in targets)
+            repos = [t for t, _ in targets]
         else:
-            target = target_of(namespace, repo_name, account, suggest_repo_name(repo, scheme))
-        if target == repo:
+            repos = [target_of(namespace, repo_name, account, suggest_repo_name(repo, scheme))]
+        target = ", ".join(repos)
+        if repo in repos:
             raise UserError("The target repo is the source repo: choose another name.")
         ignore_list = parse_ignore(ignore)
-        slot = slots.claim(account.name, target)
+        slot = slots.claim(account.name, target, repos)
     except Exception as e:
         message = sentence(e)
         yield error_box(message), progress_html({}, 0, "Idle"), "", ""

@@ -11,9 +11,11 @@ from streamer.web.wording import UserError
 
 @dataclass
 class Slot:
-    """A running conversion: where it publishes, the event that cancels it, when it started."""
+    """A running conversion: where it publishes (as shown, and the repos, lowercased), the event
+    that cancels it, when it started."""
 
     target: str
+    repos: frozenset[str] = frozenset()
     cancel: threading.Event = field(default_factory=threading.Event)
     started: float = field(default_factory=time.monotonic)
 
@@ -22,11 +24,15 @@ _active: dict[str, Slot] = {}
 _active_lock = threading.Lock()
 
 
-def claim(user: str, target: str) -> Slot:
-    """The slot for USER's conversion to TARGET; a UserError when USER already has one running.
+def claim(user: str, target: str, repos: list[str] | None = None) -> Slot:
+    """The slot for USER's conversion to TARGET; a UserError when USER already has one running,
+    or when another user's conversion publishes to one of the same repos (two runs committing to
+    one repo: the second would fail, and a cancel of the first would remove the repo under it).
 
     user: the account name.
-    target: the repo the conversion publishes to."""
+    target: where the conversion publishes, as the page shows it.
+    repos: the repo ids it publishes to (default: TARGET alone)."""
+    wanted = frozenset(r.lower() for r in (repos or [target]))  # repo ids are case-insensitive
     with _active_lock:
         running = _active.get(user)
         if running is not None:
@@ -34,7 +40,14 @@ def claim(user: str, target: str) -> Slot:
                 f"You already have a conversion running (to {running.target}). Wait for it to finish "
                 "or cancel it before starting another one."
             )
-        slot = _active[user] = Slot(target)
+        for other in _active.values():
+            taken = sorted(wanted & other.repos)
+            if taken:
+                raise UserError(
+                    f"Another conversion is publishing to {taken[0]} right now: choose another repo name, "
+                    "or wait for it to finish."
+                )
+        slot = _active[user] = Slot(target, wanted)
         return slot
 
 
