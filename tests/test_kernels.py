@@ -687,3 +687,28 @@ def test_cuda_matches_cpu(name, dt):
     gpu = quantize_weight(w.cuda(), scheme)
     assert all(t.device.type == "cuda" for t in gpu.values())
     assert_same_tensors({k: v.cpu() for k, v in gpu.items()}, cpu, f"{name} cuda")
+
+
+def test_threads_with_different_thread_counts_share_the_workers_safely():
+    """Two conversions in one process whose threads run with different torch thread counts (an API
+    caller's choice) each get chunk workers; neither finds its pool shut down under it."""
+    import threading
+
+    errors, results = [], {}
+
+    def convert_like(n: int) -> None:
+        torch.set_num_threads(n)
+        try:
+            for i in range(40):
+                out = W.run_chunks(lambda item, scratch: item * 2, list(range(8)), torch.device("cpu"))
+                assert out == [2 * x for x in range(8)]
+            results[n] = torch.get_num_threads()
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=convert_like, args=(n,)) for n in (2, 3, 2, 3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and results == {2: 2, 3: 3}

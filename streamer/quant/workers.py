@@ -62,8 +62,9 @@ def row_chunks(rows: int, step: int) -> Iterator[tuple[int, int]]:
         yield r0, min(rows, r0 + step)
 
 
-_POOL: ThreadPoolExecutor | None = None
-_POOL_SIZE = 0
+# One pool per thread count asked for, kept for the process's life: a conversion thread never
+# finds the pool it took shut down under it by another thread that runs with another count.
+_POOLS: dict[int, ThreadPoolExecutor] = {}
 _POOL_LOCK = threading.Lock()
 _LOCAL = threading.local()
 
@@ -74,14 +75,15 @@ def _serial_worker() -> None:
 
 def _pool() -> ThreadPoolExecutor | None:
     """The chunk workers for the calling thread's torch thread count (None: run serially)."""
-    global _POOL, _POOL_SIZE
     n = torch.get_num_threads()
     if n <= 1:
         return None
-    if _POOL is not None and _POOL_SIZE == n:
-        return _POOL
+    pool = _POOLS.get(n)
+    if pool is not None:
+        return pool
     with _POOL_LOCK:
-        if _POOL is None or _POOL_SIZE != n:
+        pool = _POOLS.get(n)
+        if pool is None:
             pool = ThreadPoolExecutor(n, thread_name_prefix="streamer-quantize", initializer=_serial_worker)
             barrier = threading.Barrier(n)
             for f in [pool.submit(barrier.wait) for _ in range(n)]:  # start every worker now
@@ -89,10 +91,8 @@ def _pool() -> ThreadPoolExecutor | None:
             # set_num_threads(1) in the workers also changed the default that threads starting
             # later inherit: give it back (this thread already runs with n)
             torch.set_num_threads(n)
-            old, _POOL, _POOL_SIZE = _POOL, pool, n
-            if old is not None:
-                old.shutdown(wait=False)
-    return _POOL
+            _POOLS[n] = pool
+    return pool
 
 
 def _thread_scratch() -> Scratch:
