@@ -182,6 +182,17 @@ def test_a_new_branch_holds_this_conversion_alone(hub):
     assert hub.files("alice/model") == on_main
     on_branch = hub.commits("alice/model", revision="w4a16")
     assert "streamer" in on_branch[0].message and on_branch[1:] == hub.commits("alice/model")  # one commit on main's
+    # A branch with no commit of its own yet (an interrupted first run left it, or it was made by
+    # hand): its files are main's, not another conversion's; the run goes on without --overwrite.
+    huggingface_hub.HfApi(endpoint=hub.url, token=ALICE).create_branch("alice/model", branch="fp8")
+    assert run_cli(SOURCE, "alice/model", "--scheme", "FP8_DYNAMIC", "--revision", "fp8") == 0
+    assert run_cli(SOURCE, "alice/fresh-fp8", "--scheme", "FP8_DYNAMIC") == 0
+    assert set(hub.files("alice/model", revision="fp8")) - {".gitattributes"} == set(hub.files("alice/fresh-fp8")) - {".gitattributes"}
+    # one that has diverged from main still needs --overwrite when streamer did not write it
+    api = huggingface_hub.HfApi(endpoint=hub.url, token=ALICE)
+    api.create_branch("alice/model", branch="other")
+    api.upload_file(path_or_fileobj=b"mine", path_in_repo="notes.txt", repo_id="alice/model", revision="other")
+    assert run_cli(SOURCE, "alice/model", "--scheme", "FP8_DYNAMIC", "--revision", "other") == 2
 
 
 def test_a_cancel_removes_only_what_this_run_created(hub):

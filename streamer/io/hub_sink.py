@@ -414,6 +414,10 @@ class HubSink(Sink):
         self._create_branch = self.revision != "main" and self._parent is None
         existing = existing or {}
         model_files = [f for f in existing if f not in (".gitattributes",)]
+        if model_files and self.revision != "main" and self._branch_is_a_copy_of_main():
+            # A branch with no commit of its own (left by an interrupted first run, or made by
+            # hand for this): its files are main's, and the commit takes them off the branch.
+            model_files = []
         if model_files and not self.overwrite and not self.create_pr:
             if not self._written_by_streamer(existing):
                 raise TargetError(
@@ -553,6 +557,16 @@ class HubSink(Sink):
         self._remote = _tree(info)
         self._target_private = getattr(info, "private", None)
         return {s.rfilename: s.size or 0 for s in (info.siblings or [])}
+
+    def _branch_is_a_copy_of_main(self) -> bool:
+        """Whether the target branch (read by _existing_files) points at main's head commit."""
+        try:
+            main = self._call(f"reading {self.repo_id}", self.api.model_info, self.repo_id, revision="main")
+        except (RepositoryNotFoundError, RevisionNotFoundError):
+            return False
+        except HfHubHTTPError as e:
+            raise explain(e, self.repo_id, what="target repo") from None
+        return main.sha is not None and main.sha == self._parent
 
     def _repo_exists(self) -> bool:
         try:
