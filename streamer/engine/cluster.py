@@ -208,11 +208,16 @@ class RayExecutor:
         """Refuse, before the target is created, a conversion the cluster cannot run: a local
         source folder some node cannot see, a target the nodes cannot upload to, a node without
         this streamer version. The nodes' workers are started on the way (`_start_workers`)."""
-        ray = self.connect()
-        specs = (_source_spec(runner.source, ray), _target_spec(runner.sink))
+        specs = self._prepare(runner)
         with self._lock:
             self._checked[runner] = specs
+
+    def _prepare(self, runner: Runner) -> tuple[dict, dict]:
+        """What `check` does; the (source spec, target spec) the tasks are given."""
+        ray = self.connect()
+        specs = (_source_spec(runner.source, ray), _target_spec(runner.sink))
         _start_workers(ray, runner.budget.limit, bool(self.gpus) if self.gpus is not None else None)
+        return specs
 
     def run(self, runner: Runner) -> ClusterStats:
         """Run RUNNER's plan on the cluster: the shards the sink does not hold yet are converted
@@ -223,11 +228,7 @@ class RayExecutor:
         progress.message(self.describe())
         with self._lock:
             checked = self._checked.pop(runner, None)
-        if checked is None:
-            self.check(runner)
-            with self._lock:
-                checked = self._checked.pop(runner)
-        source_spec, target = checked
+        source_spec, target = checked or self._prepare(runner)
         t0 = time.monotonic()
         stats = ClusterStats()
         done: set[str] = set()

@@ -496,6 +496,12 @@ class _Reader:
                 pool.submit(self.fetch, shard, start, start + n, offset)
         pool.shutdown(wait=False)
 
+    def get_range(self, url: str, start: int, end: int):
+        """The response to a GET of bytes [START, END) at URL (its body not read yet)."""
+        # A redirect goes to a signed CDN URL: it must not receive the token.
+        headers = self.headers if url.startswith(self.endpoint) else {"user-agent": self.headers["user-agent"]}
+        return self.http.get(url, {**headers, "Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"})
+
     def peek(self, path: str) -> tuple[str | None, bytes | None]:
         """Small file PATH at the revision's name, before its commit is known: (the commit the
         Hub answered from, the file's bytes), (None, None) when it did not come."""
@@ -503,8 +509,7 @@ class _Reader:
         url, commit = base, None
         try:
             for _ in range(2):  # a redirect first, for a file stored in LFS
-                headers = self.headers if url.startswith(self.endpoint) else {"user-agent": self.headers["user-agent"]}
-                r = self.http.get(url, {**headers, "Range": f"bytes=0-{SMALL_BYTES - 1}", "Accept-Encoding": "identity"})
+                r = self.get_range(url, 0, SMALL_BYTES)
                 commit = commit or r.getheader("x-repo-commit")
                 location = r.getheader("location")
                 body = r.read(SMALL_BYTES + 1)
@@ -568,9 +573,7 @@ class _Reader:
             base = f"{self.endpoint}/{self.repo_id}/resolve/{quote(self.commit, safe='')}/{quote(path)}"
             for _ in range(2):  # the first answer may be a redirect to where the file is
                 url = self.urls.get(path, base)
-                # A redirect goes to a signed CDN URL: it must not receive the token.
-                headers = self.headers if url.startswith(self.endpoint) else {"user-agent": self.headers["user-agent"]}
-                r = self.http.get(url, {**headers, "Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"})
+                r = self.get_range(url, start, end)
                 location = r.getheader("location")
                 if r.status in REDIRECTS and location:
                     r.read()
