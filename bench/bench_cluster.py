@@ -107,13 +107,17 @@ def main(argv=None) -> int:
     ap.add_argument("--up", type=float, default=10, help="upload limit per node, MB/s (default 10)")
     ap.add_argument("--scheme", default="FP8_DYNAMIC")
     ap.add_argument("--max-memory", default="1GB", help="streamer --max-memory: each task's budget (default 1GB)")
+    ap.add_argument("--no-quality", action="store_true",
+                    help="streamer --no-quality: leave out the error measurement's CPU time, so that nodes sharing "
+                         "a few cores are held by their links rather than by the CPU")
     args = ap.parse_args(argv)
 
     src = args.src or make_checkpoint(WORK / f"ckpt-{args.gb:g}gb-{args.shards}s", args.gb, "--shards", str(args.shards))
     total = source_bytes(src)
     shards = len(list(Path(src).glob("*.safetensors")))  # the generator may make fewer than asked
     print(f"# source {total / GB:.2f} GB in {shards} shards; per-node link {args.down:g} MB/s down, "
-          f"{args.up:g} MB/s up; {os.cpu_count()} CPU core(s) shared by every node", file=sys.stderr)  # fmt: skip
+          f"{args.up:g} MB/s up; {os.cpu_count()} CPU core(s) shared by every node; "
+          f"quality report {'off' if args.no_quality else 'on'}", file=sys.stderr)  # fmt: skip
     rows, base, ref = [], None, None
     for n in args.nodes:
         root = WORK / f"cluster-{n}"
@@ -124,7 +128,8 @@ def main(argv=None) -> int:
             cluster = Cluster(n, server, root, object_store=100 * MB)
             dst = f"{ORG}/llama-{args.scheme.lower()}-{n}n"
             cmd = [PY, "-m", "streamer", SRC_REPO, dst, "--scheme", args.scheme, "--device", "cpu",
-                   "--max-memory", args.max_memory, "--ray", cluster.address, "--json"]  # fmt: skip
+                   "--max-memory", args.max_memory, "--ray", cluster.address, "--json",
+                   *(["--no-quality"] if args.no_quality else [])]  # fmt: skip
             t0 = time.monotonic()
             r = subprocess.run(cmd, capture_output=True, text=True, env=node_env(server, 1, root / "driver"), cwd=REPO)
             wall = time.monotonic() - t0

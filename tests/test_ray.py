@@ -53,11 +53,13 @@ class Cluster:
     def __init__(self, root: Path):
         self.root = root
         self.address = f"127.0.0.1:{_free_port()}"
+        self.client_address = f"ray://127.0.0.1:{_free_port()}"  # Ray Client, on the head
         self.workers: dict[str, subprocess.Popen] = {}
 
     def start(self) -> None:
         subprocess.run(
             [RAY, "start", "--head", f"--port={self.address.split(':')[1]}", "--node-ip-address=127.0.0.1",
+             f"--ray-client-server-port={self.client_address.rsplit(':', 1)[1]}",
              '--resources={"head": 1}', "--include-dashboard=false", *COMMON],
             env=_node_env(self.root / "head"), check=True, capture_output=True, timeout=120,
         )  # fmt: skip
@@ -224,6 +226,22 @@ def test_local_source_that_every_node_sees(cluster, hub, llama_ckpt):
     _same_output(hub, "alice/from-hub", "alice/from-folder")
 
 
+def test_a_ray_client_address(cluster, hub, tmp_path):
+    """`--ray ray://head:PORT`, a Ray Client address (how a machine outside a KubeRay cluster
+    reaches it), runs the same conversion: the same bytes, one commit."""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "client_home")}  # the Hub settings: the hub fixture's
+    cmd = [sys.executable, "-m", "streamer", SOURCE, "alice/via-client", "--scheme", "W8A16", "--device", "cpu",
+           "--max-memory", "256MB", "--ray", cluster.client_address, "--json"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout)
+    made = sorted(s for n in summary["nodes"].values() for s in n["shards"])
+    _convert("alice/single-w8", "W8A16")
+    _same_output(hub, "alice/single-w8", "alice/via-client")
+    assert made == sorted(f for f in hub.files("alice/via-client") if f.endswith(".safetensors"))
+    assert len(_streamer_commits(hub, "alice/via-client")) == 1
+
+
 def _hiding(folder: Path) -> tuple[str, ...]:
     """A command prefix that runs a process in its own mount namespace, where FOLDER is an empty
     tmpfs: a node started behind it is a machine that does not see the driver's folder."""
@@ -300,13 +318,15 @@ def test_local_target_is_refused_with_ray(cluster, hub, tmp_path):
 def test_shard_groups():
     from streamer.engine.cluster import GROUP_SHARDS, shard_groups
 
-    shards = [f"s{i}" for i in range(12)]
-    # about GROUP_SHARDS shards per task, in the plan's order, every shard once
-    groups = shard_groups(shards, nodes=3)
+    shards = [f"s{i}" for i in range(7)]
+    # GROUP_SHARDS shards per task, every shard once, in the plan's order when all cost the same
+    groups = shard_groups(shards)
     assert [s for g in groups for s in g] == shards and {len(g) for g in groups} == {GROUP_SHARDS}
-    # never fewer than two tasks per node when there are shards enough
-    assert len(shard_groups(shards[:6], nodes=3)) == 6 and len(shard_groups(shards[:2], nodes=3)) == 2
-    assert shard_groups(shards[:7], nodes=1, size=3) == [shards[0:3], shards[3:6], shards[6:7]]
+    assert shard_groups(shards, size=3) == [shards[0:3], shards[3:6], shards[6:7]]
+    # the costliest first, so that the short ones even the nodes out at the end; ties keep their order
+    costs = {s: 100 for s in shards} | {"s6": 250, "s0": 250, "s3": 1}
+    assert [s for g in shard_groups(shards, costs=costs) for s in g] == ["s0", "s6", "s1", "s2", "s4", "s5", "s3"]
+    assert shard_groups(shards, size=2, costs=costs) == [["s0", "s6"], ["s1", "s2"], ["s4", "s5"], ["s3"]]
 
 
 def test_a_node_downloads_for_one_task_per_cpu_at_a_time():
