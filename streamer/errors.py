@@ -10,6 +10,7 @@ are alternatives: any one of them gets past it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -104,6 +105,16 @@ def api_words(hint: Hint) -> str:
     if s == "source":
         return "check the source"
     return "try again in a moment"
+
+
+# A Hub token, or the Authorization header that carries one, inside some library's error text
+_SECRET = re.compile(r"\bBearer\s+\S+|\bhf_[A-Za-z0-9]{8,}")
+
+
+def redact(text: str) -> str:
+    """TEXT with anything that looks like a token (hf_…, or an Authorization header's value)
+    replaced by <token>: for library error texts that end up in a message."""
+    return _SECRET.sub("<token>", text)
 
 
 class StreamerError(Exception):

@@ -10,6 +10,8 @@ import os
 import re
 from dataclasses import dataclass
 
+from streamer.errors import Hint, HubError
+
 # --- safetensors dtypes --------------------------------------------------------------------------
 
 
@@ -36,6 +38,8 @@ DTYPES: dict[str, DType] = {d.name: d for d in (
 FLOAT_DTYPES = frozenset(d.name for d in DTYPES.values() if d.is_float)
 # The dense dtypes a quantized source can be dequantized to, by the names users give them.
 DEQUANT_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+# What to do with a weight to quantize that holds NaN or Inf (streamer.engine.pipeline)
+NONFINITE_POLICIES = ("refuse", "passthrough")
 
 # --- schemes -------------------------------------------------------------------------------------
 
@@ -70,6 +74,33 @@ def safetensors_name(dtype) -> str:
         if d.torch_name == wanted:
             return d.name
     raise KeyError(str(dtype))
+
+
+# --- Hub tokens ----------------------------------------------------------------------------------
+
+# What an HTTP header can carry: printable ASCII without spaces (Hub tokens are hf_ + letters, digits)
+_TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")
+
+
+def hub_token(token: str | bool | None) -> str | bool | None:
+    """TOKEN as the Hub takes it: the whitespace around it (a copied line's end, a Windows file's
+    carriage return) dropped, "" as no token. True, False and None pass as they are.
+
+    A token with spaces, control or non-ASCII characters inside cannot travel in an HTTP header:
+    refused here, before any request, in words that do not repeat it (an HTTP library's error
+    would quote the header, token and all)."""
+    if not isinstance(token, str):
+        return token
+    token = token.strip()
+    if not token:
+        return None
+    if not _TOKEN_CHARS.fullmatch(token):
+        raise HubError(
+            "the Hugging Face token holds spaces, control or non-ASCII characters: copy it again "
+            "from https://huggingface.co/settings/tokens",
+            hints=(Hint("token"),),
+        )
+    return token
 
 
 # --- Hub repo ids --------------------------------------------------------------------------------
@@ -175,15 +206,17 @@ def collapse_names(names: list[str]) -> list[str]:
     groups: dict[str, list[tuple[int, ...]]] = {}
     for n in names:
         nums = tuple(int(x) for x in re.findall(r"(?<=\.)\d+(?=\.|$)", n))
-        pattern = re.sub(r"(?<=\.)\d+(?=\.|$)", "{}", n)
-        groups.setdefault(pattern, []).append(nums)
+        # the name's own text split around its numbers (not a format string: a name may hold braces)
+        parts = tuple(re.split(r"(?<=\.)\d+(?=\.|$)", n))
+        groups.setdefault(parts, []).append(nums)
     out = []
-    for pattern, nums in groups.items():
+    for parts, nums in groups.items():
         if not nums[0]:
-            out.append(pattern)
+            out.append(parts[0])
             continue
         slots = [_ranges(sorted({t[i] for t in nums})) for i in range(len(nums[0]))]
-        out.append(pattern.format(*slots) + (f"  ({len(nums)})" if len(nums) > 1 else ""))
+        joined = "".join(p + s for p, s in zip(parts, [*slots, ""]))
+        out.append(joined + (f"  ({len(nums)})" if len(nums) > 1 else ""))
     return sorted(out, key=natural_key)
 
 

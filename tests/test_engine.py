@@ -441,3 +441,74 @@ def test_header_parser_rejects_trailing_garbage_lengths():
     with pytest.raises(InputError, match="shape"):
         bad = json.dumps({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 8]}}).encode()
         parse_header("x.safetensors", struct.pack("<Q", len(bad)) + bad + b"\0" * 8, 16 + len(bad))
+
+
+# --- what is copied, and names in messages ----------------------------------------------------
+
+
+def test_only_the_files_a_loader_reads_are_copied(llama_ckpt, tmp_path, monkeypatch, capsys):
+    """Hidden files (a .env, an ssh key), weights in formats streamer does not convert and files
+    too large for a config or tokenizer stay out of the output; the plan names what is copied
+    and what is not."""
+    import streamer.io.catalog as catalog
+
+    src = tmp_path / "src"
+    shutil.copytree(llama_ckpt, src)
+    (src / ".env").write_text("HF_TOKEN=hf_not_for_publishing\n")
+    (src / ".ssh").mkdir()
+    (src / ".ssh" / "id_rsa").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    (src / "model.tflite").write_bytes(b"\0" * 64)
+    (src / "rust_model.ot").write_bytes(b"\0" * 64)
+    small = max(p.stat().st_size for p in src.iterdir() if p.is_file() and not p.name.endswith(".safetensors"))
+    monkeypatch.setattr(catalog, "MAX_COPY_BYTES", small)  # every file the fixture has is small
+    (src / "huge.json").write_text("[" + "0," * small + "0]")
+
+    assert cli.main([str(src), "--scheme", "FP8_DYNAMIC", "--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    copied = next(line for line in plan.splitlines() if "copied as they are" in line)
+    assert "tokenizer.json" in copied and "config.json" in copied
+    for name in (".env", "id_rsa", "tflite", ".ot", "huge.json"):
+        assert name not in copied
+    assert ".env: hidden file; not copied" in plan and ".ssh/id_rsa: hidden file; not copied" in plan
+    assert "model.tflite: tflite weights are not converted; skipped" in plan
+    assert "huge.json: " in plan and "more than a config or tokenizer file takes" in plan
+
+    dst = tmp_path / "out"
+    convert(str(src), str(dst), scheme="FP8_DYNAMIC", device="cpu")
+    written = {p.relative_to(dst).as_posix() for p in dst.rglob("*")}
+    assert "tokenizer.json" in written and "generation_config.json" in written
+    assert not {".env", ".ssh", ".ssh/id_rsa", "model.tflite", "rust_model.ot", "huge.json"} & written
+
+
+def test_names_with_braces_are_listed_as_they_are():
+    from streamer.formats import collapse_names
+
+    names = [f"model.layers.{i}.mlp.up{{x}}.weight" for i in range(3)] + ["model.norm.weight"]
+    assert collapse_names(names) == ["model.layers.{0..2}.mlp.up{x}.weight  (3)", "model.norm.weight"]
+
+
+def test_a_source_cards_nested_front_matter_is_not_carried():
+    """A YAML alias bomb (a few hundred bytes that unfold to gigabytes once walked) in the source
+    card's tags or datasets is dropped; plain values are carried."""
+    from streamer.engine.card import card_metadata
+    from streamer.io.provenance import Provenance
+
+    lines = ["---", "a0: &a0 [" + ",".join(['"lol"'] * 10) + "]"]
+    lines += [f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    lines += ["tags: [*a8, chat]", "datasets: *a8", "license: apache-2.0", "language: [en, fr]", "---", ""]
+    prov = Provenance(source="org/x", source_commit=None, scheme="FP8_DYNAMIC", ignore=(), dequant_dtype=None, policy=())
+    meta = card_metadata(prov, "FP8_DYNAMIC", "\n".join(lines))
+    assert meta["tags"] == ["compressed-tensors", "fp8_dynamic", "quantized", "streamer"]
+    assert "datasets" not in meta and meta["license"] == "apache-2.0" and meta["language"] == ["en", "fr"]
+
+
+def test_the_source_is_no_target_whatever_the_case_of_its_name(tmp_path):
+    from streamer.engine.convert import check_target
+    from streamer.engine.progress import Progress
+
+    class Named:
+        def __init__(self, repo_id):
+            self.repo_id = repo_id
+
+    with pytest.raises(StreamerError, match="the target repo is the source repo"):
+        check_target(Named("ORG/Model"), Named("org/model"), Progress())

@@ -342,3 +342,32 @@ def test_uploaded_operation_matches_huggingface_hub():
     payload = list(_prepare_commit_payload([op], files_to_copy={}, commit_message="m"))
     lfs = [p["value"] for p in payload if p["key"] == "lfsFile"]
     assert lfs == [{"path": op.path_in_repo, "algo": "sha256", "oid": info.sha256.hex(), "size": info.size}]
+
+
+def test_a_token_with_a_line_end_works_and_a_broken_one_is_refused_without_echoing_it(hub, tmp_path, capsys, monkeypatch):
+    """A token copied with its line end (a Windows file's \\r\\n) is the token; one with a space or
+    a control character inside is refused before any request, and never printed (an HTTP
+    library's error would quote the whole Authorization header)."""
+    monkeypatch.delenv("HF_TOKEN")
+    assert run_cli(SOURCE, "acme/crlf", "--scheme", "FP8_DYNAMIC", "--token", ALICE + "\r\n") == 0
+    assert len(_streamer_commits(hub, "acme/crlf")) == 1
+
+    hub.clear_log()
+    broken = ALICE[:6] + "\r" + ALICE[6:]
+    capsys.readouterr()
+    assert run_cli(SOURCE, "acme/broken", "--scheme", "FP8_DYNAMIC", "--token", broken) == 2
+    err = capsys.readouterr().err
+    assert "the Hugging Face token holds spaces, control or non-ASCII characters" in err and "--token" in err
+    assert ALICE[6:] not in err and not hub.request_log and not hub.repo_exists("acme/broken")
+
+
+def test_a_worker_count_below_one_is_refused_before_anything_is_created(hub, capsys):
+    from streamer.engine.convert import convert
+    from streamer.errors import StreamerError
+
+    with pytest.raises(SystemExit) as e:
+        run_cli(SOURCE, "acme/w0", "--scheme", "FP8_DYNAMIC", "--workers", "0")
+    assert e.value.code == 2 and "--workers: 0: give at least 1" in capsys.readouterr().err
+    with pytest.raises(StreamerError, match="workers must be a whole number of at least 1"):
+        convert(SOURCE, "acme/w0", scheme="FP8_DYNAMIC", device="cpu", workers=0)
+    assert not hub.repo_exists("acme/w0")

@@ -194,6 +194,46 @@ def test_pull_request_mode_is_idempotent(hub, tmp_path, capsys):
     assert list(hub.refs("acme/llama-b-W8A16")["prs"]) == ["1"]
 
 
+def test_a_pull_request_someone_else_opened_does_not_count_as_done(hub, tmp_path, capsys):
+    """Anyone may open a PR on a public repo, with a card that claims the very conversion a job
+    would propose: it does not make the job "up to date"; the job's own PR does."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    hub.add_user("mallory", "hf_mallory_token")
+    jobs = write_jobs(tmp_path / "jobs.toml", JOBS + "create_pr = true\n")  # applies to b-w8
+    # a card exactly like the one the job proposes (made by the same job on a scratch target)
+    scratch = write_jobs(tmp_path / "scratch.toml", JOBS.replace("acme/llama-b-W8A16", "acme/scratch") + "create_pr = true\n")
+    rc, report = run(capsys, scratch, "--only", "b-w8")
+    assert rc == 0 and statuses(report) == {"b-w8": "converted"}
+    card = hub.read_file("acme/scratch", "README.md", revision="refs/pr/1")
+    alice = HfApi(endpoint=hub.url, token=ALICE)
+    alice.create_repo("acme/llama-b-W8A16")
+    HfApi(endpoint=hub.url, token="hf_mallory_token").create_commit(
+        "acme/llama-b-W8A16", [CommitOperationAdd("README.md", card)], commit_message="totally streamer", create_pr=True
+    )
+
+    rc, report = run(capsys, jobs, "--only", "b-w8")
+    assert rc == 0 and statuses(report) == {"b-w8": "converted"}, report
+    assert sorted(hub.refs("acme/llama-b-W8A16")["prs"]) == ["1", "2"]  # mallory's, then the job's own
+    rc, report = run(capsys, jobs, "--only", "b-w8")
+    assert statuses(report) == {"b-w8": "skipped"} and "PR #2" in report["jobs"][0]["reason"], report
+
+
+def test_a_folder_named_like_the_target_is_not_written_to(hub, tmp_path, capsys, monkeypatch):
+    """A job's source and target are Hub repos even where the mirror runs next to folders of the
+    same names (a clone of the target repo, say): the folder is left alone, the Hub gets the model."""
+    jobs = write_jobs(tmp_path / "jobs.toml", JOBS)
+    monkeypatch.chdir(tmp_path)
+    clone = tmp_path / "acme" / "llama-a-FP8"
+    clone.mkdir(parents=True)
+    (clone / "notes.txt").write_text("mine")
+    (tmp_path / "org" / "llama-a").mkdir(parents=True)  # an empty folder named like the source
+    rc, report = run(capsys, jobs, "--only", "a-fp8")
+    assert rc == 0 and statuses(report) == {"a-fp8": "converted"}, report
+    assert [p.name for p in clone.iterdir()] == ["notes.txt"] and (clone / "notes.txt").read_text() == "mine"
+    assert "model.safetensors.index.json" in hub.files("acme/llama-a-FP8")
+
+
 # --------------------------------------------------------------------------------------------
 # the jobs file
 # --------------------------------------------------------------------------------------------
@@ -646,13 +686,14 @@ def test_grouping_keys():
         {**base, "name": "i", "target": "acme/i", "source": "org/m@v2"},  # another commit
         {**base, "name": "j", "target": "acme/j", "source": "org/n"},
         {**base, "name": "k", "target": "acme/k", "scheme": "NVFP4A16"},
+        {**base, "name": "l", "target": "acme/l", "nonfinite": "passthrough"},
     ]})
     commits = {"i": "2" * 40}
     keys = [group_key(j, commits.get(j.name, "1" * 40), "cpu") for j in jobs]
     groups = [[jobs[i].name for i in g] for g in group_jobs(keys, [j.target for j in jobs])]
     # g names the run's device (cpu) itself: the same setting as a, b, k
     # c's ignore list is its own target's: it shares the pass too
-    assert groups == [["a", "b", "c", "g", "k"], ["d"], ["e"], ["f"], ["h"], ["i"], ["j"]]
+    assert groups == [["a", "b", "c", "g", "k"], ["d"], ["e"], ["f"], ["h"], ["i"], ["j"], ["l"]]
 
 
 def test_a_read_pass_too_big_for_the_budget_runs_its_jobs_one_by_one(hub, tmp_path, capsys, monkeypatch):
@@ -669,8 +710,49 @@ def test_a_read_pass_too_big_for_the_budget_runs_its_jobs_one_by_one(hub, tmp_pa
     monkeypatch.setattr(engine, "convert_many", too_small)
     jobs = write_jobs(tmp_path / "jobs.toml", GROUPED)
     rc, report = run(capsys, jobs, "--only", "a-fp8,a-w8")
-    assert calls == [["acme/llama-a-FP8", "acme/llama-a-W8A16"]]
+    assert calls == [["hub://acme/llama-a-FP8", "hub://acme/llama-a-W8A16"]]  # Hub repos, whatever is on disk
     assert rc == 0 and statuses(report) == {"a-fp8": "converted", "a-w8": "converted"}
     assert report["read_passes"] == [] and all(j["read_pass"] == [] for j in report["jobs"])
     for repo in ("acme/llama-a-FP8", "acme/llama-a-W8A16"):
         assert len(streamer_commits(hub, repo)) == 1
+
+
+def test_nan_weights_follow_the_jobs_or_the_callers_nonfinite_policy(hub, tmp_path, llama_ckpt):
+    """A weight holding NaN stops its job, with a hint in the jobs file's words; the job's own
+    `nonfinite = "passthrough"` lets it through, and so does the caller's
+    `with nonfinite_policy("passthrough")` around MirrorRunner.run, on the worker threads that
+    convert the jobs as on the caller's own."""
+    from safetensors.torch import load_file, save_file
+
+    from streamer.engine.pipeline import nonfinite_policy
+    from streamer.mirror.runner import MirrorRunner
+
+    src = tmp_path / "nan-src"
+    shutil.copytree(llama_ckpt, src)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    shard = src / index["weight_map"][name]
+    tensors = load_file(shard)
+    tensors[name].view(-1)[77] = float("nan")
+    save_file(tensors, shard, metadata={"format": "pt"})
+    hub.seed_repo("org/llama-nan", src)
+    spec = {"name": "nan", "source": "org/llama-nan", "target": "acme/llama-nan-FP8", "scheme": "FP8_DYNAMIC",
+            "device": "cpu"}  # fmt: skip
+
+    (refused,) = MirrorRunner(token=ALICE, parallel=2).run(parse_jobs({"job": [spec]}))
+    assert refused.status == "failed" and "1 NaN" in refused.error, refused
+    assert 'set nonfinite = "passthrough" in this job' in refused.error
+    assert "--nonfinite" not in refused.error
+    assert set(hub.files("acme/llama-nan-FP8")) <= {".gitattributes"}  # nothing committed
+
+    with nonfinite_policy("passthrough"):
+        (passed,) = MirrorRunner(token=ALICE, parallel=2).run(parse_jobs({"job": [spec]}))
+    assert passed.status == "converted", passed
+    assert "model.safetensors.index.json" in hub.files("acme/llama-nan-FP8")
+
+    other = {**spec, "target": "acme/llama-nan-FP8-b", "nonfinite": "passthrough"}
+    (own,) = MirrorRunner(token=ALICE, parallel=2).run(parse_jobs({"job": [other]}))
+    assert own.status == "converted", own
+
+    with pytest.raises(JobsFileError, match="nonfinite 'allow': use one of refuse, passthrough"):
+        parse_jobs({"job": [{**spec, "nonfinite": "allow"}]})

@@ -10,9 +10,10 @@ import sys
 import threading
 
 from streamer import __version__
-from streamer.cli.terminal import setup_logging, size_arg
+from streamer.cli.terminal import count_arg, setup_logging, size_arg
 from streamer.cli.wording import cli_words, describe
-from streamer.errors import Cancelled, StreamerError
+from streamer.errors import Cancelled, StreamerError, redact
+from streamer.formats import hub_token
 
 SUBCOMMANDS = ("mirror", "demo")
 
@@ -55,7 +56,7 @@ def convert_parser() -> argparse.ArgumentParser:
         "--nonfinite", choices=["refuse", "passthrough"], default="refuse",
         help="a weight holding NaN/Inf: refuse (default) or quantize it anyway, with a warning",
     )  # fmt: skip
-    p.add_argument("--workers", type=int, default=4, help="pieces fetched concurrently (default 4)")
+    p.add_argument("--workers", type=count_arg, default=4, help="pieces fetched concurrently (default 4)")
     p.add_argument(
         "--ray", nargs="?", const="auto", metavar="ADDRESS",
         help="convert the shards on a Ray cluster, each node uploading its own (target: a Hub repo): "
@@ -147,6 +148,10 @@ def _main(argv: list[str] | None) -> int:
 
             return demo_main(rest)
     args = convert_parser().parse_args(argv)
+    try:
+        args.token = hub_token(args.token)
+    except StreamerError as e:
+        return _failed(e, None, args.verbose)
     reader = _start_reader(args)
     try:
         setup_logging(args.quiet, args.verbose, json=args.json)
@@ -175,7 +180,7 @@ def _start_reader(args):
     budget = args.max_memory or default_memory_budget()
     # reserved in the (first) target's budget: in a fan-out, its share of the whole
     share = split_budget(budget, (args.dst is not None) + len(args.to))[1]
-    return start(repo_id, revision, token=args.token or None, limit=share // 2)
+    return start(repo_id, revision, token=args.token, limit=share // 2)
 
 
 def _progress_bars(args, progress):
@@ -214,7 +219,7 @@ def failure_text(e: BaseException, to_target: bool = False) -> str:
     if isinstance(e, StreamerError):
         return describe(e, to_target=to_target)
     # a bug or an unexpected environment problem; still no traceback by default
-    return f"{type(e).__name__}: {e} (run with --verbose for details)"
+    return f"{type(e).__name__}: {redact(str(e))} (run with --verbose for details)"
 
 
 def _failed(e: BaseException, bars, verbose: bool) -> int:
@@ -256,7 +261,7 @@ def run_convert(args) -> int:
             args.src, args.dst,
             scheme=args.scheme, scheme_file=args.scheme_file, ignore=args.ignore,
             device=args.device, dry_run=args.dry_run, max_memory=args.max_memory,
-            workers=args.workers, token=args.token or None, overwrite=args.overwrite,
+            workers=args.workers, token=args.token, overwrite=args.overwrite,
             private=True if args.private else (False if args.public else None), create_pr=args.create_pr, revision=args.revision,
             dequant_dtype=args.dequant_dtype, force=args.force, progress=progress,
             default_ignore=args.default_ignore, quantize_towers=args.quantize_towers,
@@ -321,7 +326,7 @@ def run_fanout(args) -> int:
             result = convert_many(
                 args.src, fanout_targets(args), ignore=args.ignore,
                 device=args.device, dry_run=args.dry_run, max_memory=args.max_memory,
-                workers=args.workers, token=args.token or None, overwrite=args.overwrite,
+                workers=args.workers, token=args.token, overwrite=args.overwrite,
                 private=True if args.private else (False if args.public else None), create_pr=args.create_pr,
                 revision=args.revision, dequant_dtype=args.dequant_dtype, force=args.force, progress=progress,
                 default_ignore=args.default_ignore, quantize_towers=args.quantize_towers,

@@ -28,6 +28,20 @@ def size_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def count_arg(text: str) -> int:
+    """A count flag's value (`--workers 4`) for argparse: a whole number of at least 1, else a
+    usage error saying so.
+
+    :param text: the flag's value."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n}: give at least 1")
+    return n
+
+
 def setup_logging(quiet: bool, verbose: bool, json: bool = False) -> None:
     """Log lines on stderr, printed above the progress bars, never through them; huggingface_hub's
     own bars are turned off (streamer reports the bytes itself).

@@ -31,13 +31,30 @@ def _as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
+def _plain(value):
+    """VALUE when it is what a card's descriptive key holds: a short string, number or boolean, or
+    a short list of them; None for anything else. A source card is anyone's text: a nested value
+    (a YAML alias bomb, a few hundred bytes that unfold to gigabytes once walked) is not carried."""
+
+    def scalar(v) -> bool:
+        return isinstance(v, (str, int, float, bool)) and len(str(v)) <= 200
+
+    if scalar(value):
+        return value
+    if isinstance(value, list) and len(value) <= 100 and all(scalar(v) for v in value):
+        return list(value)
+    return None
+
+
 def _is_repo(name: str) -> bool:
     return "/" in name and not name.startswith(("/", "."))
 
 
 def card_metadata(prov: Provenance, scheme: str, source_card: str | None) -> dict:
     """Front matter: the source card's descriptive keys, base_model (a Hub source), our tags."""
-    carried = {k: v for k, v in front_matter(source_card).items() if k in CARRIED_KEYS and v not in (None, "", [])}
+    found = front_matter(source_card)
+    carried = {k: _plain(found[k]) for k in CARRIED_KEYS if k in found}
+    carried = {k: v for k, v in carried.items() if v not in (None, "", [])}
     meta: dict = {}
     if _is_repo(prov.source):
         meta["base_model"] = prov.source

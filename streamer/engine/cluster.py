@@ -59,8 +59,9 @@ TASK_RETRIES = 3
 TASKS_PER_DEVICE = 2
 # Shards per task: one. A node's two tasks already overlap each other (one downloads while the
 # other uploads, see DownloadTurn), so a task needs no second shard to keep its links busy, and
-# one-shard tasks handed out costliest first let the nodes finish together (3 nodes, 18 shards:
-# 95.2 s against 100.2 s with two shards a task) and lose only the shards in flight with a node.
+# one-shard tasks handed out costliest first let the nodes finish together (bench_cluster.py, 18
+# shards: 3 nodes 93-101 s against 100-103 s with two shards a task; 2 nodes 129-137 s against
+# 125-126 s, one task start more per shard) and lose only the shards in flight with a node.
 GROUP_SHARDS = 1
 # The resource only the head node of a Ray cluster has.
 HEAD = "node:__internal_head__"

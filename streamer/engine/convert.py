@@ -169,6 +169,12 @@ def prepare(
     return source, plan
 
 
+def _check_workers(workers: int) -> None:
+    """Refuse a WORKERS (parallel reads per source) below 1 before anything is planned or created."""
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise StreamerError(f"workers must be a whole number of at least 1 (parallel reads per source), not {workers!r}")
+
+
 def convert(
     src: str | Source,
     dst: str | Sink | None,
@@ -253,6 +259,7 @@ def convert(
         )  # fmt: skip
     if record not in ("requested", "effective"):
         raise StreamerError(f"record must be 'requested' or 'effective', not {record!r}")
+    _check_workers(workers)
     dev = resolve_device(device)
     progress = progress or Progress()
     source, plan = prepare(
@@ -450,6 +457,7 @@ def convert_many(
         raise StreamerError(f"two targets write to {twice[0]}: give each target its own destination", hints=(Hint("target"),))
     if record not in ("requested", "effective"):
         raise StreamerError(f"record must be 'requested' or 'effective', not {record!r}")
+    _check_workers(workers)
     dev = resolve_device(device)
     limit = Budget(default_memory_budget() if max_memory is None else max_memory).limit  # refuses a bad size
     progress = progress or Progress()
@@ -578,7 +586,7 @@ def _run_side_by_side(runners: list[tuple[TargetResult, Runner]], record: str, c
 def check_target(sink: Sink, source: Source, progress: Progress) -> None:
     """Refuse a destination SINK that cannot take a conversion of SOURCE (the source repo itself,
     a repo streamer did not write …) before anything is written; PROGRESS gets its visibility note."""
-    if sink.repo_id and sink.repo_id == source.repo_id:
+    if sink.repo_id and source.repo_id and sink.repo_id.lower() == source.repo_id.lower():  # the Hub ignores case
         raise StreamerError("the target repo is the source repo", hints=(Hint("target"),))
     sink.check()
     note = sink.visibility_note(source.private or source.gated)

@@ -28,7 +28,7 @@ from streamer.engine.budget import Budget
 from streamer.engine.plan import Job, OutTensor, Plan
 from streamer.engine.progress import Progress
 from streamer.errors import Cancelled, Hint, InputError, StreamerError
-from streamer.formats import human_bytes, safetensors_name
+from streamer.formats import NONFINITE_POLICIES, human_bytes, safetensors_name
 from streamer.io.catalog import TensorInfo
 from streamer.io.sink import ShardWriter, Sink
 from streamer.io.source import Source, Span
@@ -51,8 +51,7 @@ PIECE_BYTES = 256 * 1024 * 1024
 # What to do with a weight to quantize that holds NaN or Inf: "refuse" (the default) stops the
 # run naming the tensor; "passthrough" quantizes it as it is (its scales come out NaN or Inf)
 # with a warning. Front ends set it for one call with `nonfinite_policy(...)`; a Runner can also
-# be given `allow_nonfinite` directly.
-NONFINITE_POLICIES = ("refuse", "passthrough")
+# be given `allow_nonfinite` directly. The policies: streamer.formats.NONFINITE_POLICIES.
 _NONFINITE: contextvars.ContextVar[str] = contextvars.ContextVar("streamer_nonfinite", default="refuse")
 
 

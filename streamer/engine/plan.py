@@ -715,6 +715,10 @@ def render(plan: Plan) -> str:
     lines += policy_lines(plan)
     if plan.config_ignore:
         lines.append(f"  quantization_config.ignore: {', '.join(plan.config_ignore)}")
+    copied = plan.catalog.copy_files
+    if copied:
+        size = sum(plan.catalog.file_sizes.get(p, 0) for p in copied)
+        lines.append(f"  copied as they are ({human_bytes(size)}): {', '.join(sorted(copied))}")
     for job in plan.jobs:
         lines.append("")
         lines.append(

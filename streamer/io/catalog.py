@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from streamer.errors import InputError
-from streamer.formats import DTYPES, dtype_size, safe_relpath
+from streamer.formats import DTYPES, dtype_size, human_bytes, safe_relpath
 from streamer.io.source import Source, Span
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -27,7 +27,16 @@ MAX_HEADER_BYTES = 100_000_000
 # many files are read in parallel so the extra round trip costs nothing on a large repo.
 HEADER_READERS = 8
 
-WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".pkl")
+# Weights in formats streamer does not convert (PyTorch, GGUF, TF/Keras, Flax, ONNX, TFLite, Rust,
+# NumPy, Core ML, Paddle, NeMo): never copied, an unquantized copy would only bloat the output.
+WEIGHT_SUFFIXES = (
+    ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".keras", ".msgpack", ".onnx", ".onnx_data", ".pkl",
+    ".tflite", ".ot", ".npz", ".npy", ".mlmodel", ".pdparams", ".nemo",
+)  # fmt: skip
+# The files copied as they are: what a loader reads next to the weights (config, tokenizer, chat
+# template, code), all small. A larger one is data streamer does not convert; it is left out, and
+# what is copied stays far below the memory budget (the files are held until the commit).
+MAX_COPY_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -316,6 +325,14 @@ def build_catalog(source: Source, *, header_reader=read_header) -> Catalog:
             notices.append(f"{path}: {path.rsplit('.', 1)[-1]} weights are not converted; skipped")
         elif path in (".gitattributes", "README.md"):
             continue  # the output gets its own model card and attributes
+        elif any(part.startswith(".") for part in path.split("/")):
+            # .env, .ssh/…, editor and tool state: nothing a loader reads, maybe a secret
+            notices.append(f"{path}: hidden file; not copied")
+        elif files[path] > MAX_COPY_BYTES:
+            notices.append(
+                f"{path}: {human_bytes(files[path])}, more than a config or tokenizer file takes "
+                f"({human_bytes(MAX_COPY_BYTES)}); not copied"
+            )
         else:
             copy_files.append(path)
 

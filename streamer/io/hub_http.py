@@ -27,7 +27,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
-from streamer.errors import Cancelled, HubError, Hint
+from streamer.errors import Cancelled, HubError, Hint, redact
 
 log = logging.getLogger("streamer")
 
@@ -43,19 +43,21 @@ REDIRECTS = {301, 302, 303, 307, 308}
 MAX_REDIRECTS = 5
 
 
-def _network_error_types() -> tuple[type[BaseException], ...]:
-    # huggingface_hub 1.x speaks httpx, 2.x httpx2: a transport error of either is a network
-    # failure (refused, reset, timed out, closed mid-response).
-    found: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    for name in ("httpx2", "httpx"):
+def _httpx_errors(name: str) -> tuple[type[BaseException], ...]:
+    # huggingface_hub 1.x speaks httpx, 2.x httpx2: the error class NAME of whichever is installed
+    found = []
+    for module in ("httpx2", "httpx"):
         try:
-            found.append(importlib.import_module(name).TransportError)
+            found.append(getattr(importlib.import_module(module), name))
         except (ImportError, AttributeError):
             pass
     return tuple(found)
 
 
-NETWORK_ERRORS = _network_error_types()
+# A transport error is a network failure (refused, reset, timed out, closed mid-response) ...
+NETWORK_ERRORS = (ConnectionError, TimeoutError, *_httpx_errors("TransportError"))
+# ... but for a request this side could not even send (a header no HTTP can carry): final.
+LOCAL_ERRORS = _httpx_errors("LocalProtocolError")
 
 
 def hub_endpoint(endpoint: str | None = None) -> str:
@@ -98,6 +100,8 @@ def classify(e: BaseException) -> tuple[str | None, float | None]:
                 value = headers.get("retry-after") if hasattr(headers, "get") else None
                 return "status", parse_retry_after(value) if value else None
             return None, None
+        if isinstance(c, LOCAL_ERRORS):
+            return None, None
         if isinstance(c, NETWORK_ERRORS):
             return "network", None
     return None, None
@@ -124,8 +128,9 @@ def backoff_delay(attempt: int, retry_after: float | None = None) -> float:
 
 
 def short_error(e: BaseException) -> str:
-    """E in one short line for a message: its type and the first line of its text."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    """E in one short line for a message: its type and the first line of its text (tokens
+    redacted)."""
+    text = redact(str(e).strip().splitlines()[0]) if str(e).strip() else ""
     text = text if len(text) <= 160 else text[:157] + "…"
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 

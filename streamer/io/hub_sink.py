@@ -39,6 +39,7 @@ from huggingface_hub.lfs import UploadInfo, post_lfs_batch_info
 from huggingface_hub.utils import build_hf_headers
 
 from streamer.errors import Cancelled, Hint, HubError, Note, StreamerError, TargetError
+from streamer.formats import hub_token
 from streamer.io.hub_http import classify, explain, hub_call, hub_endpoint, read_text, retry_wait, short_error
 from streamer.io.provenance import read_provenance
 from streamer.io.sink import ShardWriter, Sink, check_relpath
@@ -363,7 +364,7 @@ class HubSink(Sink):
     ):
         self.repo_id = repo_id
         self.endpoint = hub_endpoint(endpoint)
-        self.api = HfApi(endpoint=self.endpoint, token=token)
+        self.api = HfApi(endpoint=self.endpoint, token=hub_token(token))
         self.revision = revision or "main"
         self.private = bool(private)
         self.create_pr = create_pr

@@ -17,6 +17,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
 from streamer.errors import Cancelled, HubError, InputError
+from streamer.formats import hub_token
 from streamer.io.hub_http import (
     REDIRECTS,
     RETRY_STATUS,
@@ -68,6 +69,7 @@ class HubSource(Source):
     ):
         self.repo_id = repo_id
         self.endpoint = hub_endpoint(endpoint)
+        token = hub_token(token)
         self.api = HfApi(endpoint=self.endpoint, token=token)
         self._token = token
         self.chunk_bytes = chunk_bytes

@@ -47,6 +47,7 @@ import time
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
+from streamer.errors import redact
 from streamer.io.source import Span
 
 log = logging.getLogger("streamer")
@@ -447,7 +448,7 @@ class _Reader:
         try:
             self._run()
         except Exception as e:  # best effort: the run reads whatever is missing itself
-            self.report(error=f"{type(e).__name__}: {e}")
+            self.report(error=f"{type(e).__name__}: {redact(str(e))}")
             if self.commit is None:
                 os._exit(0)  # nothing to offer: the parent stops waiting for a commit
 

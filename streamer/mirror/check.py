@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from streamer.formats import hub_token
 from streamer.io.provenance import read_provenance
 from streamer.mirror.jobs import MirrorJob
 
@@ -83,7 +84,7 @@ def check_job(job: MirrorJob, *, token: str | None = None, endpoint: str | None 
 
     from streamer.io.hub_http import explain, hub_call, hub_endpoint
 
-    api = HfApi(endpoint=hub_endpoint(endpoint), token=token)
+    api = HfApi(endpoint=hub_endpoint(endpoint), token=hub_token(token))
     try:
         info = hub_call(f"reading {job.source}'s commit", api.model_info, job.source, revision=job.source_revision)
     except HfHubHTTPError as e:
@@ -99,13 +100,45 @@ def check_job(job: MirrorJob, *, token: str | None = None, endpoint: str | None 
         return Check(True, f"up to date ({job.scheme} of {short_sha(sha)})", sha, True, branch)
     if job.create_pr:
         # A PR (open, merged or closed) already proposing this exact conversion counts as done:
-        # a mirror must not open the same PR again on every run.
+        # a mirror must not open the same PR again on every run. Only one this account wrote:
+        # anyone can open a PR on a public repo with a card that says the same.
+        account: list[str | None] = []
         for ref in _pr_refs(api, job.target):
             pr_text = read_card(job.target, ref, token=token, endpoint=endpoint)
-            if pr_text is not None and compare(job, read_provenance(pr_text), sha) is None:
+            if pr_text is None or compare(job, read_provenance(pr_text), sha) is not None:
+                continue
+            if not account:
+                account.append(_account(api))
+            if account[0] is not None and _written_by(api, job.target, ref, account[0]):
                 num = ref.rsplit("/", 1)[-1]
                 return Check(True, f"up to date: PR #{num} proposes {job.scheme} of {short_sha(sha)}", sha, prov is not None, ref)
     return Check(False, why, sha, prov is not None)
+
+
+def _account(api) -> str | None:
+    """The name of the account API's token belongs to (None: no token, or the Hub would not say)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from streamer.io.hub_http import hub_call
+
+    try:
+        return hub_call("checking the token (whoami)", api.whoami).get("name")
+    except (HfHubHTTPError, OSError, ValueError):
+        return None
+
+
+def _written_by(api, repo_id: str, ref: str, account: str) -> bool:
+    """Whether the newest commit of REF (a pull request) is ACCOUNT's: then its files are what
+    this account proposed, not someone else's that merely look the same."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from streamer.io.hub_http import hub_call
+
+    try:
+        commits = hub_call(f"reading {repo_id}'s {ref} history", api.list_repo_commits, repo_id, revision=ref)
+    except HfHubHTTPError:
+        return False
+    return bool(commits) and account in (commits[0].authors or [])
 
 
 def _pr_refs(api, repo_id: str, limit: int = 20) -> list[str]:

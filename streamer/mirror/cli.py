@@ -23,9 +23,10 @@ import os
 import sys
 from pathlib import Path
 
-from streamer.cli.terminal import setup_logging, size_arg
+from streamer.cli.terminal import count_arg, setup_logging, size_arg
 from streamer.cli.wording import describe
 from streamer.errors import Cancelled, StreamerError
+from streamer.formats import hub_token
 from streamer.mirror.jobs import load_jobs, select_jobs
 from streamer.mirror.report import render_table, summary
 from streamer.mirror.runner import MirrorRunner
@@ -48,12 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="check every job and plan the ones that would run (headers only), with the jobs that "
                    "would share one read of their source; publish nothing")
-    p.add_argument("--parallel", type=int, default=1, metavar="N",
+    p.add_argument("--parallel", type=count_arg, default=1, metavar="N",
                    help="conversions at once; jobs sharing one read of their source count as one (default 1)")
     p.add_argument("--max-memory", type=size_arg, metavar="SIZE",
                    help="byte budget shared by all concurrent conversions (default: half the free RAM)")
     p.add_argument("--device", default="auto", help="default device for jobs: auto, cpu, cuda or cuda:N")
-    p.add_argument("--workers", type=int, default=4, help="pieces fetched concurrently per conversion (default 4)")
+    p.add_argument("--workers", type=count_arg, default=4, help="pieces fetched concurrently per conversion (default 4)")
     p.add_argument(
         "--ray", nargs="?", const="auto", metavar="ADDRESS",
         help="spread every job's shards over a Ray cluster: auto (default: the cluster this machine "
@@ -133,10 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         jobs = select_jobs(load_jobs(args.jobs_file), args.only)
-        if args.workers < 1:
-            raise StreamerError("--workers must be at least 1")
         runner = MirrorRunner(
-            token=args.token or None, dry_run=args.dry_run, parallel=args.parallel,
+            token=hub_token(args.token), dry_run=args.dry_run, parallel=args.parallel,
             max_memory=args.max_memory, device=args.device, workers=args.workers, executor=_executor(args),
         )  # fmt: skip
         if args.serve:

@@ -24,7 +24,14 @@ from pathlib import Path
 
 from streamer.io.provenance import Provenance, policy_flags
 from streamer.errors import StreamerError
-from streamer.formats import DATA_FREE_SCHEMES, DEQUANT_DTYPES, is_commit_sha, is_repo_spec, split_revision
+from streamer.formats import (
+    DATA_FREE_SCHEMES,
+    DEQUANT_DTYPES,
+    NONFINITE_POLICIES,
+    is_commit_sha,
+    is_repo_spec,
+    split_revision,
+)
 from streamer.mirror.wording import describe
 
 try:  # Python >= 3.11
@@ -51,6 +58,7 @@ JOB_KEYS: dict[str, tuple[type, str]] = {
     "default_ignore": (bool, "keep embeddings, lm_head, MoE routers and vision/audio towers unquantized (default true)"),
     "quantize_towers": (bool, "quantize vision/audio towers and multimodal projectors too (default false)"),
     "skip_incompatible": (bool, "keep weights the scheme cannot serve unquantized instead of failing (default false)"),
+    "nonfinite": (str, 'a weight holding NaN/Inf: "refuse" stops the job naming it (default), "passthrough" quantizes it as it is'),
 }
 DEFAULT_KEYS = {k: v for k, v in JOB_KEYS.items() if k not in ("name", "source", "target")}
 TOP_KEYS = ("defaults", "job")
@@ -89,6 +97,7 @@ class MirrorJob:
     default_ignore: bool = True
     quantize_towers: bool = False
     skip_incompatible: bool = False
+    nonfinite: str | None = None  # None: the policy of the calling context (refuse unless set)
 
     @property
     def policy(self) -> tuple[str, ...]:
@@ -287,6 +296,9 @@ def parse_jobs(data: dict, *, origin: str = "jobs file") -> list[MirrorJob]:
                 )
             else:
                 targets[slot] = name or f"#{i}"
+        nonfinite = merged.get("nonfinite")
+        if nonfinite is not None and nonfinite not in NONFINITE_POLICIES:
+            problems.append(f"{label}: nonfinite {nonfinite!r}: use one of {', '.join(NONFINITE_POLICIES)}")
         dq = merged.get("dequant_dtype")
         if dq is not None and dq not in DEQUANT_DTYPES:
             problems.append(f"{label}: dequant_dtype {dq!r}: use one of {', '.join(DEQUANT_DTYPES)}")
@@ -304,7 +316,7 @@ def parse_jobs(data: dict, *, origin: str = "jobs file") -> list[MirrorJob]:
             private=merged.get("private"), create_pr=merged.get("create_pr", False),
             dequant_dtype=dq, device=merged.get("device"), overwrite=merged.get("overwrite", False),
             default_ignore=merged.get("default_ignore", True), quantize_towers=merged.get("quantize_towers", False),
-            skip_incompatible=merged.get("skip_incompatible", False),
+            skip_incompatible=merged.get("skip_incompatible", False), nonfinite=nonfinite,
         ))  # fmt: skip
     if problems:
         raise JobsFileError(origin, problems)

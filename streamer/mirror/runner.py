@@ -19,11 +19,12 @@ import logging
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from contextvars import copy_context
 from dataclasses import asdict, dataclass, field
 
 from streamer.engine.budget import Budget, default_memory_budget
-from streamer.errors import Cancelled, StreamerError
+from streamer.errors import Cancelled, StreamerError, redact
 from streamer.formats import human_bytes
 from streamer.mirror.check import Check, check_job
 from streamer.mirror.jobs import MirrorJob
@@ -91,8 +92,24 @@ def group_key(job: MirrorJob, source_commit: str, device: str) -> tuple:
     return (
         job.source, source_commit, job.dequant_dtype, job.device or device,
         job.private, job.create_pr, job.overwrite,
-        job.default_ignore, job.quantize_towers, job.skip_incompatible,
+        job.default_ignore, job.quantize_towers, job.skip_incompatible, job.nonfinite,
     )  # fmt: skip
+
+
+def on_hub(spec: str) -> str:
+    """SPEC (`org/name[@revision]`) as the engine must take it: a Hub repo, even when a local
+    folder of that name exists where the mirror runs (a clone of the target repo, say)."""
+    return f"hub://{spec}"
+
+
+def nonfinite_setting(job: MirrorJob):
+    """A context holding JOB's own policy for NaN/Inf weights around its conversion; a job that
+    sets none keeps the caller's (`with nonfinite_policy(...)` around the run)."""
+    if job.nonfinite is None:
+        return nullcontext()
+    from streamer.engine.pipeline import nonfinite_policy
+
+    return nonfinite_policy(job.nonfinite)
 
 
 def group_jobs(keys: list[tuple], targets: list[str]) -> list[list[int]]:
@@ -225,7 +242,7 @@ class MirrorRunner:
             res.error = describe(error)
         else:  # a bug or an unexpected environment problem: the other jobs go on
             log.debug("[%s] failed", res.name, exc_info=error)
-            res.error = f"{type(error).__name__}: {error}"
+            res.error = f"{type(error).__name__}: {redact(str(error))}"
 
     def _finish(self, res: JobResult) -> JobResult:
         res.finished_at = time.time()
@@ -245,7 +262,7 @@ class MirrorRunner:
         from streamer.engine.convert import prepare
 
         job, res = work.job, work.res
-        src, plan = prepare(self._source(work), scheme=job.scheme, ignore=job.ignore, token=self.token,
+        src, plan = prepare(on_hub(self._source(work)), scheme=job.scheme, ignore=job.ignore, token=self.token,
                             dequant_dtype=job.dequant_dtype, **job.policy_kwargs)  # fmt: skip
         src.close()
         res.status = "planned"
@@ -267,17 +284,18 @@ class MirrorRunner:
 
         job, check, res = work.job, work.check, work.res
         log.info("[%s] converting %s -> %s: %s", job.name, job.source_spec, job.target_spec, check.reason)
-        result = convert(
-            self._source(work), job.target_spec,
-            scheme=job.scheme, ignore=job.ignore, device=job.device or self.device,
-            workers=self.workers, token=self.token,
-            # The target is streamer's own (its card says so) or new; anything else is only
-            # replaced when the job says overwrite = true.
-            overwrite=check.streamer_target or job.overwrite,
-            private=job.private, create_pr=job.create_pr, dequant_dtype=job.dequant_dtype,
-            progress=Progress(hint_words=job_words), cancel=self.cancel, max_memory=self.budget, executor=self.executor,
-            **job.policy_kwargs,
-        )  # fmt: skip
+        with nonfinite_setting(job):
+            result = convert(
+                on_hub(self._source(work)), on_hub(job.target_spec),
+                scheme=job.scheme, ignore=job.ignore, device=job.device or self.device,
+                workers=self.workers, token=self.token,
+                # The target is streamer's own (its card says so) or new; anything else is only
+                # replaced when the job says overwrite = true.
+                overwrite=check.streamer_target or job.overwrite,
+                private=job.private, create_pr=job.create_pr, dequant_dtype=job.dequant_dtype,
+                progress=Progress(hint_words=job_words), cancel=self.cancel, max_memory=self.budget,
+                executor=self.executor, **job.policy_kwargs,
+            )  # fmt: skip
         res.status = "converted"
         res.url = result.url
         if result.stats is not None:
@@ -324,17 +342,18 @@ class MirrorRunner:
         from streamer.engine.progress import Progress
 
         first = works[0].job
-        return convert_many(
-            self._source(works[0]),
-            [Target(w.job.target_spec, scheme=w.job.scheme, ignore=tuple(w.job.ignore)) for w in works],
-            device=first.device or self.device, workers=self.workers, token=self.token,
-            # One setting for the whole pass: the jobs' own overwrite is part of their group key,
-            # and a target whose card is streamer's is accepted by the sink whatever overwrite
-            # says (a job alone passes check.streamer_target for the same reason).
-            overwrite=first.overwrite or all(w.check.streamer_target for w in works),
-            private=first.private, create_pr=first.create_pr, dequant_dtype=first.dequant_dtype,
-            progress=Progress(hint_words=job_words), cancel=self.cancel, max_memory=share, **first.policy_kwargs,
-        )  # fmt: skip
+        with nonfinite_setting(first):  # one policy for the pass: part of the group key
+            return convert_many(
+                on_hub(self._source(works[0])),
+                [Target(on_hub(w.job.target_spec), scheme=w.job.scheme, ignore=tuple(w.job.ignore)) for w in works],
+                device=first.device or self.device, workers=self.workers, token=self.token,
+                # One setting for the whole pass: the jobs' own overwrite is part of their group key,
+                # and a target whose card is streamer's is accepted by the sink whatever overwrite
+                # says (a job alone passes check.streamer_target for the same reason).
+                overwrite=first.overwrite or all(w.check.streamer_target for w in works),
+                private=first.private, create_pr=first.create_pr, dequant_dtype=first.dequant_dtype,
+                progress=Progress(hint_words=job_words), cancel=self.cancel, max_memory=share, **first.policy_kwargs,
+            )  # fmt: skip
 
     @contextmanager
     def _reserved(self, share: int):
@@ -398,10 +417,12 @@ class MirrorRunner:
         # Jobs run on worker threads even one at a time: Ctrl-C reaches the main thread, which sets
         # `cancel` at once, so a running conversion stops within a second instead of finishing the
         # uploads in flight first; the jobs not started yet then report "interrupted" at once.
+        # Each task runs in a copy of the caller's context, so that settings made for this call
+        # (`with nonfinite_policy(...)`) hold on the worker threads too.
         pool = ThreadPoolExecutor(self.parallel, thread_name_prefix="streamer-mirror")
         try:
             works: dict[str, _Work] = {}
-            for job, (res, work) in self._gather(pool, {pool.submit(self._check, j): j for j in jobs}):
+            for job, (res, work) in self._gather(pool, {pool.submit(copy_context().run, self._check, j): j for j in jobs}):
                 if work is None:
                     done(self._finish(res))
                 else:
@@ -418,7 +439,7 @@ class MirrorRunner:
                     self.read_passes.append(rp)
                     for w in unit:
                         w.res.read_pass = list(rp.jobs)
-                tasks[pool.submit(self._run_pass, unit, share, rp)] = unit
+                tasks[pool.submit(copy_context().run, self._run_pass, unit, share, rp)] = unit
             for _, finished in self._gather(pool, tasks):
                 for r in finished:
                     done(r)

@@ -8,7 +8,7 @@ from streamer.errors import Hint, StreamerError, with_hints
 
 # The settings a [[job]] table holds, under the setting's own name.
 _JOB_SWITCHES = ("skip_incompatible", "quantize_towers", "overwrite", "create_pr")
-_JOB_CHOICES = ("scheme", "device", "dequant_dtype")
+_JOB_CHOICES = ("scheme", "device", "dequant_dtype", "nonfinite")
 
 
 def job_words(hint: Hint) -> str:

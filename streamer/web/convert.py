@@ -93,7 +93,7 @@ def _convert(source, revision, scheme, ignore, namespace, repo_name, private, cr
         else:
             repos = [target_of(namespace, repo_name, account, suggest_repo_name(repo, scheme))]
         target = ", ".join(repos)
-        if repo in repos:
+        if repo.lower() in (r.lower() for r in repos):  # the Hub ignores case in repo ids
             raise UserError("The target repo is the source repo: choose another name.")
         ignore_list = parse_ignore(ignore)
         slot = slots.claim(account.name, target, repos)

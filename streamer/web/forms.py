@@ -162,10 +162,10 @@ def targets_of(namespace: str, repo_name: str, account: Account, repo: str, sche
         name = typed.get(s) or extra_target_name(main_name, scheme, s)
         out.append((target_of(namespace, name, account, name), s))
     seen: dict[str, str] = {}
-    for target, s in out:
-        if target == repo:
+    for target, s in out:  # repo ids compared as the Hub does: ignoring case
+        if target.lower() == repo.lower():
             raise UserError(f"The target repo of {s} is the source repo: choose another name.")
-        if target in seen:
-            raise UserError(f"{seen[target]} and {s} would both publish to {target}: give each its own repo name.")
-        seen[target] = s
+        if target.lower() in seen:
+            raise UserError(f"{seen[target.lower()]} and {s} would both publish to {target}: give each its own repo name.")
+        seen[target.lower()] = s
     return out
