@@ -502,13 +502,27 @@ def test_a_source_cards_nested_front_matter_is_not_carried():
     assert "datasets" not in meta and meta["license"] == "apache-2.0" and meta["language"] == ["en", "fr"]
 
 
-def test_the_source_is_no_target_whatever_the_case_of_its_name(tmp_path):
+def test_the_source_is_never_the_destination(llama_ckpt, tmp_path, capsys):
+    """Not the same Hub repo (ids compared without case, as the Hub does), and not the same local
+    folder, a folder inside it, or one that holds it, even with --overwrite: replacing the
+    destination would delete the source."""
     from streamer.engine.convert import check_target
     from streamer.engine.progress import Progress
 
     class Named:
+        folder = None
+
         def __init__(self, repo_id):
             self.repo_id = repo_id
 
     with pytest.raises(StreamerError, match="the target repo is the source repo"):
         check_target(Named("ORG/Model"), Named("org/model"), Progress())
+
+    src = tmp_path / "m"
+    shutil.copytree(llama_ckpt, src)
+    before = {p: p.read_bytes() for p in src.rglob("*") if p.is_file()}
+    for dst, where in [(src, "is"), (src / "inner", "is inside"), (tmp_path, "holds")]:
+        capsys.readouterr()
+        assert cli.main([str(src), str(dst), "--scheme", "FP8_DYNAMIC", "--overwrite", "--device", "cpu", "-q"]) == 2
+        assert f"{where} the source folder {src}: write the output to a folder of its own" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in src.rglob("*") if p.is_file()} == before

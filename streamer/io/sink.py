@@ -69,6 +69,7 @@ class Sink:
     label: str = ""  # how logs name the destination: a path, or a repo id
     url: str | None = None  # where the result can be seen, once committed
     repo_id: str | None = None  # the Hub repo written to; None for a local folder
+    folder: Path | None = None  # the local folder written to (links resolved); None for a Hub repo
     # Whether an open shard is held in memory until it is delivered: the memory budget then
     # counts each open shard whole.
     buffers_shards: bool = False
@@ -215,6 +216,7 @@ class LocalSink(Sink):
         # A destination that is a link to a folder: replace the folder it points to, and keep the
         # link (swapping the link itself would leave the old folder where the link pointed).
         self.dst = given.resolve() if given.is_symlink() else given
+        self.folder = self.dst.resolve()
         self.overwrite = overwrite
         self.label = str(given)
         self.url = str(given)

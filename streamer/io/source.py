@@ -35,6 +35,7 @@ class Source:
 
     label: str = ""  # how logs and model cards name the source: a path, or "org/name@sha"
     repo_id: str | None = None
+    folder: Path | None = None  # the local folder read (links resolved); None for a Hub repo
     commit: str | None = None  # the exact source commit on the Hub, None for a local folder
     # Who may read the source: a private or gated one makes a private target unless asked otherwise.
     private: bool = False
@@ -122,7 +123,7 @@ class LocalSource(Source):
     """
 
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root).resolve()
+        self.root = self.folder = Path(root).resolve()
         if not self.root.is_dir():
             raise InputError(f"source folder {root} does not exist or is not a folder")
         self.label = str(self.root)

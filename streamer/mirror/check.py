@@ -84,7 +84,8 @@ def check_job(job: MirrorJob, *, token: str | None = None, endpoint: str | None 
 
     from streamer.io.hub_http import explain, hub_call, hub_endpoint
 
-    api = HfApi(endpoint=hub_endpoint(endpoint), token=hub_token(token))
+    token = hub_token(token)
+    api = HfApi(endpoint=hub_endpoint(endpoint), token=token)
     try:
         info = hub_call(f"reading {job.source}'s commit", api.model_info, job.source, revision=job.source_revision)
     except HfHubHTTPError as e:

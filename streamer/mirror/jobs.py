@@ -58,7 +58,8 @@ JOB_KEYS: dict[str, tuple[type, str]] = {
     "default_ignore": (bool, "keep embeddings, lm_head, MoE routers and vision/audio towers unquantized (default true)"),
     "quantize_towers": (bool, "quantize vision/audio towers and multimodal projectors too (default false)"),
     "skip_incompatible": (bool, "keep weights the scheme cannot serve unquantized instead of failing (default false)"),
-    "nonfinite": (str, 'a weight holding NaN/Inf: "refuse" stops the job naming it (default), "passthrough" quantizes it as it is'),
+    "nonfinite": (str, 'a weight holding NaN/Inf: "refuse" stops the job naming it (default), '
+                       '"passthrough" quantizes it as it is'),
 }
 DEFAULT_KEYS = {k: v for k, v in JOB_KEYS.items() if k not in ("name", "source", "target")}
 TOP_KEYS = ("defaults", "job")
