@@ -521,8 +521,13 @@ def test_the_source_is_never_the_destination(llama_ckpt, tmp_path, capsys):
     src = tmp_path / "m"
     shutil.copytree(llama_ckpt, src)
     before = {p: p.read_bytes() for p in src.rglob("*") if p.is_file()}
-    for dst, where in [(src, "is"), (src / "inner", "is inside"), (tmp_path, "holds")]:
+    cases = [
+        (src, "is the source folder", "replacing it would delete the source"),
+        (src / "inner", "is inside the source folder", "the output would land among the source's own files"),
+        (tmp_path, "holds the source folder", "replacing it would delete the source"),
+    ]
+    for dst, where, why in cases:
         capsys.readouterr()
         assert cli.main([str(src), str(dst), "--scheme", "FP8_DYNAMIC", "--overwrite", "--device", "cpu", "-q"]) == 2
-        assert f"{where} the source folder {src}: write the output to a folder of its own" in capsys.readouterr().err
+        assert f"destination {dst} {where} {src}: {why}: choose another destination" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in src.rglob("*") if p.is_file()} == before

@@ -5,8 +5,8 @@ submits the output shards that are not yet on the Hub as Ray tasks, one shard ea
 (`shard_groups`), the costliest first. Each task runs on some node of the cluster: it
 range-reads its own bytes from the source, quantizes them with the same `Runner` as a
 single-machine run, uploads each finished shard itself (LFS or Xet) and reports only what the
-commit needs (name, sha256, size, the 512-byte LFS sample) as soon as that shard is on the Hub. Shard
-bytes never travel through the driver or Ray's object store, so N nodes have N links.
+commit needs (name, sha256, size, the 512-byte LFS sample) as soon as that shard is on the Hub.
+Shard bytes never travel through the driver or Ray's object store, so N nodes have N links.
 
 A node runs two tasks per CPU (or GPU) but downloads for one at a time (`DownloadTurn`): the
 second task starts reading when the first has read everything, so its download overlaps the

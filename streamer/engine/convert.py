@@ -589,14 +589,15 @@ def check_target(sink: Sink, source: Source, progress: Progress) -> None:
     if sink.repo_id and source.repo_id and sink.repo_id.lower() == source.repo_id.lower():  # the Hub ignores case
         raise StreamerError("the target repo is the source repo", hints=(Hint("target"),))
     if sink.folder is not None and source.folder is not None:
-        # replacing the destination would delete the source (or write into what is being read)
         src, dst = source.folder, sink.folder
-        where = "is" if dst == src else "is inside" if src in dst.parents else "holds" if dst in src.parents else None
+        if dst == src or dst in src.parents:
+            where, why = ("is" if dst == src else "holds"), "replacing it would delete the source"
+        elif src in dst.parents:
+            where, why = "is inside", "the output would land among the source's own files"
+        else:
+            where = None
         if where is not None:
-            raise StreamerError(
-                f"the destination {dst} {where} the source folder {src}: write the output to a folder of its own",
-                hints=(Hint("target"),),
-            )
+            raise StreamerError(f"the destination {dst} {where} the source folder {src}: {why}", hints=(Hint("target"),))
     sink.check()
     note = sink.visibility_note(source.private or source.gated)
     if note is not None:
