@@ -84,6 +84,16 @@ def test_refused_schemes_list_accepted_names(scheme):
     assert "FP8_DYNAMIC" in str(err.value) and "NVFP4A16" in str(err.value)
 
 
+def test_a_mistyped_scheme_is_named_with_the_preset_meant(llama_ckpt, tmp_path, capsys):
+    assert cli.main([str(llama_ckpt), str(tmp_path / "out"), "--scheme", "FP8_DYNAMC", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown scheme 'FP8_DYNAMC'" in err and "use --scheme FP8_DYNAMIC or use --scheme-file" in err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SchemeError) as e:  # nothing close: only the way to a custom scheme
+        prepare(str(llama_ckpt), scheme="NOPE")
+    assert [h.setting for h in e.value.hints] == ["scheme_file"]
+
+
 def test_scheme_file_mixed_groups(llama_ckpt, tmp_path):
     spec = {
         "config_groups": {

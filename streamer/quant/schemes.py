@@ -7,6 +7,7 @@ checked to be data-free: every group quantizes weights, and no activation needs 
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,9 +166,12 @@ def make_recipe(
     else:
         name = str(scheme).upper()
         if name not in PRESET_SCHEMES:
+            accepted = accepted_presets()
+            close = difflib.get_close_matches(name, accepted, n=1, cutoff=0.75)  # a typo: FP8_DYNAMC
             raise SchemeError(
-                f"unknown scheme {scheme!r}. Accepted schemes: {', '.join(accepted_presets())}",
-                hints=(Hint("scheme_file"),),  # a scheme that is not a preset is described in a file
+                f"unknown scheme {scheme!r}. Accepted schemes: {', '.join(accepted)}",
+                # the preset meant, when it is plain; a scheme that is not a preset goes in a file
+                hints=(*(Hint("scheme", close[0]) for _ in close), Hint("scheme_file")),
             )
         config = QuantizationConfig(
             config_groups={name: preset_name_to_scheme(name, [])},
