@@ -422,8 +422,8 @@ def _lost_errors() -> tuple[type[BaseException], ...]:
     return (rx.WorkerCrashedError, rx.NodeDiedError, rx.LocalRayletDiedError, rx.ObjectLostError, rx.OutOfMemoryError)
 
 
-def _check_feasible(ray, budget: int, gpus: bool) -> int:
-    """The number of nodes that can take a task; refuse a run no node can (it would wait forever)."""
+def _check_feasible(ray, budget: int, gpus: bool) -> None:
+    """Refuse a run no node of the cluster can take a task of (it would wait forever)."""
     share = 1 / TASKS_PER_DEVICE
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     able = sum(
@@ -431,7 +431,7 @@ def _check_feasible(ray, budget: int, gpus: bool) -> int:
         if r.get("CPU", 0) >= share and r.get("memory", 0) >= budget and (not gpus or r.get("GPU", 0) >= share)
     )  # fmt: skip
     if able:
-        return able
+        return
     most = max((r.get("memory", 0) for r in nodes), default=0)
     raise StreamerError(
         f"no node of the Ray cluster can take a shard: each task needs {share:g} CPU"

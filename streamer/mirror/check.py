@@ -103,14 +103,14 @@ def check_job(job: MirrorJob, *, token: str | None = None, endpoint: str | None 
         # A PR (open, merged or closed) already proposing this exact conversion counts as done:
         # a mirror must not open the same PR again on every run. Only one this account wrote:
         # anyone can open a PR on a public repo with a card that says the same.
-        account: list[str | None] = []
+        mine = None  # the token's account: asked once, and only when a PR's card matches
         for ref in _pr_refs(api, job.target):
             pr_text = read_card(job.target, ref, token=token, endpoint=endpoint)
             if pr_text is None or compare(job, read_provenance(pr_text), sha) is not None:
                 continue
-            if not account:
-                account.append(_account(api))
-            if account[0] is not None and _written_by(api, job.target, ref, account[0]):
+            if mine is None:
+                mine = _account(api) or ""
+            if mine and _written_by(api, job.target, ref, mine):
                 num = ref.rsplit("/", 1)[-1]
                 return Check(True, f"up to date: PR #{num} proposes {job.scheme} of {short_sha(sha)}", sha, prov is not None, ref)
     return Check(False, why, sha, prov is not None)
