@@ -26,10 +26,10 @@ import torch
 
 from streamer.engine.convert import Result, convert
 from streamer.errors import StreamerError
+from streamer.formats import HUB_PREFIX
 
 log = logging.getLogger("streamer")
 
-HUB_PREFIX = "hub://"
 
 # Source formats the reference needs a converter for; streamer reads them from config.json.
 _CONVERTER_NAMES = {"auto", "fp8", "fp8-block", "fp8_block", "compressed-tensors", "compressed_tensors"}
@@ -75,9 +75,9 @@ def model_free_ptq(
     stack = _check_converter(converter)
     target = os.fspath(save_directory)
     if target.startswith(HUB_PREFIX):
-        dst = target[len(HUB_PREFIX) :]
-        if dst.count("/") != 1:
+        if target[len(HUB_PREFIX) :].count("/") != 1:
             raise StreamerError(f"save_directory {target!r}: use hub://org/name")
+        dst = target  # hub:// kept: a Hub repo even where a folder of that name exists
     else:
         # A plain string is always a folder here, even "org/name": the reference's meaning.
         dst = os.path.abspath(target)

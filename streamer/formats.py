@@ -114,9 +114,19 @@ def is_repo_id(text: str) -> bool:
     return REPO_ID.fullmatch(text) is not None and ".." not in text
 
 
+# A source or destination written `hub://org/name[@rev]` is a Hub repo whatever exists on disk.
+HUB_PREFIX = "hub://"
+
+
+def hub_spec(repo_id: str, revision: str | None = None) -> str:
+    """The source or destination spec naming the Hub repo REPO_ID (at REVISION) even where a local
+    folder of that name exists (a clone of the repo, a visitor's choice of name on a Space)."""
+    return f"{HUB_PREFIX}{repo_id}" + (f"@{revision}" if revision else "")
+
+
 def split_revision(spec: str) -> tuple[str, str | None]:
     """`org/name@rev` -> ("org/name", "rev"); no `@` (or nothing after it) gives None. `hub://` is dropped."""
-    spec = spec.removeprefix("hub://")
+    spec = spec.removeprefix(HUB_PREFIX)
     repo, _, rev = spec.partition("@")
     return repo, (rev or None)
 

@@ -581,6 +581,10 @@ def test_client_plan_and_convert(client, hub):
     _check_published(hub, target, "FP8_DYNAMIC")
     # again, as a pull request: main is left alone
     main_before = hub.commits(target)[0].sha
+    # the same form again: the repo holds this conversion, so nothing is read or committed
+    *_, result = client.predict(*_form(namespace="acme", repo_name=""), api_name="/convert")
+    assert "Already up to date" in result and "nothing was converted" in result
+    assert hub.commits(target)[0].sha == main_before
     *_, result = client.predict(*_form(namespace="acme", create_pr=True), api_name="/convert")
     assert "Already up to date" in result  # same settings, same bytes: nothing to propose
     *_, result = client.predict(*_form(namespace="acme", ignore="lm_head", create_pr=True), api_name="/convert")

@@ -207,6 +207,28 @@ def test_hub_fanout_reads_the_source_once_and_commits_once_per_target(hub, tmp_p
                 assert hub.read_file(repo, f) == hub.read_file(repo + "-alone", f), (repo, f)
 
 
+def test_a_target_that_already_holds_its_conversion_is_left_out_of_the_read(hub, capsys):  # noqa: F811
+    """A fan-out rerun after one target was published alone: that target is up to date (its
+    card, its shard sizes), reads nothing and gets no commit; the other is converted."""
+    assert cli.main([SOURCE, "alice/done-fp8", "--scheme", "FP8_DYNAMIC", "--device", "cpu", "-q"]) == 0
+    before = [c.sha for c in hub.commits("alice/done-fp8")]
+    hub.clear_log()
+    args = [SOURCE, "--to", "alice/done-fp8", "FP8_DYNAMIC", "--to", "alice/new-w8", "W8A16"]
+    assert cli.main([*args, "--device", "cpu", "-q", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    done, new = summary["targets"]
+    assert done["up_to_date"] is True and done["status"] == "ok" and done["url"].endswith(before[0])
+    assert new["up_to_date"] is False and new["status"] == "ok"
+    assert [c.sha for c in hub.commits("alice/done-fp8")] == before
+    assert not [r for r in hub.request_log if r.repo_id == "alice/done-fp8" and r.method == "POST"]  # no upload, no commit
+    assert len(_streamer_commits(hub, "alice/new-w8")) == 1
+    from streamer.engine.convert import prepare
+
+    _, plan = prepare(SOURCE, scheme="W8A16")
+    fetched = sum(r.bytes_out for r in _safetensors_gets(hub.request_log))
+    assert summary["bytes_read"] <= plan.bytes_in and fetched <= 1.01 * (plan.catalog.header_bytes + plan.bytes_in)
+
+
 def test_a_target_running_ahead_waits_for_the_others(tmp_path):
     """The copies kept for a slower target stay near the reader's limit: the leader waits."""
     from streamer.engine.fanout import SharedReader

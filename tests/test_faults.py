@@ -195,25 +195,45 @@ def test_rerun_on_identical_target_makes_no_commit(hub, capsys, monkeypatch):
     (commit,) = _streamer_commits(hub, "alice/same")
     assert first.endswith(commit.sha)
     # the same command again: nothing would change, so nothing is committed
+    hub.clear_log()
     assert run_cli(SOURCE, "alice/same", "--scheme", "W8A16", "--json") == 0
-    assert _url(capsys) == first
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["url"] == first and summary["up_to_date"] is True
     assert [c.sha for c in _streamer_commits(hub, "alice/same")] == [commit.sha]
+    # found from the headers and the target's card: no tensor byte read, nothing uploaded
+    assert not [r for r in hub.request_log if r.method == "GET" and r.range and r.range[0] > 8]
+    assert not [r for r in hub.request_log if r.method in ("PUT", "POST") and r.bytes_in > 10_000]
 
-    # a run that uploaded every shard but failed to commit leaves a resume record; resuming it
-    # on a target that already holds exactly this conversion must not add an empty commit
+    # a run that uploaded every shard but failed to commit leaves a resume record (--overwrite:
+    # converting again although the target holds this conversion); resuming it there must not
+    # add an empty commit
     def crash(*args, **kwargs):
         raise PermissionError("crashed before committing, for this test")
 
+    records = Path(os.environ["HF_HOME"]) / "streamer" / "uploads"
     with monkeypatch.context() as m:
         m.setattr(HubSink, "commit", crash)
-        assert run_cli(SOURCE, "alice/same", "--scheme", "W8A16") != 0
-    records = list((Path(os.environ["HF_HOME"]) / "streamer" / "uploads").glob("*.json"))
-    assert records, "the failed run left no resume record"
+        assert run_cli(SOURCE, "alice/same", "--scheme", "W8A16", "--overwrite") != 0
+    assert list(records.glob("*.json")), "the failed run left no resume record"
+    capsys.readouterr()
+    assert run_cli(SOURCE, "alice/same", "--scheme", "W8A16", "--json", "--overwrite") == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["url"] == first and len(summary["resumed_shards"]) == 6  # resumed, and no commit
+    assert summary["up_to_date"] is False
+    assert [c.sha for c in hub.commits("alice/same")][0] == commit.sha
+
+    # the same crash, then the plain command: the target holds this conversion, so there is
+    # nothing to resume, and the record of the crashed run goes
+    with monkeypatch.context() as m:
+        m.setattr(HubSink, "commit", crash)
+        assert run_cli(SOURCE, "alice/same", "--scheme", "W8A16", "--overwrite") != 0
+    assert list(records.glob("*.json"))
     capsys.readouterr()
     assert run_cli(SOURCE, "alice/same", "--scheme", "W8A16", "--json") == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["url"] == first and len(summary["resumed_shards"]) == 6  # resumed, and no commit
+    assert summary["url"] == first and summary["up_to_date"] is True and summary["bytes_read"] == 0
     assert [c.sha for c in hub.commits("alice/same")][0] == commit.sha
+    assert not list(records.glob("*.json")), "the stale resume record stayed"
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -205,21 +206,45 @@ def test_a_cancel_removes_only_what_this_run_created(hub):
     sink.check()
     hub.create_repo("acme/shared")  # the other run, between this one's check and begin
     sink.begin()
-    sink.abort(cancelled=True)
+    sink.abort(resumable=False)
     assert hub.repo_exists("acme/shared")
 
     sink = HubSink("acme/shared", token=ALICE, endpoint=hub.url, revision="w4")
     sink.check()
     huggingface_hub.HfApi(endpoint=hub.url, token=ALICE).create_branch("acme/shared", branch="w4")
     sink.begin()
-    sink.abort(cancelled=True)
+    sink.abort(resumable=False)
     assert "w4" in hub.refs("acme/shared")["heads"]
 
     sink = HubSink("acme/mine", token=ALICE, endpoint=hub.url)
     sink.check()
     sink.begin()
-    sink.abort(cancelled=True)
+    sink.abort(resumable=False)
     assert not hub.repo_exists("acme/mine")
+
+    # Created by this run, but written to since (another target of a fan-out into branches of
+    # one new repo committed there): deleting it would take that work with it, so it stays.
+    api = huggingface_hub.HfApi(endpoint=hub.url, token=ALICE)
+    sink = HubSink("acme/used", token=ALICE, endpoint=hub.url)
+    sink.check()
+    sink.begin()
+    api.create_branch("acme/used", branch="w4")
+    api.upload_file(path_or_fileobj=b"theirs", path_in_repo="notes.txt", repo_id="acme/used", revision="w4")
+    sink.abort(resumable=False)
+    assert hub.repo_exists("acme/used") and "notes.txt" in hub.files("acme/used", revision="w4")
+
+    sink = HubSink("acme/used", token=ALICE, endpoint=hub.url, revision="fp8")
+    sink.check()
+    sink.begin()
+    api.upload_file(path_or_fileobj=b"theirs", path_in_repo="notes.txt", repo_id="acme/used", revision="fp8")
+    sink.abort(resumable=False)
+    assert "fp8" in hub.refs("acme/used")["heads"]
+
+    sink = HubSink("acme/used", token=ALICE, endpoint=hub.url, revision="nvfp4")
+    sink.check()
+    sink.begin()
+    sink.abort(resumable=False)  # untouched since: removed
+    assert "nvfp4" not in hub.refs("acme/used")["heads"]
 
 
 def test_source_revision_is_pinned(hub, llama_ckpt, tmp_path):
@@ -371,3 +396,91 @@ def test_a_worker_count_below_one_is_refused_before_anything_is_created(hub, cap
     with pytest.raises(StreamerError, match="workers must be a whole number of at least 1"):
         convert(SOURCE, "acme/w0", scheme="FP8_DYNAMIC", device="cpu", workers=0)
     assert not hub.repo_exists("acme/w0")
+
+
+def test_a_refused_input_leaves_no_empty_repo_or_branch(hub, llama_ckpt, tmp_path, capsys):
+    """A NaN weight is found while converting, after the target was created: a rerun of the same
+    command would be refused alike, so the repo (or branch) this run created goes with it. A
+    failure on the way (the Hub, the network) keeps it for the rerun that resumes, and a repo
+    the run did not create stays whatever happens."""
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "nan-src"
+    shutil.copytree(llama_ckpt, src)
+    name = "model.layers.1.mlp.down_proj.weight"
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    shard = src / index["weight_map"][name]
+    tensors = load_file(shard)
+    tensors[name].view(-1)[5] = float("nan")
+    save_file(tensors, shard, metadata={"format": "pt"})
+    hub.seed_repo("acme/nan-llama", src)
+
+    assert run_cli("acme/nan-llama", "alice/nan-fp8", "--scheme", "FP8_DYNAMIC") == 2
+    assert "1 NaN" in capsys.readouterr().err
+    assert not hub.repo_exists("alice/nan-fp8")
+
+    hub.create_repo("alice/kept")
+    before = hub.commits("alice/kept")
+    assert run_cli("acme/nan-llama", "alice/kept", "--scheme", "FP8_DYNAMIC", "--revision", "fp8") == 2
+    assert hub.repo_exists("alice/kept") and "fp8" not in hub.refs("alice/kept")["heads"]
+    assert hub.commits("alice/kept") == before
+
+    # the suggested way past it publishes into the same name
+    assert run_cli("acme/nan-llama", "alice/nan-fp8", "--scheme", "FP8_DYNAMIC", "--ignore", name[: -len(".weight")]) == 0
+    assert "model.safetensors.index.json" in hub.files("alice/nan-fp8")
+
+
+def test_a_path_into_a_local_folder_read_as_a_repo_says_so(hub, tmp_path, monkeypatch, capsys):
+    """`tiny/q` beside a folder `tiny` reads as the Hub repo tiny/q (the README's rule): when the
+    Hub has no such repo, the error says the path was not a folder here, so a mistyped path is
+    not mistaken for a missing repo."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()
+    assert run_cli("tiny/q", "out", "--scheme", "FP8_DYNAMIC") == 2
+    err = capsys.readouterr().err
+    assert "tiny/q is not a folder here (tiny is), so it was read as a Hub repo id" in err
+    assert "not found" in err and not (tmp_path / "out").exists()
+    assert run_cli("nosuchdir/q", "out", "--scheme", "FP8_DYNAMIC") == 2
+    assert "not a folder here" not in capsys.readouterr().err
+
+
+def test_a_rerun_from_a_local_folder_converts_again(hub, llama_ckpt, capsys):
+    """Only a source pinned to a commit can be found already converted: a folder may have
+    changed under the same file names, so the same command converts it again."""
+    assert run_cli(str(llama_ckpt), "alice/from-folder", "--scheme", "FP8_DYNAMIC") == 0
+    capsys.readouterr()
+    assert run_cli(str(llama_ckpt), "alice/from-folder", "--scheme", "FP8_DYNAMIC", "--json") == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["up_to_date"] is False and summary["bytes_read"] > 0
+    # from the Hub, the same rerun is found done, and a changed setting is converted
+    assert run_cli(SOURCE, "alice/from-hub", "--scheme", "FP8_DYNAMIC") == 0
+    capsys.readouterr()
+    assert run_cli(SOURCE, "alice/from-hub", "--scheme", "FP8_DYNAMIC", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["up_to_date"] is True
+    assert run_cli(SOURCE, "alice/from-hub", "--scheme", "FP8_DYNAMIC", "--ignore", "model.layers.0.mlp.down_proj", "--json") == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["up_to_date"] is False and summary["bytes_read"] > 0
+    assert len(_streamer_commits(hub, "alice/from-hub")) == 2
+
+
+def test_a_custom_scheme_of_the_same_name_but_other_settings_is_converted_again(hub, tmp_path, capsys):
+    """A scheme file is recorded by its name; two files of one name that quantize the weights
+    alike but differ elsewhere (dynamic input activations: the same shards, another
+    quantization_config) must not count as the same conversion."""
+    import yaml
+
+    weights = {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True}
+    acts = {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True, "symmetric": True}
+    first, second = tmp_path / "a" / "myscheme.yaml", tmp_path / "b" / "myscheme.yaml"
+    for path, group in ((first, {"weights": weights}), (second, {"weights": weights, "input_activations": acts})):
+        path.parent.mkdir()
+        path.write_text(yaml.safe_dump({"config_groups": {"g": {"targets": ["Linear"], **group}}}))
+    assert run_cli(SOURCE, "alice/custom", "--scheme-file", str(first)) == 0
+    capsys.readouterr()
+    assert run_cli(SOURCE, "alice/custom", "--scheme-file", str(first), "--json") == 0
+    assert json.loads(capsys.readouterr().out)["up_to_date"] is True
+    assert run_cli(SOURCE, "alice/custom", "--scheme-file", str(second), "--json") == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["up_to_date"] is False
+    qc = json.loads(hub.read_file("alice/custom", "config.json"))["quantization_config"]
+    assert qc["config_groups"]["g"]["input_activations"]["dynamic"] is True

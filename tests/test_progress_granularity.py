@@ -216,7 +216,7 @@ def test_cancel_ends_an_upload_in_flight(hub, transfer):
         fut = writer.close()
         assert first.wait(60)  # bytes are on their way
         t0 = time.monotonic()
-        sink.abort(cancelled=True)
+        sink.abort(resumable=False)
         returned = time.monotonic() - t0
         assert ended.wait(30), "the upload ran on after the cancel"
         stopped = time.monotonic() - t0

@@ -64,7 +64,11 @@ def convert_parser() -> argparse.ArgumentParser:
         "ray://host:10001; needs pip install 'streamer-quant[ray]'",
     )  # fmt: skip
     p.add_argument("--token", help="Hugging Face token (default: HF_TOKEN, then the huggingface_hub login)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty destination that streamer did not write (one it wrote is refreshed without it)")
+    p.add_argument(
+        "--overwrite", action="store_true",
+        help="replace a non-empty destination that streamer did not write (one it wrote is refreshed without it); "
+        "convert again even when the Hub target already holds this conversion",
+    )  # fmt: skip
     vis = p.add_mutually_exclusive_group()
     vis.add_argument("--private", action="store_true",
                      help="create the target repo as private (the default when the source is private or gated)")

@@ -21,12 +21,12 @@ import torch
 from streamer.engine.card import model_card
 from streamer.io.provenance import Provenance
 from streamer.io.catalog import CONFIG_NAME, INDEX_NAME, build_catalog
-from streamer.errors import Cancelled, Hint, StreamerError
+from streamer.errors import Cancelled, Hint, InputError, PlanError, SchemeError, StreamerError
 from streamer.engine.plan import Plan, Policy, make_plan
 from streamer.engine.budget import Budget, default_memory_budget
 from streamer.engine.cluster import ClusterStats
 from streamer.engine.fanout import CACHE_SHARE, SharedReader, TargetProgress, split_budget
-from streamer.engine.pipeline import RunStats, Runner, suggest_size
+from streamer.engine.pipeline import RunStats, Runner, shard_size, suggest_size
 from streamer.engine.progress import Progress
 from streamer.engine.quality import QualityReport, build_report
 from streamer.quant.dequant import detect_dequantizer
@@ -49,6 +49,7 @@ class Result:
     dry_run: bool = False
     extra: dict = field(default_factory=dict)
     quality: QualityReport | None = None  # how much quantization changed the weights
+    up_to_date: bool = False  # the destination already held this conversion: nothing was done
 
     def summary(self) -> dict:
         """The result as plain data: what `--json` prints and mirroring reports."""
@@ -66,6 +67,7 @@ class Result:
             "ignore": self.plan.config_ignore,
             "warnings": self.plan.warnings,
             "dry_run": self.dry_run,
+            "up_to_date": self.up_to_date,
             "url": self.url,
         }
         if self.stats is not None:
@@ -283,6 +285,13 @@ def convert(
             return Result(plan=plan, dry_run=True)
         if sink is None:
             raise StreamerError("no destination given", hints=(Hint("target"),))
+        try:
+            done = already_done(plan, source, sink, progress, record)
+        except BaseException:
+            sink.close()
+            raise
+        if done is not None:
+            return done
         # The plan's warnings (an ignore entry that matches nothing, a fused partner left out, with
         # the default policy off what is about to go wrong…) matter as much in a real run as in
         # --dry-run, where the plan prints them. Each is said once.
@@ -481,6 +490,10 @@ def convert_many(
                     out.result = Result(plan=plan, dry_run=True)
                     sink = open_sink(t.dst, token=token, overwrite=overwrite, private=private, create_pr=create_pr, revision=revision)
                     check_target(sink, source, _labelled(progress, t))
+                    if not dry_run:
+                        out.result = already_done(plan, source, sink, _labelled(progress, t), record) or out.result
+                        if out.result.up_to_date:
+                            continue
                 except (StreamerError, OSError) as e:
                     out.result, out.error = None, e
                     if sink is not None:
@@ -557,11 +570,13 @@ def _check_shared_memory(runners: list[Runner], limit: int) -> None:
 
 def _run_side_by_side(runners: list[tuple[TargetResult, Runner]], record: str, cancel: threading.Event) -> None:
     """Run every target's conversion in its own thread; each outcome lands in its TargetResult.
-    A Ctrl-C here cancels them all and waits until each has cleaned up."""
+    A Ctrl-C here cancels them all and waits until each has cleaned up (keeping what a rerun
+    resumes from, as a Ctrl-C of one conversion does)."""
+    interrupted = threading.Event()
 
     def one(out: TargetResult, runner: Runner) -> None:
         try:
-            out.result = publish(runner, record=record)
+            out.result = publish(runner, record=record, interrupted=interrupted)
         except BaseException as e:  # recorded for this target; the others go on
             out.result, out.error = None, e
             if not isinstance(e, (StreamerError, Cancelled, OSError)):
@@ -580,6 +595,7 @@ def _run_side_by_side(runners: list[tuple[TargetResult, Runner]], record: str, c
             try:
                 t.join(0.1)
             except KeyboardInterrupt:
+                interrupted.set()
                 cancel.set()
 
 
@@ -604,10 +620,40 @@ def check_target(sink: Sink, source: Source, progress: Progress) -> None:
         progress.note(note)
 
 
-def publish(runner: Runner, *, executor=None, record: str = "requested") -> Result:
+def already_done(plan: Plan, source: Source, sink: Sink, progress: Progress, record: str) -> Result | None:
+    """The Result of a run that has nothing to do, because SINK already holds PLAN's output of
+    this very source commit with these settings (a rerun of a finished command): said once, the
+    sink closed. None when there is work to do, and always for a source without a commit (a
+    local folder). The check costs the small requests check() made and one read of the card;
+    nothing is read from the source."""
+    if source.commit is None:  # a local folder can change under the same names: convert it again
+        return None
+    # every file the run would write but the card: shards and copied files by size (the source
+    # commit and the plan fix their bytes), config.json and the index by content
+    files: dict[str, int | bytes] = {j.shard: shard_size(j) for j in plan.jobs}
+    files.update({p: plan.catalog.file_sizes[p] for p in plan.catalog.copy_files if p != CONFIG_NAME})
+    files.update(_plan_files(plan))
+    url = sink.holds(provenance(plan, source, record=record).to_dict(), files, fingerprint(plan, source))
+    if url is None:
+        return None
+    progress.message(f"{sink.label} already holds this conversion ({plan.recipe.name} of "
+                     f"{_source_label(plan, source)}@{source.commit[:7]}): nothing to do")  # fmt: skip
+    sink.close()
+    return Result(plan=plan, stats=RunStats(), url=url, up_to_date=True)
+
+
+# Failures of the input itself: the same command fails the same way, so what a run created for its
+# output is removed rather than kept for a resume (a branch or repo holding nothing committed).
+FINAL_ERRORS = (InputError, PlanError, SchemeError)
+
+
+def publish(
+    runner: Runner, *, executor=None, record: str = "requested", interrupted: threading.Event | None = None
+) -> Result:
     """Run RUNNER (on EXECUTOR, or here) and publish its output with the small files, the model
     card and one commit; any failure aborts the sink, which is closed either way. RECORD: see
-    `convert`."""
+    `convert`. INTERRUPTED, when set, says the runner's cancel came from a Ctrl-C, which (unlike
+    a user's Cancel) keeps the work for a rerun to resume."""
     plan, source, sink, progress, cancel = runner.plan, runner.source, runner.sink, runner.progress, runner.cancel
     try:
         if executor is not None:  # what the cluster cannot run is refused before begin() creates the target
@@ -627,8 +673,10 @@ def publish(runner: Runner, *, executor=None, record: str = "requested") -> Resu
         if isinstance(stats, ClusterStats):  # a cluster run: what each node did
             extra["nodes"] = {k: v.as_dict() for k, v in stats.nodes.items()}
         return Result(plan=plan, stats=stats, url=url, extra=extra, quality=report)
-    except BaseException:
-        sink.abort(cancelled=cancel.is_set())
+    except BaseException as e:
+        # a cancel, or an input a rerun would refuse alike (a NaN weight …), leaves nothing to resume
+        cancelled = cancel.is_set() and not (interrupted is not None and interrupted.is_set())
+        sink.abort(resumable=not (cancelled or isinstance(e, FINAL_ERRORS)))
         raise
     finally:
         sink.close()
@@ -706,24 +754,31 @@ def _source_card(plan: Plan, source: Source) -> str | None:
         return None
 
 
-def _write_small_files(
-    plan: Plan, source: Source, sink: Sink, *, target: str, record: str = "requested", quality: QualityReport | None = None
-) -> None:
+def _plan_files(plan: Plan) -> dict[str, bytes]:
+    """The files the plan alone decides: config.json with its quantization_config, and the
+    shard index (when the source has one, or the output has several shards)."""
     catalog = plan.catalog
-    for path in catalog.copy_files:
-        if path == CONFIG_NAME:
-            continue
-        sink.put_file(path, bytes(source.read_file(path)))
     config = dict(catalog.config or {})
     config["quantization_config"] = plan.quantization_config()
-    sink.put_file(CONFIG_NAME, dumps_json(config))
-    weight_map = plan.weight_map
+    files = {CONFIG_NAME: dumps_json(config)}
     if INDEX_NAME in catalog.file_sizes or len(plan.jobs) != 1:
         index = {
             "metadata": {**catalog.index_metadata, "total_size": plan.bytes_out},
-            "weight_map": dict(sorted(weight_map.items())),
+            "weight_map": dict(sorted(plan.weight_map.items())),
         }
-        sink.put_file(INDEX_NAME, dumps_json(index))
+        files[INDEX_NAME] = dumps_json(index)
+    return files
+
+
+def _write_small_files(
+    plan: Plan, source: Source, sink: Sink, *, target: str, record: str = "requested", quality: QualityReport | None = None
+) -> None:
+    for path in plan.catalog.copy_files:
+        if path == CONFIG_NAME:
+            continue
+        sink.put_file(path, bytes(source.read_file(path)))
+    for path, data in _plan_files(plan).items():
+        sink.put_file(path, data)
     card = model_card(
         plan, provenance(plan, source, record=record), target=_target_name(target, sink),
         source_card=_source_card(plan, source), quality=quality,

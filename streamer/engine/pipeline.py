@@ -149,6 +149,11 @@ def shard_header(job: Job) -> tuple[bytes, dict[str, int]]:
     return prefix, {k: start + v for k, v in offsets.items()}
 
 
+def shard_size(job: Job) -> int:
+    """The size of JOB's output file: its header, then its tensors."""
+    return len(shard_header(job)[0]) + job.bytes_out
+
+
 def split_job(job: Job, plan: Plan, limit: int) -> list[Piece]:
     """Cut JOB of PLAN into pieces of at most LIMIT bytes of working memory, fused sets kept
     whole (a unit larger than LIMIT is a piece of its own).

@@ -327,6 +327,14 @@ def _git_blob_oid(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
+def _holds_content(entry: tuple[str | None, str | None], data: bytes) -> bool:
+    """Whether a tree entry (LFS sha256 or None, git blob id) is the content DATA."""
+    lfs_sha, blob_id = entry
+    if lfs_sha is not None:
+        return lfs_sha == hashlib.sha256(data).hexdigest()
+    return blob_id == _git_blob_oid(data)
+
+
 def _tree(info) -> dict[str, tuple[str | None, str | None]]:
     """path -> (LFS sha256 or None, git blob id) from a model_info(files_metadata=True)."""
     tree = {}
@@ -381,11 +389,12 @@ class HubSink(Sink):
         self._parent: str | None = None
         self._remote: dict | None = None  # the branch head's files with their oids
         self._target_private: bool | None = None
-        # What check() found, and what begin() created (removed again by a cancelling abort()).
+        # What check() found, and what begin() created (removed again by a final abort()).
         self._existing: dict[str, int] = {}  # the target's files before this run
         self._create_repo = False
         self._create_branch = False
         self._created: list[str] = []
+        self._created_head: str | None = None  # the head commit of what begin() created
         self._journal: UploadJournal | None = None  # set by resume() when the plan can resume
         self.bytes_uploaded = 0
 
@@ -468,6 +477,7 @@ class HubSink(Sink):
                 # A new branch starts as a copy of main: main's files go in this run's commit, so
                 # the branch holds this conversion alone (main keeps them).
                 self._existing = self._existing_files() or {}
+            self._created_head = self._parent
         except HfHubHTTPError as e:
             raise explain(e, self.repo_id, what="target repo") from None
 
@@ -521,26 +531,47 @@ class HubSink(Sink):
             return HubError(str(failure))
         return Cancelled("upload stopped: the run is stopping")
 
-    def abort(self, *, cancelled: bool = False) -> None:
-        """Nothing is committed, so the branch holds no partial model. A user's cancel also drops
-        the repo or branch this run created; after a failure or Ctrl-C they stay, holding the
-        uploaded shard contents that a rerun of the same command resumes from."""
+    def abort(self, *, resumable: bool = True) -> None:
+        """Nothing is committed, so the branch holds no partial model. A run that ends for good
+        (not RESUMABLE: a user's cancel, an input a rerun would refuse alike) also drops the repo
+        or branch it created; after any other failure or Ctrl-C they stay, holding the uploaded
+        shard contents that a rerun of the same command resumes from."""
         pending = self._stop_uploads()
         if pending and self._failure is None:
             log.warning("stopping %d upload(s) in flight: nothing is committed to %s", pending, self.repo_id)
         self._upload_pool.fail_pending(self._stopped_error())
-        created = self._created if cancelled else []
+        created = [] if resumable else self._created
+        if not resumable:
+            # Nothing will resume from the record, and it names the tensors of a possibly private
+            # model on what may be a shared machine (a Space).
+            self._forget_state()
         try:
+            if created and not self._as_created():
+                log.warning("the %s created for this run has been written to since (another run?): it stays",
+                            "repo" if "repo" in created else f"branch {self.revision}")  # fmt: skip
+                created = []
             if "repo" in created:
                 self._call(f"deleting {self.repo_id}", self.api.delete_repo, self.repo_id, missing_ok=True)
-                # The resume record names the tensors of a possibly private model, on what may be
-                # a shared machine (a Space): it goes with the repo it was for.
-                self._forget_state()
             elif "branch" in created:
                 self._call(f"deleting branch {self.revision}", self.api.delete_branch, self.repo_id, branch=self.revision)
         except Exception as e:  # best effort: the branch still holds no partial model
             log.warning("could not remove the empty %s created for this run: %s", created[0], type(e).__name__)
         self._created = []
+
+    def _as_created(self) -> bool:
+        """Whether the repo or branch this run created is as begin() left it: no commit, branch,
+        tag or pull request since (another target of a fan-out into branches of one new repo,
+        another run) that deleting it would take with it."""
+        refs = self._call(
+            f"listing the refs of {self.repo_id}", self.api.list_repo_refs, self.repo_id, include_pull_requests=True,
+        )  # fmt: skip
+        heads = {b.name: b.target_commit for b in refs.branches}
+        if "repo" not in self._created:
+            return heads.get(self.revision) == self._created_head
+        mine = {"main", self.revision}
+        return set(heads) <= mine and set(heads.values()) == {self._created_head} and not refs.tags and not (
+            getattr(refs, "pull_requests", None) or []
+        )
 
     def _existing_files(self) -> dict[str, int] | None:
         try:
@@ -578,6 +609,31 @@ class HubSink(Sink):
             raise explain(e, self.repo_id, what="target repo") from None
         self._target_private = getattr(info, "private", None)
         return True
+
+    def holds(self, provenance: dict, files: dict[str, int | bytes], fingerprint: str | None = None) -> str | None:
+        """The branch head's commit URL when it holds this very conversion (see Sink.holds), from
+        the files check() listed at that commit and one small GET of its card."""
+        tree = self._remote or {}
+        if self.overwrite or self.create_pr or self._parent is None or "README.md" not in tree:
+            return None
+        if set(tree) - {".gitattributes", "README.md"} != set(files):
+            return None
+        for path, want in files.items():
+            if isinstance(want, int):
+                if self._existing.get(path) != want:
+                    return None
+            elif not _holds_content(tree[path], want):
+                return None
+        card = read_text(self.repo_id, "README.md", revision=self._parent, token=self.api.token,
+                         endpoint=self.endpoint, what="target repo")  # fmt: skip
+        if read_provenance(card) != provenance:
+            return None
+        if fingerprint is not None:
+            try:  # a record of a run that uploaded this very conversion and failed to commit it
+                UploadJournal.for_plan(self.endpoint, self.repo_id, self.revision, fingerprint).forget()
+            except OSError as e:
+                log.warning("could not delete the stale resume record: %s", e)
+        return self._commit_url(self._parent)
 
     def _written_by_streamer(self, existing: dict) -> bool:
         if "README.md" not in existing:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 
-from streamer.formats import is_repo_spec, split_revision
+from streamer.errors import Hint, HubError
+from streamer.formats import HUB_PREFIX, is_repo_spec, split_revision
 from streamer.io.source import LocalSource, Source
 
 
@@ -18,7 +19,7 @@ def is_hub_spec(spec: str) -> bool:
     `hub://…` always does. Anything that exists on disk or starts with `/`, `.` or `~` is a local
     folder; the rest is a Hub repo when it reads as `org/name[@revision]` (streamer.formats).
     """
-    if spec.startswith("hub://"):
+    if spec.startswith(HUB_PREFIX):
         return True
     if os.path.exists(spec) or spec.startswith(("/", ".", "~")):
         return False
@@ -37,4 +38,22 @@ def open_source(spec: str | os.PathLike, *, token: str | bool | None = None, **h
     from streamer.io.hub_source import HubSource  # imported lazily: local runs need no HTTP machinery
 
     repo_id, revision = split_revision(spec)
-    return HubSource(repo_id, revision=revision, token=token, **hub_options)
+    try:
+        return HubSource(repo_id, revision=revision, token=token, **hub_options)
+    except HubError as e:
+        folder = _folder_meant(spec)
+        if folder is None or "not found" not in e.message:  # a gated repo, a network failure: as they are
+            raise
+        raise HubError(
+            f"{spec} is not a folder here ({folder} is), so it was read as a Hub repo id: {e.message}",
+            hints=(*e.hints, Hint("source")),
+        ) from None
+
+
+def _folder_meant(spec: str) -> str | None:
+    """The local folder SPEC's first part names, when SPEC reads as a Hub repo but may have been
+    meant as a path into that folder (`tiny-llama/q` beside a folder `tiny-llama`); else None."""
+    if spec.startswith(HUB_PREFIX):
+        return None
+    first = spec.split("/", 1)[0]
+    return first if os.path.isdir(first) else None

@@ -107,8 +107,20 @@ class Sink:
         where the destination keeps a history. Returns where the result is (a path or a URL)."""
         raise NotImplementedError
 
-    def abort(self, *, cancelled: bool = False) -> None:
-        """Leave the destination as it was. CANCELLED: the user stopped the run (not a failure)."""
+    def holds(self, provenance: dict, files: dict[str, int | bytes], fingerprint: str | None = None) -> str | None:
+        """Where the destination already holds this very conversion, after check(): its model
+        card's streamer block equals PROVENANCE (`Provenance.to_dict()`), and besides the card it
+        has exactly FILES, each at its size (an int) or with that content (bytes). None when it
+        does not, when the sink cannot tell cheaply, and when the destination is to be replaced
+        or proposed anyway. A resume record of the plan FINGERPRINT (an earlier run that failed
+        to commit) is then dropped."""
+        return None
+
+    def abort(self, *, resumable: bool = True) -> None:
+        """Leave the destination as it was. RESUMABLE: a rerun of the same conversion may pick up
+        this run's work (it failed on the way); False when the run ends for good (the user
+        stopped it, or its input is at fault and a rerun would be refused alike), so that what
+        the sink created for it goes too."""
 
     def close(self) -> None:
         """Let go of what the sink holds (threads, locks); after commit or abort."""
@@ -402,7 +414,7 @@ class LocalSink(Sink):
         self._release()
         return str(self.dst)
 
-    def abort(self, *, cancelled: bool = False) -> None:
+    def abort(self, *, resumable: bool = True) -> None:
         """Remove the staging folder and the parents this run created; the destination is untouched."""
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 
 from streamer.engine.budget import Budget, default_memory_budget
 from streamer.errors import Cancelled, StreamerError, redact
-from streamer.formats import human_bytes
+from streamer.formats import hub_spec, human_bytes
 from streamer.mirror.check import Check, check_job
 from streamer.mirror.jobs import MirrorJob
 from streamer.mirror.wording import describe, job_words
@@ -99,7 +99,7 @@ def group_key(job: MirrorJob, source_commit: str, device: str) -> tuple:
 def on_hub(spec: str) -> str:
     """SPEC (`org/name[@revision]`) as the engine must take it: a Hub repo, even when a local
     folder of that name exists where the mirror runs (a clone of the target repo, say)."""
-    return f"hub://{spec}"
+    return hub_spec(spec)
 
 
 def nonfinite_setting(job: MirrorJob):

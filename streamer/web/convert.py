@@ -23,6 +23,7 @@ from streamer.engine.convert import Target, convert, convert_many
 from streamer.engine.progress import Progress, ProgressEvent
 from streamer.engine.suggest import parse_ignore, suggest_repo_name
 from streamer.errors import Cancelled
+from streamer.formats import HUB_PREFIX, hub_spec
 from streamer.io.hub_http import hub_endpoint
 from streamer.mirror.check import check_job
 from streamer.mirror.jobs import MirrorJob
@@ -118,7 +119,7 @@ def _convert(source, revision, scheme, ignore, namespace, repo_name, private, cr
                     outcome["duplicate_pr"] = pr
                     return
             outcome["result"] = convert(
-                source_spec(repo, rev), f"hub://{target}", scheme=scheme, ignore=ignore_list, token=token,
+                source_spec(repo, rev), hub_spec(target), scheme=scheme, ignore=ignore_list, token=token,
                 # unticked: as the source (a private or gated source makes a private target)
                 private=True if private else None, create_pr=bool(create_pr), device="auto",
                 skip_incompatible=bool(skip_incompatible),
@@ -199,7 +200,7 @@ def _follow(worker, account: Account, slot: slots.Slot, events: queue.Queue, sta
                     finished = True
                 elif ev.stage == "log":
                     # the engine's notes speak CLI too; a fan-out names each target's as hub://…
-                    say(for_web(ev.message.removeprefix("hub://")))
+                    say(for_web(ev.message.removeprefix(HUB_PREFIX)))
                 else:
                     stages[ev.stage] = ev
                 try:
@@ -261,7 +262,7 @@ def _convert_many(run: _Run, targets: list[tuple[str, str]], t0: float):
                     if pr:
                         lines[t].proposed = pr
                         continue
-                todo.append(Target(f"hub://{t}", s))
+                todo.append(Target(hub_spec(t), s))
             if todo:
                 outcome["many"] = convert_many(
                     source_spec(run.repo, run.rev), todo, ignore=run.ignore, token=run.token,
@@ -298,7 +299,7 @@ def _convert_many(run: _Run, targets: list[tuple[str, str]], t0: float):
         say("failed: nothing was committed")
         yield error_box(message), progress_html(stages, elapsed, "Failed"), log_text(), ""
         return message
-    done = {tr.target.dst.removeprefix("hub://"): tr for tr in getattr(outcome.get("many"), "targets", [])}
+    done = {tr.target.dst.removeprefix(HUB_PREFIX): tr for tr in getattr(outcome.get("many"), "targets", [])}
     for t, line in lines.items():
         tr = done.get(t)
         if line.proposed:

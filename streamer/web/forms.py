@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 
 from streamer.engine.suggest import suggest_repo_name
-from streamer.formats import is_repo_id, split_revision
+from streamer.formats import hub_spec, is_repo_id, split_revision
 from streamer.io.hub_http import hub_endpoint
 from streamer.quant.schemes import accepted_presets
 from streamer.web.auth import Account
@@ -62,7 +62,7 @@ def source_spec(repo: str, revision: str | None) -> str:
     revision: a branch, tag or commit, or None for the default branch."""
     # "hub://" makes it a Hub repo id whatever exists on this machine's disk: a visitor never
     # gets to read the server's folders.
-    return f"hub://{repo}" + (f"@{revision}" if revision else "")
+    return hub_spec(repo, revision)
 
 
 def check_scheme(scheme: str) -> str:

@@ -11,6 +11,7 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from streamer.engine.convert import Target, convert, convert_many
 from streamer.engine.suggest import parse_ignore, suggest_repo_name
+from streamer.formats import hub_spec
 from streamer.io.hub_http import hub_endpoint
 from streamer.web import settings
 from streamer.web.auth import resolve_token, whoami
@@ -89,7 +90,7 @@ def _plan_many(repo, rev, targets, ignore, private, create_pr, skip_incompatible
     common = dict(ignore=ignore_list, token=token, dry_run=True, device="cpu", skip_incompatible=bool(skip_incompatible))
     outcomes: list[tuple[str, object, BaseException | None]] = []  # (scheme, plan, error)
     if targets[0][0] is not None:  # signed in: one read of the headers, every target checked
-        many = convert_many(spec, [Target(f"hub://{t}", s) for t, s in targets], create_pr=bool(create_pr),
+        many = convert_many(spec, [Target(hub_spec(t), s) for t, s in targets], create_pr=bool(create_pr),
                             private=True if private else None, **common)  # fmt: skip
         outcomes = [(s, t.result.plan if t.result else None, t.error) for (_, s), t in zip(targets, many.targets)]
     else:  # signed out: no target to check, each scheme planned on its own

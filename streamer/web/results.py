@@ -29,6 +29,9 @@ def _head(result, target: str, create_pr: bool) -> tuple[str, str | None, str | 
     base = html.escape(f"{hub_endpoint()}/{target}", quote=True)
     url = html.escape(result.url or f"{hub_endpoint()}/{target}", quote=True)
     name = html.escape(target)
+    if result.up_to_date:  # a rerun: the repo held this conversion, nothing was converted or committed
+        return (f'<b>Already up to date</b>: <a href="{base}">{name}</a> holds exactly this conversion '
+                f'(<a href="{url}">commit</a>), so nothing was converted.'), "main", f"vllm serve {target}"  # fmt: skip
     if create_pr and "/discussions/" not in url:
         return (f'<b>Already up to date</b>: <a href="{base}">{name}</a> '
                 "holds exactly this conversion, so no pull request was needed."), None, None  # fmt: skip
@@ -88,7 +91,7 @@ def published_html(result, target: str, create_pr: bool, private: bool = False, 
     head, rev, serve = _head(result, target, create_pr)
     if rev is None:
         return f'<div class="streamer-done">{head}</div>'
-    lines = [f'<div class="streamer-done">{head}</div>', _stats(result), _serve(serve)]
+    lines = [f'<div class="streamer-done">{head}</div>', *([] if result.up_to_date else [_stats(result)]), _serve(serve)]
     if result.quality is not None:
         lines.append(quality_html(result.quality))
     if private:
@@ -130,7 +133,7 @@ def _target_block(o: TargetOutcome, create_pr: bool) -> tuple[str, str | None]:
         head, rev, serve = _head(o.result, o.target, create_pr)
         parts = [f'<div class="streamer-done">{label}{head}</div>']
         if rev is not None:
-            parts += [_stats(o.result), _serve(serve)]
+            parts += [*([] if o.result.up_to_date else [_stats(o.result)]), _serve(serve)]
         if o.private:
             parts.append(_private_note(o.target))
     elif o.proposed:
