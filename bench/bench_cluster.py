@@ -2,6 +2,7 @@
 
     python bench/bench_cluster.py                      # 2.1 GB checkpoint, 12 shards, 20 MB/s down, 10 MB/s up per node
     python bench/bench_cluster.py --nodes 1 2 3 --down 20 --up 10 --gb 2.1 --shards 12 --scheme FP8_DYNAMIC
+    python bench/bench_cluster.py --down 10 --up 5 --shards 36 --split-layers   # the README's table
 
 A Llama-shaped bf16 checkpoint (bench/make_checkpoint.py) is seeded into a localhub server
 (`python -m streamer.localhub --host 0.0.0.0 --throttle-per-client`): every client address gets

@@ -398,12 +398,14 @@ def test_a_worker_count_below_one_is_refused_before_anything_is_created(hub, cap
     assert not hub.repo_exists("acme/w0")
 
 
-def test_a_refused_input_leaves_no_empty_repo_or_branch(hub, llama_ckpt, tmp_path, capsys):
-    """A NaN weight is found while converting, after the target was created: a rerun of the same
-    command would be refused alike, so the repo (or branch) this run created goes with it. A
-    failure on the way (the Hub, the network) keeps it for the rerun that resumes, and a repo
-    the run did not create stays whatever happens."""
+def test_a_refused_input_leaves_no_empty_repo_or_branch(hub, llama_ckpt, tmp_path, capsys, monkeypatch, caplog):
+    """A NaN weight is found while converting, after the target was created: with no shard
+    delivered yet, a rerun has nothing to reuse, so the repo (or branch) this run created goes
+    with it. Once shards are up it stays for the rerun the refusal suggests (--nonfinite
+    passthrough resumes from them), and says so; a repo the run did not create stays always."""
     from safetensors.torch import load_file, save_file
+
+    from streamer.io.hub_sink import HubSink
 
     src = tmp_path / "nan-src"
     shutil.copytree(llama_ckpt, src)
@@ -415,19 +417,31 @@ def test_a_refused_input_leaves_no_empty_repo_or_branch(hub, llama_ckpt, tmp_pat
     save_file(tensors, shard, metadata={"format": "pt"})
     hub.seed_repo("acme/nan-llama", src)
 
-    assert run_cli("acme/nan-llama", "alice/nan-fp8", "--scheme", "FP8_DYNAMIC") == 2
-    assert "1 NaN" in capsys.readouterr().err
-    assert not hub.repo_exists("alice/nan-fp8")
+    hub.set_throttle(up_bytes_per_s=20_000)  # no shard is up before the NaN is found
+    try:
+        assert run_cli("acme/nan-llama", "alice/nan-fp8", "--scheme", "FP8_DYNAMIC") == 2
+        assert "1 NaN" in capsys.readouterr().err
+        assert not hub.repo_exists("alice/nan-fp8")
 
-    hub.create_repo("alice/kept")
-    before = hub.commits("alice/kept")
-    assert run_cli("acme/nan-llama", "alice/kept", "--scheme", "FP8_DYNAMIC", "--revision", "fp8") == 2
-    assert hub.repo_exists("alice/kept") and "fp8" not in hub.refs("alice/kept")["heads"]
-    assert hub.commits("alice/kept") == before
+        hub.create_repo("alice/kept")
+        before = hub.commits("alice/kept")
+        assert run_cli("acme/nan-llama", "alice/kept", "--scheme", "FP8_DYNAMIC", "--revision", "fp8") == 2
+        assert hub.repo_exists("alice/kept") and "fp8" not in hub.refs("alice/kept")["heads"]
+        assert hub.commits("alice/kept") == before
 
-    # the suggested way past it publishes into the same name
+        # the same refusal after a shard was delivered: the repo stays, and the log says why
+        with monkeypatch.context() as m:
+            m.setattr(HubSink, "delivered", lambda self: 1)
+            assert run_cli("acme/nan-llama", "alice/nan-later", "--scheme", "FP8_DYNAMIC") == 2
+        assert hub.repo_exists("alice/nan-later")
+        assert "was created for this run and stays" in caplog.text and "reused when the conversion is run again" in caplog.text
+    finally:
+        hub.set_throttle(None, None)
+
+    # the suggested ways past it publish into the same names
     assert run_cli("acme/nan-llama", "alice/nan-fp8", "--scheme", "FP8_DYNAMIC", "--ignore", name[: -len(".weight")]) == 0
     assert "model.safetensors.index.json" in hub.files("alice/nan-fp8")
+    assert run_cli("acme/nan-llama", "alice/nan-later", "--scheme", "FP8_DYNAMIC", "--nonfinite", "passthrough") == 0
 
 
 def test_a_path_into_a_local_folder_read_as_a_repo_says_so(hub, tmp_path, monkeypatch, capsys):
@@ -484,3 +498,26 @@ def test_a_custom_scheme_of_the_same_name_but_other_settings_is_converted_again(
     assert summary["up_to_date"] is False
     qc = json.loads(hub.read_file("alice/custom", "config.json"))["quantization_config"]
     assert qc["config_groups"]["g"]["input_activations"]["dynamic"] is True
+
+
+def test_a_target_edited_since_is_converted_again(hub, capsys):
+    """The up-to-date check looks at every file, not only at the card: a copied file edited on
+    the Hub to the same length, or a file added beside the conversion, makes the rerun convert
+    and commit again, which puts the source's bytes back and takes the stray file away."""
+    assert run_cli(SOURCE, "alice/edited", "--scheme", "FP8_DYNAMIC") == 0
+    api = huggingface_hub.HfApi(endpoint=hub.url, token=ALICE)
+    original = hub.read_file("alice/edited", "generation_config.json")
+    edited = original.replace(b"1", b"2", 1)
+    assert edited != original and len(edited) == len(original)
+    api.upload_file(path_or_fileobj=edited, path_in_repo="generation_config.json", repo_id="alice/edited")
+    capsys.readouterr()
+    assert run_cli(SOURCE, "alice/edited", "--scheme", "FP8_DYNAMIC", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["up_to_date"] is False
+    assert hub.read_file("alice/edited", "generation_config.json") == original
+
+    api.upload_file(path_or_fileobj=b"mine", path_in_repo="notes.txt", repo_id="alice/edited")
+    assert run_cli(SOURCE, "alice/edited", "--scheme", "FP8_DYNAMIC", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["up_to_date"] is False
+    assert "notes.txt" not in hub.files("alice/edited")
+    assert run_cli(SOURCE, "alice/edited", "--scheme", "FP8_DYNAMIC", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["up_to_date"] is True

@@ -739,7 +739,11 @@ def test_nan_weights_follow_the_jobs_or_the_callers_nonfinite_policy(hub, tmp_pa
     spec = {"name": "nan", "source": "org/llama-nan", "target": "acme/llama-nan-FP8", "scheme": "FP8_DYNAMIC",
             "device": "cpu"}  # fmt: skip
 
-    (refused,) = MirrorRunner(token=ALICE, parallel=2).run(parse_jobs({"job": [spec]}))
+    hub.set_throttle(up_bytes_per_s=20_000)  # no shard is up before the NaN is found
+    try:
+        (refused,) = MirrorRunner(token=ALICE, parallel=2).run(parse_jobs({"job": [spec]}))
+    finally:
+        hub.set_throttle(None, None)
     assert refused.status == "failed" and "1 NaN" in refused.error, refused
     assert 'set nonfinite = "passthrough" in this job' in refused.error
     assert "--nonfinite" not in refused.error

@@ -628,10 +628,12 @@ def already_done(plan: Plan, source: Source, sink: Sink, progress: Progress, rec
     nothing is read from the source."""
     if source.commit is None:  # a local folder can change under the same names: convert it again
         return None
-    # every file the run would write but the card: shards and copied files by size (the source
-    # commit and the plan fix their bytes), config.json and the index by content
-    files: dict[str, int | bytes] = {j.shard: shard_size(j) for j in plan.jobs}
-    files.update({p: plan.catalog.file_sizes[p] for p in plan.catalog.copy_files if p != CONFIG_NAME})
+    # every file the run would write but the card: the shards by size (the plan and the source
+    # commit fix their bytes), the copied files by the source's content ids, config.json and the
+    # index by content
+    files: dict = {j.shard: shard_size(j) for j in plan.jobs}
+    for path in plan.catalog.copy_files:
+        files[path] = source.content_id(path) or plan.catalog.file_sizes[path]
     files.update(_plan_files(plan))
     url = sink.holds(provenance(plan, source, record=record).to_dict(), files, fingerprint(plan, source))
     if url is None:
@@ -642,8 +644,9 @@ def already_done(plan: Plan, source: Source, sink: Sink, progress: Progress, rec
     return Result(plan=plan, stats=RunStats(), url=url, up_to_date=True)
 
 
-# Failures of the input itself: the same command fails the same way, so what a run created for its
-# output is removed rather than kept for a resume (a branch or repo holding nothing committed).
+# Failures of the input itself: the same command fails the same way. What a run created for its
+# output is removed when it holds nothing a rerun could reuse (the rerun a NaN refusal suggests,
+# with --nonfinite passthrough, resumes from the shards already uploaded).
 FINAL_ERRORS = (InputError, PlanError, SchemeError)
 
 
@@ -676,7 +679,9 @@ def publish(
     except BaseException as e:
         # a cancel, or an input a rerun would refuse alike (a NaN weight …), leaves nothing to resume
         cancelled = cancel.is_set() and not (interrupted is not None and interrupted.is_set())
-        sink.abort(resumable=not (cancelled or isinstance(e, FINAL_ERRORS)))
+        # refused for its input before any shard was delivered: a rerun has nothing to reuse
+        refused = isinstance(e, FINAL_ERRORS) and not sink.delivered()
+        sink.abort(resumable=not (cancelled or refused))
         raise
     finally:
         sink.close()

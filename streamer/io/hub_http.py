@@ -277,6 +277,17 @@ def read_text(repo_id: str, path: str, *, revision: str | None = None, token: st
 # --- failures in sentences -----------------------------------------------------------------------
 
 
+def content_ids(info) -> dict[str, tuple[str | None, str | None]]:
+    """path -> (LFS sha256 or None, git blob id) of every file of a model_info(files_metadata=True):
+    what the Hub knows each file's content by."""
+    ids = {}
+    for s in info.siblings or []:
+        lfs = getattr(s, "lfs", None)
+        sha = (lfs.get("sha256") if isinstance(lfs, dict) else getattr(lfs, "sha256", None)) if lfs else None
+        ids[s.rfilename] = (sha, getattr(s, "blob_id", None))
+    return ids
+
+
 def explain(e: Exception, repo_id: str, *, what: str = "repo") -> HubError:
     """The huggingface_hub error E about REPO_ID as a HubError a user can act on; WHAT names the
     repo's role in the message ("source repo", "target repo"). Never includes a token."""

@@ -40,7 +40,7 @@ from huggingface_hub.utils import build_hf_headers
 
 from streamer.errors import Cancelled, Hint, HubError, Note, StreamerError, TargetError
 from streamer.formats import hub_token
-from streamer.io.hub_http import classify, explain, hub_call, hub_endpoint, read_text, retry_wait, short_error
+from streamer.io.hub_http import classify, content_ids, explain, hub_call, hub_endpoint, read_text, retry_wait, short_error
 from streamer.io.provenance import read_provenance
 from streamer.io.sink import ShardWriter, Sink, check_relpath
 from streamer.io.upload_journal import UploadJournal
@@ -327,22 +327,15 @@ def _git_blob_oid(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-def _holds_content(entry: tuple[str | None, str | None], data: bytes) -> bool:
-    """Whether a tree entry (LFS sha256 or None, git blob id) is the content DATA."""
+def _holds_content(entry: tuple[str | None, str | None], want: bytes | tuple[str | None, str | None]) -> bool:
+    """Whether a tree entry (LFS sha256 or None, git blob id) is the content WANT: the bytes, or
+    another file's entry (the same content stored the same way; LFS on one side only: no)."""
     lfs_sha, blob_id = entry
+    if isinstance(want, tuple):
+        return (lfs_sha, blob_id) == want if lfs_sha is None else lfs_sha == want[0]
     if lfs_sha is not None:
-        return lfs_sha == hashlib.sha256(data).hexdigest()
-    return blob_id == _git_blob_oid(data)
-
-
-def _tree(info) -> dict[str, tuple[str | None, str | None]]:
-    """path -> (LFS sha256 or None, git blob id) from a model_info(files_metadata=True)."""
-    tree = {}
-    for s in info.siblings or []:
-        lfs = getattr(s, "lfs", None)
-        sha = (lfs.get("sha256") if isinstance(lfs, dict) else getattr(lfs, "sha256", None)) if lfs else None
-        tree[s.rfilename] = (sha, getattr(s, "blob_id", None))
-    return tree
+        return lfs_sha == hashlib.sha256(want).hexdigest()
+    return blob_id == _git_blob_oid(want)
 
 
 class HubSink(Sink):
@@ -541,10 +534,6 @@ class HubSink(Sink):
             log.warning("stopping %d upload(s) in flight: nothing is committed to %s", pending, self.repo_id)
         self._upload_pool.fail_pending(self._stopped_error())
         created = [] if resumable else self._created
-        if not resumable:
-            # Nothing will resume from the record, and it names the tensors of a possibly private
-            # model on what may be a shared machine (a Space).
-            self._forget_state()
         try:
             if created and not self._as_created():
                 log.warning("the %s created for this run has been written to since (another run?): it stays",
@@ -554,6 +543,15 @@ class HubSink(Sink):
                 self._call(f"deleting {self.repo_id}", self.api.delete_repo, self.repo_id, missing_ok=True)
             elif "branch" in created:
                 self._call(f"deleting branch {self.revision}", self.api.delete_branch, self.repo_id, branch=self.revision)
+            if created:
+                # The resume record names the tensors of a possibly private model, on what may be
+                # a shared machine (a Space): it goes with the repo or branch it was for.
+                self._forget_state()
+            elif self._created and self.delivered():
+                log.warning("%s was created for this run and stays, with nothing committed: its %d uploaded shard(s) "
+                            "are reused when the conversion is run again (or delete it from its settings page)",
+                            self.repo_id if "repo" in self._created else f"branch {self.revision} of {self.repo_id}",
+                            self.delivered())  # fmt: skip
         except Exception as e:  # best effort: the branch still holds no partial model
             log.warning("could not remove the empty %s created for this run: %s", created[0], type(e).__name__)
         self._created = []
@@ -586,7 +584,7 @@ class HubSink(Sink):
         except HfHubHTTPError as e:
             raise explain(e, self.repo_id, what="target repo") from None
         self._parent = info.sha
-        self._remote = _tree(info)
+        self._remote = content_ids(info)
         self._target_private = getattr(info, "private", None)
         return {s.rfilename: s.size or 0 for s in (info.siblings or [])}
 
@@ -619,7 +617,7 @@ class HubSink(Sink):
         if set(tree) - {".gitattributes", "README.md"} != set(files):
             return None
         for path, want in files.items():
-            if isinstance(want, int):
+            if isinstance(want, int):  # the size alone
                 if self._existing.get(path) != want:
                     return None
             elif not _holds_content(tree[path], want):
@@ -692,6 +690,10 @@ class HubSink(Sink):
         return self._journal.notes(name) if self._journal is not None else {}
 
     # -- shards uploaded by other processes: the nodes of a cluster (engine/cluster.py) ----------
+
+    def delivered(self) -> int:
+        """Shards uploaded (or resumed) so far, not yet committed (see Sink.delivered)."""
+        return len(self.uploaded())
 
     def uploaded(self) -> dict[str, UploadInfo]:
         """Shard name -> what the Hub knows its content by, for each shard this sink uploaded."""
@@ -865,12 +867,12 @@ class HubSink(Sink):
         what = f"reading {self.repo_id} after an unanswered commit"
         if prs_before is None:
             info = self._call(what, self.api.model_info, self.repo_id, revision=self.revision, files_metadata=True)
-            if info.sha != self._parent and self._holds_exactly(_tree(info)):
+            if info.sha != self._parent and self._holds_exactly(content_ids(info)):
                 return self._commit_url(info.sha)
             return None
         for ref in sorted(self._pr_refs() - prs_before):
             info = self._call(what, self.api.model_info, self.repo_id, revision=ref, files_metadata=True)
-            if self._holds_exactly(_tree(info)):
+            if self._holds_exactly(content_ids(info)):
                 return f"{self.endpoint}/{self.repo_id}/discussions/{ref.rsplit('/', 1)[-1]}"
         return None
 

@@ -107,14 +107,20 @@ class Sink:
         where the destination keeps a history. Returns where the result is (a path or a URL)."""
         raise NotImplementedError
 
-    def holds(self, provenance: dict, files: dict[str, int | bytes], fingerprint: str | None = None) -> str | None:
+    def holds(self, provenance: dict, files: dict, fingerprint: str | None = None) -> str | None:
         """Where the destination already holds this very conversion, after check(): its model
         card's streamer block equals PROVENANCE (`Provenance.to_dict()`), and besides the card it
-        has exactly FILES, each at its size (an int) or with that content (bytes). None when it
-        does not, when the sink cannot tell cheaply, and when the destination is to be replaced
-        or proposed anyway. A resume record of the plan FINGERPRINT (an earlier run that failed
-        to commit) is then dropped."""
+        has exactly FILES, each at its size (an int), with that content (bytes) or with the
+        content the Hub knows by that (LFS sha256, git blob id) pair. None when it does not, when
+        the sink cannot tell cheaply, and when the destination is to be replaced or proposed
+        anyway. A resume record of the plan FINGERPRINT (an earlier run that failed to commit)
+        is then dropped."""
         return None
+
+    def delivered(self) -> int:
+        """How many output shards this run has put in place so far (uploaded, or resumed from an
+        earlier run): what a rerun could reuse after a failure."""
+        return 0
 
     def abort(self, *, resumable: bool = True) -> None:
         """Leave the destination as it was. RESUMABLE: a rerun of the same conversion may pick up
