@@ -434,7 +434,7 @@ def test_a_refused_input_leaves_no_empty_repo_or_branch(hub, llama_ckpt, tmp_pat
             m.setattr(HubSink, "delivered", lambda self: 1)
             assert run_cli("acme/nan-llama", "alice/nan-later", "--scheme", "FP8_DYNAMIC") == 2
         assert hub.repo_exists("alice/nan-later")
-        assert "was created for this run and stays" in caplog.text and "reused when the conversion is run again" in caplog.text
+        assert "was created for this run and stays" in caplog.text and "reuses its" in caplog.text
     finally:
         hub.set_throttle(None, None)
 
@@ -521,3 +521,22 @@ def test_a_target_edited_since_is_converted_again(hub, capsys):
     assert "notes.txt" not in hub.files("alice/edited")
     assert run_cli(SOURCE, "alice/edited", "--scheme", "FP8_DYNAMIC", "--json") == 0
     assert json.loads(capsys.readouterr().out)["up_to_date"] is True
+
+
+def test_a_url_or_a_mistyped_destination_path_is_explained(hub, tmp_path, monkeypatch, capsys):
+    """`hf://org/name` is neither a folder nor a repo id: refused, naming the repo id to write,
+    and no folder `hf:` is made. A destination `tiny/q` beside a folder `tiny` reads as a Hub
+    repo (the README's rule); the refusal says so."""
+    monkeypatch.chdir(tmp_path)
+    assert run_cli("hf://acme/tiny-llama", "out", "--scheme", "FP8_DYNAMIC") == 2
+    err = capsys.readouterr().err
+    assert "is a URL: name a Hub repo as acme/tiny-llama (or hub://acme/tiny-llama)" in err
+    assert run_cli(SOURCE, "https://huggingface.co/alice/x", "--scheme", "FP8_DYNAMIC") == 2
+    assert "name a Hub repo as alice/x" in capsys.readouterr().err
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(("hf:", "https:"))], "a folder was made for a URL"
+    (tmp_path / "tiny").mkdir()
+    assert run_cli(SOURCE, "tiny/q", "--scheme", "FP8_DYNAMIC") == 2
+    err = capsys.readouterr().err
+    assert "tiny/q is not a folder here (tiny is), so it was read as a Hub repo id: no write access to 'tiny'" in err
+    assert run_cli(SOURCE, "./tiny/q", "--scheme", "FP8_DYNAMIC") == 0  # the path, written as one
+    assert (tmp_path / "tiny" / "q" / "config.json").exists()

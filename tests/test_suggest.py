@@ -201,6 +201,10 @@ def _w(*specs, vocab=1000, hidden=64):
         # an embedding table under a name no list knows: found by its vocabulary-sized rows
         ({"text_config": {"vocab_size": 1000}}, _w(("model.lm.tokens", "V"), "model.lm.layers.0.fc"),
          {"model.lm.tokens": EMBEDDING}),
+        # a small model whose MLP width equals its vocabulary: those are Linears of a layer
+        ({"vocab_size": 1000}, _w(("model.embed_tokens", "V"), ("model.layers.0.mlp.gate_proj", "V"),
+                                  ("model.layers.1.mlp.up_proj", "V"), ("lm_head", "V")),
+         {"model.embed_tokens": EMBEDDING, "lm_head": HEAD}),
     ],
 )  # fmt: skip
 def test_embeddings_and_heads_by_role(config, weights, expected):

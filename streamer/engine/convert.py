@@ -21,7 +21,7 @@ import torch
 from streamer.engine.card import model_card
 from streamer.io.provenance import Provenance
 from streamer.io.catalog import CONFIG_NAME, INDEX_NAME, build_catalog
-from streamer.errors import Cancelled, Hint, InputError, PlanError, SchemeError, StreamerError
+from streamer.errors import Cancelled, Hint, HubError, InputError, PlanError, SchemeError, StreamerError, TargetError
 from streamer.engine.plan import Plan, Policy, make_plan
 from streamer.engine.budget import Budget, default_memory_budget
 from streamer.engine.cluster import ClusterStats
@@ -32,7 +32,7 @@ from streamer.engine.quality import QualityReport, build_report
 from streamer.quant.dequant import detect_dequantizer
 from streamer.quant.schemes import make_recipe
 from streamer.formats import dumps_json, human_bytes, split_revision
-from streamer.io.locations import is_hub_spec, open_source
+from streamer.io.locations import check_not_url, is_hub_spec, open_source, read_as_repo
 from streamer.io.sink import LocalSink, Sink
 from streamer.io.source import Source
 
@@ -78,6 +78,7 @@ class Result:
                 bytes_written=self.stats.bytes_written,
                 peak_buffered_bytes=self.stats.peak_budget,
                 resumed_shards=self.stats.resumed,
+                nonfinite=self.stats.nonfinite,  # weights holding NaN/Inf, quantized as asked
             )
         if self.quality is not None:
             out["quality"] = self.quality.as_dict()
@@ -124,6 +125,7 @@ def open_sink(dst, *, token=None, overwrite=False, private=False, create_pr=Fals
             create_pr=create_pr,
             overwrite=overwrite,
         )
+    check_not_url(dst, "destination")
     return LocalSink(dst, overwrite=overwrite)
 
 
@@ -280,7 +282,7 @@ def convert(
                 dst, token=token, overwrite=overwrite, private=private,
                 create_pr=create_pr, revision=revision,
             )  # fmt: skip
-            check_target(sink, source, progress)
+            check_target(sink, source, progress, dst=dst)
         if dry_run:
             return Result(plan=plan, dry_run=True)
         if sink is None:
@@ -489,7 +491,7 @@ def convert_many(
                     plan = make_plan(catalog, recipe, source=source.label, dequant=dequant, policy=policy)
                     out.result = Result(plan=plan, dry_run=True)
                     sink = open_sink(t.dst, token=token, overwrite=overwrite, private=private, create_pr=create_pr, revision=revision)
-                    check_target(sink, source, _labelled(progress, t))
+                    check_target(sink, source, _labelled(progress, t), dst=t.dst)
                     if not dry_run:
                         out.result = already_done(plan, source, sink, _labelled(progress, t), record) or out.result
                         if out.result.up_to_date:
@@ -599,9 +601,21 @@ def _run_side_by_side(runners: list[tuple[TargetResult, Runner]], record: str, c
                 cancel.set()
 
 
-def check_target(sink: Sink, source: Source, progress: Progress) -> None:
+def check_target(sink: Sink, source: Source, progress: Progress, *, dst=None) -> None:
     """Refuse a destination SINK that cannot take a conversion of SOURCE (the source repo itself,
-    a repo streamer did not write …) before anything is written; PROGRESS gets its visibility note."""
+    a repo streamer did not write …) before anything is written; PROGRESS gets its visibility note.
+    DST: the destination as the caller wrote it, for an error about a repo id that may have been
+    meant as a path into a local folder."""
+    try:
+        _check_target(sink, source, progress)
+    except (HubError, TargetError) as e:
+        why = read_as_repo(dst) if isinstance(dst, str) and sink.repo_id is not None else None
+        if why is None:
+            raise
+        raise type(e)(f"{why}: {e.message}", hints=(*e.hints, Hint("target"))) from None
+
+
+def _check_target(sink: Sink, source: Source, progress: Progress) -> None:
     if sink.repo_id and source.repo_id and sink.repo_id.lower() == source.repo_id.lower():  # the Hub ignores case
         raise StreamerError("the target repo is the source repo", hints=(Hint("target"),))
     if sink.folder is not None and source.folder is not None:

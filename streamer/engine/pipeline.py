@@ -372,7 +372,7 @@ class Runner:
         # besides fixing the checkpoint: keep the module unquantized, or quantize it anyway
         raise InputError(
             f"tensor {name}{where} holds {what} value(s) of {w.numel()}; quantizing it would "
-            "write NaN scales. Fix the checkpoint",
+            "write NaN scales. Fix the checkpoint, or convert it anyway",
             hints=(Hint("ignore", module), Hint("nonfinite", "passthrough")),
         )
 

@@ -86,6 +86,10 @@ _EMBED_LEAF = re.compile(r"^(embed_tokens\w*|embed_in|embed_positions|wte|wpe|to
 # Leaf names an output head goes by; all but lm_head only count when the weight has the
 # vocabulary's size, since `output` or `head` alone also name ordinary Linears.
 _HEAD_LEAVES = ("lm_head", "embed_out", "output", "head", "output_layer")
+# A module inside a repeated block (`model.layers.3.`, `h.0.`, `blocks.12.`): an embedding table
+# under an unknown name is found by its vocabulary-sized rows only outside such blocks, where a
+# Linear whose width happens to equal the vocabulary (a small model) is an ordinary layer.
+_NUMBERED_BLOCK = re.compile(r"(^|\.)\d+\.")
 # Path components of vision/audio encoders and multimodal projectors.
 _TOWER_PARTS = {
     "visual", "vision", "audio", "vision_tower", "vision_model", "vision_encoder", "image_encoder",
@@ -231,7 +235,7 @@ def default_kept(
         vocab_rows = shape[0] in vocab
         if leaf == LM_HEAD or (vocab_rows and leaf in _HEAD_LEAVES):
             kept[module] = HEAD
-        elif _EMBED_LEAF.match(leaf) or vocab_rows:
+        elif _EMBED_LEAF.match(leaf) or (vocab_rows and not _NUMBERED_BLOCK.search(module)):
             kept[module] = EMBEDDING
         elif _is_router(module, parents, bias_owners):
             kept[module] = ROUTER

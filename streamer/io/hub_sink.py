@@ -526,9 +526,9 @@ class HubSink(Sink):
 
     def abort(self, *, resumable: bool = True) -> None:
         """Nothing is committed, so the branch holds no partial model. A run that ends for good
-        (not RESUMABLE: a user's cancel, an input a rerun would refuse alike) also drops the repo
-        or branch it created; after any other failure or Ctrl-C they stay, holding the uploaded
-        shard contents that a rerun of the same command resumes from."""
+        (not RESUMABLE: a user's cancel, an input refused before any shard was up) also drops the
+        repo or branch it created, unless written to since; after any other failure or Ctrl-C
+        they stay, holding the uploaded shard contents that a rerun resumes from."""
         pending = self._stop_uploads()
         if pending and self._failure is None:
             log.warning("stopping %d upload(s) in flight: nothing is committed to %s", pending, self.repo_id)
@@ -548,8 +548,9 @@ class HubSink(Sink):
                 # a shared machine (a Space): it goes with the repo or branch it was for.
                 self._forget_state()
             elif self._created and self.delivered():
-                log.warning("%s was created for this run and stays, with nothing committed: its %d uploaded shard(s) "
-                            "are reused when the conversion is run again (or delete it from its settings page)",
+                log.warning("%s was created for this run and stays, with nothing committed: a rerun that gets past "
+                            "the error with the same plan reuses its %d uploaded shard(s) (or delete it from its "
+                            "settings page)",
                             self.repo_id if "repo" in self._created else f"branch {self.revision} of {self.repo_id}",
                             self.delivered())  # fmt: skip
         except Exception as e:  # best effort: the branch still holds no partial model
@@ -608,7 +609,7 @@ class HubSink(Sink):
         self._target_private = getattr(info, "private", None)
         return True
 
-    def holds(self, provenance: dict, files: dict[str, int | bytes], fingerprint: str | None = None) -> str | None:
+    def holds(self, provenance: dict, files: dict, fingerprint: str | None = None) -> str | None:
         """The branch head's commit URL when it holds this very conversion (see Sink.holds), from
         the files check() listed at that commit and one small GET of its card."""
         tree = self._remote or {}
@@ -632,6 +633,10 @@ class HubSink(Sink):
             except OSError as e:
                 log.warning("could not delete the stale resume record: %s", e)
         return self._commit_url(self._parent)
+
+    def delivered(self) -> int:
+        """Shards uploaded (or resumed) so far, not yet committed (see Sink.delivered)."""
+        return len(self.uploaded())
 
     def _written_by_streamer(self, existing: dict) -> bool:
         if "README.md" not in existing:
@@ -690,10 +695,6 @@ class HubSink(Sink):
         return self._journal.notes(name) if self._journal is not None else {}
 
     # -- shards uploaded by other processes: the nodes of a cluster (engine/cluster.py) ----------
-
-    def delivered(self) -> int:
-        """Shards uploaded (or resumed) so far, not yet committed (see Sink.delivered)."""
-        return len(self.uploaded())
 
     def uploaded(self) -> dict[str, UploadInfo]:
         """Shard name -> what the Hub knows its content by, for each shard this sink uploaded."""

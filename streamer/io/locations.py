@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from streamer.errors import Hint, HubError
+from streamer.errors import Hint, HubError, StreamerError
 from streamer.formats import HUB_PREFIX, is_repo_spec, split_revision
 from streamer.io.source import LocalSource, Source
 
@@ -34,6 +34,7 @@ def open_source(spec: str | os.PathLike, *, token: str | bool | None = None, **h
     """
     spec = os.fspath(spec)
     if not is_hub_spec(spec):
+        check_not_url(spec, "source")
         return LocalSource(os.path.expanduser(spec))
     from streamer.io.hub_source import HubSource  # imported lazily: local runs need no HTTP machinery
 
@@ -41,19 +42,32 @@ def open_source(spec: str | os.PathLike, *, token: str | bool | None = None, **h
     try:
         return HubSource(repo_id, revision=revision, token=token, **hub_options)
     except HubError as e:
-        folder = _folder_meant(spec)
-        if folder is None or "not found" not in e.message:  # a gated repo, a network failure: as they are
+        why = read_as_repo(spec)
+        if why is None or "not found" not in e.message:  # a gated repo, a network failure: as they are
             raise
-        raise HubError(
-            f"{spec} is not a folder here ({folder} is), so it was read as a Hub repo id: {e.message}",
-            hints=(*e.hints, Hint("source")),
-        ) from None
+        raise HubError(f"{why}: {e.message}", hints=(*e.hints, Hint("source"))) from None
 
 
-def _folder_meant(spec: str) -> str | None:
-    """The local folder SPEC's first part names, when SPEC reads as a Hub repo but may have been
-    meant as a path into that folder (`tiny-llama/q` beside a folder `tiny-llama`); else None."""
+def read_as_repo(spec: str) -> str | None:
+    """Why SPEC, which reads as a Hub repo id, may have been meant as a path into a local folder
+    (`tiny-llama/q` beside a folder `tiny-llama`), for an error about that repo; else None."""
     if spec.startswith(HUB_PREFIX):
         return None
     first = spec.split("/", 1)[0]
-    return first if os.path.isdir(first) else None
+    if not os.path.isdir(first):
+        return None
+    return f"{spec} is not a folder here ({first} is), so it was read as a Hub repo id"
+
+
+def check_not_url(spec: str, role: str) -> None:
+    """Refuse a SPEC that is neither a folder nor a repo id but a URL (`hf://org/name`,
+    `https://huggingface.co/org/name`): as a folder name it would be a typo, or a folder `hf:`."""
+    scheme, sep, rest = spec.partition("://")
+    if not sep or spec.startswith(HUB_PREFIX) or os.path.exists(spec):
+        return
+    repo = rest.split("huggingface.co/", 1)[-1].strip("/")
+    repo = "/".join(repo.split("/")[:2]) if repo else "org/name"
+    raise StreamerError(
+        f"{role} {spec!r} is a URL: name a Hub repo as {repo} (or {HUB_PREFIX}{repo}), a folder by its path",
+        hints=(Hint("source" if role == "source" else "target"),),
+    )

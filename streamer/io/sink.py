@@ -125,8 +125,8 @@ class Sink:
     def abort(self, *, resumable: bool = True) -> None:
         """Leave the destination as it was. RESUMABLE: a rerun of the same conversion may pick up
         this run's work (it failed on the way); False when the run ends for good (the user
-        stopped it, or its input is at fault and a rerun would be refused alike), so that what
-        the sink created for it goes too."""
+        stopped it, or its input was refused before anything a rerun could reuse was
+        delivered), so that what the sink created for it goes too."""
 
     def close(self) -> None:
         """Let go of what the sink holds (threads, locks); after commit or abort."""

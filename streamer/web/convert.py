@@ -307,7 +307,8 @@ def _convert_many(run: _Run, targets: list[tuple[str, str]], t0: float):
         elif tr is not None and tr.ok:
             line.result = tr.result
             line.private = run.private or bool(getattr(_info(t, run.token), "private", False))
-            say(f"{t}: published {tr.result.url or ''}".rstrip())
+            done_words = "already holds this conversion" if tr.result.up_to_date else "published"
+            say(f"{t}: {done_words} {tr.result.url or ''}".rstrip())
         elif outcome.get("cancelled") or isinstance(getattr(tr, "error", None), Cancelled) or slot.cancel.is_set():
             line.cancelled = True
             line.removed = existed.get(t) is False and not _exists(t, run.token)
