@@ -27,6 +27,7 @@ import torch
 from streamer.engine.convert import Result, convert
 from streamer.errors import StreamerError
 from streamer.formats import HUB_PREFIX
+from streamer.io.locations import check_not_url
 
 log = logging.getLogger("streamer")
 
@@ -74,6 +75,7 @@ def model_free_ptq(
         raise StreamerError("Please specify either `config` or `scheme`, not both")
     stack = _check_converter(converter)
     target = os.fspath(save_directory)
+    check_not_url(target, "save_directory")
     if target.startswith(HUB_PREFIX):
         if target[len(HUB_PREFIX) :].count("/") != 1:
             raise StreamerError(f"save_directory {target!r}: use hub://org/name")

@@ -417,7 +417,7 @@ def test_a_refused_input_leaves_no_empty_repo_or_branch(hub, llama_ckpt, tmp_pat
     save_file(tensors, shard, metadata={"format": "pt"})
     hub.seed_repo("acme/nan-llama", src)
 
-    hub.set_throttle(up_bytes_per_s=20_000)  # no shard is up before the NaN is found
+    hub.set_throttle(up_bytes_per_s=5_000)  # no shard is up before the NaN is found
     try:
         assert run_cli("acme/nan-llama", "alice/nan-fp8", "--scheme", "FP8_DYNAMIC") == 2
         assert "1 NaN" in capsys.readouterr().err
@@ -530,9 +530,16 @@ def test_a_url_or_a_mistyped_destination_path_is_explained(hub, tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     assert run_cli("hf://acme/tiny-llama", "out", "--scheme", "FP8_DYNAMIC") == 2
     err = capsys.readouterr().err
-    assert "is a URL: name a Hub repo as acme/tiny-llama (or hub://acme/tiny-llama)" in err
-    assert run_cli(SOURCE, "https://huggingface.co/alice/x", "--scheme", "FP8_DYNAMIC") == 2
-    assert "name a Hub repo as alice/x" in capsys.readouterr().err
+    assert "source is a URL: name the Hub repo as acme/tiny-llama (or hub://acme/tiny-llama)" in err
+    assert run_cli(SOURCE, "https://huggingface.co/alice/x/tree/dev", "--scheme", "FP8_DYNAMIC") == 2
+    assert "destination is a URL: name the Hub repo as alice/x@dev" in capsys.readouterr().err
+    assert run_cli("file:///models/llama", "out", "--scheme", "FP8_DYNAMIC") == 2
+    assert "source is a URL (file://): give the folder's path" in capsys.readouterr().err
+    from streamer.compat import model_free_ptq
+    from streamer.errors import StreamerError
+
+    with pytest.raises(StreamerError, match="save_directory is a URL: name the Hub repo as alice/y"):
+        model_free_ptq(SOURCE, "hf://alice/y", scheme="FP8_DYNAMIC")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(("hf:", "https:"))], "a folder was made for a URL"
     (tmp_path / "tiny").mkdir()
     assert run_cli(SOURCE, "tiny/q", "--scheme", "FP8_DYNAMIC") == 2
@@ -540,3 +547,19 @@ def test_a_url_or_a_mistyped_destination_path_is_explained(hub, tmp_path, monkey
     assert "tiny/q is not a folder here (tiny is), so it was read as a Hub repo id: no write access to 'tiny'" in err
     assert run_cli(SOURCE, "./tiny/q", "--scheme", "FP8_DYNAMIC") == 0  # the path, written as one
     assert (tmp_path / "tiny" / "q" / "config.json").exists()
+
+
+def test_a_source_keeping_small_files_in_lfs_is_found_up_to_date(hub, llama_ckpt, tmp_path, capsys):
+    """Many repos track tokenizer.json in LFS; the copy on the target is a plain file. The rerun
+    compares the copied files by their bytes, so it is still found up to date."""
+    src = tmp_path / "lfs-src"
+    shutil.copytree(llama_ckpt, src)
+    (src / ".gitattributes").write_text("*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
+                                        "tokenizer.json filter=lfs diff=lfs merge=lfs -text\n")
+    hub.seed_repo("acme/lfs-tok", src)
+    info = huggingface_hub.HfApi(endpoint=hub.url, token=ALICE).model_info("acme/lfs-tok", files_metadata=True)
+    assert next(s for s in info.siblings if s.rfilename == "tokenizer.json").lfs  # in LFS at the source
+    assert run_cli("acme/lfs-tok", "alice/lfs-tok-fp8", "--scheme", "FP8_DYNAMIC") == 0
+    capsys.readouterr()
+    assert run_cli("acme/lfs-tok", "alice/lfs-tok-fp8", "--scheme", "FP8_DYNAMIC", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["up_to_date"] is True

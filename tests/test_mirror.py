@@ -739,7 +739,7 @@ def test_nan_weights_follow_the_jobs_or_the_callers_nonfinite_policy(hub, tmp_pa
     spec = {"name": "nan", "source": "org/llama-nan", "target": "acme/llama-nan-FP8", "scheme": "FP8_DYNAMIC",
             "device": "cpu"}  # fmt: skip
 
-    hub.set_throttle(up_bytes_per_s=20_000)  # no shard is up before the NaN is found
+    hub.set_throttle(up_bytes_per_s=5_000)  # no shard is up before the NaN is found
     try:
         (refused,) = MirrorRunner(token=ALICE, parallel=2).run(parse_jobs({"job": [spec]}))
     finally:

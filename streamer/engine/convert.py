@@ -8,6 +8,7 @@ it was.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -610,7 +611,7 @@ def check_target(sink: Sink, source: Source, progress: Progress, *, dst=None) ->
         _check_target(sink, source, progress)
     except (HubError, TargetError) as e:
         why = read_as_repo(dst) if isinstance(dst, str) and sink.repo_id is not None else None
-        if why is None:
+        if why is None or not ("no write access" in e.message or "not found" in e.message):
             raise
         raise type(e)(f"{why}: {e.message}", hints=(*e.hints, Hint("target"))) from None
 
@@ -634,20 +635,26 @@ def _check_target(sink: Sink, source: Source, progress: Progress) -> None:
         progress.note(note)
 
 
+def _read_small(source: Source, path: str) -> bytes:
+    return bytes(source.read_file(path))
+
+
 def already_done(plan: Plan, source: Source, sink: Sink, progress: Progress, record: str) -> Result | None:
     """The Result of a run that has nothing to do, because SINK already holds PLAN's output of
     this very source commit with these settings (a rerun of a finished command): said once, the
     sink closed. None when there is work to do, and always for a source without a commit (a
-    local folder). The check costs the small requests check() made and one read of the card;
-    nothing is read from the source."""
+    local folder). The check costs the small requests check() made, a read of the card and, when
+    all else matched, of the source's small files; no tensor byte is read."""
     if source.commit is None:  # a local folder can change under the same names: convert it again
         return None
     # every file the run would write but the card: the shards by size (the plan and the source
-    # commit fix their bytes), the copied files by the source's content ids, config.json and the
-    # index by content
+    # commit fix their bytes), config.json and the index by content, the copied files by content
+    # too, read from the source only once everything else matched (a source may keep them in LFS
+    # and the target not, so their Hub ids cannot be compared)
     files: dict = {j.shard: shard_size(j) for j in plan.jobs}
     for path in plan.catalog.copy_files:
-        files[path] = source.content_id(path) or plan.catalog.file_sizes[path]
+        if path != CONFIG_NAME:
+            files[path] = functools.partial(_read_small, source, path)
     files.update(_plan_files(plan))
     url = sink.holds(provenance(plan, source, record=record).to_dict(), files, fingerprint(plan, source))
     if url is None:
@@ -691,7 +698,7 @@ def publish(
             extra["nodes"] = {k: v.as_dict() for k, v in stats.nodes.items()}
         return Result(plan=plan, stats=stats, url=url, extra=extra, quality=report)
     except BaseException as e:
-        # a cancel, or an input a rerun would refuse alike (a NaN weight …), leaves nothing to resume
+        # a user's cancel ends the run for good; so does a refused input when nothing is up yet
         cancelled = cancel.is_set() and not (interrupted is not None and interrupted.is_set())
         # refused for its input before any shard was delivered: a rerun has nothing to reuse
         refused = isinstance(e, FINAL_ERRORS) and not sink.delivered()

@@ -327,15 +327,13 @@ def _git_blob_oid(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-def _holds_content(entry: tuple[str | None, str | None], want: bytes | tuple[str | None, str | None]) -> bool:
-    """Whether a tree entry (LFS sha256 or None, git blob id) is the content WANT: the bytes, or
-    another file's entry (the same content stored the same way; LFS on one side only: no)."""
+def _holds_content(entry: tuple[str | None, str | None], data: bytes) -> bool:
+    """Whether a tree entry (LFS sha256 or None, git blob id) is the content DATA (an entry
+    without either id is not known to be)."""
     lfs_sha, blob_id = entry
-    if isinstance(want, tuple):
-        return (lfs_sha, blob_id) == want if lfs_sha is None else lfs_sha == want[0]
     if lfs_sha is not None:
-        return lfs_sha == hashlib.sha256(want).hexdigest()
-    return blob_id == _git_blob_oid(want)
+        return lfs_sha == hashlib.sha256(data).hexdigest()
+    return blob_id is not None and blob_id == _git_blob_oid(data)
 
 
 class HubSink(Sink):
@@ -534,6 +532,10 @@ class HubSink(Sink):
             log.warning("stopping %d upload(s) in flight: nothing is committed to %s", pending, self.repo_id)
         self._upload_pool.fail_pending(self._stopped_error())
         created = [] if resumable else self._created
+        if not resumable:
+            # Nothing will resume from the record, and it names the tensors of a possibly private
+            # model on what may be a shared machine (a Space).
+            self._forget_state()
         try:
             if created and not self._as_created():
                 log.warning("the %s created for this run has been written to since (another run?): it stays",
@@ -543,16 +545,12 @@ class HubSink(Sink):
                 self._call(f"deleting {self.repo_id}", self.api.delete_repo, self.repo_id, missing_ok=True)
             elif "branch" in created:
                 self._call(f"deleting branch {self.revision}", self.api.delete_branch, self.repo_id, branch=self.revision)
-            if created:
-                # The resume record names the tensors of a possibly private model, on what may be
-                # a shared machine (a Space): it goes with the repo or branch it was for.
-                self._forget_state()
-            elif self._created and self.delivered():
+            if not created and self._created and self.delivered():
+                what, drop = ((self.repo_id, "delete it from its settings page") if "repo" in self._created
+                              else (f"branch {self.revision} of {self.repo_id}", "delete the branch"))  # fmt: skip
                 log.warning("%s was created for this run and stays, with nothing committed: a rerun that gets past "
-                            "the error with the same plan reuses its %d uploaded shard(s) (or delete it from its "
-                            "settings page)",
-                            self.repo_id if "repo" in self._created else f"branch {self.revision} of {self.repo_id}",
-                            self.delivered())  # fmt: skip
+                            "the error with the same plan reuses its %d uploaded shard(s) (or %s)",
+                            what, self.delivered(), drop)  # fmt: skip
         except Exception as e:  # best effort: the branch still holds no partial model
             log.warning("could not remove the empty %s created for this run: %s", created[0], type(e).__name__)
         self._created = []
@@ -617,15 +615,18 @@ class HubSink(Sink):
             return None
         if set(tree) - {".gitattributes", "README.md"} != set(files):
             return None
+        later = {path: want for path, want in files.items() if callable(want)}
         for path, want in files.items():
             if isinstance(want, int):  # the size alone
                 if self._existing.get(path) != want:
                     return None
-            elif not _holds_content(tree[path], want):
+            elif path not in later and not _holds_content(tree[path], want):
                 return None
         card = read_text(self.repo_id, "README.md", revision=self._parent, token=self.api.token,
                          endpoint=self.endpoint, what="target repo")  # fmt: skip
         if read_provenance(card) != provenance:
+            return None
+        if any(not _holds_content(tree[path], read()) for path, read in later.items()):
             return None
         if fingerprint is not None:
             try:  # a record of a run that uploaded this very conversion and failed to commit it

@@ -22,7 +22,6 @@ from streamer.io.hub_http import (
     REDIRECTS,
     RETRY_STATUS,
     classify,
-    content_ids,
     explain,
     hub_call,
     hub_endpoint,
@@ -92,7 +91,6 @@ class HubSource(Source):
         self.private = bool(getattr(info, "private", False))
         self.gated = bool(getattr(info, "gated", False))
         self._files = {s.rfilename: (s.size or 0) for s in (info.siblings or [])}
-        self._ids = content_ids(info)
         self._urls: dict[str, str] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(connections, thread_name_prefix="streamer-range")
@@ -102,10 +100,6 @@ class HubSource(Source):
     def files(self) -> dict[str, int]:
         """Relative path -> size in bytes of every file of the repo at the pinned commit."""
         return self._files
-
-    def content_id(self, path: str) -> tuple[str | None, str | None] | None:
-        """(LFS sha256 or None, git blob id) of PATH at the pinned commit (see Source.content_id)."""
-        return self._ids.get(path)
 
     def _base_url(self, path: str) -> str:
         return resolve_url(self.endpoint, self.repo_id, self.commit, path)

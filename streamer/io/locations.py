@@ -7,6 +7,7 @@ each know only their own kind.
 from __future__ import annotations
 
 import os
+from urllib.parse import urlsplit
 
 from streamer.errors import Hint, HubError, StreamerError
 from streamer.formats import HUB_PREFIX, is_repo_spec, split_revision
@@ -60,14 +61,22 @@ def read_as_repo(spec: str) -> str | None:
 
 
 def check_not_url(spec: str, role: str) -> None:
-    """Refuse a SPEC that is neither a folder nor a repo id but a URL (`hf://org/name`,
-    `https://huggingface.co/org/name`): as a folder name it would be a typo, or a folder `hf:`."""
-    scheme, sep, rest = spec.partition("://")
-    if not sep or spec.startswith(HUB_PREFIX) or os.path.exists(spec):
+    """Refuse a SPEC (a ROLE: "source", "destination" …) that is neither a folder nor a repo id
+    but a URL (`hf://org/name`, `https://huggingface.co/org/name/tree/dev`, `s3://…`): taken as
+    a folder it would be a typo, or make a folder `hf:`. The message names the repo id to write
+    when the URL names a model repo."""
+    if "://" not in spec or spec.startswith((HUB_PREFIX, "/", ".", "~")) or os.path.exists(spec):
         return
-    repo = rest.split("huggingface.co/", 1)[-1].strip("/")
-    repo = "/".join(repo.split("/")[:2]) if repo else "org/name"
-    raise StreamerError(
-        f"{role} {spec!r} is a URL: name a Hub repo as {repo} (or {HUB_PREFIX}{repo}), a folder by its path",
-        hints=(Hint("source" if role == "source" else "target"),),
-    )
+    url = urlsplit(spec)
+    hint = Hint("source" if role == "source" else "target")
+    parts = [p for p in url.path.split("/") if p]
+    if url.scheme == "hf":
+        parts = [url.hostname or "", *parts]
+    elif url.scheme not in ("http", "https"):
+        what = "give the folder's path" if url.scheme == "file" else "streamer reads Hub repos and local folders"
+        raise StreamerError(f"{role} is a URL ({url.scheme}://): {what}", hints=(hint,))
+    if len(parts) >= 2 and parts[0] not in ("datasets", "spaces"):
+        rev = f"@{parts[3]}" if len(parts) >= 4 and parts[2] in ("tree", "blob", "resolve") else ""
+        repo = f"{parts[0]}/{parts[1]}{rev}"
+        raise StreamerError(f"{role} is a URL: name the Hub repo as {repo} (or {HUB_PREFIX}{repo})", hints=(hint,))
+    raise StreamerError(f"{role} is a URL, not a model repo id (org/name) or a folder", hints=(hint,))

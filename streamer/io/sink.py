@@ -110,11 +110,11 @@ class Sink:
     def holds(self, provenance: dict, files: dict, fingerprint: str | None = None) -> str | None:
         """Where the destination already holds this very conversion, after check(): its model
         card's streamer block equals PROVENANCE (`Provenance.to_dict()`), and besides the card it
-        has exactly FILES, each at its size (an int), with that content (bytes) or with the
-        content the Hub knows by that (LFS sha256, git blob id) pair. None when it does not, when
-        the sink cannot tell cheaply, and when the destination is to be replaced or proposed
-        anyway. A resume record of the plan FINGERPRINT (an earlier run that failed to commit)
-        is then dropped."""
+        has exactly FILES, each at its size (an int) or with that content (bytes, or a function
+        giving them, called only once everything else matched). None when it does not, when the
+        sink cannot tell cheaply, and when the destination is to be replaced or proposed anyway.
+        A resume record of the plan FINGERPRINT (an earlier run that failed to commit) is then
+        dropped."""
         return None
 
     def delivered(self) -> int:

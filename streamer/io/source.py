@@ -63,11 +63,6 @@ class Source:
         """Relative path (POSIX) -> size in bytes, for every file of the checkpoint."""
         raise NotImplementedError
 
-    def content_id(self, path: str) -> tuple[str | None, str | None] | None:
-        """What the Hub knows the file PATH's content by, (LFS sha256 or None, git blob id); None
-        for a source that is not a Hub repo."""
-        return None
-
     def read_into(self, path: str, span: Span, out: memoryview) -> None:
         """Fill OUT (exactly span.size bytes) with bytes [start, end) of PATH."""
         raise NotImplementedError
