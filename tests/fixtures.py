@@ -664,6 +664,21 @@ CORRUPTION_WORDS = {
 CORRUPTION_TARGET = "model.layers.0.self_attn.q_proj.weight"
 
 
+BF16_NAN, BF16_INF, BF16_NEG_INF = b"\xc0\x7f", b"\x80\x7f", b"\x80\xff"
+
+
+def set_element(ckpt: Path, tensor: str, index: int, value: bytes) -> None:
+    """Overwrite element INDEX of the BF16 TENSOR of the checkpoint folder CKPT with the raw bytes
+    VALUE (BF16_NAN, BF16_INF …), in place."""
+    shard = ckpt / weight_map(ckpt)[tensor]
+    header, start = read_header(shard)
+    entry = header[tensor]
+    assert entry["dtype"] == "BF16"
+    with open(shard, "r+b") as f:
+        f.seek(start + entry["data_offsets"][0] + 2 * index)
+        f.write(value)
+
+
 def target_shard(src: Path) -> str:
     """File name that ``corrupt_checkpoint`` damages for header-level kinds (and deletes for
     ``missing_shard``): the one holding ``CORRUPTION_TARGET`` (else the first file)."""

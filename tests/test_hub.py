@@ -14,7 +14,7 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 
-from fixtures import load_logits
+from fixtures import BF16_NAN, load_logits, set_element
 from streamer.cli import main as cli
 from streamer.localhub import LocalHub
 
@@ -403,18 +403,12 @@ def test_a_refused_input_leaves_no_empty_repo_or_branch(hub, llama_ckpt, tmp_pat
     delivered yet, a rerun has nothing to reuse, so the repo (or branch) this run created goes
     with it. Once shards are up it stays for the rerun the refusal suggests (--nonfinite
     passthrough resumes from them), and says so; a repo the run did not create stays always."""
-    from safetensors.torch import load_file, save_file
-
     from streamer.io.hub_sink import HubSink
 
     src = tmp_path / "nan-src"
     shutil.copytree(llama_ckpt, src)
     name = "model.layers.1.mlp.down_proj.weight"
-    index = json.loads((src / "model.safetensors.index.json").read_text())
-    shard = src / index["weight_map"][name]
-    tensors = load_file(shard)
-    tensors[name].view(-1)[5] = float("nan")
-    save_file(tensors, shard, metadata={"format": "pt"})
+    set_element(src, name, 5, BF16_NAN)
     hub.seed_repo("acme/nan-llama", src)
 
     hub.set_throttle(up_bytes_per_s=5_000)  # no shard is up before the NaN is found

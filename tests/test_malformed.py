@@ -24,7 +24,10 @@ from typing import Callable
 import pytest
 import yaml
 
-from fixtures import CORRUPTION_TARGET, CORRUPTION_WORDS, corrupt_checkpoint, read_header, weight_map, write_header
+from fixtures import (
+    BF16_INF, BF16_NAN, BF16_NEG_INF, CORRUPTION_TARGET, CORRUPTION_WORDS, corrupt_checkpoint, read_header,
+    set_element, weight_map, write_header,
+)
 from streamer.cli import main as cli
 from streamer.engine.convert import convert
 
@@ -150,13 +153,7 @@ def poke(tensor: str, index: int, value: bytes) -> Callable:
     """Overwrite element INDEX of a BF16 tensor with the raw bytes VALUE (NaN, ±Inf)."""
 
     def build(src: Path, work: Path) -> list[str]:
-        shard = src / weight_map(src)[tensor]
-        header, start = read_header(shard)
-        entry = header[tensor]
-        assert entry["dtype"] == "BF16"
-        with open(shard, "r+b") as f:
-            f.seek(start + entry["data_offsets"][0] + 2 * index)
-            f.write(value)
+        set_element(src, tensor, index, value)
         return []
 
     return build
@@ -208,7 +205,6 @@ def args(*extra: str) -> Callable:
     return build
 
 
-BF16_NAN, BF16_INF, BF16_NEG_INF = b"\xc0\x7f", b"\x80\x7f", b"\x80\xff"
 W = {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True}
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import constants
 
+from fixtures import BF16_NAN, set_element
 from streamer.io.provenance import read_provenance
 from streamer.localhub import LocalHub
 from streamer.mirror.cli import main
@@ -722,19 +723,12 @@ def test_nan_weights_follow_the_jobs_or_the_callers_nonfinite_policy(hub, tmp_pa
     `nonfinite = "passthrough"` lets it through, and so does the caller's
     `with nonfinite_policy("passthrough")` around MirrorRunner.run, on the worker threads that
     convert the jobs as on the caller's own."""
-    from safetensors.torch import load_file, save_file
-
     from streamer.engine.pipeline import nonfinite_policy
     from streamer.mirror.runner import MirrorRunner
 
     src = tmp_path / "nan-src"
     shutil.copytree(llama_ckpt, src)
-    name = "model.layers.0.self_attn.q_proj.weight"
-    index = json.loads((src / "model.safetensors.index.json").read_text())
-    shard = src / index["weight_map"][name]
-    tensors = load_file(shard)
-    tensors[name].view(-1)[77] = float("nan")
-    save_file(tensors, shard, metadata={"format": "pt"})
+    set_element(src, "model.layers.0.self_attn.q_proj.weight", 77, BF16_NAN)
     hub.seed_repo("org/llama-nan", src)
     spec = {"name": "nan", "source": "org/llama-nan", "target": "acme/llama-nan-FP8", "scheme": "FP8_DYNAMIC",
             "device": "cpu"}  # fmt: skip

@@ -379,6 +379,7 @@ class HubSink(Sink):
         self._failure: BaseException | None = None  # the first upload that failed for good
         self._parent: str | None = None
         self._remote: dict | None = None  # the branch head's files with their oids
+        self._card: str | None = None  # the branch head's README.md, when check() read it
         self._target_private: bool | None = None
         # What check() found, and what begin() created (removed again by a final abort()).
         self._existing: dict[str, int] = {}  # the target's files before this run
@@ -622,8 +623,10 @@ class HubSink(Sink):
                     return None
             elif path not in later and not _holds_content(tree[path], want):
                 return None
-        card = read_text(self.repo_id, "README.md", revision=self._parent, token=self.api.token,
-                         endpoint=self.endpoint, what="target repo")  # fmt: skip
+        card = self._card
+        if card is None:  # check() had no reason to read it
+            card = read_text(self.repo_id, "README.md", revision=self._parent, token=self.api.token,
+                             endpoint=self.endpoint, what="target repo")  # fmt: skip
         if read_provenance(card) != provenance:
             return None
         if any(not _holds_content(tree[path], read()) for path, read in later.items()):
@@ -642,7 +645,7 @@ class HubSink(Sink):
     def _written_by_streamer(self, existing: dict) -> bool:
         if "README.md" not in existing:
             return False
-        text = self.read_text("README.md")
+        self._card = text = self.read_text("README.md")
         return text is not None and read_provenance(text) is not None
 
     def read_text(self, path: str) -> str | None:
