@@ -91,7 +91,7 @@ def api_words(hint: Hint) -> str:
     if s == "public":
         return "pass private=False"
     if s == "token":
-        return "pass token= or set HF_TOKEN"
+        return "give a valid token with access (token= or HF_TOKEN)"
     if s == "max_memory":
         return f"pass max_memory={v[0]!r} or more" if v else "raise max_memory"
     if s in ("scheme", "device", "nonfinite", "dequant_dtype"):

@@ -84,11 +84,21 @@ _TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")
 
 def hub_token(token: str | bool | None) -> str | bool | None:
     """TOKEN as the Hub takes it: the whitespace around it (a copied line's end, a Windows file's
-    carriage return) dropped, "" as no token. True, False and None pass as they are.
+    carriage return) dropped, "" as no token. True, False and None pass as they are (None after
+    the same check of the HF_TOKEN environment variable, which huggingface_hub then reads).
 
     A token with spaces, control or non-ASCII characters inside cannot travel in an HTTP header:
     refused here, before any request, in words that do not repeat it (an HTTP library's error
     would quote the header, token and all)."""
+    if token is None:  # huggingface_hub reads HF_TOKEN (stripped) itself: the same check for it
+        env = (os.environ.get("HF_TOKEN") or "").strip()
+        if env and not _TOKEN_CHARS.fullmatch(env):
+            raise HubError(
+                "the HF_TOKEN environment variable holds spaces, control or non-ASCII characters: "
+                "copy the token again from https://huggingface.co/settings/tokens",
+                hints=(Hint("token"),),
+            )
+        return None
     if not isinstance(token, str):
         return token
     token = token.strip()
@@ -105,13 +115,17 @@ def hub_token(token: str | bool | None) -> str | bool | None:
 
 # --- Hub repo ids --------------------------------------------------------------------------------
 
-# `org/name`: what the Hub accepts as a model repo id (each part at most 96 characters).
-REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9_.][\w.-]{0,95}")
+# `org/name`: what the Hub accepts as a model repo id (huggingface_hub's validate_repo_id: each
+# part at most 96 characters of letters, digits, `_`, `-` and `.`, beginning and ending with a
+# letter, digit or `_`; no `--` or `..`; not ending in `.git`).
+REPO_ID = re.compile(r"[A-Za-z0-9](?:[\w.-]{0,94}\w)?/\w(?:[\w.-]{0,94}\w)?")
 
 
 def is_repo_id(text: str) -> bool:
     """TEXT is a Hub repo id `org/name` (no revision)."""
-    return REPO_ID.fullmatch(text) is not None and ".." not in text
+    return (
+        REPO_ID.fullmatch(text) is not None and ".." not in text and "--" not in text and not text.endswith(".git")
+    )
 
 
 # A source or destination written `hub://org/name[@rev]` is a Hub repo whatever exists on disk.
@@ -129,6 +143,16 @@ def split_revision(spec: str) -> tuple[str, str | None]:
     spec = spec.removeprefix(HUB_PREFIX)
     repo, _, rev = spec.partition("@")
     return repo, (rev or None)
+
+
+# What git (and so the Hub) refuses in a branch name: `..`, `@{`, `//`, spaces and control
+# characters, ~ ^ : ? * [ \, a leading `-` or `/`, a trailing `/`, `.` or `.lock`.
+_BAD_BRANCH = re.compile(r"\.\.|@\{|//|[\x00-\x20\x7f~^:?*\[\\]|^[-/]|[/.]$|\.lock$")
+
+
+def is_branch_name(text: str) -> bool:
+    """TEXT can name a git branch (as `git check-ref-format --branch` rules, in short)."""
+    return bool(text) and text != "@" and _BAD_BRANCH.search(text) is None
 
 
 def is_commit_sha(text: str) -> bool:

@@ -84,10 +84,17 @@ def test_refused_schemes_list_accepted_names(scheme):
     assert "FP8_DYNAMIC" in str(err.value) and "NVFP4A16" in str(err.value)
 
 
+@pytest.mark.parametrize("scheme,alike", [("NVFP4", "NVFP4A16"), ("FP8", "FP8_DYNAMIC"), ("UNQUANTIZED", None)])
+def test_a_scheme_needing_calibration_points_to_its_data_free_twin(scheme, alike):
+    with pytest.raises(SchemeError) as e:
+        prepare("/nonexistent", scheme=scheme)
+    assert [h.value for h in e.value.hints if h.setting == "scheme"] == ([alike] if alike else [])
+
+
 def test_a_mistyped_scheme_is_named_with_the_preset_meant(llama_ckpt, tmp_path, capsys):
     assert cli.main([str(llama_ckpt), str(tmp_path / "out"), "--scheme", "FP8_DYNAMC", "-q"]) == 2
     err = capsys.readouterr().err
-    assert "unknown scheme 'FP8_DYNAMC'" in err and "use --scheme FP8_DYNAMIC or use --scheme-file" in err
+    assert "unknown scheme 'FP8_DYNAMC' (did you mean FP8_DYNAMIC?). Accepted" in err and "use --scheme FP8_DYNAMIC or use --scheme-file" in err
     assert not (tmp_path / "out").exists()
     with pytest.raises(SchemeError) as e:  # nothing close: only the way to a custom scheme
         prepare(str(llama_ckpt), scheme="NOPE")
@@ -431,6 +438,20 @@ def test_tensor_larger_than_budget_is_an_error(llama_ckpt, tmp_path):
         convert(str(llama_ckpt), str(tmp_path / "out"), scheme="FP8_DYNAMIC", device="cpu", max_memory=10_000)
     assert [h.setting for h in e.value.hints] == ["max_memory"]
     assert not (tmp_path / "out").exists()
+
+
+def test_the_budget_takes_a_size_as_the_command_line_does(llama_ckpt, tmp_path):
+    """max_memory="4MB" is the API's --max-memory 4MB; a size that is no size says so."""
+    result = convert(str(llama_ckpt), str(tmp_path / "a"), scheme="NVFP4A16", device="cpu", max_memory="4MB")
+    assert result.stats.peak_budget <= 4_000_000
+    with pytest.raises(StreamerError, match="max_memory=") as e:
+        convert(str(llama_ckpt), str(tmp_path / "b"), scheme="FP8_DYNAMIC", device="cpu", max_memory="10kB")
+    assert "too small" in e.value.message
+    with pytest.raises(StreamerError, match="too small"):  # a dry run says what the run would
+        convert(str(llama_ckpt), None, scheme="FP8_DYNAMIC", device="cpu", max_memory="10kB", dry_run=True)
+    with pytest.raises(StreamerError, match="'lots' is not a size"):
+        convert(str(llama_ckpt), str(tmp_path / "c"), scheme="FP8_DYNAMIC", device="cpu", max_memory="lots")
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
 
 def test_bad_device_is_a_clear_error(llama_ckpt, tmp_path):

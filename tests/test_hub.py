@@ -166,6 +166,12 @@ def test_create_pr_and_branch(hub):
     assert run_cli(SOURCE, "alice/target", "--scheme", "FP8_DYNAMIC", "--create-pr") == 0
     assert "prs" in hub.refs("alice/target") and hub.refs("alice/target")["prs"]
     assert _streamer_commits(hub, "alice/target") == []  # main untouched
+    # the same command again finds its pull request and opens no second one; another scheme does
+    prs = hub.refs("alice/target")["prs"]
+    assert run_cli(SOURCE, "alice/target", "--scheme", "FP8_DYNAMIC", "--create-pr", "--json") == 0
+    assert hub.refs("alice/target")["prs"] == prs
+    assert run_cli(SOURCE, "alice/target", "--scheme", "W8A16", "--create-pr") == 0
+    assert len(hub.refs("alice/target")["prs"]) == len(prs) + 1
     assert run_cli(SOURCE, "alice/target", "--scheme", "FP8_DYNAMIC", "--revision", "fp8") == 0
     assert "config.json" in hub.files("alice/target", revision="fp8")
     assert "config.json" not in hub.files("alice/target")
@@ -429,6 +435,13 @@ def test_a_refused_input_leaves_no_empty_repo_or_branch(hub, llama_ckpt, tmp_pat
             assert run_cli("acme/nan-llama", "alice/nan-later", "--scheme", "FP8_DYNAMIC") == 2
         assert hub.repo_exists("alice/nan-later")
         assert "was created for this run and stays" in caplog.text and "reuses its" in caplog.text
+
+        # a fan-out into two branches of one new repo, both refused: whichever target lets go
+        # first finds the other's branch beside its own; the repo still goes once both have
+        caplog.clear()
+        assert run_cli("acme/nan-llama", "alice/nan-fan@a", "--scheme", "FP8_DYNAMIC", "--to", "alice/nan-fan@b", "INT8") == 2
+        assert not hub.repo_exists("alice/nan-fan")
+        assert "written to since" not in caplog.text
     finally:
         hub.set_throttle(None, None)
 
@@ -436,6 +449,38 @@ def test_a_refused_input_leaves_no_empty_repo_or_branch(hub, llama_ckpt, tmp_pat
     assert run_cli("acme/nan-llama", "alice/nan-fp8", "--scheme", "FP8_DYNAMIC", "--ignore", name[: -len(".weight")]) == 0
     assert "model.safetensors.index.json" in hub.files("alice/nan-fp8")
     assert run_cli("acme/nan-llama", "alice/nan-later", "--scheme", "FP8_DYNAMIC", "--nonfinite", "passthrough") == 0
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_cancel_ends_the_run_for_good_unless_asked_to_keep_it(hub, monkeypatch, caplog, keep):
+    """A user's cancel drops the repo this run created and its resume record; a caller that is
+    only stopping for now (a mirroring listener shutting down: keep_on_cancel) keeps both, and
+    the rerun resumes from the shard uploaded before the cancel."""
+    import logging
+    import threading
+
+    from streamer.engine.convert import convert
+    from streamer.errors import Cancelled
+    from streamer.io.upload_journal import UploadJournal
+
+    cancel = threading.Event()
+    add = UploadJournal.add
+
+    def add_then_cancel(self, *args, **kwargs):  # the first shard is up and recorded
+        add(self, *args, **kwargs)
+        cancel.set()
+
+    monkeypatch.setattr(UploadJournal, "add", add_then_cancel)
+    with pytest.raises(Cancelled):
+        convert(SOURCE, "alice/stopped", scheme="FP8_DYNAMIC", device="cpu", cancel=cancel, keep_on_cancel=keep)
+    monkeypatch.setattr(UploadJournal, "add", add)
+    records = list((Path(os.environ["HF_HOME"]) / "streamer" / "uploads").glob("*.json"))
+    assert hub.repo_exists("alice/stopped") is keep and bool(records) is keep
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="streamer"):
+        convert(SOURCE, "alice/stopped", scheme="FP8_DYNAMIC", device="cpu")
+    assert ("shard(s) already on the Hub are not converted again" in caplog.text) is keep
+    assert len(_streamer_commits(hub, "alice/stopped")) == 1
 
 
 def test_a_path_into_a_local_folder_read_as_a_repo_says_so(hub, tmp_path, monkeypatch, capsys):
@@ -494,6 +539,72 @@ def test_a_custom_scheme_of_the_same_name_but_other_settings_is_converted_again(
     assert qc["config_groups"]["g"]["input_activations"]["dynamic"] is True
 
 
+def test_a_rerun_asking_for_more_than_the_target_has_converts_again(hub, llama_ckpt, tmp_path, capsys):
+    """Settings that leave the shards alone still decide whether a target is up to date: an
+    output made with --no-quality lacks the report a plain rerun would write, so that rerun
+    converts again (the reverse is up to date: the report is extra); an output whose NaN weight
+    was quantized as it was (--nonfinite passthrough, named on its card and in its reproduce
+    command) is no output of a rerun that refuses such weights, which stops as a fresh run would."""
+    from streamer.io.provenance import read_provenance
+
+    assert run_cli(SOURCE, "alice/noq", "--scheme", "FP8_DYNAMIC", "--no-quality") == 0
+    block = read_provenance(hub.read_file("alice/noq", "README.md").decode())
+    assert block["quality"] is False and "nonfinite" not in block
+    capsys.readouterr()
+    assert run_cli(SOURCE, "alice/noq", "--scheme", "FP8_DYNAMIC", "--no-quality", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["up_to_date"] is True
+    assert run_cli(SOURCE, "alice/noq", "--scheme", "FP8_DYNAMIC", "--json") == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["up_to_date"] is False and len(summary["quality"]["tensors"]) > 0
+    card = hub.read_file("alice/noq", "README.md").decode()
+    assert "quality" not in read_provenance(card) and "## Quantization error" in card
+    assert run_cli(SOURCE, "alice/noq", "--scheme", "FP8_DYNAMIC", "--no-quality", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["up_to_date"] is True
+
+    src = tmp_path / "nan-src"
+    shutil.copytree(llama_ckpt, src)
+    name = "model.layers.0.self_attn.o_proj.weight"
+    set_element(src, name, 3, BF16_NAN)
+    hub.seed_repo("acme/nan-once", src)
+    assert run_cli("acme/nan-once", "alice/nan-as-is", "--scheme", "FP8_DYNAMIC", "--nonfinite", "passthrough") == 0
+    card = hub.read_file("alice/nan-as-is", "README.md").decode()
+    assert read_provenance(card)["nonfinite"] == [name]
+    assert f"`{name}`" in card and "--scheme FP8_DYNAMIC --nonfinite passthrough" in card
+    capsys.readouterr()
+    commits = len(hub.commits("alice/nan-as-is"))
+    assert run_cli("acme/nan-once", "alice/nan-as-is", "--scheme", "FP8_DYNAMIC", "--nonfinite", "passthrough", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["up_to_date"] is True
+    assert run_cli("acme/nan-once", "alice/nan-as-is", "--scheme", "FP8_DYNAMIC") == 2
+    assert "1 NaN" in capsys.readouterr().err
+    assert len(hub.commits("alice/nan-as-is")) == commits
+
+
+def test_a_resumed_shard_keeps_its_nan_weights_named(hub, llama_ckpt, tmp_path, monkeypatch, capsys):
+    """The weights an earlier run quantized with their NaN (--nonfinite passthrough) are kept in
+    its resume record: a rerun that refuses such weights stops rather than publish them from the
+    shards already up, and one that allows them names them on the card as a fresh run would."""
+    from streamer.io.hub_sink import HubSink
+    from streamer.io.provenance import read_provenance
+
+    src = tmp_path / "nan-src"
+    shutil.copytree(llama_ckpt, src)
+    name = "model.layers.0.mlp.gate_proj.weight"
+    set_element(src, name, 1, BF16_NAN)
+    hub.seed_repo("acme/nan-resume", src)
+    with monkeypatch.context() as m:  # every shard is uploaded, then the commit fails
+        m.setattr(HubSink, "commit", lambda self, *a, **k: (_ for _ in ()).throw(OSError("connection reset")))
+        assert run_cli("acme/nan-resume", "alice/nan-resume", "--scheme", "W8A16", "--nonfinite", "passthrough") != 0
+    capsys.readouterr()
+    assert run_cli("acme/nan-resume", "alice/nan-resume", "--scheme", "W8A16") == 2
+    err = capsys.readouterr().err
+    assert f"tensor {name} holds NaN or Inf values: an earlier run quantized it as it was" in err
+    assert "--nonfinite passthrough" in err and _streamer_commits(hub, "alice/nan-resume") == []
+    assert run_cli("acme/nan-resume", "alice/nan-resume", "--scheme", "W8A16", "--nonfinite", "passthrough", "--json") == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["resumed_shards"] and summary["nonfinite"] == [name]
+    assert read_provenance(hub.read_file("alice/nan-resume", "README.md").decode())["nonfinite"] == [name]
+
+
 def test_a_target_edited_since_is_converted_again(hub, capsys):
     """The up-to-date check looks at every file, not only at the card: a copied file edited on
     the Hub to the same length, or a file added beside the conversion, makes the rerun convert
@@ -541,6 +652,63 @@ def test_a_url_or_a_mistyped_destination_path_is_explained(hub, tmp_path, monkey
     assert "tiny/q is not a folder here (tiny is), so it was read as a Hub repo id: no write access to 'tiny'" in err
     assert run_cli(SOURCE, "./tiny/q", "--scheme", "FP8_DYNAMIC") == 0  # the path, written as one
     assert (tmp_path / "tiny" / "q" / "config.json").exists()
+
+
+def test_a_target_branch_given_twice_or_refused_by_the_hub_leaves_nothing(hub, monkeypatch, capsys):
+    """`dst@a` with --revision b: which branch was meant? Refused before anything is written, for
+    one target as for a fan-out (whose duplicate check must see the branch the sink would use).
+    A branch name the Hub refuses, into a new repo: the repo created for it goes too."""
+    assert run_cli(SOURCE, "alice/twice@a", "--scheme", "FP8_DYNAMIC", "--revision", "b") == 2
+    assert "names the branch 'a', and a target revision 'b' is given too" in capsys.readouterr().err
+    assert run_cli(SOURCE, "alice/fan@a", "--scheme", "FP8_DYNAMIC", "--to", "alice/fan@b", "INT8", "--revision", "c") == 2
+    assert "names the branch 'a', and a target revision 'c' is given too" in capsys.readouterr().err
+    assert not hub.repo_exists("alice/twice") and not hub.repo_exists("alice/fan")
+    assert run_cli(SOURCE, "alice/same@b", "--scheme", "FP8_DYNAMIC", "--revision", "b") == 0
+    assert "b" in hub.refs("alice/same")["heads"]
+
+    assert run_cli(SOURCE, "alice/badrev", "--scheme", "FP8_DYNAMIC", "--revision", "foo..bar") == 2
+    assert "'foo..bar' cannot name a branch" in capsys.readouterr().err
+    assert not hub.repo_exists("alice/badrev")
+    # a name only the Hub refuses (a pull request's ref that does not exist): begin() has made
+    # the repo by then, and takes it away again
+    assert run_cli(SOURCE, "alice/badrev@refs/pr/1", "--scheme", "FP8_DYNAMIC") != 0
+    assert "refs/pr/1" in capsys.readouterr().err
+    assert not hub.repo_exists("alice/badrev")
+
+    # repo ids the Hub would not take: streamer's sentence, not huggingface_hub's exception
+    for dst in ("hub://alice/x/y", "hub://alice/x--y"):
+        assert run_cli(SOURCE, dst, "--scheme", "FP8_DYNAMIC") == 2
+        assert f"destination {dst}: " in capsys.readouterr().err
+    # an HF_TOKEN that cannot travel in a header is said so, without repeating it
+    monkeypatch.setenv("HF_TOKEN", "hf_s\u00e9cret_value")
+    assert run_cli(SOURCE, "alice/tok", "--scheme", "FP8_DYNAMIC") == 2
+    err = capsys.readouterr().err
+    assert "the HF_TOKEN environment variable holds spaces, control or non-ASCII characters" in err
+    assert "cret_value" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "url,repo",
+    [
+        ("hf://Org/X", "Org/X"),
+        ("hf:///org/x", "org/x"),
+        ("https://huggingface.co/api/models/org/x", "org/x"),
+        ("https://huggingface.co/models/org/x", "org/x"),
+        ("https://huggingface.co/org/x/tree/refs%2Fpr%2F1", "org/x@refs/pr/1"),
+        ("https://hf.co/org/x/blob/main/config.json", "org/x@main"),
+        ("https://example.com/org/x", None),
+    ],
+)
+def test_a_url_names_the_repo_id_it_means(url, repo):
+    from streamer.errors import StreamerError
+    from streamer.io.locations import check_not_url
+
+    with pytest.raises(StreamerError) as e:
+        check_not_url(url, "source")
+    if repo is None:  # not the Hub: no repo id is made up from it
+        assert "streamer reads Hub repos and local folders" in e.value.message
+    else:
+        assert f"name the Hub repo as {repo} " in e.value.message
 
 
 def test_a_source_keeping_small_files_in_lfs_is_found_up_to_date(hub, llama_ckpt, tmp_path, capsys):

@@ -94,6 +94,23 @@ def test_hints_are_worded_by_each_front_end():
         Hint("no-such-setting")
 
 
+def test_a_suggested_ignore_pattern_pastes_back_as_itself():
+    """A `re:` entry holds backslashes: the command line's hint quotes it for the shell, the
+    mirror's as a TOML string, so that pasting either gives back the very pattern."""
+    import shlex
+    import tomllib
+
+    from streamer.mirror.wording import job_words
+
+    pattern = r"re:model\.layers\.\d+\.mlp\.gate_proj$"
+    hint = Hint("ignore", (pattern, "lm_head"))
+    assert shlex.split(cli_words(hint)) == ["--ignore", pattern, "--ignore", "lm_head"]
+    entries = job_words(hint).removeprefix("add ").split(" to ignore = ")[0]
+    assert tomllib.loads(f"ignore = [{entries}]")["ignore"] == [pattern, "lm_head"]
+    quoted = job_words(Hint("ignore", "it's")).removeprefix("add ").split(" to ignore = ")[0]
+    assert tomllib.loads(f"ignore = [{quoted}]")["ignore"] == ["it's"]
+
+
 def test_cancelled_is_its_own_error():
     e = Cancelled()
     assert isinstance(e, StreamerError) and not isinstance(e, KeyboardInterrupt)

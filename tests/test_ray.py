@@ -491,6 +491,27 @@ def test_cli_ray_json_gives_per_node_bytes_and_times(cluster, hub, capsys):
     assert len(_streamer_commits(hub, "alice/cli")) == 1
 
 
+def test_nan_weights_passed_through_on_the_nodes_are_named(cluster, hub, llama_ckpt, tmp_path, capsys):
+    """A NaN weight quantized on a node (--nonfinite passthrough) is reported back with its
+    shard: named in --json and on the card, as a run on one machine names it."""
+    from fixtures import BF16_NAN, set_element
+    from streamer.cli import main as cli
+    from streamer.io.provenance import read_provenance
+
+    src = tmp_path / "nan-src"
+    shutil.copytree(llama_ckpt, src)
+    name = "model.layers.1.mlp.up_proj.weight"
+    set_element(src, name, 7, BF16_NAN)
+    hub.seed_repo("acme/nan-llama", src)
+    code = cli.main(["acme/nan-llama", "alice/nan-ray", "--scheme", "FP8_DYNAMIC", "--device", "cpu",
+                     "--max-memory", "256MB", "--nonfinite", "passthrough", "--ray", cluster.address, "--json"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert json.loads(out)["nonfinite"] == [name]
+    card = hub.read_file("alice/nan-ray", "README.md").decode()
+    assert read_provenance(card)["nonfinite"] == [name] and "--nonfinite passthrough" in card
+
+
 def test_mirror_with_ray_spreads_the_jobs_over_the_nodes(cluster, hub, tmp_path, capsys):
     from streamer.cli import main as cli
 

@@ -27,7 +27,11 @@ def convert_parser() -> argparse.ArgumentParser:
         "Other commands: `mirror JOBS.toml`, `demo`.",
     )
     p.add_argument("src", help="source: a local folder, or a Hub repo id org/name[@revision]")
-    p.add_argument("dst", nargs="?", help="destination: a local folder, or a Hub repo id org/name")
+    p.add_argument(
+        "dst", nargs="?",
+        help="destination: a local folder, or a Hub repo id org/name[@branch] (left out with --dry-run, "
+        "or when --to names every target)",
+    )
     p.add_argument("--scheme", help="compressed-tensors preset, e.g. FP8_DYNAMIC, FP8_BLOCK, NVFP4A16, W4A16")
     p.add_argument(
         "--to", nargs=2, action="append", default=[], metavar=("DST", "SCHEME"),
@@ -83,8 +87,9 @@ def convert_parser() -> argparse.ArgumentParser:
         help="do not measure each quantized weight's error (the quality report: card, --json, one line)",
     )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print only a JSON summary on stdout (warnings and errors on stderr)")
-    p.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
-    p.add_argument("--verbose", "-v", action="store_true", help="debug logging, tracebacks on errors")
+    talk = p.add_mutually_exclusive_group()
+    talk.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
+    talk.add_argument("--verbose", "-v", action="store_true", help="debug logging, tracebacks on errors")
     p.add_argument("--version", action="version", version=f"streamer {__version__}")
     return p
 
@@ -153,9 +158,27 @@ def _main(argv: list[str] | None) -> int:
             return demo_main(rest)
     args = convert_parser().parse_args(argv)
     try:
-        args.token = hub_token(args.token)
+        # (HF_TOKEN itself is checked where the Hub is used: a local run needs no token)
+        args.token = hub_token(args.token) if args.token is not None else None
     except StreamerError as e:
-        return _failed(e, None, args.verbose)
+        return _failed(e, None, args.verbose, args.json)
+    usage = usage_error(args)
+    if usage is not None:  # said before the engine's imports: at once
+        print(f"error: {usage}", file=sys.stderr)
+        if args.json:
+            _json_failure(usage, 2)
+        return 2
+    if args.private or args.public:
+        from streamer.io.locations import is_hub_spec
+
+        folders = [d for d in (args.dst, *(t[0] for t in args.to)) if d and not is_hub_spec(d)]
+        if folders:  # said, not ignored: the user expects a repo of that visibility
+            flag = "--private" if args.private else "--public"
+            text = f"{flag} applies only to a Hub repo destination; {folders[0]} is a local folder"
+            print(f"error: {text}", file=sys.stderr)
+            if args.json:
+                _json_failure(text, 2)
+            return 2
     reader = _start_reader(args)
     try:
         setup_logging(args.quiet, args.verbose, json=args.json)
@@ -226,17 +249,42 @@ def failure_text(e: BaseException, to_target: bool = False) -> str:
     return f"{type(e).__name__}: {redact(str(e))} (run with --verbose for details)"
 
 
-def _failed(e: BaseException, bars, verbose: bool) -> int:
+def usage_error(args) -> str | None:
+    """What is missing from, or contradicts itself in, the command line ARGS (from
+    `convert_parser`), as one sentence; None when the command makes sense."""
+    if args.to and args.ray is not None:
+        return "--ray converts one target at a time; run each target as its own command"
+    if args.dst is None and not args.to and not args.dry_run:
+        return "give a destination (folder or repo id), or --dry-run"
+    if args.dst is None and args.to and (args.scheme or args.scheme_file):
+        return "--scheme names the scheme of DST; with only --to targets, each --to gives its own scheme"
+    if args.scheme and args.scheme_file:
+        return "give either --scheme or --scheme-file, not both"
+    if not (args.scheme or args.scheme_file) and (args.dst is not None or not args.to):
+        what = "for DST " if args.to else ""
+        return f"give a scheme {what}with --scheme (e.g. FP8_DYNAMIC, NVFP4A16, W4A16) or --scheme-file FILE"
+    return None
+
+
+def _failed(e: BaseException, bars, verbose: bool, as_json: bool = False) -> int:
     """Print what stopped the run (the bars closed first, so they end above the line); its exit
-    code. With VERBOSE an unexpected error is raised again, with its traceback."""
+    code. With VERBOSE an unexpected error is raised again, with its traceback. AS_JSON (--json):
+    stdout gets the failure as JSON too, so a script reading it never gets an empty answer."""
     _close(bars)
     interrupted = isinstance(e, (Cancelled, KeyboardInterrupt))
     if verbose and not interrupted and not isinstance(e, StreamerError):
         raise e
-    print(failure_text(e) if interrupted else f"error: {failure_text(e)}", file=sys.stderr)
-    if interrupted:
-        return 130
-    return e.exit_code if isinstance(e, StreamerError) else 1
+    text = failure_text(e)
+    print(text if interrupted else f"error: {text}", file=sys.stderr)
+    code = 130 if interrupted else (e.exit_code if isinstance(e, StreamerError) else 1)
+    if as_json:
+        _json_failure(text, code)
+    return code
+
+
+def _json_failure(text: str, code: int) -> None:
+    """The --json answer of a run that failed (a fan-out's failed targets have their own lines)."""
+    print(json.dumps({"status": "failed", "exit": code, "error": text}, indent=2))
 
 
 def run_convert(args) -> int:
@@ -253,9 +301,6 @@ def run_convert(args) -> int:
 
     if args.to:
         return run_fanout(args)
-    if args.dst is None and not args.dry_run:
-        print("error: give a destination (folder or repo id), or --dry-run", file=sys.stderr)
-        return 2
     progress = Progress(hint_words=cli_words)
     bars = _progress_bars(args, progress)
     policy = nonfinite_policy(args.nonfinite)
@@ -277,7 +322,7 @@ def run_convert(args) -> int:
             # a log line (stderr, above the bars like the run's other lines; not with --quiet)
             progress.message(summary_line(result.quality))
     except (Exception, KeyboardInterrupt) as e:  # Ctrl-C arrives as KeyboardInterrupt, a stop as Cancelled
-        return _failed(e, bars, args.verbose)
+        return _failed(e, bars, args.verbose, args.json)
     finally:
         policy.__exit__(None, None, None)
         _close(bars)
@@ -317,12 +362,6 @@ def run_fanout(args) -> int:
     from streamer.engine.plan import render
     from streamer.engine.progress import Progress
 
-    if args.dst is None and (args.scheme or args.scheme_file):
-        print("error: --scheme names the scheme of DST; with only --to targets, each --to gives its own scheme", file=sys.stderr)
-        return 2
-    if args.ray is not None:
-        print("error: --ray converts one target at a time; run each target as its own command", file=sys.stderr)
-        return 2
     progress = Progress(hint_words=cli_words)
     bars = _progress_bars(args, progress)
     try:
@@ -337,7 +376,7 @@ def run_fanout(args) -> int:
                 skip_incompatible=args.skip_incompatible, quality=args.quality,
             )  # fmt: skip
     except (Exception, KeyboardInterrupt) as e:
-        return _failed(e, bars, args.verbose)
+        return _failed(e, bars, args.verbose, args.json)
     finally:
         _close(bars)
     first_to = args.dst is not None  # the targets from here on came from --to

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+
 from streamer.errors import Hint, StreamerError, with_hints
 
 _SWITCHES = {
@@ -12,7 +14,7 @@ _SWITCHES = {
     "overwrite": "pass --overwrite to replace it",
     "create_pr": "pass --create-pr to open a pull request instead",
     "public": "pass --public to publish it",
-    "token": "pass --token or set HF_TOKEN",
+    "token": "give a valid token with access (--token or HF_TOKEN)",
     "scheme_file": "use --scheme-file for a custom scheme",
     "target": "choose another destination",
     "revision": "check the branch, tag or commit after '@'",
@@ -26,7 +28,8 @@ def cli_words(hint: Hint) -> str:
     v = hint.values
     s = hint.setting
     if s == "ignore":
-        return " ".join(f"--ignore {x}" for x in v) if v else "ignore the module with --ignore"
+        # quoted for the shell where needed: re:model\.layers\.\d+ pasted bare loses its backslashes
+        return " ".join(f"--ignore {shlex.quote(x)}" for x in v) if v else "ignore the module with --ignore"
     if s == "max_memory":
         return f"pass --max-memory {v[0]} or more" if v else "raise --max-memory"
     if s in ("scheme", "device", "nonfinite", "dequant_dtype"):

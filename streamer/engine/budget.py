@@ -6,18 +6,25 @@ import os
 import threading
 
 from streamer.errors import Hint, StreamerError
+from streamer.formats import parse_size
 
 
 class Budget:
     """A byte semaphore: acquire before allocating, release when the bytes are gone."""
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int | str):
         # 0 or a fraction of a byte used to fall back to the default budget without a word;
         # a budget that holds nothing is a mistake to report, not to reinterpret.
-        """limit: the bytes the budget holds (a whole number, at least 1)."""
+        """limit: the bytes the budget holds (a whole number, at least 1), or a size such as
+        "8GB" or "512MiB" (the command line's --max-memory)."""
+        if isinstance(limit, str):
+            try:
+                limit = parse_size(limit)
+            except ValueError as e:
+                raise StreamerError(f"the memory budget: {e}", hints=(Hint("max_memory"),)) from None
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise StreamerError(
-                f"the memory budget must be a whole number of bytes, at least 1; got {limit!r}",
+                f"the memory budget must be a whole number of bytes (or a size such as 8GB), at least 1; got {limit!r}",
                 hints=(Hint("max_memory"),),
             )
         self.limit = limit

@@ -112,6 +112,8 @@ def model_card(
     serve = target if _is_repo(target) else f"./{target}"
     src_arg = prov.source if is_repo else f"./{prov.source}"
     flags = "".join(f" {f}" for f in plan.effective_flags())
+    if prov.nonfinite:  # without it the same command stops at the first of those weights
+        flags += " --nonfinite passthrough"
     lines = [
         f"---\n{front}\n---",
         "",
@@ -136,6 +138,9 @@ def model_card(
         lines.append(f"| stacked: the source's quantization kept as stored | {kept} |")
     if plan.fused_sets:
         lines.append(f"| fused sets sharing a global scale | {len(plan.fused_sets)} |")
+    if prov.nonfinite:
+        names = ", ".join(f"`{n}`" for n in prov.nonfinite)
+        lines.append(f"| quantized as they were, holding NaN or Inf (`--nonfinite passthrough`) | {names} |")
     lines += [
         "",
         "## Serve it with vLLM",

@@ -41,7 +41,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 
-from streamer.engine.pipeline import RunStats, Runner, notes_errors, shard_notes
+from streamer.engine.pipeline import RunStats, Runner, restore_notes, shard_notes
 from streamer.engine.progress import STAGES, Progress
 from streamer.errors import Cancelled, Hint, StreamerError, TargetError
 from streamer.formats import human_bytes
@@ -239,7 +239,7 @@ class RayExecutor:
             done = sink.resume(runner.fingerprint, [j.shard for j in plan.jobs])
             stats.resumed = sorted(done)
             for shard in done:
-                stats.errors.update(notes_errors(sink.resumed_notes(shard)))
+                restore_notes(stats, sink.resumed_notes(shard), allow_nonfinite=runner.allow_nonfinite)
         jobs = {j.shard: j for j in plan.jobs if j.shard not in done}
         runner.check_memory(list(jobs.values()))
         totals = runner.totals(list(jobs.values()))
@@ -332,13 +332,14 @@ class _Driver:
         self.tasks[tid] = _Task(list(shards), tries)
         self.pending[self._submit(list(shards), tid)] = tid
 
-    def adopt(self, task: _Task, name: str, info, errors: dict) -> None:
-        """The shard NAME that TASK uploaded (INFO) goes into the commit and the resume record."""
+    def adopt(self, task: _Task, name: str, info, notes: dict) -> None:
+        """The shard NAME that TASK uploaded (INFO) goes into the commit and the resume record,
+        with its NOTES (`shard_notes`: its weights' error sums and NaN/Inf weights)."""
         if name in self.adopted:  # reported twice (a report and the task's result): once is enough
             return
         job = self.jobs[name]
-        self.sink.adopt(name, info, shard_notes(errors, job))
-        self.stats.errors.update({q.tensor: errors[q.tensor] for q in job.quantize if q.tensor in errors})
+        self.sink.adopt(name, info, notes)
+        restore_notes(self.stats, notes)
         self.adopted.add(name)
         task.done.append(name)
         node = self.stats.nodes.setdefault(task.node, NodeStats())
@@ -376,8 +377,8 @@ class _Driver:
                 if stage == "read":
                     self.stats.nodes.setdefault(node, NodeStats()).bytes_read += n
                     self.stats.bytes_read += n
-            for name, (info, errors) in shards.items():
-                self.adopt(task, name, info, errors)
+            for name, (info, notes) in shards.items():
+                self.adopt(task, name, info, notes)
 
     def settle(self) -> None:
         """Every report sent so far replayed (twice: an answer asked for earlier may predate the last ones)."""
@@ -388,8 +389,8 @@ class _Driver:
         """TASK returned: its shards are all on the Hub."""
         task.node = task.node or result["node"]
         task.seconds = result["seconds"]
-        for name, (info, errors) in result["uploaded"].items():
-            self.adopt(task, name, info, errors)
+        for name, (info, notes) in result["uploaded"].items():
+            self.adopt(task, name, info, notes)
         missing = [s for s in task.shards if s not in self.adopted]
         if missing:  # cannot happen: a task that returns has uploaded its shards
             raise StreamerError(f"internal error: the Ray task for {', '.join(missing)} returned without them")
@@ -682,16 +683,11 @@ class _TaskProgress(Progress):
         log.info(text)
 
     def uploaded(self) -> dict[str, tuple]:
-        """The shards uploaded so far, name -> (UploadInfo, error sums of its weights)."""
+        """The shards uploaded so far, name -> (UploadInfo, its `shard_notes`)."""
         if self.sink is None:
             return {}
         infos = self.sink.uploaded()
-        errors = self.runner.stats.errors
-        return {
-            job.shard: (infos[job.shard], {q.tensor: errors[q.tensor] for q in job.quantize if q.tensor in errors})
-            for job in self.jobs
-            if job.shard in infos
-        }
+        return {job.shard: (infos[job.shard], shard_notes(self.runner.stats, job)) for job in self.jobs if job.shard in infos}
 
     def flush(self, wait: bool = False) -> None:
         """Send what was counted and uploaded since the last flush; WAIT until the relay holds it

@@ -15,6 +15,7 @@ import math
 import os
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -27,13 +28,13 @@ from streamer.engine.plan import Plan, Policy, make_plan
 from streamer.engine.budget import Budget, default_memory_budget
 from streamer.engine.cluster import ClusterStats
 from streamer.engine.fanout import CACHE_SHARE, SharedReader, TargetProgress, split_budget
-from streamer.engine.pipeline import RunStats, Runner, shard_size, suggest_size
+from streamer.engine.pipeline import RunStats, Runner, allows_nonfinite, shard_size, suggest_size
 from streamer.engine.progress import Progress
 from streamer.engine.quality import QualityReport, build_report
 from streamer.quant.dequant import detect_dequantizer
 from streamer.quant.schemes import make_recipe
-from streamer.formats import dumps_json, human_bytes, split_revision
-from streamer.io.locations import check_not_url, is_hub_spec, open_source, read_as_repo
+from streamer.formats import dumps_json, human_bytes, is_branch_name, split_revision
+from streamer.io.locations import check_hub_spec, check_not_url, is_hub_spec, open_source, read_as_repo
 from streamer.io.sink import LocalSink, Sink
 from streamer.io.source import Source
 
@@ -117,17 +118,44 @@ def open_sink(dst, *, token=None, overwrite=False, private=False, create_pr=Fals
     if is_hub_spec(dst):
         from streamer.io.hub_sink import HubSink
 
-        repo_id, rev = split_revision(dst)
+        check_hub_spec(dst, "destination")
+        repo_id, _ = split_revision(dst)
         return HubSink(
             repo_id,
             token=token,
-            revision=revision or rev,
+            revision=target_branch(dst, revision),
             private=private,
             create_pr=create_pr,
             overwrite=overwrite,
         )
     check_not_url(dst, "destination")
+    if create_pr or revision:  # said, not ignored: the user expects a pull request or a branch
+        what = "a pull request" if create_pr else f"a branch ({revision})"
+        raise StreamerError(
+            f"the destination {dst} is a local folder: {what} applies only to a Hub repo destination",
+            hints=(Hint("target"),),
+        )
     return LocalSink(dst, overwrite=overwrite)
+
+
+def target_branch(dst: str, revision: str | None) -> str | None:
+    """The branch the Hub destination DST is committed to: the one after its `@`, or REVISION
+    (None: the repo's default). Both, naming different branches, is refused: which was meant?"""
+    _, rev = split_revision(dst)
+    if rev and revision and rev != revision:
+        raise StreamerError(
+            f"the destination {dst} names the branch {rev!r}, and a target revision {revision!r} is given "
+            "too: name the branch once",
+            hints=(Hint("target"),),
+        )
+    branch = rev or revision
+    if branch is not None and not is_branch_name(branch):  # before a repo is created for it
+        raise StreamerError(
+            f"{branch!r} cannot name a branch (no spaces, '..', '~', '^', ':', '?', '*', '[', '\\', "
+            "and no '/' or '.' at either end)",
+            hints=(Hint("target"),),
+        )
+    return branch
 
 
 def prepare(
@@ -190,7 +218,7 @@ def convert(
     ignore=(),
     device: str | None = "auto",
     dry_run: bool = False,
-    max_memory: int | Budget | None = None,
+    max_memory: int | str | Budget | None = None,
     workers: int = 4,
     token: str | None = None,
     overwrite: bool = False,
@@ -201,6 +229,7 @@ def convert(
     force: bool = False,
     progress: Progress | None = None,
     cancel: threading.Event | None = None,
+    keep_on_cancel: bool = False,
     default_ignore: bool = True,
     quantize_towers: bool = False,
     skip_incompatible: bool = False,
@@ -237,12 +266,17 @@ def convert(
 
     Running:
       device: "auto" (the first GPU, else the CPU), "cpu", "cuda" or "cuda:N".
-      max_memory: the byte budget for model bytes held at once (default: half the available
-        memory); a `Budget` object shares one budget between conversions running together.
+      max_memory: the byte budget for model bytes held at once, in bytes or as a size such as
+        "8GB" (default: half the available memory); a `Budget` object shares one budget between
+        conversions running together.
       workers: parallel range reads (or file reads) per source.
       progress: a `Progress` that receives bytes read, quantized and uploaded, and log lines.
       cancel: an Event; once set, the run stops within about a second, publishes nothing and
-        raises `streamer.errors.Cancelled`.
+        raises `streamer.errors.Cancelled`. The run then ends for good: the repo or branch it
+        created goes, with its resume record.
+      keep_on_cancel: a set CANCEL keeps the shards uploaded (and the repo or branch created)
+        for a rerun to resume, as after a Ctrl-C or a failure: for a caller stopping for now
+        (a mirroring listener shutting down), not a user giving up.
       executor: where the output shards are made: None on this machine; a
         `streamer.engine.cluster.RayExecutor` spreads them over a Ray cluster (each node
         uploads its own shards to the Hub; the commit is still one, made here).
@@ -285,11 +319,18 @@ def convert(
             )  # fmt: skip
             check_target(sink, source, progress, dst=dst)
         if dry_run:
+            if max_memory is not None:  # the budget the real run would refuse, refused here too
+                try:
+                    Runner(plan, source, sink, device=dev, **_budget_args(max_memory)).check_memory(plan.jobs)
+                except BaseException:
+                    if sink is not None:
+                        sink.close()
+                    raise
             return Result(plan=plan, dry_run=True)
         if sink is None:
             raise StreamerError("no destination given", hints=(Hint("target"),))
         try:
-            done = already_done(plan, source, sink, progress, record)
+            done = already_done(plan, source, sink, progress, record, quality=quality)
         except BaseException:
             sink.close()
             raise
@@ -313,7 +354,7 @@ def convert(
         except BaseException:
             sink.close()  # nothing was started: just let go of the sink's upload threads
             raise
-        return publish(runner, executor=executor, record=record)
+        return publish(runner, executor=executor, record=record, keep_on_cancel=keep_on_cancel)
 
 
 @dataclass(frozen=True)
@@ -428,7 +469,7 @@ def convert_many(
     ignore=(),
     device: str | None = "auto",
     dry_run: bool = False,
-    max_memory: int | None = None,
+    max_memory: int | str | None = None,
     workers: int = 4,
     token: str | None = None,
     overwrite: bool = False,
@@ -439,6 +480,7 @@ def convert_many(
     force: bool = False,
     progress: Progress | None = None,
     cancel: threading.Event | None = None,
+    keep_on_cancel: bool = False,
     default_ignore: bool = True,
     quantize_towers: bool = False,
     skip_incompatible: bool = False,
@@ -457,7 +499,8 @@ def convert_many(
     take) does not stop the others: each has its own TargetResult, with its Result or its error.
     Only a problem every target shares (the source cannot be read, a bad setting) raises, as
     `convert` would. CANCEL stops every target; each unfinished one then holds a
-    `streamer.errors.Cancelled` and has published nothing.
+    `streamer.errors.Cancelled` and has published nothing (and keeps its uploads for a rerun
+    when KEEP_ON_CANCEL, see `convert`).
     """
     t0 = time.monotonic()
     wanted = [as_target(t) for t in targets]
@@ -494,7 +537,7 @@ def convert_many(
                     sink = open_sink(t.dst, token=token, overwrite=overwrite, private=private, create_pr=create_pr, revision=revision)
                     check_target(sink, source, _labelled(progress, t), dst=t.dst)
                     if not dry_run:
-                        out.result = already_done(plan, source, sink, _labelled(progress, t), record) or out.result
+                        out.result = already_done(plan, source, sink, _labelled(progress, t), record, quality=quality) or out.result
                         if out.result.up_to_date:
                             continue
                 except (StreamerError, OSError) as e:
@@ -532,7 +575,7 @@ def convert_many(
             for _, _, sink in ready:
                 sink.close()
             raise
-        _run_side_by_side(runners, record, cancel)
+        _run_side_by_side(runners, record, cancel, keep_on_cancel=keep_on_cancel)
         source.on_bytes = None
         return FanoutResult(
             source.label, outcomes, bytes_read=reader.fetched, bytes_shared=reader.served,
@@ -544,8 +587,8 @@ def _destination_key(dst: str, revision: str | None) -> str:
     """Where DST writes: a folder's normalised path, or a Hub repo's `org/name@branch`."""
     if not is_hub_spec(dst):
         return os.path.normpath(dst)
-    repo, rev = split_revision(dst)
-    return f"{repo}@{rev or revision or 'main'}"
+    repo, _ = split_revision(dst)
+    return f"{repo}@{target_branch(dst, revision) or 'main'}"
 
 
 def _labelled(progress: Progress, target: Target) -> Progress:
@@ -571,15 +614,19 @@ def _check_shared_memory(runners: list[Runner], limit: int) -> None:
     )
 
 
-def _run_side_by_side(runners: list[tuple[TargetResult, Runner]], record: str, cancel: threading.Event) -> None:
+def _run_side_by_side(
+    runners: list[tuple[TargetResult, Runner]], record: str, cancel: threading.Event, *, keep_on_cancel: bool = False
+) -> None:
     """Run every target's conversion in its own thread; each outcome lands in its TargetResult.
     A Ctrl-C here cancels them all and waits until each has cleaned up (keeping what a rerun
-    resumes from, as a Ctrl-C of one conversion does)."""
+    resumes from, as a Ctrl-C of one conversion does, and as any cancel does when KEEP_ON_CANCEL)."""
     interrupted = threading.Event()
+    if keep_on_cancel:
+        interrupted.set()
 
     def one(out: TargetResult, runner: Runner) -> None:
         try:
-            out.result = publish(runner, record=record, interrupted=interrupted)
+            out.result = publish(runner, record=record, keep_on_cancel=interrupted, settle=False)
         except BaseException as e:  # recorded for this target; the others go on
             out.result, out.error = None, e
             if not isinstance(e, (StreamerError, Cancelled, OSError)):
@@ -600,6 +647,8 @@ def _run_side_by_side(runners: list[tuple[TargetResult, Runner]], record: str, c
             except KeyboardInterrupt:
                 interrupted.set()
                 cancel.set()
+    for _, runner in runners:  # every target has let go: what one created for nothing can go now
+        runner.sink.settle()
 
 
 def check_target(sink: Sink, source: Source, progress: Progress, *, dst=None) -> None:
@@ -639,9 +688,12 @@ def _read_small(source: Source, path: str) -> bytes:
     return bytes(source.read_file(path))
 
 
-def already_done(plan: Plan, source: Source, sink: Sink, progress: Progress, record: str) -> Result | None:
+def already_done(
+    plan: Plan, source: Source, sink: Sink, progress: Progress, record: str, *, quality: bool = True
+) -> Result | None:
     """The Result of a run that has nothing to do, because SINK already holds PLAN's output of
-    this very source commit with these settings (a rerun of a finished command): said once, the
+    this very source commit with these settings (a rerun of a finished command; QUALITY: whether
+    this run would write a quality report, which the target must then have): said once, the
     sink closed. None when there is work to do, and always for a source without a commit (a
     local folder). The check costs the small requests check() made, a read of the card and, when
     all else matched, of the source's small files; no tensor byte is read."""
@@ -656,7 +708,9 @@ def already_done(plan: Plan, source: Source, sink: Sink, progress: Progress, rec
         if path != CONFIG_NAME:
             files[path] = functools.partial(_read_small, source, path)
     files.update(_plan_files(plan))
-    url = sink.holds(provenance(plan, source, record=record).to_dict(), files, fingerprint(plan, source))
+    wanted = provenance(plan, source, record=record, quality=quality)
+    accepts = functools.partial(wanted.produced, allow_nonfinite=allows_nonfinite())
+    url = sink.holds(accepts, files, fingerprint(plan, source))
     if url is None:
         return None
     progress.message(f"{sink.label} already holds this conversion ({plan.recipe.name} of "
@@ -672,24 +726,33 @@ FINAL_ERRORS = (InputError, PlanError, SchemeError)
 
 
 def publish(
-    runner: Runner, *, executor=None, record: str = "requested", interrupted: threading.Event | None = None
+    runner: Runner,
+    *,
+    executor=None,
+    record: str = "requested",
+    keep_on_cancel: bool | threading.Event = False,
+    settle: bool = True,
 ) -> Result:
     """Run RUNNER (on EXECUTOR, or here) and publish its output with the small files, the model
     card and one commit; any failure aborts the sink, which is closed either way. RECORD: see
-    `convert`. INTERRUPTED, when set, says the runner's cancel came from a Ctrl-C, which (unlike
-    a user's Cancel) keeps the work for a rerun to resume."""
+    `convert`. KEEP_ON_CANCEL (or, an Event, once set: the cancel came from a Ctrl-C) says that
+    the runner's cancel, unlike a user's, keeps the work for a rerun to resume. SETTLE: settle
+    the sink's abort at once; False when the caller does once every target beside it is done."""
     plan, source, sink, progress, cancel = runner.plan, runner.source, runner.sink, runner.progress, runner.cancel
+    begun = False
     try:
         if executor is not None:  # what the cluster cannot run is refused before begin() creates the target
             executor.check(runner)
         sink.begin()
+        begun = True
         progress.message(
             f"converting {plan.source} -> {sink.label}: {len(plan.jobs)} shard(s), "
             f"{plan.n_quantized} weights with {plan.recipe.name} on {runner.device}"
         )
         stats = runner.run() if executor is None else executor.run(runner)
         report = build_report(stats.errors, plan.recipe.name) if runner.quality and stats.errors else None
-        _write_small_files(plan, source, sink, target=sink.label, record=record, quality=report)
+        prov = provenance(plan, source, record=record, nonfinite=stats.nonfinite, quality=runner.quality)
+        _write_small_files(plan, source, sink, prov, target=sink.label, quality=report)
         message = f"Quantize {_source_label(plan, source)} with {plan.recipe.name} (streamer)"
         url = sink.commit(message, _commit_description(plan, source))
         progress.message(f"done: {url}")
@@ -699,20 +762,24 @@ def publish(
         return Result(plan=plan, stats=stats, url=url, extra=extra, quality=report)
     except BaseException as e:
         # a user's cancel ends the run for good; so does a refused input when nothing is up yet
-        cancelled = cancel.is_set() and not (interrupted is not None and interrupted.is_set())
-        # refused for its input before any shard was delivered: a rerun has nothing to reuse
+        keep = keep_on_cancel.is_set() if isinstance(keep_on_cancel, threading.Event) else keep_on_cancel
+        cancelled = cancel.is_set() and not keep
+        # refused for its input before any shard was delivered: a rerun has nothing to reuse;
+        # nor has one after begin() failed half-way (a repo created, its branch refused)
         refused = isinstance(e, FINAL_ERRORS) and not sink.delivered()
-        sink.abort(resumable=not (cancelled or refused))
+        sink.abort(resumable=begun and not (cancelled or refused))
+        if settle:
+            sink.settle()
         raise
     finally:
         sink.close()
 
 
-def _budget_args(max_memory: int | Budget | None) -> dict:
+def _budget_args(max_memory: int | str | Budget | None) -> dict:
     """The runner's budget settings for convert's one MAX_MEMORY setting."""
     if isinstance(max_memory, Budget):  # shared with other conversions running now
         return {"max_memory": max_memory.limit, "budget": max_memory}
-    return {"max_memory": default_memory_budget() if max_memory is None else max_memory}
+    return {"max_memory": default_memory_budget() if max_memory is None else Budget(max_memory).limit}
 
 
 def fingerprint(plan: Plan, source: Source) -> str | None:
@@ -753,9 +820,12 @@ def _commit_description(plan: Plan, source: Source) -> str:
     return f"Source: {_source_label(plan, source)}{commit}\nScheme: {plan.recipe.name}\nIgnore: {plan.config_ignore}"
 
 
-def provenance(plan: Plan, source: Source, *, record: str = "requested") -> Provenance:
+def provenance(
+    plan: Plan, source: Source, *, record: str = "requested", nonfinite: Sequence[str] = (), quality: bool = True
+) -> Provenance:
     """Where the output came from and the settings that made it, as the model card records them
-    (RECORD: see `convert`)."""
+    (RECORD: see `convert`; NONFINITE: the weights quantized with their NaN or Inf; QUALITY:
+    whether the run measured the quantization error)."""
     dq = plan.dequantizer
     flags = plan.policy.flags() if record == "requested" else plan.effective_flags()
     return Provenance(
@@ -765,6 +835,8 @@ def provenance(plan: Plan, source: Source, *, record: str = "requested") -> Prov
         ignore=tuple(plan.recipe.ignore),
         dequant_dtype=dq.dtype_name,
         policy=tuple(f.lstrip("-") for f in flags),
+        nonfinite=tuple(sorted(nonfinite)),
+        quality=quality,
     )
 
 
@@ -797,7 +869,7 @@ def _plan_files(plan: Plan) -> dict[str, bytes]:
 
 
 def _write_small_files(
-    plan: Plan, source: Source, sink: Sink, *, target: str, record: str = "requested", quality: QualityReport | None = None
+    plan: Plan, source: Source, sink: Sink, prov: Provenance, *, target: str, quality: QualityReport | None = None
 ) -> None:
     for path in plan.catalog.copy_files:
         if path == CONFIG_NAME:
@@ -806,7 +878,7 @@ def _write_small_files(
     for path, data in _plan_files(plan).items():
         sink.put_file(path, data)
     card = model_card(
-        plan, provenance(plan, source, record=record), target=_target_name(target, sink),
+        plan, prov, target=_target_name(target, sink),
         source_card=_source_card(plan, source), quality=quality,
     )  # fmt: skip
     sink.put_file("README.md", card.encode())

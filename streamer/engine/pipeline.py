@@ -73,6 +73,11 @@ def nonfinite_policy(policy: str):
         _NONFINITE.reset(token)
 
 
+def allows_nonfinite() -> bool:
+    """Whether the calling context lets NaN/Inf weights through (see nonfinite_policy)."""
+    return _NONFINITE.get() == "passthrough"
+
+
 def nonfinite_count(w: torch.Tensor) -> tuple[int, int]:
     """(NaN count, ±Inf count) of W; only computed for the error message."""
     return int(torch.isnan(w).sum()), int(torch.isinf(w).sum())
@@ -260,7 +265,7 @@ class Runner:
         self.plan = plan
         # None: the policy of the calling context (see nonfinite_policy), refuse by default
         self.allow_nonfinite = (
-            _NONFINITE.get() == "passthrough" if allow_nonfinite is None else bool(allow_nonfinite)
+            allows_nonfinite() if allow_nonfinite is None else bool(allow_nonfinite)
         )
         self.source = source
         self.sink = sink
@@ -445,8 +450,8 @@ class Runner:
         if self.fingerprint is not None:
             done = self.sink.resume(self.fingerprint, [j.shard for j in self.plan.jobs])
             self.stats.resumed = sorted(done)
-            for shard in done:  # a resumed shard's quality sums, as the run that made it measured them
-                self.stats.errors.update(notes_errors(self.sink.resumed_notes(shard)))
+            for shard in done:  # a resumed shard's quality sums and NaN/Inf weights
+                restore_notes(self.stats, self.sink.resumed_notes(shard), allow_nonfinite=self.allow_nonfinite)
         jobs = [j for j in self.plan.jobs if j.shard not in done]
         self.check_memory(jobs)
         pieces = self.pieces(jobs)
@@ -555,7 +560,7 @@ class Runner:
 
     def _writer_cost(self, job: Job) -> int:
         # A Hub sink holds a whole output shard until it is uploaded; a file sink holds nothing.
-        return job.bytes_out + 4096 if self.sink.buffers_shards else 0
+        return job.bytes_out + 4096 if self.sink is not None and self.sink.buffers_shards else 0
 
     def _open(self, job: Job) -> tuple[ShardWriter, dict[str, int]]:
         header, offsets = shard_header(job)
@@ -565,7 +570,7 @@ class Runner:
         return writer, offsets
 
     def _close(self, job: Job, writer: ShardWriter) -> Future:
-        writer.notes = shard_notes(self.stats.errors, job)
+        writer.notes = shard_notes(self.stats, job)
         cost = self._writer_cost(job)
         n = job.bytes_out
         # "upload" counts the job's tensor bytes (bytes_out), the sink reports the shard's file
@@ -612,21 +617,41 @@ class _ShardMeter:
             self.reported = target
 
 
-def shard_notes(errors: dict[str, ErrorSums], job: Job) -> dict:
-    """The notes kept with JOB's shard for a resume: the error sums of the weights it quantized."""
-    mine = {q.tensor: dataclasses.asdict(errors[q.tensor]) for q in job.quantize if q.tensor in errors}
-    return {"errors": mine} if mine else {}
+def shard_notes(stats: RunStats, job: Job) -> dict:
+    """The notes kept with JOB's shard for a resume (and sent back by a cluster node): the error
+    sums of the weights it quantized, and which of them held NaN or Inf (quantized as asked)."""
+    mine = {q.tensor: dataclasses.asdict(stats.errors[q.tensor]) for q in job.quantize if q.tensor in stats.errors}
+    notes: dict = {"errors": mine} if mine else {}
+    nonfinite = [q.tensor for q in job.quantize if q.tensor in stats.nonfinite]
+    if nonfinite:
+        notes["nonfinite"] = nonfinite
+    return notes
 
 
-def notes_errors(notes: dict) -> dict[str, ErrorSums]:
-    """The error sums in a shard's NOTES (see `shard_notes`); a malformed entry is left out."""
-    out = {}
+def restore_notes(stats: RunStats, notes: dict, *, allow_nonfinite: bool = True) -> None:
+    """Add to STATS what NOTES (see `shard_notes`) say of a shard made elsewhere (an earlier run,
+    a cluster node), as the run that made it measured; a malformed entry is left out.
+
+    A shard whose weights were quantized with their NaN or Inf is refused (InputError) unless
+    ALLOW_NONFINITE: a rerun that refuses such weights must not publish them from an earlier
+    run's upload either."""
+    bad = [n for n in notes.get("nonfinite") or [] if isinstance(n, str)]
+    if bad and not allow_nonfinite:
+        module = bad[0][: -len(".weight")] if bad[0].endswith(".weight") else bad[0]
+        raise InputError(
+            f"tensor {bad[0]} holds NaN or Inf values: an earlier run quantized it as it was "
+            "(NaN/Inf weights passed through) and its shard is on the Hub. Fix the checkpoint, or "
+            "convert it anyway",
+            hints=(Hint("ignore", module), Hint("nonfinite", "passthrough")),
+        )
     for tensor, sums in (notes.get("errors") or {}).items():
         try:
-            out[tensor] = ErrorSums(**sums)
+            stats.errors[tensor] = ErrorSums(**sums)
         except TypeError:
             continue
-    return out
+    for name in bad:
+        if name not in stats.nonfinite:
+            stats.nonfinite.append(name)
 
 
 def suggest_size(n: int) -> str:

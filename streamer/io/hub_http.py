@@ -302,7 +302,7 @@ def explain(e: Exception, repo_id: str, *, what: str = "repo") -> HubError:
     if isinstance(e, RepositoryNotFoundError):
         return HubError(
             f"{what} {repo_id} not found, or it is private and the token does not give access",
-            hints=(Hint("token"),),
+            hints=(*((Hint("source"),) if what.startswith("source") else ()), Hint("token")),
         )
     if status == 401:
         return HubError("the Hugging Face token was rejected (invalid or expired)", hints=(Hint("token"),))
@@ -311,3 +311,41 @@ def explain(e: Exception, repo_id: str, *, what: str = "repo") -> HubError:
     server = getattr(e, "server_message", "") or ""
     detail = f": {server}" if server else ""
     return HubError(f"Hub request for {repo_id} failed ({status or type(e).__name__}){detail}")
+
+
+# --- pull requests: whose are they ----------------------------------------------------------------
+
+
+def account_name(api) -> str | None:
+    """The name of the account API's (an HfApi) token belongs to; None when there is no token, or
+    the Hub would not say."""
+    try:
+        return hub_call("checking the token (whoami)", api.whoami).get("name")
+    except (HfHubHTTPError, OSError, ValueError):
+        return None
+
+
+def written_by(api, repo_id: str, ref: str, account: str) -> bool:
+    """Whether the newest commit of REF (a pull request of REPO_ID) is ACCOUNT's: then its files
+    are what this account proposed, not someone else's that merely look the same."""
+    try:
+        commits = hub_call(f"reading {repo_id}'s {ref} history", api.list_repo_commits, repo_id, revision=ref)
+    except HfHubHTTPError:
+        return False
+    return bool(commits) and account in (commits[0].authors or [])
+
+
+def pr_refs(api, repo_id: str, limit: int = 20) -> list[str]:
+    """REPO_ID's pull-request refs (`refs/pr/N`, open, merged or closed), newest first, at most
+    LIMIT; none when the repo does not exist."""
+    try:
+        refs = hub_call(f"listing {repo_id}'s pull requests", api.list_repo_refs, repo_id, include_pull_requests=True)
+    except HfHubHTTPError:
+        return []  # no target yet
+    prs = [r.ref for r in (getattr(refs, "pull_requests", None) or []) if r.ref.startswith("refs/pr/")]
+
+    def num(ref: str) -> int:
+        tail = ref.rsplit("/", 1)[-1]
+        return int(tail) if tail.isdigit() else -1
+
+    return sorted(prs, key=num, reverse=True)[:limit]

@@ -40,7 +40,19 @@ from huggingface_hub.utils import build_hf_headers
 
 from streamer.errors import Cancelled, Hint, HubError, Note, StreamerError, TargetError
 from streamer.formats import hub_token
-from streamer.io.hub_http import classify, content_ids, explain, hub_call, hub_endpoint, read_text, retry_wait, short_error
+from streamer.io.hub_http import (
+    account_name,
+    classify,
+    content_ids,
+    explain,
+    hub_call,
+    hub_endpoint,
+    pr_refs,
+    read_text,
+    retry_wait,
+    short_error,
+    written_by,
+)
 from streamer.io.provenance import read_provenance
 from streamer.io.sink import ShardWriter, Sink, check_relpath
 from streamer.io.upload_journal import UploadJournal
@@ -386,6 +398,7 @@ class HubSink(Sink):
         self._create_repo = False
         self._create_branch = False
         self._created: list[str] = []
+        self._leftover: list[str] = []  # what abort() could not remove yet (see settle)
         self._created_head: str | None = None  # the head commit of what begin() created
         self._journal: UploadJournal | None = None  # set by resume() when the plan can resume
         self.bytes_uploaded = 0
@@ -463,6 +476,8 @@ class HubSink(Sink):
                 if self._create("repo", self.api.create_repo, private=self.private):
                     self._created.append("repo")
                 self._existing = self._existing_files() or {}
+                # the commit the new repo starts at: what abort() must find if the branch fails next
+                self._created_head = self._parent if self._parent is not None else self._main_head()
             if self._create_branch or (self.revision != "main" and self._parent is None):
                 if self._create(f"branch {self.revision}", self.api.create_branch, branch=self.revision):
                     self._created.append("branch")
@@ -539,22 +554,39 @@ class HubSink(Sink):
             self._forget_state()
         try:
             if created and not self._as_created():
-                log.warning("the %s created for this run has been written to since (another run?): it stays",
-                            "repo" if "repo" in created else f"branch {self.revision}")  # fmt: skip
+                self._leftover = created  # another target of this run may still let go of it: settle()
                 created = []
             if "repo" in created:
                 self._call(f"deleting {self.repo_id}", self.api.delete_repo, self.repo_id, missing_ok=True)
             elif "branch" in created:
                 self._call(f"deleting branch {self.revision}", self.api.delete_branch, self.repo_id, branch=self.revision)
-            if not created and self._created and self.delivered():
+            if resumable and self._created and self.delivered():
                 what, drop = ((self.repo_id, "delete it from its settings page") if "repo" in self._created
                               else (f"branch {self.revision} of {self.repo_id}", "delete the branch"))  # fmt: skip
-                log.warning("%s was created for this run and stays, with nothing committed: a rerun that gets past "
-                            "the error with the same plan reuses its %d uploaded shard(s) (or %s)",
+                log.warning("%s was created for this run and stays, with nothing committed: a rerun of the same "
+                            "plan reuses its %d uploaded shard(s) (or %s)",
                             what, self.delivered(), drop)  # fmt: skip
         except Exception as e:  # best effort: the branch still holds no partial model
             log.warning("could not remove the empty %s created for this run: %s", created[0], type(e).__name__)
         self._created = []
+
+    def settle(self) -> None:
+        """After abort(): remove the repo or branch this run created that abort() found written to
+        since, if that was only another target of the same run, which has let go of it by now
+        (a fan-out into branches of one new repo, all refused); otherwise it stays, and says so."""
+        created, self._leftover = self._leftover, []
+        if not created:
+            return
+        what = "repo" if "repo" in created else f"branch {self.revision}"
+        try:
+            if not self._as_created():
+                log.warning("the %s created for this run has been written to since (another run?): it stays", what)
+            elif "repo" in created:
+                self._call(f"deleting {self.repo_id}", self.api.delete_repo, self.repo_id, missing_ok=True)
+            else:
+                self._call(f"deleting branch {self.revision}", self.api.delete_branch, self.repo_id, branch=self.revision)
+        except Exception as e:  # best effort: the branch still holds no partial model
+            log.warning("could not remove the empty %s created for this run: %s", what, type(e).__name__)
 
     def _as_created(self) -> bool:
         """Whether the repo or branch this run created is as begin() left it: no commit, branch,
@@ -588,6 +620,13 @@ class HubSink(Sink):
         self._target_private = getattr(info, "private", None)
         return {s.rfilename: s.size or 0 for s in (info.siblings or [])}
 
+    def _main_head(self) -> str | None:
+        """The commit main points at (None when it cannot be read)."""
+        try:
+            return self._call(f"reading {self.repo_id}", self.api.model_info, self.repo_id, revision="main").sha
+        except HfHubHTTPError:
+            return None
+
     def _branch_is_a_copy_of_main(self) -> bool:
         """Whether the target branch (read by _existing_files) points at main's head commit."""
         try:
@@ -608,35 +647,69 @@ class HubSink(Sink):
         self._target_private = getattr(info, "private", None)
         return True
 
-    def holds(self, provenance: dict, files: dict, fingerprint: str | None = None) -> str | None:
-        """The branch head's commit URL when it holds this very conversion (see Sink.holds), from
-        the files check() listed at that commit and one small GET of its card."""
-        tree = self._remote or {}
-        if self.overwrite or self.create_pr or self._parent is None or "README.md" not in tree:
+    def holds(self, accepts: Callable[[dict | None], bool], files: dict, fingerprint: str | None = None) -> str | None:
+        """The URL of the branch head's commit, or with create_pr of a pull request this account
+        opened, that holds this very conversion (see Sink.holds). The branch is judged from the
+        files check() listed at its head and one small GET of its card; each of the newest pull
+        requests costs a listing of its files besides, and one of its history once all matched."""
+        if self.overwrite:
             return None
-        if set(tree) - {".gitattributes", "README.md"} != set(files):
-            return None
-        later = {path: want for path, want in files.items() if callable(want)}
-        for path, want in files.items():
-            if isinstance(want, int):  # the size alone
-                if self._existing.get(path) != want:
-                    return None
-            elif path not in later and not _holds_content(tree[path], want):
-                return None
-        card = self._card
-        if card is None:  # check() had no reason to read it
-            card = read_text(self.repo_id, "README.md", revision=self._parent, token=self.api.token,
-                             endpoint=self.endpoint, what="target repo")  # fmt: skip
-        if read_provenance(card) != provenance:
-            return None
-        if any(not _holds_content(tree[path], read()) for path, read in later.items()):
-            return None
-        if fingerprint is not None:
+        if self.create_pr:
+            url = self._pr_holding(accepts, files)
+        elif self._parent is not None and self._tree_holds(
+            self._remote or {}, self._existing, self._parent, accepts, files, card=self._card
+        ):
+            url = self._commit_url(self._parent)
+        else:
+            url = None
+        if url is not None and fingerprint is not None:
             try:  # a record of a run that uploaded this very conversion and failed to commit it
                 UploadJournal.for_plan(self.endpoint, self.repo_id, self.revision, fingerprint).forget()
             except OSError as e:
                 log.warning("could not delete the stale resume record: %s", e)
-        return self._commit_url(self._parent)
+        return url
+
+    def _pr_holding(self, accepts: Callable[[dict | None], bool], files: dict) -> str | None:
+        """The discussion URL of a pull request (open, merged or closed) that this account opened
+        and that holds this conversion: a rerun of a `--create-pr` command must not open the same
+        pull request again (anyone may open one with a card that says the same, hence the author)."""
+        mine = None
+        for ref in pr_refs(self.api, self.repo_id):
+            try:
+                info = self._call(
+                    f"reading {self.repo_id}'s {ref}", self.api.model_info, self.repo_id, revision=ref, files_metadata=True
+                )  # fmt: skip
+            except HfHubHTTPError:  # a pull request that cannot be read holds nothing for this run
+                continue
+            sizes = {f.rfilename: f.size or 0 for f in (info.siblings or [])}
+            if not self._tree_holds(content_ids(info), sizes, ref, accepts, files):
+                continue
+            if mine is None:
+                mine = account_name(self.api) or ""
+            if mine and written_by(self.api, self.repo_id, ref, mine):
+                return f"{self.endpoint}/{self.repo_id}/discussions/{ref.rsplit('/', 1)[-1]}"
+        return None
+
+    def _tree_holds(
+        self, tree: dict, sizes: dict[str, int], revision: str, accepts, files: dict, *, card: str | None = None
+    ) -> bool:
+        """Whether the files TREE (content ids) of SIZES at REVISION are exactly FILES beside a card
+        whose streamer block ACCEPTS takes (see Sink.holds; CARD: its text when already read)."""
+        if "README.md" not in tree or set(tree) - {".gitattributes", "README.md"} != set(files):
+            return False
+        later = {path: want for path, want in files.items() if callable(want)}
+        for path, want in files.items():
+            if isinstance(want, int):  # the size alone
+                if sizes.get(path) != want:
+                    return False
+            elif path not in later and not _holds_content(tree[path], want):
+                return False
+        if card is None:
+            card = read_text(self.repo_id, "README.md", revision=revision, token=self.api.token,
+                             endpoint=self.endpoint, what="target repo")  # fmt: skip
+        if not accepts(read_provenance(card)):
+            return False
+        return all(_holds_content(tree[path], read()) for path, read in later.items())
 
     def delivered(self) -> int:
         """Shards uploaded (or resumed) so far, not yet committed (see Sink.delivered)."""

@@ -7,7 +7,7 @@ each know only their own kind.
 from __future__ import annotations
 
 import os
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from streamer.errors import Hint, HubError, StreamerError
 from streamer.formats import HUB_PREFIX, is_repo_spec, split_revision
@@ -39,6 +39,7 @@ def open_source(spec: str | os.PathLike, *, token: str | bool | None = None, **h
         return LocalSource(os.path.expanduser(spec))
     from streamer.io.hub_source import HubSource  # imported lazily: local runs need no HTTP machinery
 
+    check_hub_spec(spec, "source")
     repo_id, revision = split_revision(spec)
     try:
         return HubSource(repo_id, revision=revision, token=token, **hub_options)
@@ -46,7 +47,8 @@ def open_source(spec: str | os.PathLike, *, token: str | bool | None = None, **h
         why = read_as_repo(spec)
         if why is None or "not found" not in e.message:  # a gated repo, a network failure: as they are
             raise
-        raise HubError(f"{why}: {e.message}", hints=(*e.hints, Hint("source"))) from None
+        hints = e.hints if Hint("source") in e.hints else (*e.hints, Hint("source"))
+        raise HubError(f"{why}: {e.message}", hints=hints) from None
 
 
 def read_as_repo(spec: str) -> str | None:
@@ -60,6 +62,23 @@ def read_as_repo(spec: str) -> str | None:
     return f"{spec} is not a folder here ({first} is), so it was read as a Hub repo id"
 
 
+def check_hub_spec(spec: str, role: str) -> None:
+    """Refuse a SPEC written `hub://…` (a ROLE: "source", "destination") whose repo id the Hub
+    would not accept (`hub://org/x/y`, `hub://org/x--y`), in streamer's words."""
+    if spec.startswith(HUB_PREFIX) and not is_repo_spec(spec[len(HUB_PREFIX) :]):
+        repo, _ = split_revision(spec)
+        raise StreamerError(
+            f"{role} {spec}: {repo!r} is not a Hub repo id (org/name: letters, digits, '-', '_' and '.')",
+            hints=(Hint("source" if role == "source" else "target"),),
+        )
+
+
+def _is_hub_host(host: str) -> bool:
+    """HOST serves the Hub: huggingface.co (hf.co), or the endpoint this process talks to."""
+    endpoint = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or ""
+    return host in ("huggingface.co", "www.huggingface.co", "hf.co", endpoint)
+
+
 def check_not_url(spec: str, role: str) -> None:
     """Refuse a SPEC (a ROLE: "source", "destination" …) that is neither a folder nor a repo id
     but a URL (`hf://org/name`, `https://huggingface.co/org/name/tree/dev`, `s3://…`): taken as
@@ -69,12 +88,18 @@ def check_not_url(spec: str, role: str) -> None:
         return
     url = urlsplit(spec)
     hint = Hint("source" if role == "source" else "target")
-    parts = [p for p in url.path.split("/") if p]
+    parts = [unquote(p) for p in url.path.split("/") if p]
     if url.scheme == "hf":
-        parts = [url.hostname or "", *parts]
+        parts = [p for p in (unquote(url.netloc), *parts) if p]
     elif url.scheme not in ("http", "https"):
         what = "give the folder's path" if url.scheme == "file" else "streamer reads Hub repos and local folders"
         raise StreamerError(f"{role} is a URL ({url.scheme}://): {what}", hints=(hint,))
+    elif not _is_hub_host(url.hostname or ""):
+        raise StreamerError(f"{role} is a URL ({url.hostname}): streamer reads Hub repos and local folders", hints=(hint,))
+    if parts[:1] == ["api"]:  # the API's address of the repo: /api/models/org/name
+        parts = parts[1:]
+    if parts[:1] == ["models"]:
+        parts = parts[1:]
     if len(parts) >= 2 and parts[0] not in ("datasets", "spaces"):
         rev = f"@{parts[3]}" if len(parts) >= 4 and parts[2] in ("tree", "blob", "resolve") else ""
         repo = f"{parts[0]}/{parts[1]}{rev}"

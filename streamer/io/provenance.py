@@ -42,7 +42,12 @@ class Provenance:
     folder), SCHEME the preset name, IGNORE the modules kept unquantized on request,
     DEQUANT_DTYPE the dtype a quantized source was expanded to, POLICY the non-default policy
     choices (`policy_flags` without dashes: no-default-ignore, quantize-towers,
-    skip-incompatible; empty: embeddings, head, routers and towers kept unquantized).
+    skip-incompatible; empty: embeddings, head, routers and towers kept unquantized), NONFINITE
+    the weights that held NaN or Inf and were quantized as they were (`--nonfinite
+    passthrough`), QUALITY False when the run skipped the quality report (`--no-quality`).
+
+    The last two are written only when they differ from an ordinary run's (none, True), so that
+    the card of an ordinary run reads as before and earlier outputs still count as up to date.
     """
 
     source: str
@@ -52,6 +57,8 @@ class Provenance:
     streamer_version: str = __version__
     dequant_dtype: str | None = None
     policy: tuple[str, ...] = ()
+    nonfinite: tuple[str, ...] = ()
+    quality: bool = True
 
     def settings_key(self) -> str:
         """What must match for an existing conversion to count as up to date.
@@ -74,8 +81,29 @@ class Provenance:
         d = asdict(self)
         d["ignore"] = list(self.ignore)
         d["policy"] = list(self.policy)
+        d["nonfinite"] = list(self.nonfinite)
+        for key, ordinary in (("nonfinite", []), ("quality", True)):
+            if d[key] == ordinary:
+                del d[key]
         d["settings"] = self.settings_key()
         return d
+
+    def produced(self, block: dict | None, *, allow_nonfinite: bool) -> bool:
+        """Whether the card block BLOCK (`read_provenance`) records an output this conversion
+        would write as well: the same block, except that it may hold a quality report this run
+        would skip, and weights quantized with their NaN or Inf only when this run
+        (ALLOW_NONFINITE) would quantize them too rather than stop."""
+        if not isinstance(block, dict):
+            return False
+        block = dict(block)
+        nonfinite, quality = block.pop("nonfinite", []), block.pop("quality", True)
+        if nonfinite and not allow_nonfinite:
+            return False
+        if self.quality and quality is not True:
+            return False
+        mine = self.to_dict()
+        mine.pop("nonfinite", None), mine.pop("quality", None)
+        return block == mine
 
 
 def front_matter(readme: str | None) -> dict:

@@ -107,14 +107,14 @@ class Sink:
         where the destination keeps a history. Returns where the result is (a path or a URL)."""
         raise NotImplementedError
 
-    def holds(self, provenance: dict, files: dict, fingerprint: str | None = None) -> str | None:
-        """Where the destination already holds this very conversion, after check(): its model
-        card's streamer block equals PROVENANCE (`Provenance.to_dict()`), and besides the card it
-        has exactly FILES, each at its size (an int) or with that content (bytes, or a function
-        giving them, called only once everything else matched). None when it does not, when the
-        sink cannot tell cheaply, and when the destination is to be replaced or proposed anyway.
-        A resume record of the plan FINGERPRINT (an earlier run that failed to commit) is then
-        dropped."""
+    def holds(self, accepts: Callable[[dict | None], bool], files: dict, fingerprint: str | None = None) -> str | None:
+        """Where the destination already holds this very conversion, after check(): ACCEPTS (a
+        function of the card's streamer block, `read_provenance`, e.g. `Provenance.produced`)
+        says yes, and besides the card it has exactly FILES, each at its size (an int) or with
+        that content (bytes, or a function giving them, called only once everything else
+        matched). None when it does not, when the sink cannot tell cheaply, and when the
+        destination is to be replaced or proposed anyway. A resume record of the plan
+        FINGERPRINT (an earlier run that failed to commit) is then dropped."""
         return None
 
     def delivered(self) -> int:
@@ -127,6 +127,11 @@ class Sink:
         this run's work (it failed on the way); False when the run ends for good (the user
         stopped it, or its input was refused before anything a rerun could reuse was
         delivered), so that what the sink created for it goes too."""
+
+    def settle(self) -> None:
+        """After abort(), once the other conversions of the same run have aborted too: remove
+        what abort() could not yet, because one of them was still writing beside it (a fan-out
+        into branches of one new repo)."""
 
     def close(self) -> None:
         """Let go of what the sink holds (threads, locks); after commit or abort."""
@@ -271,15 +276,20 @@ class LocalSink(Sink):
 
     def _staging(self) -> Path:
         if self._tmp is None:
-            missing = [p for p in reversed(self.dst.parents) if not p.exists()]
-            for p in missing:
-                try:
-                    p.mkdir()
-                except FileExistsError:  # made by another run meanwhile (a fan-out's other target): not ours
-                    continue
-                self._made.append(p)
-            self.remove_stale()
-            self._tmp = self._claim()
+            try:
+                missing = [p for p in reversed(self.dst.parents) if not p.exists()]
+                for p in missing:
+                    try:
+                        p.mkdir()
+                    except FileExistsError:  # made by another run meanwhile (a fan-out's other target): not ours
+                        continue
+                    self._made.append(p)
+                self.remove_stale()
+                self._tmp = self._claim()
+            except OSError as e:  # a folder that takes no files (/proc, a read-only mount …)
+                raise TargetError(
+                    f"cannot write the destination {self.dst}: {e.strerror or e}", hints=(Hint("target"),)
+                ) from None
         return self._tmp
 
     def _claim(self) -> Path:

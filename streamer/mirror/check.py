@@ -82,7 +82,7 @@ def check_job(job: MirrorJob, *, token: str | None = None, endpoint: str | None 
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
-    from streamer.io.hub_http import explain, hub_call, hub_endpoint
+    from streamer.io.hub_http import account_name, explain, hub_call, hub_endpoint, pr_refs, written_by
 
     token = hub_token(token)
     api = HfApi(endpoint=hub_endpoint(endpoint), token=token)
@@ -104,58 +104,13 @@ def check_job(job: MirrorJob, *, token: str | None = None, endpoint: str | None 
         # a mirror must not open the same PR again on every run. Only one this account wrote:
         # anyone can open a PR on a public repo with a card that says the same.
         mine = None  # the token's account: asked once, and only when a PR's card matches
-        for ref in _pr_refs(api, job.target):
+        for ref in pr_refs(api, job.target):
             pr_text = read_card(job.target, ref, token=token, endpoint=endpoint)
             if pr_text is None or compare(job, read_provenance(pr_text), sha) is not None:
                 continue
             if mine is None:
-                mine = _account(api) or ""
-            if mine and _written_by(api, job.target, ref, mine):
+                mine = account_name(api) or ""
+            if mine and written_by(api, job.target, ref, mine):
                 num = ref.rsplit("/", 1)[-1]
                 return Check(True, f"up to date: PR #{num} proposes {job.scheme} of {short_sha(sha)}", sha, prov is not None, ref)
     return Check(False, why, sha, prov is not None)
-
-
-def _account(api) -> str | None:
-    """The name of the account API's token belongs to (None: no token, or the Hub would not say)."""
-    from huggingface_hub.errors import HfHubHTTPError
-
-    from streamer.io.hub_http import hub_call
-
-    try:
-        return hub_call("checking the token (whoami)", api.whoami).get("name")
-    except (HfHubHTTPError, OSError, ValueError):
-        return None
-
-
-def _written_by(api, repo_id: str, ref: str, account: str) -> bool:
-    """Whether the newest commit of REF (a pull request) is ACCOUNT's: then its files are what
-    this account proposed, not someone else's that merely look the same."""
-    from huggingface_hub.errors import HfHubHTTPError
-
-    from streamer.io.hub_http import hub_call
-
-    try:
-        commits = hub_call(f"reading {repo_id}'s {ref} history", api.list_repo_commits, repo_id, revision=ref)
-    except HfHubHTTPError:
-        return False
-    return bool(commits) and account in (commits[0].authors or [])
-
-
-def _pr_refs(api, repo_id: str, limit: int = 20) -> list[str]:
-    """The target's pull-request refs, newest first (at most LIMIT); none when it does not exist."""
-    from huggingface_hub.errors import HfHubHTTPError
-
-    from streamer.io.hub_http import hub_call
-
-    try:
-        refs = hub_call(f"listing {repo_id}'s pull requests", api.list_repo_refs, repo_id, include_pull_requests=True)
-    except HfHubHTTPError:
-        return []  # no target yet
-    prs = [r.ref for r in (refs.pull_requests or []) if r.ref.startswith("refs/pr/")]
-
-    def num(ref: str) -> int:
-        tail = ref.rsplit("/", 1)[-1]
-        return int(tail) if tail.isdigit() else -1
-
-    return sorted(prs, key=num, reverse=True)[:limit]

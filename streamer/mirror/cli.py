@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         "skipped when its target already holds a conversion of the source's current commit with "
         "the same settings (read from the target's model card); otherwise it is converted and "
         "published as one new commit (or PR). Jobs converting the same source commit with the same "
-        "settings (all but target and scheme) share one read of the source. Exit code 1 when any job failed.",
+        "settings (all but target, scheme and ignore) share one read of the source. Exit code 1 when any job failed.",
     )
     p.add_argument("jobs_file", metavar="JOBS_FILE", help="TOML file with [defaults] and [[job]] tables")
     p.add_argument("--only", action="append", metavar="NAME", help="run only this job (repeatable, or comma-separated)")

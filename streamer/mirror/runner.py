@@ -293,7 +293,7 @@ class MirrorRunner:
                 # replaced when the job says overwrite = true.
                 overwrite=check.streamer_target or job.overwrite,
                 private=job.private, create_pr=job.create_pr, dequant_dtype=job.dequant_dtype,
-                progress=Progress(hint_words=job_words), cancel=self.cancel, max_memory=self.budget,
+                progress=Progress(hint_words=job_words), cancel=self.cancel, keep_on_cancel=True, max_memory=self.budget,
                 executor=self.executor, **job.policy_kwargs,
             )  # fmt: skip
         res.status = "converted"
@@ -352,7 +352,7 @@ class MirrorRunner:
                 # says (a job alone passes check.streamer_target for the same reason).
                 overwrite=first.overwrite or all(w.check.streamer_target for w in works),
                 private=first.private, create_pr=first.create_pr, dequant_dtype=first.dequant_dtype,
-                progress=Progress(hint_words=job_words), cancel=self.cancel, max_memory=share, **first.policy_kwargs,
+                progress=Progress(hint_words=job_words), cancel=self.cancel, keep_on_cancel=True, max_memory=share, **first.policy_kwargs,
             )  # fmt: skip
 
     @contextmanager

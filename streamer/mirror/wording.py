@@ -11,12 +11,18 @@ _JOB_SWITCHES = ("skip_incompatible", "quantize_towers", "overwrite", "create_pr
 _JOB_CHOICES = ("scheme", "device", "dequant_dtype", "nonfinite")
 
 
+def _toml_string(text: str) -> str:
+    """TEXT as a TOML string to paste: a literal string ('…', backslashes as they are) for a
+    pattern such as re:model\\.layers\\.\\d+, a basic one ("…") where it holds a quote."""
+    return f"'{text}'" if "'" not in text and "\n" not in text else '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def job_words(hint: Hint) -> str:
     """HINT as the change to make to the failing job in the jobs file (or to the command line)."""
     v = hint.values
     s = hint.setting
     if s == "ignore":
-        entries = ", ".join(f'"{x}"' for x in v)
+        entries = ", ".join(_toml_string(x) for x in v)
         return f"add {entries} to ignore = [...] in this job" if v else "add the module to ignore = [...] in this job"
     if s in _JOB_SWITCHES:
         return f"set {s} = true in this job"

@@ -48,10 +48,12 @@ def accepted_presets() -> list[str]:
 
 
 def _refuse(what: str, why: str) -> SchemeError:
+    # the preset that quantizes the weights alike without data (NVFP4 -> NVFP4A16, FP8 -> FP8_DYNAMIC)
+    alike = [p for p in (f"{what}A16", f"{what}_DYNAMIC") if p in accepted_presets()]
     return SchemeError(
         f"{what} cannot be applied without calibration data: {why}. "
         f"Accepted schemes: {', '.join(accepted_presets())}",
-        hints=(Hint("scheme_file"),),
+        hints=(*(Hint("scheme", a) for a in alike[:1]), Hint("scheme_file")),
     )
 
 
@@ -169,7 +171,9 @@ def make_recipe(
             accepted = accepted_presets()
             close = difflib.get_close_matches(name, accepted, n=1, cutoff=0.75)  # a typo: FP8_DYNAMC
             raise SchemeError(
-                f"unknown scheme {scheme!r}. Accepted schemes: {', '.join(accepted)}",
+                # the likely meaning first: the list after it is long
+                f"unknown scheme {scheme!r}{f' (did you mean {close[0]}?)' if close else ''}. "
+                f"Accepted schemes: {', '.join(accepted)}",
                 # the preset meant, when it is plain; a scheme that is not a preset goes in a file
                 hints=(*(Hint("scheme", close[0]) for _ in close), Hint("scheme_file")),
             )
