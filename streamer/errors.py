@@ -75,6 +75,8 @@ def with_hints(message: str, hints: Sequence[Hint], words: Callable[[Hint], str]
     said = [w for w in dict.fromkeys(words(h) for h in hints) if w]
     if not said:
         return message
+    if "\n" in message:  # a list of problems: the ways past them on their own line, not glued to the last
+        return f"{message}\nto go on: {' or '.join(said)}"
     return f"{message}: {' or '.join(said)}"
 
 

@@ -5,12 +5,14 @@ torch dtypes are looked up by name when asked for.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
 import re
 from dataclasses import dataclass
 
-from streamer.errors import Hint, HubError
+from streamer.errors import Hint, HubError, StreamerError
 
 # --- safetensors dtypes --------------------------------------------------------------------------
 
@@ -38,8 +40,36 @@ DTYPES: dict[str, DType] = {d.name: d for d in (
 FLOAT_DTYPES = frozenset(d.name for d in DTYPES.values() if d.is_float)
 # The dense dtypes a quantized source can be dequantized to, by the names users give them.
 DEQUANT_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
-# What to do with a weight to quantize that holds NaN or Inf (streamer.engine.pipeline)
+# What to do with a weight to quantize that holds NaN or Inf: "refuse" (the default) stops the
+# run naming the tensor; "passthrough" quantizes it as it is (its scales come out NaN or Inf)
+# with a warning. Front ends set it for one call with `nonfinite_policy(...)`; a Runner can also
+# be given `allow_nonfinite` directly. Kept here, without torch, so that a mirroring check can ask.
 NONFINITE_POLICIES = ("refuse", "passthrough")
+_NONFINITE: contextvars.ContextVar[str] = contextvars.ContextVar("streamer_nonfinite", default="refuse")
+
+
+@contextlib.contextmanager
+def nonfinite_policy(policy: str):
+    """`with nonfinite_policy("passthrough"): convert(...)` lets NaN/Inf weights through.
+
+    policy: one of NONFINITE_POLICIES, for the conversions run inside the block (this context
+    only: other threads and tasks keep theirs)."""
+    if policy not in NONFINITE_POLICIES:
+        raise StreamerError(
+            f"unknown policy for NaN/Inf weights {policy!r}: the choices are {', '.join(NONFINITE_POLICIES)}",
+            hints=(Hint("nonfinite", NONFINITE_POLICIES),),
+        )
+    token = _NONFINITE.set(policy)
+    try:
+        yield
+    finally:
+        _NONFINITE.reset(token)
+
+
+def allows_nonfinite() -> bool:
+    """Whether the calling context lets NaN/Inf weights through (see nonfinite_policy)."""
+    return _NONFINITE.get() == "passthrough"
+
 
 # --- schemes -------------------------------------------------------------------------------------
 
@@ -90,14 +120,17 @@ def hub_token(token: str | bool | None) -> str | bool | None:
     A token with spaces, control or non-ASCII characters inside cannot travel in an HTTP header:
     refused here, before any request, in words that do not repeat it (an HTTP library's error
     would quote the header, token and all)."""
-    if token is None:  # huggingface_hub reads HF_TOKEN (stripped) itself: the same check for it
-        env = (os.environ.get("HF_TOKEN") or "").strip()
-        if env and not _TOKEN_CHARS.fullmatch(env):
-            raise HubError(
-                "the HF_TOKEN environment variable holds spaces, control or non-ASCII characters: "
-                "copy the token again from https://huggingface.co/settings/tokens",
-                hints=(Hint("token"),),
-            )
+    if token is None:  # huggingface_hub reads the variable itself, cleaned as below: the same check
+        for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+            env = (os.environ.get(var) or "").replace("\r", "").replace("\n", "").strip()
+            if env and not _TOKEN_CHARS.fullmatch(env):
+                raise HubError(
+                    f"the {var} environment variable holds spaces, control or non-ASCII characters: "
+                    "copy the token again from https://huggingface.co/settings/tokens",
+                    hints=(Hint("token"),),
+                )
+            if env:  # the first one set is the one used
+                break
         return None
     if not isinstance(token, str):
         return token
@@ -146,13 +179,14 @@ def split_revision(spec: str) -> tuple[str, str | None]:
 
 
 # What git (and so the Hub) refuses in a branch name: `..`, `@{`, `//`, spaces and control
-# characters, ~ ^ : ? * [ \, a leading `-` or `/`, a trailing `/`, `.` or `.lock`.
-_BAD_BRANCH = re.compile(r"\.\.|@\{|//|[\x00-\x20\x7f~^:?*\[\\]|^[-/]|[/.]$|\.lock$")
+# characters, ~ ^ : ? * [ \, a leading `-` or `/`, a trailing `/` or `.`, a part that begins
+# with `.` or ends in `.lock`.
+_BAD_BRANCH = re.compile(r"\.\.|@\{|//|[\x00-\x20\x7f~^:?*\[\\]|^[-/]|[/.]$|(^|/)\.|\.lock(/|$)")
 
 
 def is_branch_name(text: str) -> bool:
     """TEXT can name a git branch (as `git check-ref-format --branch` rules, in short)."""
-    return bool(text) and text != "@" and _BAD_BRANCH.search(text) is None
+    return bool(text) and text not in ("@", "HEAD") and _BAD_BRANCH.search(text) is None
 
 
 def is_commit_sha(text: str) -> bool:

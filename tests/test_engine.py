@@ -449,9 +449,39 @@ def test_the_budget_takes_a_size_as_the_command_line_does(llama_ckpt, tmp_path):
     assert "too small" in e.value.message
     with pytest.raises(StreamerError, match="too small"):  # a dry run says what the run would
         convert(str(llama_ckpt), None, scheme="FP8_DYNAMIC", device="cpu", max_memory="10kB", dry_run=True)
+    from streamer.engine.convert import convert_many
+
+    with pytest.raises(StreamerError, match="too small for 2 targets"):  # a fan-out's dry run too
+        convert_many(str(llama_ckpt), [(str(tmp_path / "d"), "FP8_DYNAMIC"), (str(tmp_path / "e"), "W4A16")],
+                     device="cpu", max_memory="10kB", dry_run=True)  # fmt: skip
     with pytest.raises(StreamerError, match="'lots' is not a size"):
         convert(str(llama_ckpt), str(tmp_path / "c"), scheme="FP8_DYNAMIC", device="cpu", max_memory="lots")
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_the_command_line_says_what_is_missing_before_any_work(llama_ckpt, tmp_path, capsys):
+    """A command that cannot make sense is refused at once, with one sentence; with --json,
+    stdout answers too (a script never reads an empty answer), argparse's own refusals included."""
+    out = str(tmp_path / "out")
+    cases = [
+        ([str(llama_ckpt), out], "give a scheme with --scheme"),
+        ([str(llama_ckpt), out, "--to", str(tmp_path / "o2"), "W4A16"], "give a scheme for DST with --scheme"),
+        ([str(llama_ckpt), out, "--scheme", "FP8_DYNAMIC", "--scheme-file", "x.yaml"], "either --scheme or --scheme-file"),
+        ([str(llama_ckpt), out, "--scheme", "FP8_DYNAMIC", "--private"], "--private applies only to a Hub repo destination"),
+        ([str(llama_ckpt), out, "--scheme", "FP8_DYNAMIC", "--create-pr"], "a pull request applies only to a Hub repo"),
+        ([str(llama_ckpt), out, "--scheme", "FP8_DYNAMIC", "--revision", "dev"], "a branch (dev) applies only to a Hub repo"),
+        ([str(llama_ckpt), out, "--scheme", "FP8_DYNAMIC", "-q", "-v"], "not allowed with argument"),
+    ]
+    for args, expect in cases:
+        try:
+            code = cli.main([*args, "--json"])
+        except SystemExit as refused:  # argparse's own refusal
+            code = refused.code
+        captured = capsys.readouterr()
+        assert code == 2 and expect in captured.err, (args, captured.err)
+        answer = json.loads(captured.out)
+        assert answer["status"] == "failed" and answer["exit"] == 2 and expect in answer["error"]
+    assert not (tmp_path / "out").exists()
 
 
 def test_bad_device_is_a_clear_error(llama_ckpt, tmp_path):

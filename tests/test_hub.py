@@ -172,6 +172,14 @@ def test_create_pr_and_branch(hub):
     assert hub.refs("alice/target")["prs"] == prs
     assert run_cli(SOURCE, "alice/target", "--scheme", "W8A16", "--create-pr") == 0
     assert len(hub.refs("alice/target")["prs"]) == len(prs) + 1
+    # the same conversion proposed to another branch is another pull request (the branch is a
+    # copy of main here: the same base commit, another target), and is found in its turn
+    assert run_cli(SOURCE, "alice/target@dev", "--scheme", "W8A16", "--create-pr") == 0
+    assert len(hub.refs("alice/target")["prs"]) == len(prs) + 2
+    assert run_cli(SOURCE, "alice/target@dev", "--scheme", "W8A16", "--create-pr") == 0
+    assert len(hub.refs("alice/target")["prs"]) == len(prs) + 2
+    details = huggingface_hub.HfApi(endpoint=hub.url, token=ALICE).get_discussion_details("alice/target", 3)
+    assert details.target_branch == "refs/heads/dev" and details.author == "alice" and details.is_pull_request
     assert run_cli(SOURCE, "alice/target", "--scheme", "FP8_DYNAMIC", "--revision", "fp8") == 0
     assert "config.json" in hub.files("alice/target", revision="fp8")
     assert "config.json" not in hub.files("alice/target")
@@ -436,6 +444,21 @@ def test_a_refused_input_leaves_no_empty_repo_or_branch(hub, llama_ckpt, tmp_pat
         assert hub.repo_exists("alice/nan-later")
         assert "was created for this run and stays" in caplog.text and "reuses its" in caplog.text
 
+        # someone commits to another branch of the new repo meanwhile: the repo is theirs too now
+        with monkeypatch.context() as m:
+            begin = HubSink.begin
+
+            def begin_then_someone_commits(self):
+                begin(self)
+                api = huggingface_hub.HfApi(endpoint=hub.url, token=ALICE)
+                api.create_branch(self.repo_id, branch="theirs")
+                api.upload_file(path_or_fileobj=b"mine", path_in_repo="notes.txt", repo_id=self.repo_id, revision="theirs")
+
+            m.setattr(HubSink, "begin", begin_then_someone_commits)
+            assert run_cli("acme/nan-llama", "alice/nan-shared@ours", "--scheme", "FP8_DYNAMIC") == 2
+        assert "notes.txt" in hub.files("alice/nan-shared", revision="theirs")
+        assert "ours" not in hub.refs("alice/nan-shared")["heads"]
+
         # a fan-out into two branches of one new repo, both refused: whichever target lets go
         # first finds the other's branch beside its own; the repo still goes once both have
         caplog.clear()
@@ -558,6 +581,7 @@ def test_a_rerun_asking_for_more_than_the_target_has_converts_again(hub, llama_c
     assert summary["up_to_date"] is False and len(summary["quality"]["tensors"]) > 0
     card = hub.read_file("alice/noq", "README.md").decode()
     assert "quality" not in read_provenance(card) and "## Quantization error" in card
+    assert f"[{SOURCE}]({hub.url}/{SOURCE})" in card  # linked on the Hub it was read from
     assert run_cli(SOURCE, "alice/noq", "--scheme", "FP8_DYNAMIC", "--no-quality", "--json") == 0
     assert json.loads(capsys.readouterr().out)["up_to_date"] is True
 

@@ -773,15 +773,17 @@ def test_cli(tmp_path):
         build_parser().parse_args(["--root", str(tmp_path), "--user", "no-token"])
 
 
-def test_port_in_use_is_a_sentence_not_a_traceback(tmp_path):
+def test_port_in_use_is_a_sentence_not_a_traceback(tmp_path, llama_ckpt):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         run = subprocess.run([sys.executable, "-m", "streamer.localhub", "--root", str(tmp_path / "r"),
-                              "--port", str(port)], capture_output=True, text=True, timeout=60)
+                              "--port", str(port), "--user", "a:hf_a:acme", "--seed", f"acme/t={llama_ckpt}"],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
     assert run.returncode == 2
     assert f"port {port}" in run.stderr and "already in use" in run.stderr and "--port 0" in run.stderr
+    assert not (tmp_path / "r").exists() and "seeded" not in run.stdout  # said before anything is written
     assert "Traceback" not in run.stderr
 
 

@@ -723,7 +723,7 @@ def test_nan_weights_follow_the_jobs_or_the_callers_nonfinite_policy(hub, tmp_pa
     `nonfinite = "passthrough"` lets it through, and so does the caller's
     `with nonfinite_policy("passthrough")` around MirrorRunner.run, on the worker threads that
     convert the jobs as on the caller's own."""
-    from streamer.engine.pipeline import nonfinite_policy
+    from streamer.formats import nonfinite_policy
     from streamer.mirror.runner import MirrorRunner
 
     src = tmp_path / "nan-src"
@@ -751,6 +751,13 @@ def test_nan_weights_follow_the_jobs_or_the_callers_nonfinite_policy(hub, tmp_pa
     other = {**spec, "target": "acme/llama-nan-FP8-b", "nonfinite": "passthrough"}
     (own,) = MirrorRunner(token=ALICE, parallel=2).run(parse_jobs({"job": [other]}))
     assert own.status == "converted", own
+    # that output (its card names the NaN weight) is up to date for the job that allows it, not
+    # for one that refuses such weights: that one converts again, and stops as a fresh run would
+    (again,) = MirrorRunner(token=ALICE, parallel=2).run(parse_jobs({"job": [other]}))
+    assert again.status == "skipped", again
+    strict = {**other, "nonfinite": "refuse"}
+    (refused_now,) = MirrorRunner(token=ALICE, parallel=2).run(parse_jobs({"job": [strict]}))
+    assert refused_now.status == "failed" and "1 NaN" in refused_now.error, refused_now
 
     with pytest.raises(JobsFileError, match="nonfinite 'allow': use one of refuse, passthrough"):
         parse_jobs({"job": [{**spec, "nonfinite": "allow"}]})

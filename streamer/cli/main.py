@@ -18,9 +18,22 @@ from streamer.formats import hub_token
 SUBCOMMANDS = ("mirror", "demo")
 
 
-def convert_parser() -> argparse.ArgumentParser:
-    """The argument parser of the conversion command (`python -m streamer SRC DST …`)."""
-    p = argparse.ArgumentParser(
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors also answer on stdout as JSON when JSON_ERRORS (the
+    command line holds --json): a script reading stdout never gets an empty answer."""
+
+    json_errors = False
+
+    def error(self, message: str):
+        if self.json_errors:
+            _json_failure(f"{self.prog}: error: {message}", 2)
+        super().error(message)
+
+
+def convert_parser(json_errors: bool = False) -> argparse.ArgumentParser:
+    """The argument parser of the conversion command (`python -m streamer SRC DST …`);
+    JSON_ERRORS: its usage errors are also printed as --json's failure object."""
+    p = _Parser(
         prog="python -m streamer",
         description="Quantize a Hugging Face checkpoint (local folder or Hub repo) into a "
         "compressed-tensors checkpoint that vLLM loads, streaming only the bytes each job needs. "
@@ -91,6 +104,7 @@ def convert_parser() -> argparse.ArgumentParser:
     talk.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
     talk.add_argument("--verbose", "-v", action="store_true", help="debug logging, tracebacks on errors")
     p.add_argument("--version", action="version", version=f"streamer {__version__}")
+    p.json_errors = json_errors
     return p
 
 
@@ -156,7 +170,7 @@ def _main(argv: list[str] | None) -> int:
             from streamer.cli.demo import main as demo_main
 
             return demo_main(rest)
-    args = convert_parser().parse_args(argv)
+    args = convert_parser(json_errors="--json" in (sys.argv[1:] if argv is None else argv)).parse_args(argv)
     try:
         # (HF_TOKEN itself is checked where the Hub is used: a local run needs no token)
         args.token = hub_token(args.token) if args.token is not None else None
@@ -293,7 +307,7 @@ def run_convert(args) -> int:
 
     :param args: the parsed arguments."""
     from streamer.engine.convert import convert
-    from streamer.engine.pipeline import nonfinite_policy
+    from streamer.formats import nonfinite_policy
     from streamer.engine.plan import render
     from streamer.engine.progress import Progress
 
@@ -358,7 +372,7 @@ def run_fanout(args) -> int:
     """Run a fan-out (`SRC [DST --scheme S] --to DST SCHEME …`): every target from one read of the
     source. Prints one line per target; the exit code is the first failed target's, else 0."""
     from streamer.engine.convert import convert_many
-    from streamer.engine.pipeline import nonfinite_policy
+    from streamer.formats import nonfinite_policy
     from streamer.engine.plan import render
     from streamer.engine.progress import Progress
 

@@ -105,7 +105,12 @@ def model_card(
     is_repo = _is_repo(prov.source)
     groups = plan.recipe.output_groups(plan.kept_groups)  # a stacked source's groups too
     fmt = ", ".join(sorted({str(g.format) for g in groups.values()}))
-    source_line = f"[{prov.source}](https://huggingface.co/{prov.source})" if is_repo else f"`{prov.source}`"
+    if is_repo:  # on the Hub the card is read on: huggingface.co, or the HF_ENDPOINT this run talks to
+        from streamer.io.hub_http import hub_endpoint
+
+        source_line = f"[{prov.source}]({hub_endpoint()}/{prov.source})"
+    else:
+        source_line = f"`{prov.source}`"
     commit = f" at commit `{prov.source_commit}`" if prov.source_commit else ""
     ignore = ", ".join(f"`{i}`" for i in plan.config_ignore) or "none"
     # a local folder is named relative to where the reader stands, never by an absolute path

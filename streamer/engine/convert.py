@@ -28,12 +28,12 @@ from streamer.engine.plan import Plan, Policy, make_plan
 from streamer.engine.budget import Budget, default_memory_budget
 from streamer.engine.cluster import ClusterStats
 from streamer.engine.fanout import CACHE_SHARE, SharedReader, TargetProgress, split_budget
-from streamer.engine.pipeline import RunStats, Runner, allows_nonfinite, shard_size, suggest_size
+from streamer.engine.pipeline import RunStats, Runner, shard_size, suggest_size
 from streamer.engine.progress import Progress
 from streamer.engine.quality import QualityReport, build_report
 from streamer.quant.dequant import detect_dequantizer
 from streamer.quant.schemes import make_recipe
-from streamer.formats import dumps_json, human_bytes, is_branch_name, split_revision
+from streamer.formats import allows_nonfinite, dumps_json, human_bytes, is_branch_name, split_revision
 from streamer.io.locations import check_hub_spec, check_not_url, is_hub_spec, open_source, read_as_repo
 from streamer.io.sink import LocalSink, Sink
 from streamer.io.source import Source
@@ -551,8 +551,13 @@ def convert_many(
                 sink.close()
             raise
         if dry_run or not ready:  # a dry run, or every target refused at planning: nothing to run
-            for _, _, sink in ready:
-                sink.close()
+            try:
+                if dry_run and ready and max_memory is not None:  # the budget the real run would refuse
+                    _, share = split_budget(limit, len(ready))
+                    _check_shared_memory([Runner(p, source, k, device=dev, max_memory=share) for _, p, k in ready], limit)
+            finally:
+                for _, _, sink in ready:
+                    sink.close()
             return FanoutResult(source.label, outcomes, seconds=time.monotonic() - t0)
         cache, share = split_budget(limit, len(ready))
         reader = SharedReader(source, targets=len(ready), cache_limit=cache, cancel=cancel, progress=progress)
@@ -713,7 +718,8 @@ def already_done(
     url = sink.holds(accepts, files, fingerprint(plan, source))
     if url is None:
         return None
-    progress.message(f"{sink.label} already holds this conversion ({plan.recipe.name} of "
+    where = f"a pull request on {sink.label} already proposes" if "/discussions/" in url else f"{sink.label} already holds"
+    progress.message(f"{where} this conversion ({plan.recipe.name} of "
                      f"{_source_label(plan, source)}@{source.commit[:7]}): nothing to do")  # fmt: skip
     sink.close()
     return Result(plan=plan, stats=RunStats(), url=url, up_to_date=True)

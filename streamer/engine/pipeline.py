@@ -8,8 +8,6 @@ threads. The only work a user waits for is the slowest of the three.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import functools
 import json
@@ -28,7 +26,7 @@ from streamer.engine.budget import Budget
 from streamer.engine.plan import Job, OutTensor, Plan
 from streamer.engine.progress import Progress
 from streamer.errors import Cancelled, Hint, InputError, StreamerError
-from streamer.formats import NONFINITE_POLICIES, human_bytes, safetensors_name
+from streamer.formats import allows_nonfinite, human_bytes, safetensors_name
 from streamer.io.catalog import TensorInfo
 from streamer.io.sink import ShardWriter, Sink
 from streamer.io.source import Source, Span
@@ -47,36 +45,6 @@ WORK_FACTOR = 3
 # download instead of waiting for the whole shard, so its upload starts as soon as the last
 # bytes arrive; much smaller ones would spend more on requests and per-call overhead.
 PIECE_BYTES = 256 * 1024 * 1024
-
-# What to do with a weight to quantize that holds NaN or Inf: "refuse" (the default) stops the
-# run naming the tensor; "passthrough" quantizes it as it is (its scales come out NaN or Inf)
-# with a warning. Front ends set it for one call with `nonfinite_policy(...)`; a Runner can also
-# be given `allow_nonfinite` directly. The policies: streamer.formats.NONFINITE_POLICIES.
-_NONFINITE: contextvars.ContextVar[str] = contextvars.ContextVar("streamer_nonfinite", default="refuse")
-
-
-@contextlib.contextmanager
-def nonfinite_policy(policy: str):
-    """`with nonfinite_policy("passthrough"): convert(...)` lets NaN/Inf weights through.
-
-    policy: one of NONFINITE_POLICIES, for the conversions run inside the block (this context
-    only: other threads and tasks keep theirs)."""
-    if policy not in NONFINITE_POLICIES:
-        raise StreamerError(
-            f"unknown policy for NaN/Inf weights {policy!r}: the choices are {', '.join(NONFINITE_POLICIES)}",
-            hints=(Hint("nonfinite", NONFINITE_POLICIES),),
-        )
-    token = _NONFINITE.set(policy)
-    try:
-        yield
-    finally:
-        _NONFINITE.reset(token)
-
-
-def allows_nonfinite() -> bool:
-    """Whether the calling context lets NaN/Inf weights through (see nonfinite_policy)."""
-    return _NONFINITE.get() == "passthrough"
-
 
 def nonfinite_count(w: torch.Tensor) -> tuple[int, int]:
     """(NaN count, ±Inf count) of W; only computed for the error message."""

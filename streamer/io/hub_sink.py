@@ -51,7 +51,6 @@ from streamer.io.hub_http import (
     read_text,
     retry_wait,
     short_error,
-    written_by,
 )
 from streamer.io.provenance import read_provenance
 from streamer.io.sink import ShardWriter, Sink, check_relpath
@@ -401,6 +400,8 @@ class HubSink(Sink):
         self._leftover: list[str] = []  # what abort() could not remove yet (see settle)
         self._created_head: str | None = None  # the head commit of what begin() created
         self._journal: UploadJournal | None = None  # set by resume() when the plan can resume
+        self._journal_lock = threading.Lock()
+        self._forgotten = False  # the record was dropped (a final abort): nothing is added again
         self.bytes_uploaded = 0
 
     def _call(self, what: str, fn, *args, **kwargs):
@@ -553,7 +554,7 @@ class HubSink(Sink):
             # model on what may be a shared machine (a Space).
             self._forget_state()
         try:
-            if created and not self._as_created():
+            if created and not self._as_created(created):
                 self._leftover = created  # another target of this run may still let go of it: settle()
                 created = []
             if "repo" in created:
@@ -579,24 +580,30 @@ class HubSink(Sink):
             return
         what = "repo" if "repo" in created else f"branch {self.revision}"
         try:
-            if not self._as_created():
-                log.warning("the %s created for this run has been written to since (another run?): it stays", what)
-            elif "repo" in created:
-                self._call(f"deleting {self.repo_id}", self.api.delete_repo, self.repo_id, missing_ok=True)
-            else:
+            if self._as_created(created):
+                if "repo" in created:
+                    self._call(f"deleting {self.repo_id}", self.api.delete_repo, self.repo_id, missing_ok=True)
+                else:
+                    self._call(f"deleting branch {self.revision}", self.api.delete_branch, self.repo_id, branch=self.revision)
+            elif "branch" in created and self._as_created(["branch"]):
+                # the repo holds someone else's work now; only the branch made for this run goes
+                log.warning("the repo created for this run has been written to since (another run?): it stays, "
+                            "without the branch %s made for this run", self.revision)  # fmt: skip
                 self._call(f"deleting branch {self.revision}", self.api.delete_branch, self.repo_id, branch=self.revision)
+            else:
+                log.warning("the %s created for this run has been written to since (another run?): it stays", what)
         except Exception as e:  # best effort: the branch still holds no partial model
             log.warning("could not remove the empty %s created for this run: %s", what, type(e).__name__)
 
-    def _as_created(self) -> bool:
-        """Whether the repo or branch this run created is as begin() left it: no commit, branch,
-        tag or pull request since (another target of a fan-out into branches of one new repo,
-        another run) that deleting it would take with it."""
+    def _as_created(self, created: list[str]) -> bool:
+        """Whether CREATED (what begin() created: ["repo", "branch"], or ["branch"]) is as begin()
+        left it: no commit, branch, tag or pull request since (another target of a fan-out into
+        branches of one new repo, another run) that deleting it would take with it."""
         refs = self._call(
             f"listing the refs of {self.repo_id}", self.api.list_repo_refs, self.repo_id, include_pull_requests=True,
         )  # fmt: skip
         heads = {b.name: b.target_commit for b in refs.branches}
-        if "repo" not in self._created:
+        if "repo" not in created:
             return heads.get(self.revision) == self._created_head
         mine = {"main", self.revision}
         return set(heads) <= mine and set(heads.values()) == {self._created_head} and not refs.tags and not (
@@ -654,12 +661,12 @@ class HubSink(Sink):
         requests costs a listing of its files besides, and one of its history once all matched."""
         if self.overwrite:
             return None
-        if self.create_pr:
-            url = self._pr_holding(accepts, files)
-        elif self._parent is not None and self._tree_holds(
+        if self._parent is not None and self._tree_holds(
             self._remote or {}, self._existing, self._parent, accepts, files, card=self._card
-        ):
+        ):  # the branch itself (with create_pr: a pull request merged into it, say)
             url = self._commit_url(self._parent)
+        elif self.create_pr and self._parent is not None:
+            url = self._pr_holding(accepts, files)
         else:
             url = None
         if url is not None and fingerprint is not None:
@@ -670,24 +677,37 @@ class HubSink(Sink):
         return url
 
     def _pr_holding(self, accepts: Callable[[dict | None], bool], files: dict) -> str | None:
-        """The discussion URL of a pull request (open, merged or closed) that this account opened
-        and that holds this conversion: a rerun of a `--create-pr` command must not open the same
-        pull request again (anyone may open one with a card that says the same, hence the author)."""
+        """The discussion URL of a pull request (open or closed) that this account opened on the
+        target branch as it is now, and that holds this conversion: a rerun of a `--create-pr`
+        command must not open the same pull request again. Its one commit must be this account's
+        (anyone may open a pull request with a card that says the same) and sit on the branch's
+        head (one on another branch, or on an older head, proposes something else)."""
         mine = None
+        branch = "refs/heads/" + (self.revision or "main").removeprefix("refs/heads/")
         for ref in pr_refs(self.api, self.repo_id):
+            num = ref.rsplit("/", 1)[-1]
             try:
+                details = self._call(
+                    f"reading {self.repo_id}'s pull request #{num}", self.api.get_discussion_details,
+                    self.repo_id, int(num),
+                )  # fmt: skip
+                if details.target_branch != branch:  # proposed to another branch
+                    continue
                 info = self._call(
                     f"reading {self.repo_id}'s {ref}", self.api.model_info, self.repo_id, revision=ref, files_metadata=True
                 )  # fmt: skip
-            except HfHubHTTPError:  # a pull request that cannot be read holds nothing for this run
+                sizes = {f.rfilename: f.size or 0 for f in (info.siblings or [])}
+                if not self._tree_holds(content_ids(info), sizes, ref, accepts, files):
+                    continue
+                if mine is None:
+                    mine = account_name(self.api) or ""
+                commits = self._call(
+                    f"reading {self.repo_id}'s {ref} history", self.api.list_repo_commits, self.repo_id, revision=ref
+                )  # fmt: skip
+            except (HfHubHTTPError, ValueError):  # a pull request that cannot be read holds nothing for this run
                 continue
-            sizes = {f.rfilename: f.size or 0 for f in (info.siblings or [])}
-            if not self._tree_holds(content_ids(info), sizes, ref, accepts, files):
-                continue
-            if mine is None:
-                mine = account_name(self.api) or ""
-            if mine and written_by(self.api, self.repo_id, ref, mine):
-                return f"{self.endpoint}/{self.repo_id}/discussions/{ref.rsplit('/', 1)[-1]}"
+            if mine and len(commits) > 1 and mine in (commits[0].authors or []) and commits[1].commit_id == self._parent:
+                return f"{self.endpoint}/{self.repo_id}/discussions/{num}"
         return None
 
     def _tree_holds(
@@ -785,8 +805,7 @@ class HubSink(Sink):
         check_relpath(name)
         with self._lock:
             self._ops[name] = uploaded_operation(name, info)
-        if self._journal is not None:
-            self._journal.add(name, info, notes)
+        self._record(name, info, notes)
 
     def _preupload(self, name: str, content: bytes | int, notes: dict | None = None,
                    on_bytes: Callable[[int], None] | None = None) -> str:
@@ -838,8 +857,7 @@ class HubSink(Sink):
         with self._lock:
             self._ops[name] = op
             self.bytes_uploaded += op.upload_info.size
-        if self._journal is not None:
-            self._journal.add(name, op.upload_info, notes)
+        self._record(name, op.upload_info, notes)
         log.debug("uploaded %s", name)
         return name
 
@@ -1007,9 +1025,18 @@ class HubSink(Sink):
         self._forget_state()
         return self.url
 
+    def _record(self, name: str, info: UploadInfo, notes: dict | None) -> None:
+        """Add the shard NAME (uploaded as INFO, with NOTES) to the resume record, unless the
+        record was dropped: an upload that ends after a final abort must not write it again."""
+        with self._journal_lock:
+            if self._journal is not None and not self._forgotten:
+                self._journal.add(name, info, notes)
+
     def _forget_state(self) -> None:
-        if self._journal is not None:
-            self._journal.forget()
+        with self._journal_lock:
+            self._forgotten = True
+            if self._journal is not None:
+                self._journal.forget()
 
     def close(self) -> None:
         """Let the upload threads go; after a stop, uploads still in flight are abandoned."""

@@ -10,7 +10,7 @@ import os
 from urllib.parse import unquote, urlsplit
 
 from streamer.errors import Hint, HubError, StreamerError
-from streamer.formats import HUB_PREFIX, is_repo_spec, split_revision
+from streamer.formats import HUB_PREFIX, is_repo_id, is_repo_spec, split_revision
 from streamer.io.source import LocalSource, Source
 
 
@@ -73,6 +73,13 @@ def check_hub_spec(spec: str, role: str) -> None:
         )
 
 
+# The Hub's own pages, whose first path segment is no repo owner
+_NOT_OWNERS = frozenset({
+    "datasets", "spaces", "settings", "docs", "blog", "papers", "collections", "organizations", "join",
+    "login", "pricing", "tasks", "learn", "chat", "new", "search", "notifications", "posts",
+})  # fmt: skip
+
+
 def _is_hub_host(host: str) -> bool:
     """HOST serves the Hub: huggingface.co (hf.co), or the endpoint this process talks to."""
     endpoint = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or ""
@@ -100,7 +107,7 @@ def check_not_url(spec: str, role: str) -> None:
         parts = parts[1:]
     if parts[:1] == ["models"]:
         parts = parts[1:]
-    if len(parts) >= 2 and parts[0] not in ("datasets", "spaces"):
+    if len(parts) >= 2 and parts[0] not in _NOT_OWNERS and is_repo_id(f"{parts[0]}/{parts[1]}"):
         rev = f"@{parts[3]}" if len(parts) >= 4 and parts[2] in ("tree", "blob", "resolve") else ""
         repo = f"{parts[0]}/{parts[1]}{rev}"
         raise StreamerError(f"{role} is a URL: name the Hub repo as {repo} (or {HUB_PREFIX}{repo})", hints=(hint,))

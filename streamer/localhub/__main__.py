@@ -11,6 +11,7 @@ import argparse
 import errno
 import logging
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -98,6 +99,16 @@ def build_hub(args: argparse.Namespace) -> LocalHub:
     return hub
 
 
+def _probe_port(host: str, port: int) -> None:
+    """Raise the OSError that listening on HOST:PORT would (a port in use, one not allowed)."""
+    if not port:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+        s.bind((host, port))
+
+
 def _listen_error(exc: OSError, host: str, port: int) -> str:
     if exc.errno == errno.EADDRINUSE:
         return (f"port {port} on {host} is already in use (another localhub?): pick another with --port N, "
@@ -110,6 +121,11 @@ def _listen_error(exc: OSError, host: str, port: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:  # a port in use is said before anything is seeded into --root
+        _probe_port(args.host, args.port)
+    except OSError as exc:
+        print(f"error: {_listen_error(exc, args.host, args.port)}", file=sys.stderr)
+        return 2
     hub = build_hub(args)
     try:
         hub.start()

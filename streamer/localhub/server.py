@@ -59,6 +59,7 @@ from .storage import (
     Storage,
     is_sha256,
     should_use_lfs,
+    utc_iso,
     validate_path,
 )
 from .throttle import Throttle
@@ -318,6 +319,8 @@ class HubHandler(TransportHandler):
             return self._commits(repo_type, repo_id, arg)
         if method == "GET" and action == "refs":
             return self._refs(repo_type, repo_id)
+        if method == "GET" and action == "discussions" and len(rest) == 2:
+            return self._discussion(repo_type, repo_id, unquote(rest[1]))
         if method == "POST" and action == "preupload" and len(rest) >= 2:
             return self._preupload(repo_type, repo_id, arg)
         if method == "POST" and action == "commit" and len(rest) >= 2:
@@ -476,6 +479,20 @@ class HubHandler(TransportHandler):
     def _commits(self, repo_type: str, repo_id: str, revision: str) -> None:
         repo = self._readable(repo_type, repo_id)
         self.send_json(200, [self.state.views.commit_item(c) for c in repo.history(revision)])
+
+    def _discussion(self, repo_type: str, repo_id: str, num: str) -> None:
+        """A pull request's page as the Hub's API gives it (what HfApi.get_discussion_details reads:
+        its target branch, author and status; no events, no diff)."""
+        repo = self._readable(repo_type, repo_id)
+        pull = repo.pull_request(num)
+        if pull is None:
+            raise errors.HubError(404, f"Discussion {num} not found in {repo_id}")
+        self.send_json(200, {
+            "num": int(num), "title": pull["title"], "status": "open", "isPullRequest": True,
+            "author": {"name": pull["author"] or "deleted"}, "createdAt": utc_iso(pull["created"]),
+            "repo": {"name": repo_id, "type": repo_type}, "events": [], "filesWithConflicts": [],
+            "changes": {"base": pull["base"]}, "diff": "",
+        })  # fmt: skip
 
     def _refs(self, repo_type: str, repo_id: str) -> None:
         repo = self._readable(repo_type, repo_id)

@@ -501,7 +501,13 @@ class Repo:
             if create_pr:
                 pr_num = int(self.meta.get("next_pr", 1))
                 refs["prs"][str(pr_num)] = sha
-                self.update_meta(next_pr=pr_num + 1)
+                # what the discussion page says of it: the branch it targets, who opened it, when
+                pulls = dict(self.meta.get("pulls", {}))
+                pulls[str(pr_num)] = {
+                    "base": "refs/heads/" + revision.removeprefix("refs/heads/"),
+                    "author": author, "title": summary, "created": timestamp,
+                }  # fmt: skip
+                self.update_meta(next_pr=pr_num + 1, pulls=pulls)
             elif revision.startswith("refs/pr/"):
                 refs["prs"][revision[len("refs/pr/"):]] = sha
             else:
@@ -509,6 +515,10 @@ class Repo:
             self._set_refs(refs)
             self.update_meta(last_modified=timestamp)
             return commit, pr_num
+
+    def pull_request(self, num: str) -> dict | None:
+        """Pull request NUM as opened ({base, author, title, created}), or None when there is none."""
+        return self.meta.get("pulls", {}).get(num)
 
     # ----------------------------------------------------------------- branches
     def create_branch(self, branch: str, starting_point: str | None = None) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from streamer.formats import hub_token
+from streamer.formats import allows_nonfinite, hub_token
 from streamer.io.provenance import read_provenance
 from streamer.mirror.jobs import MirrorJob
 
@@ -56,6 +56,12 @@ def compare(job: MirrorJob, prov: dict | None, source_commit: str) -> str | None
     # dequant_dtype only applies to quantized sources: a job that leaves it unset accepts the
     # dtype streamer chose, and a plain source records none whatever the job asked for.
     dq = stored_dq if (job.dequant_dtype is None or stored_dq is None) else job.dequant_dtype
+    # settings the shards do not show, written on the card only when they differ from a plain run
+    allowed = job.nonfinite == "passthrough" if job.nonfinite is not None else allows_nonfinite()
+    if prov.get("nonfinite") and not allowed:
+        return "target holds weights quantized with their NaN/Inf (nonfinite = passthrough), which this job refuses"
+    if prov.get("quality") is False:
+        return "target was converted without its quality report"
     if prov.get("settings") == job.settings_key(dq):
         return None
     diffs = []

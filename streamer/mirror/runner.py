@@ -107,7 +107,7 @@ def nonfinite_setting(job: MirrorJob):
     sets none keeps the caller's (`with nonfinite_policy(...)` around the run)."""
     if job.nonfinite is None:
         return nullcontext()
-    from streamer.engine.pipeline import nonfinite_policy
+    from streamer.formats import nonfinite_policy
 
     return nonfinite_policy(job.nonfinite)
 
