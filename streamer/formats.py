@@ -185,7 +185,10 @@ _BAD_BRANCH = re.compile(r"\.\.|@\{|//|[\x00-\x20\x7f~^:?*\[\\]|^[-/]|[/.]$|(^|/
 
 
 def is_branch_name(text: str) -> bool:
-    """TEXT can name a git branch (as `git check-ref-format --branch` rules, in short)."""
+    """TEXT can name a git branch (as `git check-ref-format --branch` rules, in short), or is a
+    pull request's ref `refs/pr/N` (the Hub's other `refs/…` names are not branches)."""
+    if text.startswith("refs/"):
+        return re.fullmatch(r"refs/pr/[1-9][0-9]*", text) is not None
     return bool(text) and text not in ("@", "HEAD") and _BAD_BRANCH.search(text) is None
 
 

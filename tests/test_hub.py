@@ -221,6 +221,7 @@ def test_a_cancel_removes_only_what_this_run_created(hub):
     hub.create_repo("acme/shared")  # the other run, between this one's check and begin
     sink.begin()
     sink.abort(resumable=False)
+    sink.settle()
     assert hub.repo_exists("acme/shared")
 
     sink = HubSink("acme/shared", token=ALICE, endpoint=hub.url, revision="w4")
@@ -228,12 +229,14 @@ def test_a_cancel_removes_only_what_this_run_created(hub):
     huggingface_hub.HfApi(endpoint=hub.url, token=ALICE).create_branch("acme/shared", branch="w4")
     sink.begin()
     sink.abort(resumable=False)
+    sink.settle()
     assert "w4" in hub.refs("acme/shared")["heads"]
 
     sink = HubSink("acme/mine", token=ALICE, endpoint=hub.url)
     sink.check()
     sink.begin()
     sink.abort(resumable=False)
+    sink.settle()
     assert not hub.repo_exists("acme/mine")
 
     # Created by this run, but written to since (another target of a fan-out into branches of
@@ -245,6 +248,7 @@ def test_a_cancel_removes_only_what_this_run_created(hub):
     api.create_branch("acme/used", branch="w4")
     api.upload_file(path_or_fileobj=b"theirs", path_in_repo="notes.txt", repo_id="acme/used", revision="w4")
     sink.abort(resumable=False)
+    sink.settle()
     assert hub.repo_exists("acme/used") and "notes.txt" in hub.files("acme/used", revision="w4")
 
     sink = HubSink("acme/used", token=ALICE, endpoint=hub.url, revision="fp8")
@@ -252,12 +256,14 @@ def test_a_cancel_removes_only_what_this_run_created(hub):
     sink.begin()
     api.upload_file(path_or_fileobj=b"theirs", path_in_repo="notes.txt", repo_id="acme/used", revision="fp8")
     sink.abort(resumable=False)
+    sink.settle()
     assert "fp8" in hub.refs("acme/used")["heads"]
 
     sink = HubSink("acme/used", token=ALICE, endpoint=hub.url, revision="nvfp4")
     sink.check()
     sink.begin()
     sink.abort(resumable=False)  # untouched since: removed
+    sink.settle()
     assert "nvfp4" not in hub.refs("acme/used")["heads"]
 
 
@@ -504,6 +510,38 @@ def test_a_cancel_ends_the_run_for_good_unless_asked_to_keep_it(hub, monkeypatch
         convert(SOURCE, "alice/stopped", scheme="FP8_DYNAMIC", device="cpu")
     assert ("shard(s) already on the Hub are not converted again" in caplog.text) is keep
     assert len(_streamer_commits(hub, "alice/stopped")) == 1
+
+
+def test_a_refused_fan_out_target_leaves_a_new_repo_to_the_target_still_writing_there(hub, llama_ckpt, tmp_path, monkeypatch):
+    """A fan-out into main and a branch of one new repo: the branch target creates the repo and
+    is refused (a NaN its ignore list keeps; nothing of it uploaded yet) while the main target
+    is still converting. The repo must not go under the main target: it publishes, and only
+    the refused target's branch is removed once every target is done."""
+    from streamer.engine.convert import convert_many
+    from streamer.io.hub_sink import HubSink
+
+    src = tmp_path / "nan-src"
+    shutil.copytree(llama_ckpt, src)
+    module = "model.layers.1.mlp.down_proj"
+    set_element(src, f"{module}.weight", 5, BF16_NAN)
+    hub.seed_repo("acme/nan-mixed", src)
+    begin, delivered = HubSink.begin, HubSink.delivered
+
+    def main_begins_last(self):  # the branch target creates the repo
+        if self.revision == "main":
+            time.sleep(1.0)
+        begin(self)
+
+    monkeypatch.setattr(HubSink, "begin", main_begins_last)
+    monkeypatch.setattr(HubSink, "delivered", lambda self: 0 if self.revision == "refused" else delivered(self))
+    result = convert_many("acme/nan-mixed", [
+        ("alice/mixed@refused", "FP8_DYNAMIC"),
+        {"dst": "alice/mixed", "scheme": "FP8_DYNAMIC", "ignore": (module,)},
+    ], device="cpu")  # fmt: skip
+    refused, published = result.targets
+    assert "1 NaN" in str(refused.error) and published.ok, published.error
+    assert hub.repo_exists("alice/mixed") and len(_streamer_commits(hub, "alice/mixed")) == 1
+    assert "refused" not in hub.refs("alice/mixed")["heads"]
 
 
 def test_a_path_into_a_local_folder_read_as_a_repo_says_so(hub, tmp_path, monkeypatch, capsys):

@@ -193,6 +193,13 @@ def test_pull_request_mode_is_idempotent(hub, tmp_path, capsys):
     assert statuses(report) == {"b-w8": "skipped"}
     assert "PR #1" in report["jobs"][0]["reason"]
     assert list(hub.refs("acme/llama-b-W8A16")["prs"]) == ["1"]
+    # the same conversion proposed to another branch is no proposal to the job's: a PR of its own
+    branched = write_jobs(tmp_path / "dev.toml", JOBS.replace('target = "acme/llama-b-W8A16"', 'target = "acme/llama-b-W8A16@dev"') + "create_pr = true\n")
+    rc, report = run(capsys, branched, "--only", "b-w8")
+    assert rc == 0 and statuses(report) == {"b-w8": "converted"}, report
+    assert sorted(hub.refs("acme/llama-b-W8A16")["prs"]) == ["1", "2"]
+    rc, report = run(capsys, branched, "--only", "b-w8")
+    assert statuses(report) == {"b-w8": "skipped"} and "PR #2" in report["jobs"][0]["reason"], report
 
 
 def test_a_pull_request_someone_else_opened_does_not_count_as_done(hub, tmp_path, capsys):
@@ -474,6 +481,33 @@ def test_serve_requires_a_secret(tmp_path, monkeypatch, capsys):
     assert main([str(jobs), "--serve", "--port", "0"]) == 2
     assert "needs a webhook secret" in capsys.readouterr().err
     assert main([str(jobs), "--serve", "--secret-env", "NOT_SET_ANYWHERE"]) == 2
+
+
+def test_listener_workers_keep_the_callers_nonfinite_policy():
+    """`with nonfinite_policy("passthrough")` around a listener applies to the jobs its worker
+    threads run, as it does around MirrorRunner.run."""
+    from streamer.formats import allows_nonfinite, nonfinite_policy
+    from streamer.mirror.webhook import WebhookListener
+
+    seen: list[bool] = []
+
+    class FakeRunner:
+        parallel = 1
+        cancel = threading.Event()
+
+        def run_one(self, job):
+            seen.append(allows_nonfinite())
+            return JobResult(job.name, "skipped", job.source, job.target, job.scheme, reason="up to date")
+
+    jobs = parse_jobs({"job": [{"name": "x", "source": "org/x", "target": "acme/x", "scheme": "W4A16"}]})
+    with nonfinite_policy("passthrough"):
+        listener = WebhookListener(jobs, FakeRunner(), secret="s", port=0).start()
+    try:
+        listener.submit(["x"])
+        assert listener.wait_idle(10)
+    finally:
+        listener.stop()
+    assert seen == [True] and not allows_nonfinite()
 
 
 def test_listener_queue_coalesces_triggers():

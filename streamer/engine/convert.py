@@ -652,8 +652,12 @@ def _run_side_by_side(
             except KeyboardInterrupt:
                 interrupted.set()
                 cancel.set()
-    for _, runner in runners:  # every target has let go: what one created for nothing can go now
-        runner.sink.settle()
+    sinks = [runner.sink for _, runner in runners]
+    # every target has let go: what one created for nothing can go now (two rounds: the branches
+    # first, then a new repo that only those branches kept)
+    for last in (False, True):
+        for sink in sinks:
+            sink.settle(sinks, last=last)
 
 
 def check_target(sink: Sink, source: Source, progress: Progress, *, dst=None) -> None:

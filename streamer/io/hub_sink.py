@@ -25,7 +25,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from typing import Callable
+from typing import Callable, Sequence
 
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 from huggingface_hub import constants as hf_constants
@@ -47,6 +47,7 @@ from streamer.io.hub_http import (
     explain,
     hub_call,
     hub_endpoint,
+    own_pull_request,
     pr_refs,
     read_text,
     retry_wait,
@@ -397,7 +398,8 @@ class HubSink(Sink):
         self._create_repo = False
         self._create_branch = False
         self._created: list[str] = []
-        self._leftover: list[str] = []  # what abort() could not remove yet (see settle)
+        self._leftover: list[str] = []  # what a final abort() leaves settle() to remove
+        self._kept = False  # abort() kept uploaded shards for a rerun (see keeps_work)
         self._created_head: str | None = None  # the head commit of what begin() created
         self._journal: UploadJournal | None = None  # set by resume() when the plan can resume
         self._journal_lock = threading.Lock()
@@ -540,60 +542,62 @@ class HubSink(Sink):
         return Cancelled("upload stopped: the run is stopping")
 
     def abort(self, *, resumable: bool = True) -> None:
-        """Nothing is committed, so the branch holds no partial model. A run that ends for good
-        (not RESUMABLE: a user's cancel, an input refused before any shard was up) also drops the
-        repo or branch it created, unless written to since; after any other failure or Ctrl-C
-        they stay, holding the uploaded shard contents that a rerun resumes from."""
+        """Nothing is committed, so the branch holds no partial model. After a failure or a
+        Ctrl-C (RESUMABLE) the repo or branch this run created stays, holding the uploaded shard
+        contents that a rerun resumes from; a run that ends for good (a user's cancel, an input
+        refused before any shard was up) leaves them to settle() to remove."""
         pending = self._stop_uploads()
         if pending and self._failure is None:
             log.warning("stopping %d upload(s) in flight: nothing is committed to %s", pending, self.repo_id)
         self._upload_pool.fail_pending(self._stopped_error())
-        created = [] if resumable else self._created
-        if not resumable:
-            # Nothing will resume from the record, and it names the tensors of a possibly private
-            # model on what may be a shared machine (a Space).
-            self._forget_state()
-        try:
-            if created and not self._as_created(created):
-                self._leftover = created  # another target of this run may still let go of it: settle()
-                created = []
-            if "repo" in created:
-                self._call(f"deleting {self.repo_id}", self.api.delete_repo, self.repo_id, missing_ok=True)
-            elif "branch" in created:
-                self._call(f"deleting branch {self.revision}", self.api.delete_branch, self.repo_id, branch=self.revision)
-            if resumable and self._created and self.delivered():
+        self._kept = resumable and self.delivered() > 0
+        if resumable:
+            if self._created and self.delivered():
                 what, drop = ((self.repo_id, "delete it from its settings page") if "repo" in self._created
                               else (f"branch {self.revision} of {self.repo_id}", "delete the branch"))  # fmt: skip
                 log.warning("%s was created for this run and stays, with nothing committed: a rerun of the same "
                             "plan reuses its %d uploaded shard(s) (or %s)",
                             what, self.delivered(), drop)  # fmt: skip
-        except Exception as e:  # best effort: the branch still holds no partial model
-            log.warning("could not remove the empty %s created for this run: %s", created[0], type(e).__name__)
+        else:
+            # Nothing will resume from the record, and it names the tensors of a possibly private
+            # model on what may be a shared machine (a Space).
+            self._forget_state()
+            self._leftover = self._created
         self._created = []
 
-    def settle(self) -> None:
-        """After abort(): remove the repo or branch this run created that abort() found written to
-        since, if that was only another target of the same run, which has let go of it by now
-        (a fan-out into branches of one new repo, all refused); otherwise it stays, and says so."""
-        created, self._leftover = self._leftover, []
+    def keeps_work(self) -> bool:
+        """After abort(): whether the repo holds this run's uploaded shards for a rerun to resume."""
+        return self._kept
+
+    def settle(self, siblings: Sequence[Sink] = (), *, last: bool = True) -> None:
+        """After abort(), once SIBLINGS (the other targets of the same run) are done too: remove
+        the repo or branch this run created for nothing, unless written to since (a commit,
+        branch, tag or pull request of anyone else's, a sibling's commit) or kept by a sibling
+        for its resume; a repo that must stay loses only the branch made for this run. Not LAST
+        (a first round over the siblings): a repo whose removal a sibling's branch still blocks
+        waits for the next round, when that branch may be gone."""
+        created = self._leftover
         if not created:
             return
+        shared = any(
+            s is not self and isinstance(s, HubSink) and s.repo_id == self.repo_id and s.keeps_work() for s in siblings
+        )
         what = "repo" if "repo" in created else f"branch {self.revision}"
         try:
-            if self._as_created(created):
-                if "repo" in created:
-                    self._call(f"deleting {self.repo_id}", self.api.delete_repo, self.repo_id, missing_ok=True)
-                else:
-                    self._call(f"deleting branch {self.revision}", self.api.delete_branch, self.repo_id, branch=self.revision)
+            if "repo" in created and not shared and self._as_created(created):
+                self._call(f"deleting {self.repo_id}", self.api.delete_repo, self.repo_id, missing_ok=True)
+            elif "repo" in created and not shared and not last:
+                return  # the next round
             elif "branch" in created and self._as_created(["branch"]):
-                # the repo holds someone else's work now; only the branch made for this run goes
-                log.warning("the repo created for this run has been written to since (another run?): it stays, "
-                            "without the branch %s made for this run", self.revision)  # fmt: skip
+                if "repo" in created:  # the repo holds someone else's work now: only our branch goes
+                    log.info("the repo %s created for this run stays (another target or run uses it), "
+                             "without the branch %s made for this run", self.repo_id, self.revision)  # fmt: skip
                 self._call(f"deleting branch {self.revision}", self.api.delete_branch, self.repo_id, branch=self.revision)
-            else:
+            elif not shared:
                 log.warning("the %s created for this run has been written to since (another run?): it stays", what)
         except Exception as e:  # best effort: the branch still holds no partial model
             log.warning("could not remove the empty %s created for this run: %s", what, type(e).__name__)
+        self._leftover = []
 
     def _as_created(self, created: list[str]) -> bool:
         """Whether CREATED (what begin() created: ["repo", "branch"], or ["branch"]) is as begin()
@@ -683,31 +687,21 @@ class HubSink(Sink):
         (anyone may open a pull request with a card that says the same) and sit on the branch's
         head (one on another branch, or on an older head, proposes something else)."""
         mine = None
-        branch = "refs/heads/" + (self.revision or "main").removeprefix("refs/heads/")
         for ref in pr_refs(self.api, self.repo_id):
-            num = ref.rsplit("/", 1)[-1]
             try:
-                details = self._call(
-                    f"reading {self.repo_id}'s pull request #{num}", self.api.get_discussion_details,
-                    self.repo_id, int(num),
-                )  # fmt: skip
-                if details.target_branch != branch:  # proposed to another branch
-                    continue
                 info = self._call(
                     f"reading {self.repo_id}'s {ref}", self.api.model_info, self.repo_id, revision=ref, files_metadata=True
                 )  # fmt: skip
-                sizes = {f.rfilename: f.size or 0 for f in (info.siblings or [])}
-                if not self._tree_holds(content_ids(info), sizes, ref, accepts, files):
-                    continue
-                if mine is None:
-                    mine = account_name(self.api) or ""
-                commits = self._call(
-                    f"reading {self.repo_id}'s {ref} history", self.api.list_repo_commits, self.repo_id, revision=ref
-                )  # fmt: skip
-            except (HfHubHTTPError, ValueError):  # a pull request that cannot be read holds nothing for this run
+            except HfHubHTTPError:  # a pull request that cannot be read holds nothing for this run
                 continue
-            if mine and len(commits) > 1 and mine in (commits[0].authors or []) and commits[1].commit_id == self._parent:
-                return f"{self.endpoint}/{self.repo_id}/discussions/{num}"
+            sizes = {f.rfilename: f.size or 0 for f in (info.siblings or [])}
+            if not self._tree_holds(content_ids(info), sizes, ref, accepts, files):
+                continue
+            if mine is None:
+                mine = account_name(self.api) or ""
+            commits = own_pull_request(self.api, self.repo_id, ref, mine, self.revision or "main") if mine else None
+            if commits is not None and len(commits) > 1 and commits[1].commit_id == self._parent:
+                return f"{self.endpoint}/{self.repo_id}/discussions/{ref.rsplit('/', 1)[-1]}"
         return None
 
     def _tree_holds(

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 try:
     import fcntl
@@ -128,10 +128,15 @@ class Sink:
         stopped it, or its input was refused before anything a rerun could reuse was
         delivered), so that what the sink created for it goes too."""
 
-    def settle(self) -> None:
-        """After abort(), once the other conversions of the same run have aborted too: remove
-        what abort() could not yet, because one of them was still writing beside it (a fan-out
-        into branches of one new repo)."""
+    def keeps_work(self) -> bool:
+        """After abort(): whether the destination keeps this run's output for a rerun to resume."""
+        return False
+
+    def settle(self, siblings: Sequence[Sink] = (), *, last: bool = True) -> None:
+        """After abort(), once SIBLINGS (the other targets of the same run, all done by now) are
+        too: remove what this run created for a run that ended for good, unless something else
+        uses it since (another target of a fan-out into one new repo, another run). Not LAST:
+        a first round over the siblings, after which each is settled again."""
 
     def close(self) -> None:
         """Let go of what the sink holds (threads, locks); after commit or abort."""

@@ -88,7 +88,7 @@ def check_job(job: MirrorJob, *, token: str | None = None, endpoint: str | None 
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
-    from streamer.io.hub_http import account_name, explain, hub_call, hub_endpoint, pr_refs, written_by
+    from streamer.io.hub_http import account_name, explain, hub_call, hub_endpoint, own_pull_request, pr_refs
 
     token = hub_token(token)
     api = HfApi(endpoint=hub_endpoint(endpoint), token=token)
@@ -106,9 +106,9 @@ def check_job(job: MirrorJob, *, token: str | None = None, endpoint: str | None 
     if why is None:
         return Check(True, f"up to date ({job.scheme} of {short_sha(sha)})", sha, True, branch)
     if job.create_pr:
-        # A PR (open, merged or closed) already proposing this exact conversion counts as done:
-        # a mirror must not open the same PR again on every run. Only one this account wrote:
-        # anyone can open a PR on a public repo with a card that says the same.
+        # A PR (open, merged or closed) to the job's branch already proposing this exact
+        # conversion counts as done: a mirror must not open the same PR again on every run. Only
+        # one this account wrote: anyone can open a PR on a public repo with a card that says the same.
         mine = None  # the token's account: asked once, and only when a PR's card matches
         for ref in pr_refs(api, job.target):
             pr_text = read_card(job.target, ref, token=token, endpoint=endpoint)
@@ -116,7 +116,7 @@ def check_job(job: MirrorJob, *, token: str | None = None, endpoint: str | None 
                 continue
             if mine is None:
                 mine = account_name(api) or ""
-            if mine and written_by(api, job.target, ref, mine):
+            if mine and own_pull_request(api, job.target, ref, mine, branch) is not None:
                 num = ref.rsplit("/", 1)[-1]
                 return Check(True, f"up to date: PR #{num} proposes {job.scheme} of {short_sha(sha)}", sha, prov is not None, ref)
     return Check(False, why, sha, prov is not None)

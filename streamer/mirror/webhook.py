@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 from collections import deque
+from contextvars import copy_context
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -312,7 +313,9 @@ class WebhookListener:
                                         name="streamer-webhook", daemon=True)
         self._thread.start()
         for i in range(self.runner.parallel):
-            t = threading.Thread(target=self._work, name=f"streamer-mirror-{i}", daemon=True)
+            # each worker in a copy of the caller's context: a `with nonfinite_policy(...)` around
+            # the listener applies to its conversions, as around MirrorRunner.run
+            t = threading.Thread(target=copy_context().run, args=(self._work,), name=f"streamer-mirror-{i}", daemon=True)
             t.start()
             self._workers.append(t)
         return self
