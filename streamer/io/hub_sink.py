@@ -594,7 +594,8 @@ class HubSink(Sink):
                              "without the branch %s made for this run", self.repo_id, self.revision)  # fmt: skip
                 self._call(f"deleting branch {self.revision}", self.api.delete_branch, self.repo_id, branch=self.revision)
             elif not shared:
-                log.warning("the %s created for this run has been written to since (another run?): it stays", what)
+                log.warning("the %s created for this run has been written to since (by another target or run): "
+                            "it stays", what)
         except Exception as e:  # best effort: the branch still holds no partial model
             log.warning("could not remove the empty %s created for this run: %s", what, type(e).__name__)
         self._leftover = []

@@ -126,7 +126,7 @@ class Sink:
         """Leave the destination as it was. RESUMABLE: a rerun of the same conversion may pick up
         this run's work (it failed on the way); False when the run ends for good (the user
         stopped it, or its input was refused before anything a rerun could reuse was
-        delivered), so that what the sink created for it goes too."""
+        delivered), so that what the sink created for it goes too, in settle()."""
 
     def keeps_work(self) -> bool:
         """After abort(): whether the destination keeps this run's output for a rerun to resume."""
