@@ -222,6 +222,7 @@ def test_a_cancel_removes_only_what_this_run_created(hub):
     sink.begin()
     sink.abort(resumable=False)
     sink.settle()
+    sink.close()
     assert hub.repo_exists("acme/shared")
 
     sink = HubSink("acme/shared", token=ALICE, endpoint=hub.url, revision="w4")
@@ -230,6 +231,7 @@ def test_a_cancel_removes_only_what_this_run_created(hub):
     sink.begin()
     sink.abort(resumable=False)
     sink.settle()
+    sink.close()
     assert "w4" in hub.refs("acme/shared")["heads"]
 
     sink = HubSink("acme/mine", token=ALICE, endpoint=hub.url)
@@ -237,6 +239,7 @@ def test_a_cancel_removes_only_what_this_run_created(hub):
     sink.begin()
     sink.abort(resumable=False)
     sink.settle()
+    sink.close()
     assert not hub.repo_exists("acme/mine")
 
     # Created by this run, but written to since (another target of a fan-out into branches of
@@ -249,6 +252,7 @@ def test_a_cancel_removes_only_what_this_run_created(hub):
     api.upload_file(path_or_fileobj=b"theirs", path_in_repo="notes.txt", repo_id="acme/used", revision="w4")
     sink.abort(resumable=False)
     sink.settle()
+    sink.close()
     assert hub.repo_exists("acme/used") and "notes.txt" in hub.files("acme/used", revision="w4")
 
     sink = HubSink("acme/used", token=ALICE, endpoint=hub.url, revision="fp8")
@@ -257,6 +261,7 @@ def test_a_cancel_removes_only_what_this_run_created(hub):
     api.upload_file(path_or_fileobj=b"theirs", path_in_repo="notes.txt", repo_id="acme/used", revision="fp8")
     sink.abort(resumable=False)
     sink.settle()
+    sink.close()
     assert "fp8" in hub.refs("acme/used")["heads"]
 
     sink = HubSink("acme/used", token=ALICE, endpoint=hub.url, revision="nvfp4")
@@ -264,6 +269,7 @@ def test_a_cancel_removes_only_what_this_run_created(hub):
     sink.begin()
     sink.abort(resumable=False)  # untouched since: removed
     sink.settle()
+    sink.close()
     assert "nvfp4" not in hub.refs("acme/used")["heads"]
 
 
@@ -542,6 +548,54 @@ def test_a_refused_fan_out_target_leaves_a_new_repo_to_the_target_still_writing_
     assert "1 NaN" in str(refused.error) and published.ok, published.error
     assert hub.repo_exists("alice/mixed") and len(_streamer_commits(hub, "alice/mixed")) == 1
     assert "refused" not in hub.refs("alice/mixed")["heads"]
+
+
+def test_a_refused_run_leaves_a_new_repo_to_another_run_of_this_process_writing_there(hub, llama_ckpt, tmp_path, monkeypatch):
+    """Two conversions of one process (a mirror's parallel jobs, two users of a Space) into one
+    new repo: the one that created it is refused while the other is still uploading to main.
+    The repo stays for the other, which publishes; only the refused run's branch goes."""
+    import threading
+
+    from streamer.engine.convert import convert
+    from streamer.errors import InputError
+    from streamer.io.hub_sink import HubSink
+
+    src = tmp_path / "nan-src"
+    shutil.copytree(llama_ckpt, src)
+    module = "model.layers.1.mlp.down_proj"
+    set_element(src, f"{module}.weight", 5, BF16_NAN)
+    hub.seed_repo("acme/nan-par", src)
+    begin, delivered, commit = HubSink.begin, HubSink.delivered, HubSink.commit
+    refused_done = threading.Event()
+
+    def main_begins_last(self):  # the refused run creates the repo
+        if self.revision == "main":
+            time.sleep(1.0)
+        begin(self)
+
+    def main_commits_after_the_refusal(self, *args, **kwargs):
+        refused_done.wait(60)
+        return commit(self, *args, **kwargs)
+
+    monkeypatch.setattr(HubSink, "begin", main_begins_last)
+    monkeypatch.setattr(HubSink, "commit", main_commits_after_the_refusal)
+    monkeypatch.setattr(HubSink, "delivered", lambda self: 0 if self.revision == "refused" else delivered(self))
+    outcome: dict = {}
+
+    def publish_main():
+        outcome["url"] = convert("acme/nan-par", "alice/par", scheme="FP8_DYNAMIC", ignore=[module], device="cpu").url
+
+    other = threading.Thread(target=publish_main)
+    other.start()
+    try:
+        with pytest.raises(InputError, match="1 NaN"):
+            convert("acme/nan-par", "alice/par@refused", scheme="FP8_DYNAMIC", device="cpu")
+    finally:
+        refused_done.set()
+        other.join(120)
+    assert "/commit/" in outcome.get("url", ""), outcome
+    assert hub.repo_exists("alice/par") and len(_streamer_commits(hub, "alice/par")) == 1
+    assert "refused" not in hub.refs("alice/par")["heads"]
 
 
 def test_a_path_into_a_local_folder_read_as_a_repo_says_so(hub, tmp_path, monkeypatch, capsys):

@@ -218,6 +218,7 @@ def test_cancel_ends_an_upload_in_flight(hub, transfer):
         t0 = time.monotonic()
         sink.abort(resumable=False)
         returned = time.monotonic() - t0
+        sink.settle()  # a run that ended for good: what it created goes
         assert ended.wait(30), "the upload ran on after the cancel"
         stopped = time.monotonic() - t0
     finally:

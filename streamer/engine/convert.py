@@ -317,15 +317,20 @@ def convert(
                 dst, token=token, overwrite=overwrite, private=private,
                 create_pr=create_pr, revision=revision,
             )  # fmt: skip
-            check_target(sink, source, progress, dst=dst)
+            try:
+                check_target(sink, source, progress, dst=dst)
+            except BaseException:
+                sink.close()
+                raise
         if dry_run:
             if max_memory is not None:  # the budget the real run would refuse, refused here too
                 try:
                     Runner(plan, source, sink, device=dev, **_budget_args(max_memory)).check_memory(plan.jobs)
-                except BaseException:
+                finally:
                     if sink is not None:
                         sink.close()
-                    raise
+            elif sink is not None:
+                sink.close()  # nothing is written: let go of it
             return Result(plan=plan, dry_run=True)
         if sink is None:
             raise StreamerError("no destination given", hints=(Hint("target"),))
@@ -593,7 +598,7 @@ def _destination_key(dst: str, revision: str | None) -> str:
     if not is_hub_spec(dst):
         return os.path.normpath(dst)
     repo, _ = split_revision(dst)
-    return f"{repo}@{target_branch(dst, revision) or 'main'}"
+    return f"{repo.lower()}@{target_branch(dst, revision) or 'main'}"  # the Hub's repo names ignore case
 
 
 def _labelled(progress: Progress, target: Target) -> Progress:

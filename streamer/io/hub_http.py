@@ -325,20 +325,20 @@ def account_name(api) -> str | None:
         return None
 
 
-def own_pull_request(api, repo_id: str, ref: str, account: str, branch: str) -> list | None:
-    """The commits (newest first) of the pull request REF (`refs/pr/N`) of REPO_ID when it
-    proposes a change to BRANCH and ACCOUNT made its newest commit: then its files are what this
-    account proposed there, not someone else's that merely look the same, nor a proposal to
-    another branch. None otherwise, or when the Hub would not say."""
+def own_pull_request(api, repo_id: str, ref: str, account: str, branch: str) -> bool:
+    """Whether the pull request REF (`refs/pr/N`) of REPO_ID proposes a change to BRANCH and
+    ACCOUNT made its newest commit: then its files are what this account proposed there, not
+    someone else's that merely look the same, nor a proposal to another branch. False too when
+    the Hub would not say."""
     num = ref.rsplit("/", 1)[-1]
     try:
         details = hub_call(f"reading {repo_id}'s pull request #{num}", api.get_discussion_details, repo_id, int(num))
         if details.target_branch != "refs/heads/" + branch.removeprefix("refs/heads/"):
-            return None
+            return False
         commits = hub_call(f"reading {repo_id}'s {ref} history", api.list_repo_commits, repo_id, revision=ref)
     except (HfHubHTTPError, ValueError):
-        return None
-    return commits if commits and account in (commits[0].authors or []) else None
+        return False
+    return bool(commits) and account in (commits[0].authors or [])
 
 
 def pr_refs(api, repo_id: str, limit: int = 20) -> list[str]:

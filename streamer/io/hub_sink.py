@@ -200,6 +200,15 @@ class _DirectXet:
         return _DirectXet(hf_xet, helpers)
 
 
+# The repos this process's sinks are about to write or writing to (from check() to close()), and those a
+# failed run left its uploads in for a rerun: a run that ends for good must not delete a new repo
+# that another conversion of this process (a mirror's parallel job, another user of a Space)
+# still uploads to or keeps work in. Runs in other processes leave nothing to see until they commit.
+_WRITING: dict[str, int] = {}
+_KEPT: set[str] = set()
+_WRITING_LOCK = threading.Lock()
+
+
 class _Stopped(Exception):
     """Raised inside an upload when the sink stops (never seen outside this module)."""
 
@@ -400,6 +409,8 @@ class HubSink(Sink):
         self._created: list[str] = []
         self._leftover: list[str] = []  # what a final abort() leaves settle() to remove
         self._kept = False  # abort() kept uploaded shards for a rerun (see keeps_work)
+        self._repo_key = repo_id.lower()  # the Hub's repo names ignore case
+        self._writing = False  # counted in _WRITING (from check() to close())
         self._created_head: str | None = None  # the head commit of what begin() created
         self._journal: UploadJournal | None = None  # set by resume() when the plan can resume
         self._journal_lock = threading.Lock()
@@ -410,7 +421,15 @@ class HubSink(Sink):
         return hub_call(what, fn, *args, where=self.endpoint, **kwargs)
 
     def check(self) -> None:
-        """Refuse what must not be written; creates nothing (a dry run stays a dry run)."""
+        """Refuse what must not be written; creates nothing (a dry run stays a dry run). From here
+        to close() the repo counts as written to by this process (see _WRITING)."""
+        self._check()
+        if not self._writing:
+            with _WRITING_LOCK:
+                _WRITING[self._repo_key] = _WRITING.get(self._repo_key, 0) + 1
+            self._writing = True
+
+    def _check(self) -> None:
         try:
             me = self._call("checking the token (whoami)", self.api.whoami)
         except HfHubHTTPError as e:
@@ -579,8 +598,10 @@ class HubSink(Sink):
         created = self._leftover
         if not created:
             return
-        shared = any(
-            s is not self and isinstance(s, HubSink) and s.repo_id == self.repo_id and s.keeps_work() for s in siblings
+        with _WRITING_LOCK:  # another conversion of this process writes there, or kept its uploads there
+            busy = _WRITING.get(self._repo_key, 0) - self._writing > 0 or self._repo_key in _KEPT
+        shared = busy or any(
+            s is not self and isinstance(s, HubSink) and s._repo_key == self._repo_key and s.keeps_work() for s in siblings
         )
         what = "repo" if "repo" in created else f"branch {self.revision}"
         try:
@@ -682,11 +703,10 @@ class HubSink(Sink):
         return url
 
     def _pr_holding(self, accepts: Callable[[dict | None], bool], files: dict) -> str | None:
-        """The discussion URL of a pull request (open or closed) that this account opened on the
-        target branch as it is now, and that holds this conversion: a rerun of a `--create-pr`
-        command must not open the same pull request again. Its one commit must be this account's
-        (anyone may open a pull request with a card that says the same) and sit on the branch's
-        head (one on another branch, or on an older head, proposes something else)."""
+        """The discussion URL of a pull request (open or closed) to the target branch that holds
+        this conversion and whose newest commit is this account's (anyone may open a pull request
+        with a card that says the same): a rerun of a `--create-pr` command must not open the same
+        pull request again, whatever the branch did since (as a mirroring job's check decides)."""
         mine = None
         for ref in pr_refs(self.api, self.repo_id):
             try:
@@ -700,8 +720,7 @@ class HubSink(Sink):
                 continue
             if mine is None:
                 mine = account_name(self.api) or ""
-            commits = own_pull_request(self.api, self.repo_id, ref, mine, self.revision or "main") if mine else None
-            if commits is not None and len(commits) > 1 and commits[1].commit_id == self._parent:
+            if mine and own_pull_request(self.api, self.repo_id, ref, mine, self.revision or "main"):
                 return f"{self.endpoint}/{self.repo_id}/discussions/{ref.rsplit('/', 1)[-1]}"
         return None
 
@@ -1035,6 +1054,14 @@ class HubSink(Sink):
 
     def close(self) -> None:
         """Let the upload threads go; after a stop, uploads still in flight are abandoned."""
+        if self._writing:
+            with _WRITING_LOCK:
+                _WRITING[self._repo_key] -= 1
+                if not _WRITING[self._repo_key]:
+                    del _WRITING[self._repo_key]
+                if self._kept:
+                    _KEPT.add(self._repo_key)
+            self._writing = False
         # After a stop, uploads still in flight are abandoned (their threads are daemons); after
         # a commit every upload is long done.
         self._upload_pool.shutdown(wait=not self._stop.is_set())

@@ -116,7 +116,7 @@ def check_job(job: MirrorJob, *, token: str | None = None, endpoint: str | None 
                 continue
             if mine is None:
                 mine = account_name(api) or ""
-            if mine and own_pull_request(api, job.target, ref, mine, branch) is not None:
+            if mine and own_pull_request(api, job.target, ref, mine, branch):
                 num = ref.rsplit("/", 1)[-1]
                 return Check(True, f"up to date: PR #{num} proposes {job.scheme} of {short_sha(sha)}", sha, prov is not None, ref)
     return Check(False, why, sha, prov is not None)
