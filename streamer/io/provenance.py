@@ -102,7 +102,8 @@ class Provenance:
         if self.quality and quality is not True:
             return False
         mine = self.to_dict()
-        mine.pop("nonfinite", None), mine.pop("quality", None)
+        for key in ("nonfinite", "quality"):
+            mine.pop(key, None)
         return block == mine
 
 

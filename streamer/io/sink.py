@@ -112,9 +112,10 @@ class Sink:
         function of the card's streamer block, `read_provenance`, e.g. `Provenance.produced`)
         says yes, and besides the card it has exactly FILES, each at its size (an int) or with
         that content (bytes, or a function giving them, called only once everything else
-        matched). None when it does not, when the sink cannot tell cheaply, and when the
-        destination is to be replaced or proposed anyway. A resume record of the plan
-        FINGERPRINT (an earlier run that failed to commit) is then dropped."""
+        matched); a sink that proposes its changes may find them in a proposal it made earlier
+        (a Hub pull request). None when it does not, when the sink cannot tell cheaply, and when
+        the destination is to be replaced anyway. A resume record of the plan FINGERPRINT (an
+        earlier run that failed to commit) is then dropped."""
         return None
 
     def delivered(self) -> int:
