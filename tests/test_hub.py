@@ -565,18 +565,28 @@ def test_a_refused_run_leaves_a_new_repo_to_another_run_of_this_process_writing_
     module = "model.layers.1.mlp.down_proj"
     set_element(src, f"{module}.weight", 5, BF16_NAN)
     hub.seed_repo("acme/nan-par", src)
-    begin, delivered, commit = HubSink.begin, HubSink.delivered, HubSink.commit
-    refused_done = threading.Event()
+    check, begin, delivered, commit = HubSink.check, HubSink.begin, HubSink.delivered, HubSink.commit
+    main_checked, refused_begun, refused_done = threading.Event(), threading.Event(), threading.Event()
+
+    def checked(self):  # both runs find the repo missing before either creates it
+        check(self)
+        if self.revision == "main":
+            main_checked.set()
 
     def main_begins_last(self):  # the refused run creates the repo
         if self.revision == "main":
-            time.sleep(1.0)
-        begin(self)
+            refused_begun.wait(60)
+            begin(self)
+        else:
+            main_checked.wait(60)
+            begin(self)
+            refused_begun.set()
 
     def main_commits_after_the_refusal(self, *args, **kwargs):
         refused_done.wait(60)
         return commit(self, *args, **kwargs)
 
+    monkeypatch.setattr(HubSink, "check", checked)
     monkeypatch.setattr(HubSink, "begin", main_begins_last)
     monkeypatch.setattr(HubSink, "commit", main_commits_after_the_refusal)
     monkeypatch.setattr(HubSink, "delivered", lambda self: 0 if self.revision == "refused" else delivered(self))
@@ -591,7 +601,8 @@ def test_a_refused_run_leaves_a_new_repo_to_another_run_of_this_process_writing_
         with pytest.raises(InputError, match="1 NaN"):
             convert("acme/nan-par", "alice/par@refused", scheme="FP8_DYNAMIC", device="cpu")
     finally:
-        refused_done.set()
+        for event in (main_checked, refused_begun, refused_done):  # nobody is left waiting
+            event.set()
         other.join(120)
     assert "/commit/" in outcome.get("url", ""), outcome
     assert hub.repo_exists("alice/par") and len(_streamer_commits(hub, "alice/par")) == 1
