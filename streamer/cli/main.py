@@ -182,17 +182,6 @@ def _main(argv: list[str] | None) -> int:
         if args.json:
             _json_failure(usage, 2)
         return 2
-    if args.private or args.public:
-        from streamer.io.locations import is_hub_spec
-
-        folders = [d for d in (args.dst, *(t[0] for t in args.to)) if d and not is_hub_spec(d)]
-        if folders:  # said, not ignored: the user expects a repo of that visibility
-            flag = "--private" if args.private else "--public"
-            text = f"{flag} applies only to a Hub repo destination; {folders[0]} is a local folder"
-            print(f"error: {text}", file=sys.stderr)
-            if args.json:
-                _json_failure(text, 2)
-            return 2
     reader = _start_reader(args)
     try:
         setup_logging(args.quiet, args.verbose, json=args.json)
@@ -277,6 +266,13 @@ def usage_error(args) -> str | None:
     if not (args.scheme or args.scheme_file) and (args.dst is not None or not args.to):
         what = "for DST " if args.to else ""
         return f"give a scheme {what}with --scheme (e.g. FP8_DYNAMIC, NVFP4A16, W4A16) or --scheme-file FILE"
+    if args.private or args.public:  # said, not ignored: the user expects a repo of that visibility
+        from streamer.io.locations import is_hub_spec
+
+        folders = [d for d in (args.dst, *(t[0] for t in args.to)) if d and not is_hub_spec(d)]
+        if folders:
+            flag = "--private" if args.private else "--public"
+            return f"{flag} applies only to a Hub repo destination; {folders[0]} is a local folder"
     return None
 
 
